@@ -1,0 +1,49 @@
+"""One error hierarchy for the whole library.
+
+Every error carries a message that names the subject, quotes the value and, where
+there is one, gives the fix. Only ``ckptool.cli`` turns these into exit codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+
+class CkptError(Exception):
+    """Base class of every error ckptool raises on purpose."""
+
+
+class UsageError(CkptError):
+    """The request itself is wrong: a bad flag value, spec or transform."""
+
+
+class ModelSpecError(UsageError):
+    """A model spec cannot be parsed, imported or built."""
+
+
+class TransformError(UsageError):
+    """A key transform (--strip, --rename, ...) cannot be applied as asked."""
+
+
+class AmbiguousContainerError(UsageError):
+    """A checkpoint holds several tensor dicts and none was picked with --key."""
+
+    def __init__(self, message: str, candidates: Sequence[str]) -> None:
+        super().__init__(message)
+        self.candidates = tuple(candidates)
+
+
+class CheckpointReadError(CkptError):
+    """The input is unreadable, corrupt or in an unsupported format."""
+
+
+class UnsafeCheckpointError(CkptError):
+    """A pickle references globals outside the tensor allowlist; it was not run."""
+
+    def __init__(self, message: str, globals_wanted: Iterable[str]) -> None:
+        super().__init__(message)
+        self.globals_wanted = tuple(sorted(set(globals_wanted)))
+
+
+class OutputError(CkptError):
+    """An output cannot be written: exists, same as an input, disk full, no permission."""

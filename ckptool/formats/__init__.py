@@ -1,0 +1,159 @@
+"""Reading checkpoints: format detection, metadata from headers, tensor loading."""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+from ckptool.errors import CheckpointReadError
+from ckptool.formats.meta import CheckpointMeta, ContainerEntry, Format, TensorMeta
+from ckptool.formats.restricted_pickle import NeedsTorchError
+from ckptool.formats.safetensors_header import read_safetensors_meta
+from ckptool.formats.sharded import read_sharded_meta
+from ckptool.formats.torch_pickle import (
+    looks_like_pickle,
+    read_legacy_meta,
+    read_zip_meta,
+)
+
+__all__ = [
+    "CheckpointMeta",
+    "ContainerEntry",
+    "Format",
+    "TensorMeta",
+    "detect_format",
+    "read_metadata",
+    "resolve_checkpoint",
+]
+
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def read_metadata(path: str | os.PathLike[str], *, key: str | None = None) -> CheckpointMeta:
+    """Describe a checkpoint (names, shapes, dtypes, containers) without reading tensor bytes.
+
+    Args:
+        path: a ``.safetensors``, torch.save (zip or legacy) file, ``*.index.json``,
+            or a directory holding exactly one of those.
+        key: dotted path of the tensor dict inside nested containers (``model.ema``).
+
+    Returns:
+        The checkpoint's :class:`CheckpointMeta`.
+
+    Raises:
+        CheckpointReadError: unreadable, corrupt or unsupported input.
+        UnsafeCheckpointError: a pickle that imports outside the tensor allowlist.
+        UsageError: ``key`` is wrong, or several tensor dicts and no ``key``.
+    """
+    resolved = resolve_checkpoint(os.fspath(path))
+    file_format = detect_format(resolved)
+    if file_format is Format.SHARDED:
+        return read_sharded_meta(resolved, read_shard=_read_file_meta)
+    return _read_file_meta(resolved, key=key, file_format=file_format)
+
+
+def _read_file_meta(
+    path: str, *, key: str | None = None, file_format: Format | None = None
+) -> CheckpointMeta:
+    file_format = file_format or detect_format(path)
+    if file_format is Format.SAFETENSORS:
+        if key is not None:
+            raise CheckpointReadError(f"{path}: safetensors files are flat; --key does not apply")
+        return read_safetensors_meta(path)
+    try:
+        if file_format is Format.TORCH_ZIP:
+            return read_zip_meta(path, key=key)
+        return read_legacy_meta(path, key=key)
+    except NeedsTorchError:
+        # Sparse, quantized or subclassed tensors: safe, but only torch can describe them.
+        return _read_meta_with_torch(path, file_format, key=key)
+
+
+def resolve_checkpoint(path: str) -> str:
+    """Map a directory to the checkpoint file inside it; check a file exists and is readable."""
+    if os.path.isdir(path):
+        return _checkpoint_in_directory(path)
+    if not os.path.exists(path):
+        raise CheckpointReadError(f"{path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise CheckpointReadError(f"{path}: permission denied")
+    return path
+
+
+def _checkpoint_in_directory(folder: str) -> str:
+    indexes = sorted(glob.glob(os.path.join(folder, "*.index.json")))
+    if len(indexes) == 1:
+        return indexes[0]
+    singles = [
+        p
+        for pattern in ("*.safetensors", "*.pt", "*.pth", "*.bin", "*.ckpt")
+        for p in sorted(glob.glob(os.path.join(folder, pattern)))
+    ]
+    if not indexes and len(singles) == 1:
+        return singles[0]
+    found = [os.path.basename(p) for p in indexes or singles]
+    if not found:
+        if os.path.exists(os.path.join(folder, ".metadata")):
+            raise CheckpointReadError(
+                f"{folder}: torch.distributed.checkpoint directories are not supported yet; "
+                "convert with torch.distributed.checkpoint.format_utils.dcp_to_torch_save"
+            )
+        raise CheckpointReadError(f"{folder}: directory holds no checkpoint file")
+    raise CheckpointReadError(
+        f"{folder}: directory holds several checkpoints ({', '.join(found[:5])}); name one"
+    )
+
+
+def detect_format(path: str) -> Format:
+    """Tell the format from the first bytes, not the file name.
+
+    Raises:
+        CheckpointReadError: empty, or not a format ckptool reads.
+    """
+    if path.endswith(".index.json"):
+        return Format.SHARDED
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head:
+        raise CheckpointReadError(f"{path}: file is empty")
+    if head.startswith(_ZIP_MAGIC):
+        return Format.TORCH_ZIP
+    if looks_like_pickle(head):
+        return Format.TORCH_LEGACY
+    if len(head) == 9 and head[8:9] == b"{":
+        return Format.SAFETENSORS
+    raise CheckpointReadError(
+        f"{path}: not a recognised checkpoint (expected safetensors, a torch.save zip "
+        "or legacy file, or a *.index.json)"
+    )
+
+
+def _read_meta_with_torch(path: str, file_format: Format, *, key: str | None) -> CheckpointMeta:
+    from ckptool.formats.load import torch_load_safely  # imports torch
+
+    obj = torch_load_safely(path, mmap=file_format is Format.TORCH_ZIP)
+    from ckptool.formats.containers import select_tensor_dict
+
+    chosen, tensors, containers = select_tensor_dict(
+        obj, key=key, is_tensor=_is_torch_tensor, path=path
+    )
+    return CheckpointMeta(
+        path=path,
+        format=file_format,
+        tensors={name: _meta_of_tensor(t) for name, t in tensors.items()},
+        key=chosen,
+        containers=containers,
+        file_size=os.path.getsize(path),
+        files=(path,),
+    )
+
+
+def _is_torch_tensor(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
+
+
+def _meta_of_tensor(tensor: Any) -> TensorMeta:
+    return TensorMeta(shape=tuple(tensor.shape), dtype=str(tensor.dtype).removeprefix("torch."))

@@ -1,0 +1,135 @@
+"""Find the tensor dict inside a training checkpoint's nested containers.
+
+Checkpoints wrap the state dict: ``{'state_dict': ..., 'optimizer': ..., 'epoch': 90}``,
+``{'model': ..., 'ema': ...}``, Lightning's ``{'state_dict': ..., 'hyper_parameters': ...}``.
+The tensor dict is found by shape, not by a list of names, so unknown wrappers work too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ckptool.errors import AmbiguousContainerError, UsageError
+from ckptool.formats.meta import ContainerEntry
+
+# How deep to look for tensor dicts: {'a': {'b': {'c': state_dict}}} is as deep as seen.
+MAX_DEPTH = 3
+
+
+def select_tensor_dict(
+    obj: Any, *, key: str | None, is_tensor: Callable[[Any], bool], path: str
+) -> tuple[str | None, dict[str, Any], tuple[ContainerEntry, ...]]:
+    """Return (key path, tensor dict, other top-level entries) for a loaded checkpoint.
+
+    Args:
+        obj: the unpickled top-level object (tensors may be metadata stand-ins).
+        key: a dotted path chosen by the user (``model.ema``), or None to find it.
+        is_tensor: tells tensors from other values.
+        path: the file, for messages.
+
+    Raises:
+        AmbiguousContainerError: several tensor dicts and no ``key``.
+        UsageError: ``key`` does not lead to a tensor dict, or there is none.
+    """
+    if key is not None:
+        found = _follow_key(obj, key, path)
+        if not _is_tensor_dict(found, is_tensor):
+            raise UsageError(f"{path}: --key {key!r} is {_describe(found, is_tensor)}, not a tensor dict")
+        chosen_key: str | None = key
+    else:
+        chosen_key, found = _find_tensor_dict(obj, is_tensor, path)
+    tensors = {k: v for k, v in found.items() if is_tensor(v)}
+    return chosen_key, tensors, _other_entries(obj, chosen_key, is_tensor)
+
+
+def _is_tensor_dict(obj: Any, is_tensor: Callable[[Any], bool]) -> bool:
+    """A dict with string keys whose values are mostly tensors (a few counters allowed)."""
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(k, str) for k in obj):
+        return False
+    tensor_count = sum(1 for v in obj.values() if is_tensor(v))
+    return tensor_count > 0 and tensor_count >= 0.9 * len(obj)
+
+
+def _candidates(
+    obj: Any, is_tensor: Callable[[Any], bool], prefix: str = "", depth: int = 0
+) -> list[tuple[str, Mapping[str, Any]]]:
+    if _is_tensor_dict(obj, is_tensor):
+        return [(prefix, obj)]
+    if depth >= MAX_DEPTH or not isinstance(obj, Mapping):
+        return []
+    found: list[tuple[str, Mapping[str, Any]]] = []
+    for name, value in obj.items():
+        if isinstance(name, str):
+            child = f"{prefix}.{name}" if prefix else name
+            found.extend(_candidates(value, is_tensor, child, depth + 1))
+    return found
+
+
+def _find_tensor_dict(
+    obj: Any, is_tensor: Callable[[Any], bool], path: str
+) -> tuple[str | None, Mapping[str, Any]]:
+    candidates = _candidates(obj, is_tensor)
+    if not candidates:
+        raise UsageError(f"{path}: holds {_describe(obj, is_tensor)} and no dict of tensors")
+    if len(candidates) > 1:
+        names = [name for name, _ in candidates]
+        listing = ", ".join(f"{n} ({len(d)} tensors)" for n, d in candidates)
+        raise AmbiguousContainerError(
+            f"{path}: holds several tensor dicts: {listing}; pick one with --key {names[0]}",
+            names,
+        )
+    name, found = candidates[0]
+    return (name or None), found
+
+
+def _follow_key(obj: Any, key: str, path: str) -> Any:
+    """Follow a dotted path; a segment may itself contain dots (``'model.ema'``)."""
+    if isinstance(obj, Mapping) and key in obj:
+        return obj[key]
+    if isinstance(obj, Mapping):
+        parts = key.split(".")
+        for split in range(len(parts) - 1, 0, -1):
+            head = ".".join(parts[:split])
+            if head in obj:
+                return _follow_key(obj[head], ".".join(parts[split:]), path)
+        available = ", ".join(repr(k) for k in list(obj)[:12])
+        raise UsageError(f"{path}: no entry {key!r} for --key; top-level entries: {available}")
+    raise UsageError(f"{path}: --key {key!r} cannot index {_describe(obj, lambda _: False)}")
+
+
+def _other_entries(
+    obj: Any, chosen: str | None, is_tensor: Callable[[Any], bool]
+) -> tuple[ContainerEntry, ...]:
+    if chosen is None or not isinstance(obj, Mapping):
+        return ()
+    entries = []
+    for name, value in obj.items():
+        label = str(name)
+        role = "tensors" if label == chosen or chosen.startswith(f"{label}.") else "other"
+        entries.append(ContainerEntry(label, role, _describe(value, is_tensor)))
+    return tuple(entries)
+
+
+def _describe(value: Any, is_tensor: Callable[[Any], bool]) -> str:
+    """A one-line human summary of a non-tensor checkpoint entry."""
+    if is_tensor(value):
+        return f"tensor {list(getattr(value, 'shape', ()))}"
+    if isinstance(value, Mapping):
+        if _looks_like_optimizer(value):
+            groups = value.get("param_groups")
+            return f"optimizer state ({len(groups) if isinstance(groups, list) else '?'} param groups)"
+        tensors = sum(1 for v in value.values() if is_tensor(v))
+        suffix = f", {tensors} tensors" if tensors else ""
+        return f"dict ({len(value)} entries{suffix})"
+    if isinstance(value, list | tuple):
+        return f"{type(value).__name__} of {len(value)}"
+    if isinstance(value, str):
+        return repr(value if len(value) <= 40 else value[:37] + "...")
+    if isinstance(value, int | float | bool) or value is None:
+        return repr(value)
+    return type(value).__name__
+
+
+def _looks_like_optimizer(value: Mapping[Any, Any]) -> bool:
+    return "param_groups" in value and "state" in value

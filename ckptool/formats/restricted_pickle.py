@@ -1,0 +1,285 @@
+"""A pickle reader that turns torch.save pickles into metadata and runs no code.
+
+``find_class`` never imports anything. Globals that ``torch.load(weights_only=True)``
+allows and that describe plain tensors map to local stand-ins that build
+:class:`TensorMeta`; globals torch allows but we cannot describe (sparse, quantized,
+tensor subclasses) ask for the torch fallback; every other global is recorded and
+replaced by an inert placeholder so the whole pickle can be scanned and every
+unsafe name reported at once. Nothing from the file is ever called.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import io
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ckptool.errors import CheckpointReadError, UnsafeCheckpointError
+from ckptool.formats.meta import DTYPE_SIZES, TensorMeta
+
+# Legacy typed-storage class names, as pickled by torch.save, -> dtype.
+STORAGE_DTYPES: dict[str, str] = {
+    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
+    "BoolStorage": "bool", "ComplexDoubleStorage": "complex128",
+    "ComplexFloatStorage": "complex64", "QInt8Storage": "qint8", "QUInt8Storage": "quint8",
+    "QInt32Storage": "qint32", "QUInt4x2Storage": "quint4x2", "QUInt2x4Storage": "quint2x4",
+}  # fmt: skip
+
+# Allowed by torch's weights_only unpickler, but not describable without torch.
+_TORCH_ONLY_GLOBALS = frozenset(
+    {
+        "torch._utils._rebuild_qtensor",
+        "torch._utils._rebuild_sparse_tensor",
+        "torch._utils._rebuild_wrapper_subclass",
+        "torch._utils._rebuild_device_tensor_from_numpy",
+        "torch._utils._rebuild_device_tensor_from_cpu_tensor",
+        "torch._utils._rebuild_nested_tensor",
+        "torch.serialization._get_layout",
+        "torch.per_tensor_affine",
+        "torch.per_channel_affine",
+        "torch.per_tensor_symmetric",
+        "torch.per_channel_symmetric",
+        "torch.per_channel_affine_float_qparams",
+    }
+)
+
+
+class NeedsTorchError(Exception):
+    """Internal: the pickle is safe but only torch itself can describe it."""
+
+    def __init__(self, names: set[str]) -> None:
+        super().__init__(", ".join(sorted(names)))
+        self.names = names
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """A persistent-id storage reference: the record key, its dtype and element count."""
+
+    key: str
+    dtype: str
+    location: str
+    numel: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES.get(self.dtype, 1)
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    dtype: str
+
+
+@dataclass(frozen=True)
+class _Token:
+    """Stand-in for an allowed torch global that is data, not a function (a dtype, Tensor)."""
+
+    name: str
+
+
+class _Inert:
+    """Placeholder for a refused global: accepts any use and does nothing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
+        return _Inert()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+
+def _inert_class(qualified_name: str) -> type[_Inert]:
+    return type(qualified_name, (_Inert,), {})
+
+
+def _meta_from_storage(storage: Any, offset: Any, size: Any, stride: Any, dtype: str) -> TensorMeta:
+    if not isinstance(storage, StorageRef):
+        raise CheckpointReadError(f"tensor rebuilt from {type(storage).__name__}, not a storage")
+    if not _int_tuple(size) or not _int_tuple(stride) or not isinstance(offset, int):
+        raise CheckpointReadError(f"tensor has malformed size {size!r} or stride {stride!r}")
+    return TensorMeta(
+        shape=tuple(size),
+        dtype=dtype,
+        storage=storage.key,
+        storage_offset=offset,
+        stride=tuple(stride),
+    )
+
+
+def _int_tuple(value: Any) -> bool:
+    return isinstance(value, tuple | list) and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    )
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> TensorMeta:
+    dtype = storage.dtype if isinstance(storage, StorageRef) else "?"
+    return _meta_from_storage(storage, offset, size, stride, dtype)
+
+
+def _rebuild_tensor_v3(
+    storage: Any, offset: Any, size: Any, stride: Any, grad: Any, hooks: Any, dtype: Any, *_: Any
+) -> TensorMeta:
+    if not isinstance(dtype, _Token) or dtype.name not in DTYPE_SIZES:
+        raise CheckpointReadError(f"tensor has unknown dtype {dtype!r}")
+    return _meta_from_storage(storage, offset, size, stride, dtype.name)
+
+
+def _rebuild_meta_no_storage(dtype: Any, size: Any, stride: Any, *_: Any) -> TensorMeta:
+    if not isinstance(dtype, _Token) or not _int_tuple(size):
+        raise CheckpointReadError(f"meta tensor has malformed dtype {dtype!r} or size {size!r}")
+    return TensorMeta(shape=tuple(size), dtype=dtype.name, stride=tuple(stride))
+
+
+def _first_arg(data: Any, *_: Any) -> Any:
+    return data
+
+
+def _rebuild_from_type(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+    # Parameter and plain Tensor subclasses describe the same bytes as the tensor.
+    if isinstance(new_type, _Token) and new_type.name in {"torch.Tensor", "torch.nn.parameter.Parameter"}:
+        return func(*args)
+    raise NeedsTorchError({"torch._tensor._rebuild_from_type_v2"})
+
+
+def _encode_latin1(text: Any, encoding: str = "utf-8") -> bytes:
+    # Protocol-2 pickles store bytes as _codecs.encode(str, 'latin1'); other codecs
+    # (zlib, bz2) could expand a small file into huge memory, so only these are honoured.
+    if not isinstance(text, str) or codecs.lookup(encoding).name not in {"latin-1", "utf-8"}:
+        raise CheckpointReadError(f"pickle asks for unsupported encoding {encoding!r}")
+    return text.encode(encoding)
+
+
+_HANDLERS: dict[str, Callable[..., Any]] = {
+    "torch._utils._rebuild_tensor": _rebuild_tensor,
+    "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
+    "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
+    "torch._utils._rebuild_parameter": _first_arg,
+    "torch._utils._rebuild_parameter_with_state": _first_arg,
+    "torch._utils._rebuild_meta_tensor_no_storage": _rebuild_meta_no_storage,
+    "torch._tensor._rebuild_from_type_v2": _rebuild_from_type,
+    "torch.Size": tuple,
+    "torch.device": lambda *args: ":".join(str(a) for a in args),
+    "collections.OrderedDict": collections.OrderedDict,
+    "collections.Counter": collections.Counter,
+    "builtins.set": set,
+    "builtins.frozenset": frozenset,
+    "builtins.bytearray": bytearray,
+    "builtins.complex": complex,
+    "_codecs.encode": _encode_latin1,
+}
+
+# Module-level names that torch pickles as data (dtype objects, classes used as tags).
+_TOKENS = frozenset({"torch.Tensor", "torch.nn.parameter.Parameter"})
+
+
+class MetaUnpickler(pickle.Unpickler):
+    """Unpickle a torch.save pickle into plain containers of TensorMeta, safely.
+
+    Args:
+        file: binary stream positioned at the pickle.
+        storage_scope: prefix for storage keys, so keys from different files differ.
+        legacy: the pickle uses the pre-1.6 persistent id layout.
+    """
+
+    def __init__(self, file: io.BufferedIOBase, *, storage_scope: str = "") -> None:
+        super().__init__(file)
+        self.storage_scope = storage_scope
+        self.unsafe: set[str] = set()
+        self.torch_only: set[str] = set()
+        self.storages: dict[str, StorageRef] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        qualified = f"{module}.{name}"
+        if qualified in _HANDLERS:
+            return _HANDLERS[qualified]
+        if qualified in _TOKENS:
+            return _Token(qualified)
+        storage_name = name if module in {"torch", "torch.cuda"} else None
+        if storage_name in STORAGE_DTYPES:
+            return _StorageType(STORAGE_DTYPES[storage_name])
+        if qualified == "torch.storage.UntypedStorage":
+            return _StorageType("uint8")
+        if module == "torch" and name in DTYPE_SIZES:
+            return _Token(name)
+        if qualified in _TORCH_ONLY_GLOBALS:
+            self.torch_only.add(qualified)
+            return _inert_class(qualified)
+        self.unsafe.add(qualified)
+        return _inert_class(qualified)
+
+    def persistent_load(self, pid: Any) -> StorageRef:
+        # ('storage', storage_type, key, location, numel[, view_metadata (legacy)])
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
+            raise CheckpointReadError(f"unsupported persistent id {str(pid)[:60]!r}")
+        storage_type, key, location, numel = pid[1:5]
+        if not isinstance(storage_type, _StorageType) or not isinstance(numel, int):
+            # An unsafe storage type is already recorded by find_class.
+            return StorageRef(key=str(key), dtype="?", location=str(location), numel=0)
+        ref = StorageRef(
+            key=f"{self.storage_scope}{key}",
+            dtype=storage_type.dtype,
+            location=str(location),
+            numel=numel,
+        )
+        self.storages[ref.key] = ref
+        return ref
+
+
+def load_restricted(
+    data: bytes | io.BufferedIOBase, *, path: str, storage_scope: str = ""
+) -> tuple[Any, dict[str, StorageRef]]:
+    """Unpickle ``data`` into metadata; return (object, storages it referenced).
+
+    Raises:
+        UnsafeCheckpointError: the pickle references globals outside the allowlist.
+        NeedsTorchError: only torch can describe the contents (safe, allowlisted).
+        CheckpointReadError: the pickle is corrupt.
+    """
+    stream = io.BytesIO(data) if isinstance(data, bytes) else data
+    unpickler = MetaUnpickler(stream, storage_scope=storage_scope)
+    try:
+        obj = unpickler.load()
+    except (UnsafeCheckpointError, NeedsTorchError):
+        raise
+    except CheckpointReadError as e:
+        _raise_if_unsafe(unpickler, path)
+        raise CheckpointReadError(f"{path}: {e}") from e
+    except Exception as e:  # the C unpickler raises many types on corrupt input
+        _raise_if_unsafe(unpickler, path)
+        raise CheckpointReadError(f"{path}: corrupt pickle ({type(e).__name__}: {e})") from e
+    _raise_if_unsafe(unpickler, path)
+    if unpickler.torch_only:
+        raise NeedsTorchError(unpickler.torch_only)
+    return obj, unpickler.storages
+
+
+def _raise_if_unsafe(unpickler: MetaUnpickler, path: str) -> None:
+    if not unpickler.unsafe:
+        return
+    names = sorted(unpickler.unsafe)
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    raise UnsafeCheckpointError(
+        f"{path}: refused, the pickle wants to import {shown}, which is outside the "
+        "tensor allowlist (nothing was executed); if you trust the file, re-save its "
+        "state_dict() with torch.save or convert it to safetensors",
+        names,
+    )

@@ -1,0 +1,161 @@
+"""Parse and validate a safetensors header directly: 8-byte length, then JSON.
+
+Reading only the header keeps ``inspect`` cost proportional to the number of
+tensors; validation here is what lets later commands stream byte ranges safely.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+from ckptool.errors import CheckpointReadError
+from ckptool.formats.meta import DTYPE_SIZES, CheckpointMeta, Format, TensorMeta
+
+# safetensors dtype code -> torch dtype name.
+SAFETENSORS_DTYPES: Mapping[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+    "C64": "complex64", "C128": "complex128",
+}  # fmt: skip
+
+# The reference implementation refuses headers above 100 MB; so do we.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def read_safetensors_meta(path: str) -> CheckpointMeta:
+    """Read a ``.safetensors`` header into a :class:`CheckpointMeta`.
+
+    Raises:
+        CheckpointReadError: the header is malformed or does not match the file.
+    """
+    header, data_start, file_size = read_header(path)
+    metadata = _parse_metadata(path, header.pop("__metadata__", None))
+    tensors = _parse_entries(path, header, data_len=file_size - data_start)
+    return CheckpointMeta(
+        path=path,
+        format=Format.SAFETENSORS,
+        tensors=tensors,
+        metadata=metadata,
+        file_size=file_size,
+        files=(path,),
+    )
+
+
+def read_header(path: str) -> tuple[dict[str, Any], int, int]:
+    """Return (header dict, offset of the data section, file size)."""
+    with open(path, "rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointReadError(f"{path}: file is {file_size} bytes, too short for safetensors")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > MAX_HEADER_BYTES or header_len > file_size - 8:
+            raise CheckpointReadError(
+                f"{path}: safetensors header length {header_len} exceeds the file "
+                f"({file_size} bytes); the file is truncated or not safetensors"
+            )
+        raw = f.read(header_len)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointReadError(f"{path}: safetensors header is not valid UTF-8") from e
+    try:
+        header = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+    except json.JSONDecodeError as e:
+        raise CheckpointReadError(f"{path}: safetensors header is not valid JSON: {e.msg}") from e
+    except _DuplicateKeyError as e:
+        raise CheckpointReadError(f"{path}: safetensors header repeats the key {e.key!r}") from e
+    if not isinstance(header, dict):
+        raise CheckpointReadError(f"{path}: safetensors header is not a JSON object")
+    return header, 8 + header_len, file_size
+
+
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKeyError(key)
+        result[key] = value
+    return result
+
+
+def _parse_metadata(path: str, raw: Any) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise CheckpointReadError(f"{path}: safetensors __metadata__ must map strings to strings")
+    return dict(raw)
+
+
+def _parse_entries(path: str, header: dict[str, Any], *, data_len: int) -> dict[str, TensorMeta]:
+    tensors: dict[str, TensorMeta] = {}
+    ranges: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        tensor, begin, end = _parse_entry(path, name, entry)
+        if end > data_len:
+            raise CheckpointReadError(
+                f"{path}: tensor {name!r} ends at byte {end} but the data section has "
+                f"{data_len} bytes; the file is truncated"
+            )
+        tensors[name] = tensor
+        ranges.append((begin, end, name))
+    _check_ranges_disjoint(path, ranges)
+    return tensors
+
+
+def _parse_entry(path: str, name: str, entry: Any) -> tuple[TensorMeta, int, int]:
+    if not isinstance(entry, dict):
+        raise CheckpointReadError(f"{path}: header entry {name!r} is not an object")
+    code = entry.get("dtype")
+    if code not in SAFETENSORS_DTYPES:
+        raise CheckpointReadError(f"{path}: tensor {name!r} has unknown dtype {code!r}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise CheckpointReadError(
+            f"{path}: tensor {name!r} has invalid shape {shape!r}; expected non-negative ints"
+        )
+    offsets = entry.get("data_offsets")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_count(o) for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise CheckpointReadError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+    dtype = SAFETENSORS_DTYPES[code]
+    begin, end = offsets
+    tensor = TensorMeta(shape=tuple(shape), dtype=dtype, storage=f"{path}@{begin}")
+    if end - begin != tensor.numel * DTYPE_SIZES[dtype]:
+        raise CheckpointReadError(
+            f"{path}: tensor {name!r} spans {end - begin} bytes but shape {tuple(shape)} "
+            f"of {dtype} needs {tensor.nbytes}"
+        )
+    return tensor, begin, end
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_ranges_disjoint(path: str, ranges: list[tuple[int, int, str]]) -> None:
+    """Byte ranges must not overlap: overlapping ranges let one write clobber another."""
+    position = 0
+    for begin, end, name in sorted(ranges):
+        if begin < position:
+            raise CheckpointReadError(
+                f"{path}: tensor {name!r} overlaps the previous tensor's bytes "
+                f"(starts at {begin}, previous ends at {position})"
+            )
+        position = max(position, end)

@@ -1,0 +1,79 @@
+"""Hugging Face sharded checkpoints: ``*.index.json`` naming the shard of each tensor."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from ckptool.errors import CheckpointReadError
+from ckptool.formats.meta import CheckpointMeta, Format, TensorMeta
+
+
+def read_index(path: str) -> dict[str, str]:
+    """Return the index's ``weight_map``: tensor name -> shard file path.
+
+    Raises:
+        CheckpointReadError: the index is not JSON, lacks a weight_map, or names a
+            shard outside its directory or one that does not exist.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointReadError(f"{path}: shard index is not valid JSON ({e})") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointReadError(f"{path}: shard index has no 'weight_map' of name -> file")
+    folder = os.path.dirname(os.path.abspath(path))
+    resolved = {}
+    for name, shard in weight_map.items():
+        if os.path.basename(shard) != shard:
+            raise CheckpointReadError(f"{path}: shard {shard!r} for {name!r} is not a plain file name")
+        resolved[name] = os.path.join(folder, shard)
+    for shard in sorted(set(resolved.values())):
+        if not os.path.isfile(shard):
+            raise CheckpointReadError(f"{path}: shard {os.path.basename(shard)!r} is missing")
+    return resolved
+
+
+def read_sharded_meta(path: str, read_shard: Callable[[str], CheckpointMeta]) -> CheckpointMeta:
+    """Describe a sharded checkpoint by reading each shard's header.
+
+    Every tensor must be in the shard the index names, and every shard tensor in the index.
+    """
+    weight_map = read_index(path)
+    tensors: dict[str, TensorMeta] = {}
+    shards = sorted(set(weight_map.values()))
+    file_size = os.path.getsize(path)
+    metadata: dict[str, str] = {}
+    for shard in shards:
+        meta = read_shard(shard)
+        file_size += meta.file_size
+        metadata.update(meta.metadata)
+        for name, tensor in meta.tensors.items():
+            if weight_map.get(name) != shard:
+                raise CheckpointReadError(
+                    f"{path}: tensor {name!r} is in {os.path.basename(shard)!r} "
+                    f"but the index says {_shard_name(weight_map.get(name))}"
+                )
+            tensors[name] = tensor
+    absent = [name for name in weight_map if name not in tensors]
+    if absent:
+        raise CheckpointReadError(
+            f"{path}: {len(absent)} indexed tensors are in no shard, e.g. {absent[0]!r}"
+        )
+    ordered = {name: tensors[name] for name in weight_map}
+    return CheckpointMeta(
+        path=path,
+        format=Format.SHARDED,
+        tensors=ordered,
+        metadata=metadata,
+        file_size=file_size,
+        files=(path, *shards),
+    )
+
+
+def _shard_name(shard: Any) -> str:
+    return repr(os.path.basename(shard)) if isinstance(shard, str) else "no shard"

@@ -1,0 +1,173 @@
+"""torch.save files, zip (torch >= 1.6) and legacy (sequence of pickles), read as metadata.
+
+Only ``data.pkl`` (or the legacy header pickles) is read; storage bytes are never
+touched, so cost grows with the number of tensors, not with the file size.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import zipfile
+from typing import Any
+
+from ckptool.errors import CheckpointReadError
+from ckptool.formats.containers import select_tensor_dict
+from ckptool.formats.meta import DTYPE_SIZES, CheckpointMeta, Format, TensorMeta
+from ckptool.formats.restricted_pickle import StorageRef, load_restricted
+
+# torch.save's legacy format starts with this number, pickled.
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+
+
+def is_tensor_meta(value: Any) -> bool:
+    return isinstance(value, TensorMeta)
+
+
+def read_zip_meta(path: str, *, key: str | None) -> CheckpointMeta:
+    """Describe a torch.save zip archive from its central directory and data.pkl."""
+    file_size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = _check_archive(path, archive, file_size)
+            prefix = _archive_prefix(path, records)
+            pickle_bytes = archive.read(f"{prefix}data.pkl")
+    except zipfile.BadZipFile as e:
+        raise CheckpointReadError(f"{path}: corrupt zip archive ({e})") from e
+    except (OSError, EOFError) as e:
+        raise CheckpointReadError(f"{path}: cannot read zip archive ({e})") from e
+    obj, storages = load_restricted(pickle_bytes, path=path, storage_scope=f"{prefix}data/")
+    record_sizes = {info.filename: info.file_size for info in records.values()}
+    _check_storages(path, storages, record_sizes)
+    return _build_meta(path, Format.TORCH_ZIP, obj, storages, key=key, file_size=file_size)
+
+
+def _check_archive(
+    path: str, archive: zipfile.ZipFile, file_size: int
+) -> dict[str, zipfile.ZipInfo]:
+    records = {}
+    for info in archive.infolist():
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointReadError(
+                f"{path}: zip entry {info.filename!r} is compressed; torch.save never "
+                "compresses, so the file was repacked or is not a torch checkpoint"
+            )
+        # 30-byte local header + name precede the data; the end must lie inside the file.
+        if info.header_offset + 30 + len(info.filename) + info.file_size > file_size:
+            raise CheckpointReadError(
+                f"{path}: zip entry {info.filename!r} claims {info.file_size} bytes beyond "
+                "the end of the file; the file is truncated or corrupt"
+            )
+        records[info.filename] = info
+    return records
+
+
+def _archive_prefix(path: str, records: dict[str, zipfile.ZipInfo]) -> str:
+    pickles = [name for name in records if name.endswith("data.pkl") and name.count("/") <= 1]
+    if any(name.endswith("constants.pkl") or "/code/" in name for name in records):
+        raise CheckpointReadError(
+            f"{path}: is a TorchScript archive, not a state dict; load it with "
+            "torch.jit.load and save model.state_dict() instead"
+        )
+    if len(pickles) != 1:
+        raise CheckpointReadError(f"{path}: zip archive has no torch data.pkl; not a torch.save file")
+    return pickles[0][: -len("data.pkl")]
+
+
+def _check_storages(
+    path: str, storages: dict[str, StorageRef], record_sizes: dict[str, int]
+) -> None:
+    for ref in storages.values():
+        size = record_sizes.get(ref.key)
+        if size is None:
+            raise CheckpointReadError(f"{path}: storage record {ref.key!r} is missing from the archive")
+        if size < ref.nbytes:
+            raise CheckpointReadError(
+                f"{path}: storage record {ref.key!r} has {size} bytes but its tensors need "
+                f"{ref.nbytes}; the file is corrupt"
+            )
+
+
+def read_legacy_meta(path: str, *, key: str | None) -> CheckpointMeta:
+    """Describe a pre-1.6 torch.save file: magic, protocol, sys info, object, storages."""
+    file_size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        magic, _ = load_restricted(f, path=path)  # type: ignore[arg-type]
+        if magic != LEGACY_MAGIC:
+            raise CheckpointReadError(
+                f"{path}: a pickle but not a torch.save checkpoint (no torch magic number)"
+            )
+        protocol, _ = load_restricted(f, path=path)  # type: ignore[arg-type]
+        if protocol != LEGACY_PROTOCOL:
+            raise CheckpointReadError(f"{path}: unsupported legacy torch protocol {protocol!r}")
+        load_restricted(f, path=path)  # type: ignore[arg-type]  # sys_info
+        obj, storages = load_restricted(f, path=path)  # type: ignore[arg-type]
+        keys, _ = load_restricted(f, path=path)  # type: ignore[arg-type]
+        _check_legacy_storages(path, f, keys, storages, file_size)
+    return _build_meta(path, Format.TORCH_LEGACY, obj, storages, key=key, file_size=file_size)
+
+
+def _check_legacy_storages(
+    path: str, f: Any, keys: Any, storages: dict[str, StorageRef], file_size: int
+) -> None:
+    """Walk the storage records (int64 count + bytes each) by seeking, reading 8 bytes each."""
+    if not isinstance(keys, list) or set(map(str, keys)) != set(storages):
+        raise CheckpointReadError(f"{path}: legacy storage list does not match the pickled tensors")
+    for storage_key in keys:
+        ref = storages[str(storage_key)]
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointReadError(f"{path}: truncated before storage {storage_key!r}")
+        (count,) = struct.unpack("<q", head)
+        if count != ref.numel:
+            raise CheckpointReadError(
+                f"{path}: storage {storage_key!r} records {count} elements, tensors expect {ref.numel}"
+            )
+        end = f.tell() + ref.nbytes
+        if end > file_size:
+            raise CheckpointReadError(f"{path}: truncated inside storage {storage_key!r}")
+        f.seek(end)
+
+
+def _build_meta(
+    path: str,
+    file_format: Format,
+    obj: Any,
+    storages: dict[str, StorageRef],
+    *,
+    key: str | None,
+    file_size: int,
+) -> CheckpointMeta:
+    chosen, tensors, containers = select_tensor_dict(obj, key=key, is_tensor=is_tensor_meta, path=path)
+    for name, tensor in tensors.items():
+        _check_view(path, name, tensor, storages)
+    return CheckpointMeta(
+        path=path,
+        format=file_format,
+        tensors=tensors,
+        key=chosen,
+        containers=containers,
+        file_size=file_size,
+        files=(path,),
+    )
+
+
+def _check_view(path: str, name: str, tensor: TensorMeta, storages: dict[str, StorageRef]) -> None:
+    if tensor.storage is None or tensor.dtype not in DTYPE_SIZES:
+        return
+    ref = storages[tensor.storage]
+    extent = tensor.storage_offset + sum(
+        (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride or (), strict=False)
+    )
+    storage_elements = ref.nbytes // tensor.itemsize
+    if tensor.numel and extent >= storage_elements:
+        raise CheckpointReadError(
+            f"{path}: tensor {name!r} reads past the end of its storage "
+            f"({extent + 1} > {storage_elements} elements); the file is corrupt"
+        )
+
+
+def looks_like_pickle(head: bytes) -> bool:
+    return len(head) >= 2 and head[:1] == pickle.PROTO

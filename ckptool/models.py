@@ -1,0 +1,248 @@
+"""Model specs (``torchvision:resnet18``, ``pkg.mod:Factory``, ``file.py:Net``) and heads."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import enum
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ckptool.errors import ModelSpecError, UsageError
+from ckptool.formats.meta import TensorMeta
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+class Source(str, enum.Enum):
+    """Where a model spec's builder comes from."""
+
+    TORCHVISION = "torchvision"
+    TIMM = "timm"
+    MODULE = "module"
+    FILE = "file"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed ``source:name`` model spec with its constructor arguments."""
+
+    source: Source
+    target: str  # module path, file path, or model name
+    attr: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        if self.source in (Source.TORCHVISION, Source.TIMM):
+            return f"{self.source.value}:{self.attr}"
+        return f"{self.target}:{self.attr}"
+
+
+def parse_model_spec(spec: str, model_args: Sequence[str] = ()) -> ModelSpec:
+    """Parse ``torchvision:NAME``, ``timm:NAME``, ``package.module:attr`` or ``file.py:attr``.
+
+    Raises:
+        ModelSpecError: the spec has no ``:`` or an empty part, or an argument is malformed.
+    """
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise ModelSpecError(
+            f"model spec {spec!r} needs the form SOURCE:NAME, e.g. torchvision:resnet18, "
+            "timm:vit_base_patch16_224, mypkg.models:Net or path/to/model.py:Net"
+        )
+    kwargs = parse_model_args(model_args)
+    if target in (Source.TORCHVISION.value, Source.TIMM.value):
+        return ModelSpec(Source(target), target, attr, kwargs)
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        return ModelSpec(Source.FILE, target, attr, kwargs)
+    return ModelSpec(Source.MODULE, target, attr, kwargs)
+
+
+def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values are Python literals where they parse, else strings."""
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ModelSpecError(f"--model-arg {item!r} must look like key=value, e.g. dropout=0.1")
+        try:
+            kwargs[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            kwargs[key] = raw
+    return kwargs
+
+
+def build_model(
+    spec: str | ModelSpec,
+    *,
+    model_args: Sequence[str] = (),
+    num_classes: int | None = None,
+    head: str | None = None,
+    device: str = "cpu",
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a model from a spec, optionally replacing its classifier head.
+
+    Args:
+        spec: ``torchvision:resnet18`` etc., or a parsed :class:`ModelSpec`.
+        model_args: ``key=value`` constructor arguments (CLI form).
+        num_classes: replace the head with one of this many outputs.
+        head: the head module's name; found automatically when None.
+        device: ``"meta"`` builds shapes only, costing no memory.
+        kwargs: constructor arguments (API form), merged over ``model_args``.
+
+    Raises:
+        ModelSpecError: the spec cannot be imported or built.
+    """
+    parsed = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec, model_args)
+    arguments = {**parsed.kwargs, **kwargs}
+    with _on_device(device):
+        model = _construct(parsed, arguments)
+        if num_classes is not None:
+            model = replace_head(model, num_classes, head=head)
+    return model
+
+
+@contextlib.contextmanager
+def _on_device(device: str) -> Iterator[None]:
+    import torch
+
+    with torch.device(device):
+        yield
+
+
+def _construct(spec: ModelSpec, kwargs: Mapping[str, Any]) -> nn.Module:
+    factory = _resolve_factory(spec)
+    try:
+        model = factory(**kwargs) if callable(factory) and not _is_module(factory) else factory
+    except Exception as e:  # user constructors raise anything; report it on one line
+        raise ModelSpecError(f"building {spec} failed: {type(e).__name__}: {e}") from e
+    if not _is_module(model):
+        raise ModelSpecError(f"{spec} gave a {type(model).__name__}, not a torch.nn.Module")
+    return model  # type: ignore[no-any-return]
+
+
+def _resolve_factory(spec: ModelSpec) -> Any:
+    if spec.source is Source.TORCHVISION:
+        return _torchvision_factory(spec.attr)
+    if spec.source is Source.TIMM:
+        return _timm_factory(spec.attr)
+    module = _load_file(spec.target) if spec.source is Source.FILE else _import(spec.target)
+    if not hasattr(module, spec.attr):
+        public = [n for n in dir(module) if not n.startswith("_")][:10]
+        raise ModelSpecError(f"{spec.target} has no attribute {spec.attr!r}; it has {', '.join(public)}")
+    return getattr(module, spec.attr)
+
+
+def _torchvision_factory(name: str) -> Any:
+    import functools
+
+    from torchvision import models
+
+    available = models.list_models()
+    if name not in available:
+        close = [m for m in available if name.lower()[:4] in m][:6]
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ModelSpecError(f"torchvision has no model {name!r}{hint}")
+    # weights=None always: ckptool never downloads at run time.
+    return functools.partial(models.get_model, name, weights=None)
+
+
+def _timm_factory(name: str) -> Any:
+    import functools
+
+    try:
+        import timm
+    except ImportError as e:
+        raise ModelSpecError(f"timm:{name} needs timm; pip install timm") from e
+    if not timm.is_model(name):
+        raise ModelSpecError(f"timm has no model {name!r}")
+    return functools.partial(timm.create_model, name, pretrained=False)
+
+
+def _import(module_name: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as e:
+        raise ModelSpecError(f"cannot import {module_name!r}: {e}") from e
+
+
+def _load_file(path: str) -> Any:
+    if not os.path.isfile(path):
+        raise ModelSpecError(f"model file {path!r} does not exist")
+    name = f"_ckptool_user_model_{abs(hash(os.path.abspath(path)))}"
+    loader_spec = importlib.util.spec_from_file_location(name, path)
+    if loader_spec is None or loader_spec.loader is None:
+        raise ModelSpecError(f"cannot load {path!r} as a Python module")
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up here
+    try:
+        loader_spec.loader.exec_module(module)
+    except Exception as e:  # the user's file may raise anything at import
+        del sys.modules[name]
+        raise ModelSpecError(f"importing {path!r} failed: {type(e).__name__}: {e}") from e
+    return module
+
+
+def _is_module(obj: Any) -> bool:
+    from torch import nn
+
+    return isinstance(obj, nn.Module)
+
+
+def find_head(model: nn.Module) -> str:
+    """Name of the classifier head: the last ``nn.Linear`` in registration order.
+
+    Raises:
+        UsageError: the model has no Linear layer.
+    """
+    from torch import nn
+
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise UsageError(f"{type(model).__name__} has no nn.Linear head; name one with --head")
+    return linears[-1]
+
+
+def replace_head(model: nn.Module, num_classes: int, *, head: str | None = None) -> nn.Module:
+    """Replace the classifier head with a fresh ``nn.Linear(in_features, num_classes)``.
+
+    The new layer keeps the old one's bias setting, dtype and device. Returns ``model``.
+
+    Raises:
+        UsageError: ``num_classes`` < 1, or ``head`` names no Linear layer.
+    """
+    from torch import nn
+
+    if num_classes < 1:
+        raise UsageError(f"--num-classes must be at least 1, got {num_classes}")
+    name = head or find_head(model)
+    old = dict(model.named_modules()).get(name)
+    if not isinstance(old, nn.Linear):
+        kind = type(old).__name__ if old is not None else "nothing"
+        raise UsageError(f"--head {name!r} is {kind}, not an nn.Linear; heads: {find_head(model)}")
+    new = nn.Linear(
+        old.in_features,
+        num_classes,
+        bias=old.bias is not None,
+        device=old.weight.device,
+        dtype=old.weight.dtype,
+    )
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+    return model
+
+
+def model_tensor_meta(model: nn.Module) -> dict[str, TensorMeta]:
+    """The model's ``state_dict()`` keys as metadata (works on the meta device)."""
+    return {
+        name: TensorMeta(shape=tuple(t.shape), dtype=str(t.dtype).removeprefix("torch."))
+        for name, t in model.state_dict().items()
+    }
