@@ -1,0 +1,65 @@
+"""ckptool: checkpoint surgery and inspection for PyTorch.
+
+The public API is imported lazily so that ``import ckptool`` (and ``ckptool --help``)
+does not import torch; torch loads on first use of a function that needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ckptool._version import __version__
+from ckptool.errors import (
+    AmbiguousContainerError,
+    CheckpointReadError,
+    CkptError,
+    ModelSpecError,
+    OutputError,
+    TransformError,
+    UnsafeCheckpointError,
+    UsageError,
+)
+
+if TYPE_CHECKING:
+    from ckptool.compare import diff_checkpoint as diff
+    from ckptool.formats import read_metadata
+    from ckptool.formats.load import load_state_dict
+    from ckptool.keys import Transforms
+    from ckptool.models import build_model, replace_head
+
+_LAZY = {
+    "read_metadata": ("ckptool.formats", "read_metadata"),
+    "load_state_dict": ("ckptool.formats.load", "load_state_dict"),
+    "diff": ("ckptool.compare", "diff_checkpoint"),
+    "Transforms": ("ckptool.keys", "Transforms"),
+    "build_model": ("ckptool.models", "build_model"),
+    "replace_head": ("ckptool.models", "replace_head"),
+}
+
+__all__ = [
+    "AmbiguousContainerError",
+    "CheckpointReadError",
+    "CkptError",
+    "ModelSpecError",
+    "OutputError",
+    "TransformError",
+    "Transforms",
+    "UnsafeCheckpointError",
+    "UsageError",
+    "__version__",
+    "build_model",
+    "diff",
+    "load_state_dict",
+    "read_metadata",
+    "replace_head",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ckptool' has no attribute {name!r}")

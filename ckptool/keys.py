@@ -8,6 +8,7 @@ Words follow PyTorch: *missing* = the model has it, the checkpoint does not;
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -178,7 +179,7 @@ class KeyDiff:
     source_total: int
     target_total: int
     suggestions: tuple[Suggestion, ...] = ()
-    fix: Transforms | None = None
+    fix: Fix | None = None
     ambiguous: tuple[Suggestion, ...] = field(default=())
 
     @property
@@ -289,13 +290,14 @@ def _strip_candidates(names: Sequence[str]) -> list[str]:
     """'' plus every dotted prefix that all names share (``module.``, ``module.model.``)."""
     if not names:
         return [""]
-    common = _common_dotted_prefix(names)
+    common = common_dotted_prefix(names)
     parts = common.split(".")[:-1] if common else []
     candidates = [""] + [".".join(parts[: i + 1]) + "." for i in range(len(parts))]
     return candidates[:4]
 
 
-def _common_dotted_prefix(names: Sequence[str]) -> str:
+def common_dotted_prefix(names: Sequence[str]) -> str:
+    """The longest prefix ending in '.' that every name shares ('' if none)."""
     first, last = min(names), max(names)
     end = 0
     for i, (a, b) in enumerate(zip(first, last, strict=False)):
@@ -314,29 +316,68 @@ def _add_candidates(target: Sequence[str]) -> list[str]:
     return ["", *common, *known]
 
 
+class Reason(str, enum.Enum):
+    """Why a fix step is needed."""
+
+    PREFIX = "prefix"
+    SHAPE_MISMATCH = "shape mismatch"
+    UNEXPECTED = "unexpected"
+    MISSING = "missing"
+
+
+@dataclass(frozen=True)
+class FixStep:
+    """One flag of the suggested fix, with the keys that need it."""
+
+    flag: str
+    reason: Reason
+    keys: tuple[str, ...] = ()
+    matched: int = 0  # for PREFIX: names that match after it, out of total
+    total: int = 0
+
+
+@dataclass(frozen=True)
+class Fix:
+    """Transforms that make the checkpoint compatible, and why each flag is there."""
+
+    transforms: Transforms
+    steps: tuple[FixStep, ...]
+
+
 def _compose_fix(
     source: Mapping[str, TensorMeta],
     target: Mapping[str, TensorMeta],
     given: Transforms,
     best: Suggestion | None,
-) -> Transforms | None:
+) -> Fix | None:
     """The given transforms plus the best prefix fix plus --drop/--reinit for what remains."""
-    base = given
+    base, steps = given, []
     if best is not None:
-        base = Transforms(
+        base = dataclasses.replace(
+            given,
             strip=given.strip + best.transforms.strip,
             add_prefix=best.transforms.add_prefix or given.add_prefix,
-            rename=given.rename,
-            drop=given.drop,
-            reinit=given.reinit,
         )
+        steps = [FixStep(" ".join(best.flags), Reason.PREFIX, matched=best.matched, total=best.total)]
     try:
         after = _compare(source, target, apply_transforms(source, base), base)
     except TransformError:
         return None
     drop, reinit = _cover_remaining(after)
-    fix = Transforms(base.strip, base.add_prefix, base.rename, base.drop + drop, base.reinit + reinit)
-    return None if fix == given else fix
+    steps += [_step("--drop", p, after) for p in drop] + [_step("--reinit", p, after) for p in reinit]
+    fix = dataclasses.replace(base, drop=base.drop + drop, reinit=base.reinit + reinit)
+    return None if fix == given else Fix(fix, tuple(steps))
+
+
+def _step(flag: str, prefix: str, after: KeyDiff) -> FixStep:
+    mismatched = [m.key for m in after.shape_mismatch if under_prefix(m.key, prefix)]
+    unexpected = [k for k in after.unexpected if under_prefix(k, prefix)]
+    missing = [k for k in after.missing if under_prefix(k, prefix)]
+    if mismatched:
+        return FixStep(f"{flag} {prefix}", Reason.SHAPE_MISMATCH, tuple(mismatched))
+    if unexpected:
+        return FixStep(f"{flag} {prefix}", Reason.UNEXPECTED, tuple(unexpected))
+    return FixStep(f"{flag} {prefix}", Reason.MISSING, tuple(missing))
 
 
 def _cover_remaining(after: KeyDiff) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ckptool.errors import CheckpointReadError
@@ -56,22 +56,46 @@ def load_state_dict(
 
 def iter_tensors(meta: CheckpointMeta) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) for every tensor of ``meta``, few in memory at a time."""
-    if meta.format is Format.SAFETENSORS:
-        with _safe_open(meta.path) as handle:
-            for name in meta.tensors:
-                yield name, handle.get_tensor(name)
-    elif meta.format is Format.SHARDED:
-        # Shard by shard, so each shard file is opened once.
-        weight_map = read_index(meta.path)
-        for shard in dict.fromkeys(weight_map[name] for name in meta.tensors):
-            with _safe_open_any(shard) as handle:
-                for name in meta.tensors:
-                    if weight_map[name] == shard:
-                        yield name, handle.get_tensor(name)
-    else:
-        obj = torch_load_safely(meta.path, mmap=meta.format is Format.TORCH_ZIP)
-        _, tensors, _ = select_tensor_dict(obj, key=meta.key, is_tensor=_is_tensor, path=meta.path)
-        yield from ((name, tensors[name]) for name in meta.tensors)
+    with open_tensors(meta) as reader:
+        for name in meta.tensors:
+            yield name, reader.get(name)
+
+
+@contextmanager
+def open_tensors(meta: CheckpointMeta) -> Iterator[TensorReader]:
+    """Random access to ``meta``'s tensors: safetensors lazily, torch files memory-mapped."""
+    with ExitStack() as stack:
+        yield TensorReader(meta, stack)
+
+
+class TensorReader:
+    """Gets tensors by name; opens each file (or shard) once, on first use."""
+
+    def __init__(self, meta: CheckpointMeta, stack: ExitStack) -> None:
+        self._meta = meta
+        self._stack = stack
+        self._handles: dict[str, Any] = {}
+        self._weight_map = read_index(meta.path) if meta.format is Format.SHARDED else None
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self._weight_map[name] if self._weight_map is not None else self._meta.path
+        if path not in self._handles:
+            self._handles[path] = self._open(path)
+        return self._handles[path].get_tensor(name)  # type: ignore[no-any-return]
+
+    def _open(self, path: str) -> Any:
+        if self._peek_safetensors(path):
+            return self._stack.enter_context(_safe_open(path))
+        is_zip = self._meta.format is not Format.TORCH_LEGACY
+        obj = torch_load_safely(path, mmap=is_zip)
+        key = self._meta.key if self._weight_map is None else None
+        _, tensors, _ = select_tensor_dict(obj, key=key, is_tensor=_is_tensor, path=path)
+        return _DictHandle(tensors)
+
+    def _peek_safetensors(self, path: str) -> bool:
+        if self._weight_map is None:
+            return self._meta.format is Format.SAFETENSORS
+        return path.endswith(".safetensors")
 
 
 @contextmanager
@@ -83,17 +107,6 @@ def _safe_open(path: str) -> Iterator[Any]:
             yield handle
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointReadError(f"{path}: cannot read tensors ({e})") from e
-
-
-@contextmanager
-def _safe_open_any(path: str) -> Iterator[Any]:
-    """A shard may be safetensors or a torch.save file (``pytorch_model-00001-of-00002.bin``)."""
-    if path.endswith(".safetensors"):
-        with _safe_open(path) as handle:
-            yield handle
-        return
-    obj = torch_load_safely(path, mmap=True)
-    yield _DictHandle(obj)
 
 
 class _DictHandle:

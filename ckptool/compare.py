@@ -1,0 +1,80 @@
+"""``ckptool.diff``: a checkpoint against a model spec or a second checkpoint."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ckptool.errors import UsageError
+from ckptool.formats import CheckpointMeta, read_metadata
+from ckptool.keys import KeyDiff, Transforms, diff
+from ckptool.values import ValueDiff
+
+
+@dataclass(frozen=True)
+class CheckpointDiff:
+    """What ``ckptool diff`` reports: both sides, the key diff, optional value changes."""
+
+    source: CheckpointMeta
+    target_label: str
+    target_count: int
+    keys: KeyDiff
+    values: ValueDiff | None = None
+    target: CheckpointMeta | None = None
+
+    @property
+    def compatible(self) -> bool:
+        return self.keys.compatible
+
+
+def diff_checkpoint(
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str] | None = None,
+    *,
+    model: str | None = None,
+    model_args: Sequence[str] = (),
+    num_classes: int | None = None,
+    head: str | None = None,
+    key: str | None = None,
+    target_key: str | None = None,
+    transforms: Transforms = Transforms(),
+    values: bool = False,
+) -> CheckpointDiff:
+    """Compare a checkpoint's keys with a model's (``model``) or another checkpoint's.
+
+    Args:
+        source: the checkpoint to fit.
+        target: a second checkpoint, or None when ``model`` is given.
+        model: a model spec such as ``torchvision:resnet18``; built on the meta device.
+        model_args, num_classes, head: as for :func:`ckptool.build_model`.
+        key, target_key: container paths inside ``source`` / ``target``.
+        transforms: applied to ``source`` names before comparing.
+        values: also compare tensor values (two checkpoints only).
+
+    Raises:
+        UsageError: neither or both of ``target`` and ``model``; ``values`` with a model.
+        CheckpointReadError, UnsafeCheckpointError, ModelSpecError: from reading/building.
+    """
+    if (target is None) == (model is None):
+        raise UsageError("give either a TARGET checkpoint or --model SPEC, not both or neither")
+    if values and target is None:
+        raise UsageError("--values compares two checkpoints; give a TARGET checkpoint")
+    source_meta = read_metadata(source, key=key)
+    if model is not None:
+        from ckptool.models import build_model, model_tensor_meta  # imports torch
+
+        net = build_model(model, model_args=model_args, num_classes=num_classes, head=head, device="meta")
+        label = model + (f" --num-classes {num_classes}" if num_classes is not None else "")
+        target_tensors, target_meta = model_tensor_meta(net), None
+    else:
+        assert target is not None  # checked above: exactly one of target/model
+        target_meta = read_metadata(target, key=target_key)
+        target_tensors, label = dict(target_meta.tensors), target_meta.path
+    keys = diff(source_meta.tensors, target_tensors, transforms)
+    value_diff = None
+    if values and target_meta is not None:
+        from ckptool.values import compare_values
+
+        value_diff = compare_values(source_meta, target_meta, keys)
+    return CheckpointDiff(source_meta, str(label), len(target_tensors), keys, value_diff, target_meta)

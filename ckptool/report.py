@@ -1,0 +1,316 @@
+"""Result objects -> JSON documents and rich renderables. The only module importing rich."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from ckptool.compare import CheckpointDiff
+from ckptool.formats.meta import CheckpointMeta
+from ckptool.keys import (
+    Fix,
+    FixStep,
+    KeyDiff,
+    Reason,
+    ShapeMismatch,
+    common_dotted_prefix,
+    fold_names,
+    fold_rows,
+)
+from ckptool.values import ValueDiff
+
+# Folded key labels shown per category before "... and N more".
+MAX_LABELS = 8
+MAX_ROWS = 40
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A console that is plain text when piped or when NO_COLOR is set."""
+    return Console(
+        file=sys.stderr if stderr else sys.stdout,
+        no_color=bool(os.environ.get("NO_COLOR")),
+        highlight=False,
+        # Plain lines (verdicts, commands to copy) must not be hard-wrapped.
+        soft_wrap=True,
+    )
+
+
+def _table(console: Console, *columns: str, title: str | None = None) -> Table:
+    style = box.SIMPLE_HEAD if console.is_terminal else box.ASCII
+    table = Table(box=style, title=title, title_justify="left", show_edge=False)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_count(n: int) -> str:
+    for threshold, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= threshold:
+            return f"{n / threshold:.1f}{suffix}"
+    return str(n)
+
+
+def capped(labels: Sequence[str], limit: int = MAX_LABELS, sep: str = ", ") -> str:
+    shown = sep.join(labels[:limit])
+    return shown + (f"{sep}... and {len(labels) - limit} more" if len(labels) > limit else "")
+
+
+def shape_text(shape: Iterable[int]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+# --- inspect -------------------------------------------------------------------------
+
+
+def inspect_json(meta: CheckpointMeta) -> dict[str, Any]:
+    """The documented ``inspect --json`` document."""
+    return {
+        "path": meta.path,
+        "format": meta.format.value,
+        "key": meta.key,
+        "files": list(meta.files),
+        "file_size": meta.file_size,
+        "num_tensors": len(meta.tensors),
+        "num_params": meta.num_params,
+        "nbytes": meta.nbytes,
+        "dtypes": meta.dtype_counts(),
+        "containers": [
+            {"name": c.name, "kind": c.kind, "summary": c.summary} for c in meta.containers
+        ],
+        "metadata": dict(meta.metadata),
+        "shared": meta.shared_groups(),
+        "tensors": [
+            {"name": n, "shape": list(t.shape), "dtype": t.dtype, "numel": t.numel, "nbytes": t.nbytes}
+            for n, t in meta.tensors.items()
+        ],
+    }
+
+
+def render_inspect(meta: CheckpointMeta, console: Console) -> None:
+    """Summary lines, a per-module table and a folded per-tensor table."""
+    where = f" in {meta.key!r}" if meta.key else ""
+    dtypes = ", ".join(f"{d} ({human_count(n)})" for d, n in meta.dtype_counts().items())
+    console.print(f"[bold]{meta.path}[/bold]")
+    console.print(f"  format      {meta.format.value}, {human_bytes(meta.file_size)} on disk")
+    console.print(
+        f"  tensors     {len(meta.tensors)}{where}, {meta.num_params:,} parameters, "
+        f"{human_bytes(meta.nbytes)}"
+    )
+    console.print(f"  dtypes      {dtypes or '-'}")
+    for entry in meta.containers:
+        marker = "  <- tensors" if entry.kind == "tensors" else ""
+        console.print(f"  container   {entry.name}: {entry.summary}{marker}", markup=False)
+    for key, value in meta.metadata.items():
+        console.print(f"  metadata    {key} = {value[:100]}", markup=False)
+    for group in meta.shared_groups():
+        console.print(f"  shared      {' = '.join(group)}", markup=False)
+    console.print(_modules_table(meta, console))
+    console.print(_tensors_table(meta, console))
+
+
+def _modules_table(meta: CheckpointMeta, console: Console) -> Table:
+    table = _table(console, "module", "tensors", "params", "size", title="Modules")
+    totals: dict[str, list[int]] = {}
+    # Group under a wrapper prefix every key shares (module., model.) rather than by it.
+    wrapper = common_dotted_prefix(list(meta.tensors))
+    for name, tensor in meta.tensors.items():
+        row = totals.setdefault(wrapper + name[len(wrapper) :].split(".", 1)[0], [0, 0, 0])
+        row[0] += 1
+        row[1] += tensor.numel
+        row[2] += tensor.nbytes
+    for module, (count, params, size) in list(totals.items())[:MAX_ROWS]:
+        table.add_row(module, str(count), f"{params:,}", human_bytes(size))
+    if len(totals) > MAX_ROWS:
+        table.add_row(f"... and {len(totals) - MAX_ROWS} more", "", "", "")
+    return table
+
+
+def _tensors_table(meta: CheckpointMeta, console: Console) -> Table:
+    table = _table(console, "tensors", "n", "shape", "dtype", "params", title="Tensors")
+    rows = fold_rows((name, (t.shape, t.dtype)) for name, t in meta.tensors.items())
+    for label, names in rows[: MAX_ROWS * 3]:
+        first = meta.tensors[names[0]]
+        params = sum(meta.tensors[n].numel for n in names)
+        table.add_row(label, str(len(names)), shape_text(first.shape), first.dtype, f"{params:,}")
+    if len(rows) > MAX_ROWS * 3:
+        table.add_row(f"... and {len(rows) - MAX_ROWS * 3} more rows (use --json)", "", "", "", "")
+    return table
+
+
+# --- diff ----------------------------------------------------------------------------
+
+
+def diff_json(report: CheckpointDiff) -> dict[str, Any]:
+    """The documented ``diff --json`` document (schema in README.md)."""
+    keys = report.keys
+    return {
+        "source": report.source.path,
+        "source_key": report.source.key,
+        "target": report.target_label,
+        "compatible": keys.compatible,
+        "matched": list(keys.matched),
+        "missing": list(keys.missing),
+        "unexpected": list(keys.unexpected),
+        "shape_mismatch": [
+            {"key": m.key, "source": list(m.source), "target": list(m.target)}
+            for m in keys.shape_mismatch
+        ],
+        "dtype_mismatch": [
+            {"key": m.key, "source": m.source, "target": m.target} for m in keys.dtype_mismatch
+        ],
+        "dropped": list(keys.dropped),
+        "reinit": list(keys.reinit),
+        "renamed": dict(keys.renamed),
+        "transforms": keys.transforms.flags(),
+        "suggestions": [
+            {"flags": s.flags, "matched": s.matched, "total": s.total} for s in keys.suggestions
+        ],
+        "ambiguous": [s.flags for s in keys.ambiguous],
+        "fix": keys.fix.transforms.flags() if keys.fix else None,
+        "values": _values_json(report.values),
+    }
+
+
+def _values_json(values: ValueDiff | None) -> dict[str, Any] | None:
+    if values is None:
+        return None
+    return {
+        "compared": values.compared,
+        "unchanged": list(values.unchanged),
+        "changed": [
+            {"key": c.key, "changed": c.changed, "numel": c.numel, "max_abs": c.max_abs, "rel_l2": c.rel_l2}
+            for c in values.changed
+        ],
+    }
+
+
+def render_diff(report: CheckpointDiff, console: Console) -> None:
+    """Both sides, a category table, mismatches, suggestions, the fix and a verdict line."""
+    keys = report.keys
+    source = report.source
+    where = f", key {source.key!r}" if source.key else ""
+    console.print(
+        f"  source  {source.path}  ({source.format.value}{where}, {len(source.tensors)} tensors)",
+        markup=False,
+    )
+    console.print(f"  target  {report.target_label}  ({report.target_count} tensors)", markup=False)
+    if keys.transforms.flags():
+        console.print(f"  with    {' '.join(keys.transforms.flags())}", markup=False)
+    console.print(_categories_table(keys, console))
+    if keys.shape_mismatch:
+        console.print(_mismatch_table(keys.shape_mismatch, console))
+    if report.values is not None:
+        _render_values(report.values, console)
+    _render_suggestions(keys, console)
+    console.print(verdict(keys), markup=False)
+
+
+def _categories_table(keys: KeyDiff, console: Console) -> Table:
+    table = _table(console, "category", "count", "keys")
+    explained = [k for k in keys.missing if keys.transforms.explains(k)]
+    rows = [
+        ("matched", keys.matched),
+        ("missing", keys.unexplained_missing),
+        ("filled from model init", explained),
+        ("unexpected", keys.unexpected),
+        ("shape mismatch", [m.key for m in keys.shape_mismatch]),
+        ("dtype differs", [m.key for m in keys.dtype_mismatch]),
+        ("dropped", keys.dropped),
+    ]
+    for label, names in rows:
+        if names or label in ("matched", "missing", "unexpected", "shape mismatch"):
+            # Matched keys are the unremarkable majority: a few labels are enough.
+            limit = 3 if label == "matched" else MAX_LABELS
+            table.add_row(label, str(len(names)), capped(fold_names(names), limit, sep="\n"))
+    return table
+
+
+def _mismatch_table(mismatches: Sequence[ShapeMismatch], console: Console) -> Table:
+    table = _table(console, "key", "checkpoint", "model", title="Shape mismatches")
+    for m in mismatches[:MAX_ROWS]:
+        table.add_row(m.key, shape_text(m.source), shape_text(m.target))
+    if len(mismatches) > MAX_ROWS:
+        table.add_row(f"... and {len(mismatches) - MAX_ROWS} more", "", "")
+    return table
+
+
+def _render_values(values: ValueDiff, console: Console) -> None:
+    changed = [c.key for c in values.changed]
+    console.print(
+        f"values: {len(changed)}/{values.compared} compared tensors changed, "
+        f"{len(values.unchanged)} bit-identical",
+        markup=False,
+    )
+    if values.changed:
+        table = _table(console, "tensor", "changed", "max |delta|", "rel. L2", title="Changed tensors")
+        for c in values.changed[:MAX_ROWS]:
+            table.add_row(c.key, f"{c.changed:,}/{c.numel:,}", f"{c.max_abs:.3g}", f"{c.rel_l2:.3g}")
+        console.print(table)
+
+
+def _render_suggestions(keys: KeyDiff, console: Console) -> None:
+    if keys.ambiguous:
+        options = " or ".join(" ".join(s.flags) for s in keys.ambiguous)
+        console.print(f"ambiguous: {options} match equally many keys; choose one", markup=False)
+    for s in keys.suggestions[:3]:
+        console.print(f"  suggest {' '.join(s.flags)}: then {s.matched}/{s.total} keys match", markup=False)
+
+
+def verdict(keys: KeyDiff) -> str:
+    """One line: compatible or not, and the fix with its reasons."""
+    if keys.compatible:
+        filled = [k for k in keys.missing if keys.transforms.explains(k)]
+        tail = f"; {capped(fold_names(filled), 4)} filled from the model's init" if filled else ""
+        return f"compatible: {len(keys.matched)}/{keys.target_total} keys match{tail}"
+    if keys.fix is None:
+        return "incompatible: " + _problems(keys)
+    return "incompatible: " + "; ".join(_describe_step(step) for step in keys.fix.steps)
+
+
+def _problems(keys: KeyDiff) -> str:
+    parts = []
+    if keys.unexpected:
+        parts.append(f"{len(keys.unexpected)} unexpected")
+    if keys.shape_mismatch:
+        parts.append(f"{len(keys.shape_mismatch)} shape mismatches")
+    if keys.unexplained_missing:
+        parts.append(f"{len(keys.unexplained_missing)} missing")
+    return ", ".join(parts) + " (no single transform explains them)"
+
+
+def _describe_step(step: FixStep) -> str:
+    names = capped(fold_names(step.keys), 3)
+    if step.reason is Reason.PREFIX:
+        return f"{_prefix_words(step.flag)}: then {step.matched}/{step.total} keys match"
+    if step.reason is Reason.SHAPE_MISMATCH:
+        return f"{names} differ in shape: add {step.flag}"
+    if step.reason is Reason.UNEXPECTED:
+        return f"{names} not in the target: add {step.flag}"
+    return f"{names} missing from the checkpoint: add {step.flag}"
+
+
+def _prefix_words(flags: str) -> str:
+    """'--strip module. --add-prefix bert.' -> "strip 'module.', add prefix 'bert.'"."""
+    words = flags.split()
+    pairs = zip(words[::2], words[1::2], strict=True)
+    return ", ".join(f"{flag.removeprefix('--').replace('-', ' ')} {value!r}" for flag, value in pairs)
+
+
+def fix_command(fix: Fix, source: str, model_args: Sequence[str]) -> str:
+    """The ``ckptool adapt`` command line that applies ``fix``."""
+    return " ".join(["ckptool adapt", source, *model_args, *fix.transforms.flags(), "-o OUT"])
