@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ckptool.errors import AmbiguousContainerError, UsageError
+from ckptool.errors import AmbiguousContainerError, CheckpointReadError, UsageError
 from ckptool.formats.meta import ContainerEntry
 
 # How deep to look for tensor dicts: {'a': {'b': {'c': state_dict}}} is as deep as seen.
@@ -30,7 +30,8 @@ def select_tensor_dict(
 
     Raises:
         AmbiguousContainerError: several tensor dicts and no ``key``.
-        UsageError: ``key`` does not lead to a tensor dict, or there is none.
+        UsageError: ``key`` does not lead to a tensor dict.
+        CheckpointReadError: the checkpoint holds no tensor dict at all.
     """
     if key is not None:
         found = _follow_key(obj, key, path)
@@ -71,7 +72,7 @@ def _find_tensor_dict(
 ) -> tuple[str | None, Mapping[str, Any]]:
     candidates = _candidates(obj, is_tensor)
     if not candidates:
-        raise UsageError(f"{path}: holds {_describe(obj, is_tensor)} and no dict of tensors")
+        raise CheckpointReadError(f"{path}: holds {_describe(obj, is_tensor)} and no dict of tensors")
     if len(candidates) > 1:
         names = [name for name, _ in candidates]
         listing = ", ".join(f"{n} ({len(d)} tensors)" for n, d in candidates)

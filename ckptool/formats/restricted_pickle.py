@@ -10,6 +10,7 @@ unsafe name reported at once. Nothing from the file is ever called.
 
 from __future__ import annotations
 
+import _compat_pickle
 import codecs
 import collections
 import io
@@ -208,6 +209,7 @@ class MetaUnpickler(pickle.Unpickler):
         self.storages: dict[str, StorageRef] = {}
 
     def find_class(self, module: str, name: str) -> Any:
+        module, name = _python3_name(module, name)
         qualified = f"{module}.{name}"
         if qualified in _HANDLERS:
             return _HANDLERS[qualified]
@@ -242,6 +244,14 @@ class MetaUnpickler(pickle.Unpickler):
         )
         self.storages[ref.key] = ref
         return ref
+
+
+def _python3_name(module: str, name: str) -> tuple[str, str]:
+    """Map Python 2 names (``__builtin__.set``, ``commands.Popen``) as protocol-2 pickles
+    spell them, exactly as ``pickle.Unpickler(fix_imports=True)`` would before importing."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
 def load_restricted(

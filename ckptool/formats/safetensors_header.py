@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -112,7 +113,13 @@ def _parse_entries(path: str, header: dict[str, Any], *, data_len: int) -> dict[
         tensors[name] = tensor
         ranges.append((begin, end, name))
     _check_ranges_disjoint(path, ranges)
-    return tensors
+    # Writers order the header by dtype and size; people read names in natural order.
+    return {name: tensors[name] for name in sorted(tensors, key=natural_key)}
+
+
+def natural_key(name: str) -> list[tuple[int, str]]:
+    """'layer10.0' sorts after 'layer2.1': digit runs compare as numbers."""
+    return [(int(part), "") if part.isdigit() else (-1, part) for part in re.split(r"(\d+)", name)]
 
 
 def _parse_entry(path: str, name: str, entry: Any) -> tuple[TensorMeta, int, int]:

@@ -48,6 +48,11 @@ def _check_archive(
     path: str, archive: zipfile.ZipFile, file_size: int
 ) -> dict[str, zipfile.ZipInfo]:
     records = {}
+    if any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist()):
+        raise CheckpointReadError(
+            f"{path}: is a TorchScript archive, not a state dict; load it with "
+            "torch.jit.load and save model.state_dict() instead"
+        )
     for info in archive.infolist():
         if info.compress_type != zipfile.ZIP_STORED:
             raise CheckpointReadError(
@@ -66,11 +71,6 @@ def _check_archive(
 
 def _archive_prefix(path: str, records: dict[str, zipfile.ZipInfo]) -> str:
     pickles = [name for name in records if name.endswith("data.pkl") and name.count("/") <= 1]
-    if any(name.endswith("constants.pkl") or "/code/" in name for name in records):
-        raise CheckpointReadError(
-            f"{path}: is a TorchScript archive, not a state dict; load it with "
-            "torch.jit.load and save model.state_dict() instead"
-        )
     if len(pickles) != 1:
         raise CheckpointReadError(f"{path}: zip archive has no torch data.pkl; not a torch.save file")
     return pickles[0][: -len("data.pkl")]

@@ -1,0 +1,90 @@
+"""Tiny models and a factory that writes real checkpoint files into tmp_path."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from torch import nn
+
+from ckptool.cli import cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class MLP(nn.Module):
+    """A 2-layer MLP with a classifier head named ``head``."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 16)
+        self.head = nn.Linear(16, num_classes)
+
+
+class ConvBN(nn.Module):
+    """A CNN with BatchNorm (buffers) and an ``fc`` head."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, num_classes)
+
+
+class Tied(nn.Module):
+    """An embedding tied to the output projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 6)
+        self.out = nn.Linear(6, 10, bias=False)
+        self.out.weight = self.embed.weight
+
+
+def seeded_state(model_cls: type[nn.Module], **kwargs: Any) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return model_cls(**kwargs).state_dict()
+
+
+def wrap(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in state.items()}
+
+
+WriteCheckpoint = Callable[..., Path]
+
+
+@pytest.fixture
+def write_checkpoint(tmp_path: Path) -> WriteCheckpoint:
+    """write_checkpoint(obj, name) -> path; the format follows the suffix (.safetensors,
+    .legacy.pt for pre-1.6 torch.save, anything else torch.save zip)."""
+
+    def write(obj: Any, name: str) -> Path:
+        path = tmp_path / name
+        if name.endswith(".safetensors"):
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in obj.items()}, str(path))
+        elif name.endswith(".legacy.pt"):
+            torch.save(obj, path, _use_new_zipfile_serialization=False)
+        else:
+            torch.save(obj, path)
+        return path
+
+    return write
+
+
+@pytest.fixture
+def run_cli() -> Callable[..., Result]:
+    """Invoke the click CLI as a user would, plain text, 100 columns."""
+    runner = CliRunner()
+
+    def run(*args: str | os.PathLike[str]) -> Result:
+        env = {"NO_COLOR": "1", "COLUMNS": "100"}
+        return runner.invoke(cli, [str(a) for a in args], env=env, catch_exceptions=False)
+
+    return run

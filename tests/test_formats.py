@@ -1,0 +1,218 @@
+"""Readers: every format and container shape, metadata equal to what torch loads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from conftest import MLP, ConvBN, Tied, WriteCheckpoint, seeded_state, wrap
+
+from ckptool import (
+    AmbiguousContainerError,
+    CheckpointReadError,
+    UnsafeCheckpointError,
+    UsageError,
+    load_state_dict,
+    read_metadata,
+)
+from ckptool.formats import Format
+
+
+def assert_meta_matches(path: Path, expected: dict[str, torch.Tensor], **kwargs: str) -> None:
+    meta = read_metadata(path, **kwargs)
+    assert set(meta.tensors) == set(expected)
+    if meta.format is not Format.SAFETENSORS:  # torch files keep state_dict order
+        assert list(meta.tensors) == list(expected)
+    for name, tensor in expected.items():
+        assert meta.tensors[name].shape == tuple(tensor.shape), name
+        assert meta.tensors[name].dtype == str(tensor.dtype).removeprefix("torch."), name
+
+
+@pytest.mark.parametrize(
+    ("name", "file_format"),
+    [
+        ("m.safetensors", Format.SAFETENSORS),
+        ("m.pth", Format.TORCH_ZIP),
+        ("m.bin", Format.TORCH_ZIP),
+        ("m.legacy.pt", Format.TORCH_LEGACY),
+    ],
+    ids=["safetensors", "zip-pth", "zip-bin", "legacy"],
+)
+def test_resnet18_metadata_matches_torch(write_checkpoint: WriteCheckpoint, name: str, file_format: Format) -> None:
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    path = write_checkpoint(state, name)
+    meta = read_metadata(path)
+    assert meta.format is file_format
+    assert meta.num_params == sum(t.numel() for t in state.values())
+    assert_meta_matches(path, state)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64, torch.int8, torch.bool,
+                                   torch.float8_e4m3fn, torch.float8_e5m2, torch.complex64, torch.uint8])
+@pytest.mark.parametrize("name", ["t.pt", "t.legacy.pt", "t.safetensors"])
+def test_dtypes_and_empty_tensors(write_checkpoint: WriteCheckpoint, dtype: torch.dtype, name: str) -> None:
+    if name.endswith(".legacy.pt") and dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        pytest.skip("legacy format predates float8")
+    if name.endswith(".safetensors") and dtype is torch.complex64:
+        pytest.skip("safetensors' torch writer has no complex64")
+    state = {"a": torch.zeros(3, 2).to(dtype), "empty": torch.zeros(0, 4).to(dtype), "scalar": torch.tensor(1).to(dtype)}
+    path = write_checkpoint(state, name)
+    assert_meta_matches(path, state)
+    assert read_metadata(path).tensors["empty"].nbytes == 0
+
+
+def test_metadata_path_does_not_import_torch(write_checkpoint: WriteCheckpoint) -> None:
+    paths = [write_checkpoint(seeded_state(ConvBN), n) for n in ("a.pt", "a.legacy.pt", "a.safetensors")]
+    code = (
+        "import sys, ckptool\n"
+        f"for p in {[str(p) for p in paths]!r}: ckptool.read_metadata(p)\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_shared_storage_is_reported(write_checkpoint: WriteCheckpoint) -> None:
+    path = write_checkpoint(Tied().state_dict(), "tied.pt")
+    meta = read_metadata(path)
+    assert meta.shared_groups() == [["embed.weight", "out.weight"]]
+    assert meta.nbytes == 10 * 6 * 4  # counted once
+
+
+def test_views_keep_offset_and_stride(write_checkpoint: WriteCheckpoint) -> None:
+    base = torch.arange(12.0).reshape(3, 4)
+    path = write_checkpoint({"base": base, "row": base[1], "col": base[:, 2]}, "views.pt")
+    tensors = read_metadata(path).tensors
+    assert tensors["row"].storage_offset == 4 and tensors["row"].shape == (4,)
+    assert tensors["col"].stride == (4,) and not tensors["base"].storage is None
+    assert not tensors["col"].is_contiguous and tensors["row"].is_contiguous
+
+
+@pytest.mark.parametrize(
+    ("wrapper", "key"),
+    [
+        (lambda sd: {"state_dict": sd, "epoch": 3, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}}, "state_dict"),
+        (lambda sd: {"model": sd, "args": {"lr": 0.1}}, "model"),
+        (lambda sd: {"module": sd}, "module"),
+        (lambda sd: {"checkpoint": {"ema": sd}, "step": 10}, "checkpoint.ema"),
+        (lambda sd: {**sd, "n_averaged": 3}, None),
+    ],
+    ids=["lightning-like", "model", "deepspeed-module", "nested-ema", "flat-with-counter"],
+)
+def test_containers_found_by_shape(write_checkpoint: WriteCheckpoint, wrapper, key: str | None) -> None:
+    state = seeded_state(ConvBN)
+    path = write_checkpoint(wrapper(state), "wrapped.pt")
+    meta = read_metadata(path)
+    assert meta.key == key
+    assert set(meta.tensors) == set(state)
+
+
+def test_container_summary_lists_other_entries(write_checkpoint: WriteCheckpoint) -> None:
+    state = seeded_state(MLP)
+    optimizer = torch.optim.SGD(MLP().parameters(), lr=0.1, momentum=0.9)
+    path = write_checkpoint({"state_dict": state, "optimizer": optimizer.state_dict(), "epoch": 7}, "ckpt.pt")
+    entries = {e.name: e for e in read_metadata(path).containers}
+    assert entries["state_dict"].kind == "tensors"
+    assert entries["optimizer"].summary.startswith("optimizer state (1 param groups)")
+    assert entries["epoch"].summary == "7"
+
+
+def test_ambiguous_containers_need_key(write_checkpoint: WriteCheckpoint) -> None:
+    state = seeded_state(MLP)
+    path = write_checkpoint({"model": state, "ema": state}, "two.pt")
+    with pytest.raises(AmbiguousContainerError, match=r"several tensor dicts: model .*ema.*--key model") as info:
+        read_metadata(path)
+    assert info.value.candidates == ("model", "ema")
+    assert read_metadata(path, key="ema").key == "ema"
+
+
+def test_dotted_key_with_dots_in_names(write_checkpoint: WriteCheckpoint) -> None:
+    state = seeded_state(MLP)
+    path = write_checkpoint({"model.ema": state, "model": {"x": 1}}, "dots.pt")
+    assert set(read_metadata(path, key="model.ema").tensors) == set(state)
+
+
+@pytest.mark.parametrize("key", ["nope", "epoch"], ids=["absent", "not-a-tensor-dict"])
+def test_bad_key_is_usage_error(write_checkpoint: WriteCheckpoint, key: str) -> None:
+    path = write_checkpoint({"state_dict": seeded_state(MLP), "epoch": 1}, "c.pt")
+    with pytest.raises(UsageError, match=repr(key)):
+        read_metadata(path, key=key)
+
+
+def write_sharded(tmp_path: Path, state: dict[str, torch.Tensor], suffix: str) -> Path:
+    from safetensors.torch import save_file
+
+    names = list(state)
+    halves = {f"model-0000{i + 1}-of-00002{suffix}": names[i::2] for i in range(2)}
+    weight_map = {}
+    for shard, keys in halves.items():
+        part = {k: state[k].contiguous() for k in keys}
+        if suffix == ".safetensors":
+            save_file(part, str(tmp_path / shard))
+        else:
+            torch.save(part, tmp_path / shard)
+        weight_map.update(dict.fromkeys(keys, shard))
+    weight_map = {k: weight_map[k] for k in names}  # the index lists names in model order
+    index = tmp_path / f"model{suffix}.index.json"
+    index.write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    return index
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_sharded_checkpoint(tmp_path: Path, suffix: str) -> None:
+    state = seeded_state(ConvBN)
+    index = write_sharded(tmp_path, state, suffix)
+    meta = read_metadata(index)
+    assert meta.format is Format.SHARDED and len(meta.files) == 3
+    assert_meta_matches(index, state)
+    assert read_metadata(tmp_path).path == str(index)  # the directory resolves to its index
+    loaded = load_state_dict(index)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("name", ["s.pt", "s.legacy.pt", "s.safetensors"])
+def test_load_state_dict_is_bit_exact(write_checkpoint: WriteCheckpoint, name: str) -> None:
+    state = seeded_state(ConvBN)
+    loaded = load_state_dict(write_checkpoint(state, name))
+    assert set(loaded) == set(state)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_load_state_dict_refuses_unsafe_before_torch_sees_it(write_checkpoint: WriteCheckpoint) -> None:
+    path = write_checkpoint({"state_dict": seeded_state(MLP), "model": MLP()}, "unsafe.pt")
+    with pytest.raises(UnsafeCheckpointError, match="conftest.MLP") as info:
+        load_state_dict(path)
+    assert "conftest.MLP" in info.value.globals_wanted
+
+
+def test_sparse_tensor_falls_back_to_torch(write_checkpoint: WriteCheckpoint) -> None:
+    sparse = torch.eye(3).to_sparse()
+    path = write_checkpoint({"dense": torch.ones(2), "sparse": sparse}, "sparse.pt")
+    meta = read_metadata(path)
+    assert meta.tensors["sparse"].shape == (3, 3)
+    assert meta.tensors["dense"].dtype == "float32"
+
+
+def test_directory_with_several_checkpoints_is_refused(write_checkpoint: WriteCheckpoint, tmp_path: Path) -> None:
+    write_checkpoint(seeded_state(MLP), "a.pt")
+    write_checkpoint(seeded_state(MLP), "b.safetensors")
+    with pytest.raises(CheckpointReadError, match="several checkpoints"):
+        read_metadata(tmp_path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointReadError, match="no such file"):
+        read_metadata(tmp_path / "nope.pt")
+
+
+def test_reading_never_modifies_the_input(write_checkpoint: WriteCheckpoint) -> None:
+    path = write_checkpoint({"state_dict": wrap(seeded_state(ConvBN), "module.")}, "in.pt")
+    before = (path.read_bytes(), path.stat().st_mtime_ns)
+    read_metadata(path)
+    load_state_dict(path)
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
