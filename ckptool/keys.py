@@ -217,7 +217,8 @@ def diff(
     suggestions = suggest_prefixes(list(renaming.mapping), list(target), baseline=len(result.matched))
     best = suggestions[0] if suggestions else None
     tied = tuple(s for s in suggestions if best and s.matched == best.matched)
-    fix = _compose_fix(source, target, transforms, best if len(tied) <= 1 else None)
+    # With tied, different prefixes there is no single fix to recommend; the report lists them.
+    fix = _compose_fix(source, target, transforms, best) if len(tied) <= 1 else None
     return dataclasses.replace(
         result,
         suggestions=tuple(suggestions),
@@ -273,17 +274,23 @@ def suggest_prefixes(
 
     Candidates come from the data (prefixes all source keys share, leading modules of
     the target) and from :data:`KNOWN_PREFIXES`; each is scored by exact name matches.
+    Candidates that rename every key identically are one suggestion (the simplest).
     """
     target_set = set(target)
-    found: dict[tuple[str, ...], Suggestion] = {}
+    by_result: dict[tuple[str, ...], Suggestion] = {}
     for strip in _strip_candidates(source):
-        stripped = [s[len(strip) :] for s in source]
         for add in _add_candidates(target):
-            matched = sum(1 for s in stripped if add + s in target_set)
-            if matched > baseline:
-                candidate = Transforms(strip=(strip,) if strip else (), add_prefix=add or None)
-                found[tuple(candidate.flags())] = Suggestion(candidate, matched, len(target))
-    return sorted(found.values(), key=lambda s: (-s.matched, len(s.flags), s.flags))
+            renamed = tuple(add + s[len(strip) :] for s in source)
+            matched = sum(1 for name in renamed if name in target_set)
+            if matched <= baseline:
+                continue
+            candidate = Suggestion(
+                Transforms(strip=(strip,) if strip else (), add_prefix=add or None), matched, len(target)
+            )
+            known = by_result.get(renamed)
+            if known is None or len(candidate.flags) < len(known.flags):
+                by_result[renamed] = candidate
+    return sorted(by_result.values(), key=lambda s: (-s.matched, len(s.flags), s.flags))
 
 
 def _strip_candidates(names: Sequence[str]) -> list[str]:

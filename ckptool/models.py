@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import difflib
 import contextlib
 import enum
 import importlib
@@ -147,7 +148,7 @@ def _torchvision_factory(name: str) -> Any:
 
     available = models.list_models()
     if name not in available:
-        close = [m for m in available if name.lower()[:4] in m][:6]
+        close = difflib.get_close_matches(name, available, n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ModelSpecError(f"torchvision has no model {name!r}{hint}")
     # weights=None always: ckptool never downloads at run time.

@@ -264,9 +264,6 @@ def _render_values(values: ValueDiff, console: Console) -> None:
 
 
 def _render_suggestions(keys: KeyDiff, console: Console) -> None:
-    if keys.ambiguous:
-        options = " or ".join(" ".join(s.flags) for s in keys.ambiguous)
-        console.print(f"ambiguous: {options} match equally many keys; choose one", markup=False)
     for s in keys.suggestions[:3]:
         console.print(f"  suggest {' '.join(s.flags)}: then {s.matched}/{s.total} keys match", markup=False)
 
@@ -277,6 +274,10 @@ def verdict(keys: KeyDiff) -> str:
         filled = [k for k in keys.missing if keys.transforms.explains(k)]
         tail = f"; {capped(fold_names(filled), 4)} filled from the model's init" if filled else ""
         return f"compatible: {len(keys.matched)}/{keys.target_total} keys match{tail}"
+    if keys.ambiguous:
+        options = " or ".join(" ".join(s.flags) for s in keys.ambiguous)
+        best = keys.ambiguous[0]
+        return f"incompatible: ambiguous prefix, {options} each make {best.matched}/{best.total} keys match; choose one"
     if keys.fix is None:
         return "incompatible: " + _problems(keys)
     return "incompatible: " + "; ".join(_describe_step(step) for step in keys.fix.steps)

@@ -1,0 +1,224 @@
+"""Key logic: transforms, diff categories, prefix suggestions, folding; with hypothesis."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from ckptool import TransformError
+from ckptool.formats.meta import TensorMeta
+from ckptool.keys import (
+    Reason,
+    Transforms,
+    apply_transforms,
+    covering_prefixes,
+    diff,
+    fold_names,
+    suggest_prefixes,
+    under_prefix,
+)
+
+
+def metas(shapes: dict[str, tuple[int, ...]], dtype: str = "float32") -> dict[str, TensorMeta]:
+    return {name: TensorMeta(shape=shape, dtype=dtype) for name, shape in shapes.items()}
+
+
+RESNET_LIKE = {
+    "conv1.weight": (64, 3, 7, 7), "bn1.weight": (64,), "bn1.bias": (64,),
+    "layer1.0.conv1.weight": (64, 64, 3, 3), "fc.weight": (1000, 512), "fc.bias": (1000,),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("prefix", "pattern"),
+    [("fc.", "fc.weight"), ("fc", "fc.weight"), ("fc", "fc"), ("layer1.0", "layer1.0.conv1.weight")],
+    ids=["dotted", "bare", "exact-key", "nested"],
+)
+def test_under_prefix_covers(prefix: str, pattern: str) -> None:
+    assert under_prefix(pattern, prefix)
+
+
+@pytest.mark.parametrize(("prefix", "name"), [("fc", "fc2.weight"), ("fc.", "fc"), ("layer1", "layer10.weight")])
+def test_under_prefix_does_not_cover_siblings(prefix: str, name: str) -> None:
+    assert not under_prefix(name, prefix)
+
+
+@pytest.mark.parametrize(
+    ("transforms", "expected"),
+    [
+        (Transforms(strip=("module.",)), {"a.w": "module.a.w", "b.w": "module.b.w"}),
+        (Transforms(strip=("module.",), add_prefix="net."), {"net.a.w": "module.a.w", "net.b.w": "module.b.w"}),
+        (Transforms(rename=((r"^module\.a\.", "x."),)), {"x.w": "module.a.w", "module.b.w": "module.b.w"}),
+        (Transforms(strip=("module.",), drop=("a",)), {"b.w": "module.b.w"}),
+    ],
+    ids=["strip", "strip-then-add", "rename", "drop-after-strip"],
+)
+def test_apply_transforms(transforms: Transforms, expected: dict[str, str]) -> None:
+    assert dict(apply_transforms(["module.a.w", "module.b.w"], transforms).mapping) == expected
+
+
+def test_strip_is_all_or_nothing_with_hint() -> None:
+    with pytest.raises(TransformError, match=r"1/2 keys do not start with it .*'head.w'.*--rename '\^module\\\.='"):
+        apply_transforms(["module.a.w", "head.w"], Transforms(strip=("module.",)))
+
+
+def test_rename_collision_is_refused() -> None:
+    with pytest.raises(TransformError, match="maps both 'a.w' and 'b.w' to 'x.w'"):
+        apply_transforms(["a.w", "b.w"], Transforms.from_flags(rename=[r"^[ab]\.=x."]))
+
+
+@pytest.mark.parametrize("item", ["no-equals", "=x", "(unclosed=x"], ids=["no-equals", "empty-regex", "bad-regex"])
+def test_rename_flag_validation(item: str) -> None:
+    with pytest.raises(TransformError, match="--rename"):
+        Transforms.from_flags(rename=[item])
+
+
+def test_classic_dataparallel_case_suggests_both_fixes() -> None:
+    target = dict(RESNET_LIKE, **{"fc.weight": (5, 512), "fc.bias": (5,)})
+    source = {f"module.{k}": v for k, v in RESNET_LIKE.items()}
+    result = diff(metas(source), metas(target))
+    assert not result.compatible and len(result.unexpected) == 6 and len(result.missing) == 6
+    assert result.suggestions[0].flags == ["--strip module."] and result.suggestions[0].matched == 6
+    assert result.fix is not None
+    assert result.fix.transforms.flags() == ["--strip module.", "--drop fc."]
+    assert [s.reason for s in result.fix.steps] == [Reason.PREFIX, Reason.SHAPE_MISMATCH]
+    fixed = diff(metas(source), metas(target), result.fix.transforms)
+    assert fixed.compatible and fixed.unexplained_missing == ()
+    assert set(fixed.missing) == {"fc.weight", "fc.bias"} and len(fixed.matched) == 4
+
+
+def test_categories_and_dtype_differences() -> None:
+    source = metas({"a": (2,), "b": (3,), "extra": (1,)})
+    source["b"] = TensorMeta((3,), "float16")
+    target = metas({"a": (4,), "b": (3,), "new": (1,)})
+    result = diff(source, target, suggest=False)
+    assert result.matched == ("b",) and result.unexpected == ("extra",) and result.missing == ("new",)
+    assert [(m.key, m.source, m.target) for m in result.shape_mismatch] == [("a", (2,), (4,))]
+    assert [(m.key, m.source, m.target) for m in result.dtype_mismatch] == [("b", "float16", "float32")]
+
+
+def test_reinit_takes_keys_from_the_model_even_when_shapes_match() -> None:
+    result = diff(metas(RESNET_LIKE), metas(RESNET_LIKE), Transforms(reinit=("fc",)))
+    assert result.compatible and set(result.reinit) == {"fc.weight", "fc.bias"}
+    assert "fc.weight" not in result.matched and "fc.weight" in result.missing
+
+
+def test_missing_head_is_suggested_as_reinit_and_prefix_as_add() -> None:
+    backbone = {"embeddings.word.weight": (100, 8), "encoder.0.w": (8, 8), "encoder.1.w": (8, 8)}
+    target = {f"bert.{k}": v for k, v in backbone.items()} | {"classifier.weight": (2, 8), "classifier.bias": (2,)}
+    result = diff(metas(backbone), metas(target))
+    assert result.suggestions[0].flags == ["--add-prefix bert."]
+    assert result.fix is not None and result.fix.transforms.flags() == ["--add-prefix bert.", "--reinit classifier."]
+    assert diff(metas(backbone), metas(target), result.fix.transforms).compatible
+
+
+def test_equally_good_different_prefixes_are_ambiguous() -> None:
+    source = metas({"a.x": (1,), "b.x": (1,)})
+    target = metas({"p.a.x": (1,), "q.b.x": (1,)})
+    result = diff(source, target)
+    assert result.fix is None and not result.compatible
+    assert {tuple(s.flags) for s in result.ambiguous} == {("--add-prefix p.",), ("--add-prefix q.",)}
+
+
+def test_vgg_head_is_covered_by_its_own_index() -> None:
+    universe = {"classifier.0.weight", "classifier.0.bias", "classifier.6.weight", "classifier.6.bias", "features.0.weight"}
+    assert covering_prefixes({"classifier.6.weight", "classifier.6.bias"}, universe) == ["classifier.6."]
+    assert covering_prefixes({"classifier.6.weight"}, universe) == ["classifier.6.weight"]
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        (["fc.weight", "fc.bias"], ["fc.{weight,bias}"]),
+        ([f"layer{i}.{j}.conv{k}.weight" for i in (1, 2, 3, 4) for j in (0, 1) for k in (1, 2)], ["layer{1..4}.{0,1}.conv{1,2}.weight"]),
+        (["b.0.w", "b.1.w", "b.3.w"], ["b.{0,1,3}.w"]),
+        (["l1.0.w", "l1.1.w", "l2.0.w"], ["l1.{0,1}.w", "l2.0.w"]),
+        (["blocks.07.w", "blocks.08.w", "blocks.09.w"], ["blocks.{07..09}.w"]),
+    ],
+    ids=["leaves", "resnet-grid", "gappy", "not-a-product", "zero-padded"],
+)
+def test_fold_names(names: list[str], expected: list[str]) -> None:
+    assert fold_names(names) == expected
+
+
+def expand(label: str) -> list[str]:
+    """Inverse of folding, for the property test: {a..b} and {x,y} alternatives."""
+    match = re.search(r"\{([^{}]*)\}", label)
+    if not match:
+        return [label]
+    body = match.group(1)
+    if ".." in body and "," not in body:
+        lo, hi = body.split("..")
+        options = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    return [x for o in options for x in expand(label[: match.start()] + o + label[match.end() :])]
+
+
+segment = st.sampled_from(["layer", "conv", "bn", "blocks", "fc", "attn", "mlp"])
+numbered = st.builds(lambda s, n: f"{s}{n}" if n is not None else s, segment, st.none() | st.integers(0, 12))
+index = st.integers(0, 5).map(str)
+names_strategy = st.lists(
+    st.builds(lambda parts, leaf: ".".join([*parts, leaf]), st.lists(numbered | index, min_size=0, max_size=3),
+              st.sampled_from(["weight", "bias", "running_mean"])),
+    min_size=1, max_size=60, unique=True,
+)  # fmt: skip
+
+
+@given(names_strategy)
+def test_folding_is_lossless(names: list[str]) -> None:
+    expanded = [n for label in fold_names(names) for n in expand(label)]
+    assert sorted(expanded) == sorted(names)
+
+
+shape = st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)
+key_sets = st.dictionaries(names_strategy.flatmap(st.sampled_from), shape, min_size=1, max_size=40)
+
+
+@given(key_sets, key_sets, st.sampled_from(["", "module.", "_orig_mod.", "model.", "x."]))
+def test_diff_partitions_both_key_sets(source: dict, target: dict, prefix: str) -> None:
+    wrapped = {prefix + k: v for k, v in source.items()}
+    result = diff(metas(wrapped), metas(target), suggest=False)
+    mismatched = {m.key for m in result.shape_mismatch}
+    assert set(result.matched) | mismatched | set(result.unexpected) == set(wrapped)
+    assert set(result.matched) | mismatched | set(result.missing) == set(target)
+    assert not set(result.matched) & mismatched and not set(result.unexpected) & set(target)
+    assert result.compatible == (not result.unexpected and not mismatched and not result.missing)
+
+
+@settings(max_examples=60)
+@given(key_sets, st.sampled_from(["module.", "_orig_mod.", "module._orig_mod.", "model.", "encoder."]))
+def test_wrapper_prefix_is_found_and_fix_is_compatible(target: dict, prefix: str) -> None:
+    assume(len(target) >= 2)
+    source = {prefix + k: v for k, v in target.items()}
+    result = diff(metas(source), metas(target))
+    best = result.suggestions[0]
+    assert best.matched == len(target) and not result.ambiguous
+    assert result.fix is not None
+    assert diff(metas(source), metas(target), result.fix.transforms).compatible
+
+
+@settings(max_examples=60)
+@given(key_sets, key_sets)
+def test_suggested_fix_always_makes_a_compatible_diff(source: dict, target: dict) -> None:
+    result = diff(metas(source), metas(target))
+    transforms = result.fix.transforms if result.fix else Transforms()
+    assert diff(metas(source), metas(target), transforms).compatible or bool(result.ambiguous)
+
+
+@given(key_sets)
+def test_suggestions_never_beat_identity_when_names_already_match(target: dict) -> None:
+    assert suggest_prefixes(list(target), list(target), baseline=len(target)) == []
+
+
+def test_covering_prefixes_property_on_grid() -> None:
+    universe = {f"m{i}.{j}.w" for i, j in itertools.product(range(3), range(3))}
+    affected = {f"m1.{j}.w" for j in range(3)} | {"m2.0.w"}
+    prefixes = covering_prefixes(affected, universe)
+    assert prefixes == ["m1.", "m2.0."]
+    covered = {u for u in universe if any(under_prefix(u, p) for p in prefixes)}
+    assert covered == affected

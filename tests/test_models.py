@@ -1,0 +1,146 @@
+"""Model specs, head detection and replacement, meta-device building."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ckptool import ModelSpecError, UsageError, build_model, replace_head
+from ckptool.models import Source, find_head, model_tensor_meta, parse_model_spec
+
+
+@pytest.mark.parametrize(
+    ("spec", "source", "target", "attr"),
+    [
+        ("torchvision:resnet18", Source.TORCHVISION, "torchvision", "resnet18"),
+        ("timm:vit_base_patch16_224", Source.TIMM, "timm", "vit_base_patch16_224"),
+        ("mypkg.models:Net", Source.MODULE, "mypkg.models", "Net"),
+        ("path/to/model.py:Net", Source.FILE, "path/to/model.py", "Net"),
+        ("model.py:build", Source.FILE, "model.py", "build"),
+    ],
+    ids=["torchvision", "timm", "module", "file-path", "file-bare"],
+)
+def test_parse_model_spec(spec: str, source: Source, target: str, attr: str) -> None:
+    parsed = parse_model_spec(spec)
+    assert (parsed.source, parsed.target, parsed.attr) == (source, target, attr)
+
+
+@pytest.mark.parametrize("spec", ["resnet18", ":resnet18", "torchvision:"], ids=["no-colon", "no-source", "no-name"])
+def test_bad_spec_suggests_the_form(spec: str) -> None:
+    with pytest.raises(ModelSpecError, match="SOURCE:NAME, e.g. torchvision:resnet18"):
+        parse_model_spec(spec)
+
+
+def test_model_args_are_literals_else_strings() -> None:
+    parsed = parse_model_spec("torch.nn:Linear", ["in_features=4", "out_features=2", "bias=False", "name=abc"])
+    assert dict(parsed.kwargs) == {"in_features": 4, "out_features": 2, "bias": False, "name": "abc"}
+    with pytest.raises(ModelSpecError, match="key=value"):
+        parse_model_spec("torch.nn:Linear", ["oops"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "head", "in_features"),
+    [
+        ("torchvision:resnet18", "fc", 512),
+        ("torchvision:vgg11", "classifier.6", 4096),
+        ("torchvision:vit_b_16", "heads.head", 768),
+        ("torchvision:mobilenet_v3_small", "classifier.3", 1024),
+        ("torchvision:efficientnet_b0", "classifier.1", 1280),
+        ("torchvision:densenet121", "classifier", 1024),
+        ("torchvision:swin_t", "head", 768),
+    ],
+    ids=lambda v: str(v),
+)
+def test_head_found_and_replaced_on_meta(spec: str, head: str, in_features: int) -> None:
+    model = build_model(spec, num_classes=5, device="meta")
+    assert find_head(model) == head
+    layer = model.get_submodule(head)
+    assert isinstance(layer, nn.Linear) and (layer.out_features, layer.in_features) == (5, in_features)
+    assert all(p.is_meta for p in model.parameters())
+    assert model_tensor_meta(model)[f"{head}.weight"].shape == (5, in_features)
+
+
+def test_replace_head_keeps_bias_dtype_and_named_head() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3, bias=False)).to(torch.float64)
+    replace_head(model, 7)
+    assert model[1].bias is None and model[1].weight.dtype == torch.float64 and model[1].out_features == 7
+    replace_head(model, 2, head="0")
+    assert model[0].out_features == 2
+
+
+@pytest.mark.parametrize(("head", "message"), [("1", "not an nn.Linear"), ("nope", "is nothing")])
+def test_replace_head_refuses_non_linear(head: str, message: str) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    with pytest.raises(UsageError, match=message):
+        replace_head(model, 3, head=head)
+
+
+def test_no_linear_head_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="name one with --head"):
+        find_head(nn.Sequential(nn.Conv2d(1, 1, 1)))
+
+
+def test_file_and_module_specs(tmp_path: Path) -> None:
+    source = tmp_path / "my_model.py"
+    source.write_text(textwrap.dedent("""
+        from torch import nn
+        class Net(nn.Module):
+            def __init__(self, width=4):
+                super().__init__()
+                self.body = nn.Linear(2, width)
+                self.head = nn.Linear(width, 3)
+        instance = Net(width=2)
+        not_a_model = 42
+    """))
+    model = build_model(f"{source}:Net", model_args=["width=6"], num_classes=9)
+    assert model.head.in_features == 6 and model.head.out_features == 9
+    assert isinstance(build_model(f"{source}:instance"), nn.Module)
+    assert isinstance(build_model("torch.nn:Linear", in_features=3, out_features=1), nn.Linear)
+    with pytest.raises(ModelSpecError, match="int, not a torch.nn.Module"):
+        build_model(f"{source}:not_a_model")
+    with pytest.raises(ModelSpecError, match="has no attribute 'Missing'"):
+        build_model(f"{source}:Missing")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("torchvision:resnet19", "torchvision has no model 'resnet19'; did you mean resnet"),
+        ("no_such_package_xyz:Net", "cannot import 'no_such_package_xyz'"),
+        ("missing_file.py:Net", "does not exist"),
+        ("torch.nn:Linear", "building torch.nn:Linear failed: TypeError"),
+    ],
+    ids=["typo", "no-module", "no-file", "constructor-error"],
+)
+def test_spec_errors_are_one_line(spec: str, message: str) -> None:
+    with pytest.raises(ModelSpecError, match=message) as info:
+        build_model(spec)
+    assert "\n" not in str(info.value)
+
+
+def test_seven_billion_parameters_cost_no_memory(tmp_path: Path) -> None:
+    source = tmp_path / "big.py"
+    source.write_text(textwrap.dedent("""
+        from torch import nn
+        def build():  # 100 x 8192^2 = 6.7B parameters, 27 GB in float32
+            return nn.Sequential(*[nn.Linear(8192, 8192, bias=False) for _ in range(100)])
+    """))
+    code = textwrap.dedent(f"""
+        import resource, ckptool
+        from ckptool.models import model_tensor_meta
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        model = ckptool.build_model({str(source) + ":build"!r}, num_classes=10, device="meta")
+        params = sum(t.numel for t in model_tensor_meta(model).values())
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        print(params, grown)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    params, grown_kib = map(int, out.stdout.split())
+    assert params > 6.6e9  # 99 layers of 8192^2 plus the 10-class head
+    assert grown_kib < 200 * 1024
