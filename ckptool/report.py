@@ -86,7 +86,7 @@ def inspect_json(meta: CheckpointMeta) -> dict[str, Any]:
         "files": list(meta.files),
         "file_size": meta.file_size,
         "num_tensors": len(meta.tensors),
-        "num_params": meta.num_params,
+        "numel": meta.num_params,
         "nbytes": meta.nbytes,
         "dtypes": meta.dtype_counts(),
         "containers": [
@@ -108,7 +108,7 @@ def render_inspect(meta: CheckpointMeta, console: Console) -> None:
     console.print(f"[bold]{meta.path}[/bold]")
     console.print(f"  format      {meta.format.value}, {human_bytes(meta.file_size)} on disk")
     console.print(
-        f"  tensors     {len(meta.tensors)}{where}, {meta.num_params:,} parameters, "
+        f"  tensors     {len(meta.tensors)}{where}, {meta.num_params:,} elements, "
         f"{human_bytes(meta.nbytes)}"
     )
     console.print(f"  dtypes      {dtypes or '-'}")
