@@ -66,11 +66,20 @@ def handle_errors(command: F) -> F:
 def transform_options(command: F) -> F:
     """The adapt transform flags, shared by diff, adapt and check."""
     options = [
-        click.option("--strip", multiple=True, metavar="P", help="Remove prefix P from every key (all-or-nothing)."),
+        click.option(
+            "--strip",
+            multiple=True,
+            metavar="P",
+            help="Remove prefix P from every key (all-or-nothing).",
+        ),
         click.option("--add-prefix", metavar="P", help="Prepend P to every key."),
         click.option("--rename", multiple=True, metavar="REGEX=REPL", help="re.sub on key names."),
-        click.option("--drop", multiple=True, metavar="P", help="Remove checkpoint keys under prefix P."),
-        click.option("--reinit", multiple=True, metavar="P", help="Take keys under P from the model's init."),
+        click.option(
+            "--drop", multiple=True, metavar="P", help="Remove checkpoint keys under prefix P."
+        ),
+        click.option(
+            "--reinit", multiple=True, metavar="P", help="Take keys under P from the model's init."
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -80,10 +89,29 @@ def transform_options(command: F) -> F:
 def model_options(command: F) -> F:
     """Model spec flags: --model, --model-arg, --num-classes, --head."""
     options = [
-        click.option("--model", "model", metavar="SPEC", help="torchvision:NAME, timm:NAME, pkg.mod:attr or file.py:attr."),
-        click.option("--model-arg", "model_args", multiple=True, metavar="K=V", help="Constructor argument (Python literal)."),
-        click.option("--num-classes", type=click.IntRange(min=1), help="Replace the classifier head with N outputs."),
-        click.option("--head", metavar="NAME", help="The head module to replace (default: the last nn.Linear)."),
+        click.option(
+            "--model",
+            "model",
+            metavar="SPEC",
+            help="torchvision:NAME, timm:NAME, pkg.mod:attr or file.py:attr.",
+        ),
+        click.option(
+            "--model-arg",
+            "model_args",
+            multiple=True,
+            metavar="K=V",
+            help="Constructor argument (Python literal).",
+        ),
+        click.option(
+            "--num-classes",
+            type=click.IntRange(min=1),
+            help="Replace the classifier head with N outputs.",
+        ),
+        click.option(
+            "--head",
+            metavar="NAME",
+            help="The head module to replace (default: the last nn.Linear).",
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -167,7 +195,9 @@ def diff(
         render_diff(result, console)
         if result.keys.fix is not None and model is not None:
             target_flags = _model_flags(model, model_args, num_classes, head)
-            console.print("  fix: " + fix_command(result.keys.fix, source, target_flags), markup=False)
+            console.print(
+                "  fix: " + fix_command(result.keys.fix, source, target_flags), markup=False
+            )
     sys.exit(EXIT_OK if result.compatible else EXIT_FAILED)
 
 
@@ -188,4 +218,7 @@ def main() -> None:
     try:
         cli()
     except Exception as e:  # a bug, not bad input: still one line, but say how to see more
-        _fail(f"internal error: {type(e).__name__}: {e} (set CKPTOOL_DEBUG=1 for the traceback)", EXIT_FAILED)
+        _fail(
+            f"internal error: {type(e).__name__}: {e} (set CKPTOOL_DEBUG=1 for the traceback)",
+            EXIT_FAILED,
+        )

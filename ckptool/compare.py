@@ -38,7 +38,7 @@ def diff_checkpoint(
     head: str | None = None,
     key: str | None = None,
     target_key: str | None = None,
-    transforms: Transforms = Transforms(),
+    transforms: Transforms | None = None,
     values: bool = False,
 ) -> CheckpointDiff:
     """Compare a checkpoint's keys with a model's (``model``) or another checkpoint's.
@@ -64,17 +64,21 @@ def diff_checkpoint(
     if model is not None:
         from ckptool.models import build_model, model_tensor_meta  # imports torch
 
-        net = build_model(model, model_args=model_args, num_classes=num_classes, head=head, device="meta")
+        net = build_model(
+            model, model_args=model_args, num_classes=num_classes, head=head, device="meta"
+        )
         label = model + (f" --num-classes {num_classes}" if num_classes is not None else "")
         target_tensors, target_meta = model_tensor_meta(net), None
     else:
         assert target is not None  # checked above: exactly one of target/model
         target_meta = read_metadata(target, key=target_key)
         target_tensors, label = dict(target_meta.tensors), target_meta.path
-    keys = diff(source_meta.tensors, target_tensors, transforms)
+    keys = diff(source_meta.tensors, target_tensors, transforms or Transforms())
     value_diff = None
     if values and target_meta is not None:
         from ckptool.values import compare_values
 
         value_diff = compare_values(source_meta, target_meta, keys)
-    return CheckpointDiff(source_meta, str(label), len(target_tensors), keys, value_diff, target_meta)
+    return CheckpointDiff(
+        source_meta, str(label), len(target_tensors), keys, value_diff, target_meta
+    )

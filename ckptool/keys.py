@@ -48,7 +48,13 @@ class Transforms:
         Raises:
             TransformError: a rename has no ``=`` or an invalid regex.
         """
-        return cls(tuple(strip), add_prefix or None, tuple(map(_parse_rename, rename)), tuple(drop), tuple(reinit))
+        return cls(
+            tuple(strip),
+            add_prefix or None,
+            tuple(map(_parse_rename, rename)),
+            tuple(drop),
+            tuple(reinit),
+        )
 
     def flags(self) -> list[str]:
         """The CLI flags that reproduce these transforms."""
@@ -67,7 +73,9 @@ class Transforms:
 def _parse_rename(item: str) -> tuple[str, str]:
     pattern, sep, repl = item.partition("=")
     if not sep or not pattern:
-        raise TransformError(f"--rename {item!r} must be REGEX=REPLACEMENT, e.g. '^features\\.=backbone.'")
+        raise TransformError(
+            f"--rename {item!r} must be REGEX=REPLACEMENT, e.g. '^features\\.=backbone.'"
+        )
     try:
         re.compile(pattern)
     except re.error as e:
@@ -104,7 +112,9 @@ def apply_transforms(names: Iterable[str], transforms: Transforms) -> Renaming:
         current = {transforms.add_prefix + k: v for k, v in current.items()}
     for pattern, repl in transforms.rename:
         current = _rename(current, pattern, repl)
-    kept = {k: v for k, v in current.items() if not any(under_prefix(k, p) for p in transforms.drop)}
+    kept = {
+        k: v for k, v in current.items() if not any(under_prefix(k, p) for p in transforms.drop)
+    }
     dropped = tuple(v for k, v in current.items() if k not in kept)
     return Renaming(kept, dropped)
 
@@ -130,7 +140,8 @@ def _rename(current: dict[str, str], pattern: str, repl: str) -> dict[str, str]:
             raise TransformError(f"--rename '{pattern}={repl}': bad replacement ({e})") from e
         if new in renamed:
             raise TransformError(
-                f"--rename '{pattern}={repl}' maps both {renamed[new]!r} and {original!r} to {new!r}"
+                f"--rename '{pattern}={repl}' maps both {renamed[new]!r} and {original!r} "
+                f"to {new!r}"
             )
         renamed[new] = original
     return renamed
@@ -214,7 +225,9 @@ def diff(
     result = _compare(source, target, renaming, transforms)
     if not suggest:
         return result
-    suggestions = suggest_prefixes(list(renaming.mapping), list(target), baseline=len(result.matched))
+    suggestions = suggest_prefixes(
+        list(renaming.mapping), list(target), baseline=len(result.matched)
+    )
     best = suggestions[0] if suggestions else None
     tied = tuple(s for s in suggestions if best and s.matched == best.matched)
     # With tied, different prefixes there is no single fix to recommend; the report lists them.
@@ -285,7 +298,9 @@ def suggest_prefixes(
             if matched <= baseline:
                 continue
             candidate = Suggestion(
-                Transforms(strip=(strip,) if strip else (), add_prefix=add or None), matched, len(target)
+                Transforms(strip=(strip,) if strip else (), add_prefix=add or None),
+                matched,
+                len(target),
             )
             known = by_result.get(renamed)
             if known is None or len(candidate.flags) < len(known.flags):
@@ -365,13 +380,17 @@ def _compose_fix(
             strip=given.strip + best.transforms.strip,
             add_prefix=best.transforms.add_prefix or given.add_prefix,
         )
-        steps = [FixStep(" ".join(best.flags), Reason.PREFIX, matched=best.matched, total=best.total)]
+        steps = [
+            FixStep(" ".join(best.flags), Reason.PREFIX, matched=best.matched, total=best.total)
+        ]
     try:
         after = _compare(source, target, apply_transforms(source, base), base)
     except TransformError:
         return None
     drop, reinit = _cover_remaining(after)
-    steps += [_step("--drop", p, after) for p in drop] + [_step("--reinit", p, after) for p in reinit]
+    steps += [_step("--drop", p, after) for p in drop] + [
+        _step("--reinit", p, after) for p in reinit
+    ]
     fix = dataclasses.replace(base, drop=base.drop + drop, reinit=base.reinit + reinit)
     return None if fix == given else Fix(fix, tuple(steps))
 
@@ -496,7 +515,7 @@ def _product_blocks(combos: list[tuple[str, ...]]) -> list[Block]:
 def _expand(block: Block) -> list[tuple[str, ...]]:
     combos: list[tuple[str, ...]] = [()]
     for values in block:
-        combos = [c + (v,) for c in combos for v in values]
+        combos = [(*c, v) for c in combos for v in values]
     return combos
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import ast
-import difflib
 import contextlib
+import difflib
 import enum
 import importlib
 import importlib.util
@@ -137,7 +137,9 @@ def _resolve_factory(spec: ModelSpec) -> Any:
     module = _load_file(spec.target) if spec.source is Source.FILE else _import(spec.target)
     if not hasattr(module, spec.attr):
         public = [n for n in dir(module) if not n.startswith("_")][:10]
-        raise ModelSpecError(f"{spec.target} has no attribute {spec.attr!r}; it has {', '.join(public)}")
+        raise ModelSpecError(
+            f"{spec.target} has no attribute {spec.attr!r}; it has {', '.join(public)}"
+        )
     return getattr(module, spec.attr)
 
 
@@ -205,7 +207,9 @@ def find_head(model: nn.Module) -> str:
     """
     from torch import nn
 
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    linears: list[str] = [
+        name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+    ]
     if not linears:
         raise UsageError(f"{type(model).__name__} has no nn.Linear head; name one with --head")
     return linears[-1]

@@ -95,7 +95,13 @@ def inspect_json(meta: CheckpointMeta) -> dict[str, Any]:
         "metadata": dict(meta.metadata),
         "shared": meta.shared_groups(),
         "tensors": [
-            {"name": n, "shape": list(t.shape), "dtype": t.dtype, "numel": t.numel, "nbytes": t.nbytes}
+            {
+                "name": n,
+                "shape": list(t.shape),
+                "dtype": t.dtype,
+                "numel": t.numel,
+                "nbytes": t.nbytes,
+            }
             for n, t in meta.tensors.items()
         ],
     }
@@ -193,7 +199,13 @@ def _values_json(values: ValueDiff | None) -> dict[str, Any] | None:
         "compared": values.compared,
         "unchanged": list(values.unchanged),
         "changed": [
-            {"key": c.key, "changed": c.changed, "numel": c.numel, "max_abs": c.max_abs, "rel_l2": c.rel_l2}
+            {
+                "key": c.key,
+                "changed": c.changed,
+                "numel": c.numel,
+                "max_abs": c.max_abs,
+                "rel_l2": c.rel_l2,
+            }
             for c in values.changed
         ],
     }
@@ -257,15 +269,21 @@ def _render_values(values: ValueDiff, console: Console) -> None:
         markup=False,
     )
     if values.changed:
-        table = _table(console, "tensor", "changed", "max |delta|", "rel. L2", title="Changed tensors")
+        table = _table(
+            console, "tensor", "changed", "max |delta|", "rel. L2", title="Changed tensors"
+        )
         for c in values.changed[:MAX_ROWS]:
-            table.add_row(c.key, f"{c.changed:,}/{c.numel:,}", f"{c.max_abs:.3g}", f"{c.rel_l2:.3g}")
+            table.add_row(
+                c.key, f"{c.changed:,}/{c.numel:,}", f"{c.max_abs:.3g}", f"{c.rel_l2:.3g}"
+            )
         console.print(table)
 
 
 def _render_suggestions(keys: KeyDiff, console: Console) -> None:
     for s in keys.suggestions[:3]:
-        console.print(f"  suggest {' '.join(s.flags)}: then {s.matched}/{s.total} keys match", markup=False)
+        console.print(
+            f"  suggest {' '.join(s.flags)}: then {s.matched}/{s.total} keys match", markup=False
+        )
 
 
 def verdict(keys: KeyDiff) -> str:
@@ -277,7 +295,10 @@ def verdict(keys: KeyDiff) -> str:
     if keys.ambiguous:
         options = " or ".join(" ".join(s.flags) for s in keys.ambiguous)
         best = keys.ambiguous[0]
-        return f"incompatible: ambiguous prefix, {options} each make {best.matched}/{best.total} keys match; choose one"
+        return (
+            f"incompatible: ambiguous prefix, {options} each make "
+            f"{best.matched}/{best.total} keys match; choose one"
+        )
     if keys.fix is None:
         return "incompatible: " + _problems(keys)
     return "incompatible: " + "; ".join(_describe_step(step) for step in keys.fix.steps)
@@ -309,7 +330,9 @@ def _prefix_words(flags: str) -> str:
     """'--strip module. --add-prefix bert.' -> "strip 'module.', add prefix 'bert.'"."""
     words = flags.split()
     pairs = zip(words[::2], words[1::2], strict=True)
-    return ", ".join(f"{flag.removeprefix('--').replace('-', ' ')} {value!r}" for flag, value in pairs)
+    return ", ".join(
+        f"{flag.removeprefix('--').replace('-', ' ')} {value!r}" for flag, value in pairs
+    )
 
 
 def fix_command(fix: Fix, source: str, model_args: Sequence[str]) -> str:

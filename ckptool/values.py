@@ -56,6 +56,7 @@ def compare_values(source: CheckpointMeta, target: CheckpointMeta, keys: KeyDiff
 
 def _compare_pair(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorChange | None:
     import torch
+
     if a.dtype == b.dtype and torch.equal(_bits(a), _bits(b)):
         return None
     a64, b64 = _as_float64(a), _as_float64(b)
@@ -85,4 +86,6 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def _as_float64(t: torch.Tensor) -> torch.Tensor:
     import torch
 
-    return t.detach().to(torch.float64) if not t.is_complex() else t.detach().abs().to(torch.float64)
+    return (
+        t.detach().to(torch.float64) if not t.is_complex() else t.detach().abs().to(torch.float64)
+    )

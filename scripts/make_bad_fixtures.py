@@ -50,7 +50,9 @@ def torch_bytes(obj: Any, **kwargs: Any) -> bytes:
     return buffer.getvalue()
 
 
-def rezip(data: bytes, edit: Callable[[str, bytes], bytes | None], compress: int = zipfile.ZIP_STORED) -> bytes:
+def rezip(
+    data: bytes, edit: Callable[[str, bytes], bytes | None], compress: int = zipfile.ZIP_STORED
+) -> bytes:
     """Rewrite a torch zip, passing each entry through ``edit`` (None drops it)."""
     out = io.BytesIO()
     with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w", compress) as dst:
@@ -166,7 +168,11 @@ def write_sharded_cases(outdir: str, manifest: dict[str, dict[str, Any]]) -> Non
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("outdir", nargs="?", default=os.path.join(os.path.dirname(__file__), "..", "fixtures", "bad"))
+    parser.add_argument(
+        "outdir",
+        nargs="?",
+        default=os.path.join(os.path.dirname(__file__), "..", "fixtures", "bad"),
+    )
     outdir = parser.parse_args().outdir
     shutil.rmtree(outdir, ignore_errors=True)
     os.makedirs(outdir)

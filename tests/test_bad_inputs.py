@@ -33,7 +33,9 @@ def test_inspect_refuses_with_one_line(run_cli, name: str, case: dict) -> None:
     assert "Traceback" not in result.stderr and "weights_only=False" not in result.stderr
 
 
-@pytest.mark.parametrize(("name", "case"), [c for c in CASES if c[1]["exit"] == 4], ids=lambda c: str(c)[:30])
+@pytest.mark.parametrize(
+    ("name", "case"), [c for c in CASES if c[1]["exit"] == 4], ids=lambda c: str(c)[:30]
+)
 def test_diff_and_load_refuse_unsafe_files_too(run_cli, name: str, case: dict) -> None:
     result = run_cli("diff", BAD / name, "--model", "torchvision:resnet18", "--json")
     assert result.exit_code == 4 and result.stdout == ""
@@ -50,8 +52,12 @@ def test_hostile_pickles_never_run(tmp_path: Path) -> None:
         "    try: ckptool.load_state_dict(p)\n"
         "    except ckptool.CkptError: pass\n"
     )
-    subprocess.run([sys.executable, "-c", code, *names], check=True, cwd=tmp_path, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", code, *names], check=True, cwd=tmp_path, capture_output=True
+    )
     for name in names[:5]:
-        subprocess.run(["ckptool", "inspect", name], cwd=tmp_path, capture_output=True, env={**os.environ})
+        subprocess.run(
+            ["ckptool", "inspect", name], cwd=tmp_path, capture_output=True, env={**os.environ}
+        )
     assert not marker.exists()
     assert list(tmp_path.iterdir()) == []  # nothing written next to the user either

@@ -18,10 +18,12 @@ RESNET = ("--model", "torchvision:resnet18", "--num-classes", "5")
 
 @pytest.fixture
 def dataparallel_resnet18(write_checkpoint: WriteCheckpoint) -> Path:
-    """The classic download: DataParallel keys, 1000 ImageNet classes, inside a training checkpoint."""
+    """The classic download: DataParallel keys, 1000 classes, inside a training checkpoint."""
     torch.manual_seed(0)
     state = wrap(torchvision.models.resnet18(weights=None).state_dict(), "module.")
-    return write_checkpoint({"state_dict": state, "epoch": 90, "arch": "resnet18"}, "resnet18_dp.pth")
+    return write_checkpoint(
+        {"state_dict": state, "epoch": 90, "arch": "resnet18"}, "resnet18_dp.pth"
+    )
 
 
 def test_classic_case_names_exactly_the_two_fixes(run_cli, dataparallel_resnet18: Path) -> None:
@@ -33,20 +35,32 @@ def test_classic_case_names_exactly_the_two_fixes(run_cli, dataparallel_resnet18
         "fc.{weight,bias} differ in shape: add --drop fc."
     ) in lines
     fix = next(line for line in lines if line.strip().startswith("fix:"))
-    assert fix.strip().endswith("--model torchvision:resnet18 --num-classes 5 --strip module. --drop fc. -o OUT")
+    assert fix.strip().endswith(
+        "--model torchvision:resnet18 --num-classes 5 --strip module. --drop fc. -o OUT"
+    )
 
 
 def test_classic_case_with_fixes_is_compatible(run_cli, dataparallel_resnet18: Path) -> None:
     result = run_cli("diff", dataparallel_resnet18, *RESNET, "--strip", "module.", "--drop", "fc.")
     assert result.exit_code == 0, result.stdout
-    assert "compatible: 120/122 keys match; fc.{weight,bias} filled from the model's init" in result.stdout
+    assert (
+        "compatible: 120/122 keys match; fc.{weight,bias} filled from the model's init"
+        in result.stdout
+    )
 
 
 def test_diff_json_schema(run_cli, dataparallel_resnet18: Path) -> None:
     result = run_cli("diff", dataparallel_resnet18, *RESNET, "--strip", "module.", "--json")
     assert result.exit_code == 1
     doc = json.loads(result.stdout)
-    for key in ("missing", "unexpected", "shape_mismatch", "dtype_mismatch", "suggestions", "compatible"):
+    for key in (
+        "missing",
+        "unexpected",
+        "shape_mismatch",
+        "dtype_mismatch",
+        "suggestions",
+        "compatible",
+    ):
         assert key in doc
     assert doc["compatible"] is False and doc["unexpected"] == [] and doc["missing"] == []
     assert doc["shape_mismatch"] == [
@@ -73,7 +87,9 @@ def test_diff_values_shows_only_the_head_moved(run_cli, write_checkpoint: WriteC
     assert "values: 1/4 compared tensors changed, 3 bit-identical" in human.stdout
 
 
-def test_values_treats_nan_and_negative_zero_by_bits(run_cli, write_checkpoint: WriteCheckpoint) -> None:
+def test_values_treats_nan_and_negative_zero_by_bits(
+    run_cli, write_checkpoint: WriteCheckpoint
+) -> None:
     a = write_checkpoint({"w": torch.tensor([float("nan"), 0.0])}, "a.pt")
     b = write_checkpoint({"w": torch.tensor([float("nan"), -0.0])}, "b.pt")
     doc = json.loads(run_cli("diff", a, b, "--values", "--json").stdout)
@@ -86,12 +102,19 @@ def test_inspect_human_and_json(run_cli, dataparallel_resnet18: Path) -> None:
     human = run_cli("inspect", dataparallel_resnet18)
     assert human.exit_code == 0
     assert "122 in 'state_dict', 11,699,132 elements, 44.6 MiB" in human.stdout
-    assert "container   epoch: 90" in human.stdout and "container   arch: 'resnet18'" in human.stdout
+    assert (
+        "container   epoch: 90" in human.stdout and "container   arch: 'resnet18'" in human.stdout
+    )
     assert "module.layer{1..4}.{0,1}.bn{1,2}.num_batches_tracked | 16 " in human.stdout
     doc = json.loads(run_cli("inspect", dataparallel_resnet18, "--json").stdout)
     assert doc["num_tensors"] == 122 and doc["key"] == "state_dict" and doc["format"] == "torch-zip"
-    assert doc["tensors"][0] == {"name": "module.conv1.weight", "shape": [64, 3, 7, 7], "dtype": "float32",
-                                 "numel": 9408, "nbytes": 37632}
+    assert doc["tensors"][0] == {
+        "name": "module.conv1.weight",
+        "shape": [64, 3, 7, 7],
+        "dtype": "float32",
+        "numel": 9408,
+        "nbytes": 37632,
+    }
 
 
 @pytest.mark.parametrize(
@@ -99,16 +122,33 @@ def test_inspect_human_and_json(run_cli, dataparallel_resnet18: Path) -> None:
     [
         (("diff", "{ckpt}"), "either a TARGET checkpoint or --model"),
         (("diff", "{ckpt}", "{ckpt}", "--model", "torchvision:resnet18"), "not both"),
-        (("diff", "{ckpt}", "--model", "torchvision:resnet18", "--values"), "--values compares two checkpoints"),
+        (
+            ("diff", "{ckpt}", "--model", "torchvision:resnet18", "--values"),
+            "--values compares two checkpoints",
+        ),
         (("diff", "{ckpt}", "--model", "resnet18"), "SOURCE:NAME"),
-        (("diff", "{ckpt}", "--model", "torchvision:resnet18", "--strip", "nope."), "stripping is all-or-nothing"),
+        (
+            ("diff", "{ckpt}", "--model", "torchvision:resnet18", "--strip", "nope."),
+            "stripping is all-or-nothing",
+        ),
         (("diff", "{ckpt}", "--model", "torchvision:resnet18", "--rename", "(=x"), "invalid regex"),
         (("inspect", "{ckpt}", "--key", "nope"), "no entry 'nope'"),
         (("diff", "{ckpt}", "--model", "torchvision:resnet18", "--num-classes", "0"), "0"),
     ],
-    ids=["no-target", "both-targets", "values-with-model", "bad-spec", "partial-strip", "bad-regex", "bad-key", "zero-classes"],
+    ids=[
+        "no-target",
+        "both-targets",
+        "values-with-model",
+        "bad-spec",
+        "partial-strip",
+        "bad-regex",
+        "bad-key",
+        "zero-classes",
+    ],
 )
-def test_usage_errors_exit_2(run_cli, write_checkpoint: WriteCheckpoint, args: tuple[str, ...], message: str) -> None:
+def test_usage_errors_exit_2(
+    run_cli, write_checkpoint: WriteCheckpoint, args: tuple[str, ...], message: str
+) -> None:
     ckpt = write_checkpoint({"state_dict": seeded_state(MLP)}, "m.pt")
     result = run_cli(*(a.format(ckpt=ckpt) for a in args))
     assert result.exit_code == 2
@@ -118,12 +158,20 @@ def test_usage_errors_exit_2(run_cli, write_checkpoint: WriteCheckpoint, args: t
 def test_ambiguous_container_lists_candidates(run_cli, write_checkpoint: WriteCheckpoint) -> None:
     ckpt = write_checkpoint({"model": seeded_state(MLP), "ema": seeded_state(MLP)}, "two.pt")
     result = run_cli("inspect", ckpt)
-    assert result.exit_code == 2 and "model (4 tensors), ema (4 tensors); pick one with --key model" in result.stderr
+    assert (
+        result.exit_code == 2
+        and "model (4 tensors), ema (4 tensors); pick one with --key model" in result.stderr
+    )
     assert run_cli("inspect", ckpt, "--key", "ema").exit_code == 0
 
 
 def test_help_does_not_import_torch() -> None:
-    code = "import sys; from ckptool.cli import cli\ntry: cli(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    code = (
+        "import sys; from ckptool.cli import cli\n"
+        "try: cli(['--help'])\n"
+        "except SystemExit: pass\n"
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().endswith("False")
     assert "inspect" in out.stdout and "diff" in out.stdout
@@ -132,13 +180,22 @@ def test_help_does_not_import_torch() -> None:
 def test_console_script_piped_output_is_plain(dataparallel_resnet18: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
     for command in (["ckptool"], [sys.executable, "-m", "ckptool"]):
-        out = subprocess.run([*command, "diff", str(dataparallel_resnet18), *RESNET],
-                             capture_output=True, text=True, env=env, cwd=tmp_path)
+        out = subprocess.run(
+            [*command, "diff", str(dataparallel_resnet18), *RESNET],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
         assert out.returncode == 1 and "\x1b[" not in out.stdout and out.stderr == ""
         assert "add --drop fc." in out.stdout
 
 
 def test_json_stdout_is_one_document(dataparallel_resnet18: Path) -> None:
-    out = subprocess.run(["ckptool", "inspect", str(dataparallel_resnet18), "--json"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["ckptool", "inspect", str(dataparallel_resnet18), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(out.stdout)["numel"] == 11_699_132  # parameters and buffers

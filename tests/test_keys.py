@@ -35,14 +35,21 @@ RESNET_LIKE = {
 
 @pytest.mark.parametrize(
     ("prefix", "pattern"),
-    [("fc.", "fc.weight"), ("fc", "fc.weight"), ("fc", "fc"), ("layer1.0", "layer1.0.conv1.weight")],
+    [
+        ("fc.", "fc.weight"),
+        ("fc", "fc.weight"),
+        ("fc", "fc"),
+        ("layer1.0", "layer1.0.conv1.weight"),
+    ],
     ids=["dotted", "bare", "exact-key", "nested"],
 )
 def test_under_prefix_covers(prefix: str, pattern: str) -> None:
     assert under_prefix(pattern, prefix)
 
 
-@pytest.mark.parametrize(("prefix", "name"), [("fc", "fc2.weight"), ("fc.", "fc"), ("layer1", "layer10.weight")])
+@pytest.mark.parametrize(
+    ("prefix", "name"), [("fc", "fc2.weight"), ("fc.", "fc"), ("layer1", "layer10.weight")]
+)
 def test_under_prefix_does_not_cover_siblings(prefix: str, name: str) -> None:
     assert not under_prefix(name, prefix)
 
@@ -51,8 +58,14 @@ def test_under_prefix_does_not_cover_siblings(prefix: str, name: str) -> None:
     ("transforms", "expected"),
     [
         (Transforms(strip=("module.",)), {"a.w": "module.a.w", "b.w": "module.b.w"}),
-        (Transforms(strip=("module.",), add_prefix="net."), {"net.a.w": "module.a.w", "net.b.w": "module.b.w"}),
-        (Transforms(rename=((r"^module\.a\.", "x."),)), {"x.w": "module.a.w", "module.b.w": "module.b.w"}),
+        (
+            Transforms(strip=("module.",), add_prefix="net."),
+            {"net.a.w": "module.a.w", "net.b.w": "module.b.w"},
+        ),
+        (
+            Transforms(rename=((r"^module\.a\.", "x."),)),
+            {"x.w": "module.a.w", "module.b.w": "module.b.w"},
+        ),
         (Transforms(strip=("module.",), drop=("a",)), {"b.w": "module.b.w"}),
     ],
     ids=["strip", "strip-then-add", "rename", "drop-after-strip"],
@@ -62,16 +75,20 @@ def test_apply_transforms(transforms: Transforms, expected: dict[str, str]) -> N
 
 
 def test_strip_is_all_or_nothing_with_hint() -> None:
-    with pytest.raises(TransformError, match=r"1/2 keys do not start with it .*'head.w'.*--rename '\^module\\\.='"):
+    with pytest.raises(
+        TransformError, match=r"1/2 keys do not start with it .*'head.w'.*--rename '\^module\\\.='"
+    ):
         apply_transforms(["module.a.w", "head.w"], Transforms(strip=("module.",)))
 
 
 def test_rename_collision_is_refused() -> None:
-    with pytest.raises(TransformError, match="maps both 'a.w' and 'b.w' to 'x.w'"):
+    with pytest.raises(TransformError, match=r"maps both 'a\.w' and 'b\.w' to 'x\.w'"):
         apply_transforms(["a.w", "b.w"], Transforms.from_flags(rename=[r"^[ab]\.=x."]))
 
 
-@pytest.mark.parametrize("item", ["no-equals", "=x", "(unclosed=x"], ids=["no-equals", "empty-regex", "bad-regex"])
+@pytest.mark.parametrize(
+    "item", ["no-equals", "=x", "(unclosed=x"], ids=["no-equals", "empty-regex", "bad-regex"]
+)
 def test_rename_flag_validation(item: str) -> None:
     with pytest.raises(TransformError, match="--rename"):
         Transforms.from_flags(rename=[item])
@@ -96,9 +113,13 @@ def test_categories_and_dtype_differences() -> None:
     source["b"] = TensorMeta((3,), "float16")
     target = metas({"a": (4,), "b": (3,), "new": (1,)})
     result = diff(source, target, suggest=False)
-    assert result.matched == ("b",) and result.unexpected == ("extra",) and result.missing == ("new",)
+    assert (
+        result.matched == ("b",) and result.unexpected == ("extra",) and result.missing == ("new",)
+    )
     assert [(m.key, m.source, m.target) for m in result.shape_mismatch] == [("a", (2,), (4,))]
-    assert [(m.key, m.source, m.target) for m in result.dtype_mismatch] == [("b", "float16", "float32")]
+    assert [(m.key, m.source, m.target) for m in result.dtype_mismatch] == [
+        ("b", "float16", "float32")
+    ]
 
 
 def test_reinit_takes_keys_from_the_model_even_when_shapes_match() -> None:
@@ -109,10 +130,16 @@ def test_reinit_takes_keys_from_the_model_even_when_shapes_match() -> None:
 
 def test_missing_head_is_suggested_as_reinit_and_prefix_as_add() -> None:
     backbone = {"embeddings.word.weight": (100, 8), "encoder.0.w": (8, 8), "encoder.1.w": (8, 8)}
-    target = {f"bert.{k}": v for k, v in backbone.items()} | {"classifier.weight": (2, 8), "classifier.bias": (2,)}
+    target = {f"bert.{k}": v for k, v in backbone.items()} | {
+        "classifier.weight": (2, 8),
+        "classifier.bias": (2,),
+    }
     result = diff(metas(backbone), metas(target))
     assert result.suggestions[0].flags == ["--add-prefix bert."]
-    assert result.fix is not None and result.fix.transforms.flags() == ["--add-prefix bert.", "--reinit classifier."]
+    assert result.fix is not None and result.fix.transforms.flags() == [
+        "--add-prefix bert.",
+        "--reinit classifier.",
+    ]
     assert diff(metas(backbone), metas(target), result.fix.transforms).compatible
 
 
@@ -121,12 +148,23 @@ def test_equally_good_different_prefixes_are_ambiguous() -> None:
     target = metas({"p.a.x": (1,), "q.b.x": (1,)})
     result = diff(source, target)
     assert result.fix is None and not result.compatible
-    assert {tuple(s.flags) for s in result.ambiguous} == {("--add-prefix p.",), ("--add-prefix q.",)}
+    assert {tuple(s.flags) for s in result.ambiguous} == {
+        ("--add-prefix p.",),
+        ("--add-prefix q.",),
+    }
 
 
 def test_vgg_head_is_covered_by_its_own_index() -> None:
-    universe = {"classifier.0.weight", "classifier.0.bias", "classifier.6.weight", "classifier.6.bias", "features.0.weight"}
-    assert covering_prefixes({"classifier.6.weight", "classifier.6.bias"}, universe) == ["classifier.6."]
+    universe = {
+        "classifier.0.weight",
+        "classifier.0.bias",
+        "classifier.6.weight",
+        "classifier.6.bias",
+        "features.0.weight",
+    }
+    assert covering_prefixes({"classifier.6.weight", "classifier.6.bias"}, universe) == [
+        "classifier.6."
+    ]
     assert covering_prefixes({"classifier.6.weight"}, universe) == ["classifier.6.weight"]
 
 
@@ -134,7 +172,10 @@ def test_vgg_head_is_covered_by_its_own_index() -> None:
     ("names", "expected"),
     [
         (["fc.weight", "fc.bias"], ["fc.{weight,bias}"]),
-        ([f"layer{i}.{j}.conv{k}.weight" for i in (1, 2, 3, 4) for j in (0, 1) for k in (1, 2)], ["layer{1..4}.{0,1}.conv{1,2}.weight"]),
+        (
+            [f"layer{i}.{j}.conv{k}.weight" for i in (1, 2, 3, 4) for j in (0, 1) for k in (1, 2)],
+            ["layer{1..4}.{0,1}.conv{1,2}.weight"],
+        ),
         (["b.0.w", "b.1.w", "b.3.w"], ["b.{0,1,3}.w"]),
         (["l1.0.w", "l1.1.w", "l2.0.w"], ["l1.{0,1}.w", "l2.0.w"]),
         (["blocks.07.w", "blocks.08.w", "blocks.09.w"], ["blocks.{07..09}.w"]),
@@ -160,13 +201,18 @@ def expand(label: str) -> list[str]:
 
 
 segment = st.sampled_from(["layer", "conv", "bn", "blocks", "fc", "attn", "mlp"])
-numbered = st.builds(lambda s, n: f"{s}{n}" if n is not None else s, segment, st.none() | st.integers(0, 12))
+numbered = st.builds(
+    lambda s, n: f"{s}{n}" if n is not None else s, segment, st.none() | st.integers(0, 12)
+)
 index = st.integers(0, 5).map(str)
+leaf = st.sampled_from(["weight", "bias", "running_mean"])
+module_path = st.lists(numbered | index, min_size=0, max_size=3)
 names_strategy = st.lists(
-    st.builds(lambda parts, leaf: ".".join([*parts, leaf]), st.lists(numbered | index, min_size=0, max_size=3),
-              st.sampled_from(["weight", "bias", "running_mean"])),
-    min_size=1, max_size=60, unique=True,
-)  # fmt: skip
+    st.builds(lambda parts, last: ".".join([*parts, last]), module_path, leaf),
+    min_size=1,
+    max_size=60,
+    unique=True,
+)
 
 
 @given(names_strategy)
@@ -191,7 +237,9 @@ def test_diff_partitions_both_key_sets(source: dict, target: dict, prefix: str) 
 
 
 @settings(max_examples=60)
-@given(key_sets, st.sampled_from(["module.", "_orig_mod.", "module._orig_mod.", "model.", "encoder."]))
+@given(
+    key_sets, st.sampled_from(["module.", "_orig_mod.", "module._orig_mod.", "model.", "encoder."])
+)
 def test_wrapper_prefix_is_found_and_fix_is_compatible(target: dict, prefix: str) -> None:
     assume(len(target) >= 2)
     source = {prefix + k: v for k, v in target.items()}

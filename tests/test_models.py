@@ -31,15 +31,24 @@ def test_parse_model_spec(spec: str, source: Source, target: str, attr: str) -> 
     assert (parsed.source, parsed.target, parsed.attr) == (source, target, attr)
 
 
-@pytest.mark.parametrize("spec", ["resnet18", ":resnet18", "torchvision:"], ids=["no-colon", "no-source", "no-name"])
+@pytest.mark.parametrize(
+    "spec", ["resnet18", ":resnet18", "torchvision:"], ids=["no-colon", "no-source", "no-name"]
+)
 def test_bad_spec_suggests_the_form(spec: str) -> None:
-    with pytest.raises(ModelSpecError, match="SOURCE:NAME, e.g. torchvision:resnet18"):
+    with pytest.raises(ModelSpecError, match=r"SOURCE:NAME, e\.g\. torchvision:resnet18"):
         parse_model_spec(spec)
 
 
 def test_model_args_are_literals_else_strings() -> None:
-    parsed = parse_model_spec("torch.nn:Linear", ["in_features=4", "out_features=2", "bias=False", "name=abc"])
-    assert dict(parsed.kwargs) == {"in_features": 4, "out_features": 2, "bias": False, "name": "abc"}
+    parsed = parse_model_spec(
+        "torch.nn:Linear", ["in_features=4", "out_features=2", "bias=False", "name=abc"]
+    )
+    assert dict(parsed.kwargs) == {
+        "in_features": 4,
+        "out_features": 2,
+        "bias": False,
+        "name": "abc",
+    }
     with pytest.raises(ModelSpecError, match="key=value"):
         parse_model_spec("torch.nn:Linear", ["oops"])
 
@@ -61,7 +70,10 @@ def test_head_found_and_replaced_on_meta(spec: str, head: str, in_features: int)
     model = build_model(spec, num_classes=5, device="meta")
     assert find_head(model) == head
     layer = model.get_submodule(head)
-    assert isinstance(layer, nn.Linear) and (layer.out_features, layer.in_features) == (5, in_features)
+    assert isinstance(layer, nn.Linear) and (layer.out_features, layer.in_features) == (
+        5,
+        in_features,
+    )
     assert all(p.is_meta for p in model.parameters())
     assert model_tensor_meta(model)[f"{head}.weight"].shape == (5, in_features)
 
@@ -69,7 +81,11 @@ def test_head_found_and_replaced_on_meta(spec: str, head: str, in_features: int)
 def test_replace_head_keeps_bias_dtype_and_named_head() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3, bias=False)).to(torch.float64)
     replace_head(model, 7)
-    assert model[1].bias is None and model[1].weight.dtype == torch.float64 and model[1].out_features == 7
+    assert (
+        model[1].bias is None
+        and model[1].weight.dtype == torch.float64
+        and model[1].out_features == 7
+    )
     replace_head(model, 2, head="0")
     assert model[0].out_features == 2
 
@@ -88,7 +104,8 @@ def test_no_linear_head_is_a_usage_error() -> None:
 
 def test_file_and_module_specs(tmp_path: Path) -> None:
     source = tmp_path / "my_model.py"
-    source.write_text(textwrap.dedent("""
+    source.write_text(
+        textwrap.dedent("""
         from torch import nn
         class Net(nn.Module):
             def __init__(self, width=4):
@@ -97,12 +114,13 @@ def test_file_and_module_specs(tmp_path: Path) -> None:
                 self.head = nn.Linear(width, 3)
         instance = Net(width=2)
         not_a_model = 42
-    """))
+    """)
+    )
     model = build_model(f"{source}:Net", model_args=["width=6"], num_classes=9)
     assert model.head.in_features == 6 and model.head.out_features == 9
     assert isinstance(build_model(f"{source}:instance"), nn.Module)
     assert isinstance(build_model("torch.nn:Linear", in_features=3, out_features=1), nn.Linear)
-    with pytest.raises(ModelSpecError, match="int, not a torch.nn.Module"):
+    with pytest.raises(ModelSpecError, match=r"int, not a torch\.nn\.Module"):
         build_model(f"{source}:not_a_model")
     with pytest.raises(ModelSpecError, match="has no attribute 'Missing'"):
         build_model(f"{source}:Missing")
@@ -126,11 +144,13 @@ def test_spec_errors_are_one_line(spec: str, message: str) -> None:
 
 def test_seven_billion_parameters_cost_no_memory(tmp_path: Path) -> None:
     source = tmp_path / "big.py"
-    source.write_text(textwrap.dedent("""
+    source.write_text(
+        textwrap.dedent("""
         from torch import nn
         def build():  # 100 x 8192^2 = 6.7B parameters, 27 GB in float32
             return nn.Sequential(*[nn.Linear(8192, 8192, bias=False) for _ in range(100)])
-    """))
+    """)
+    )
     code = textwrap.dedent(f"""
         import resource, ckptool
         from ckptool.models import model_tensor_meta

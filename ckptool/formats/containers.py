@@ -36,7 +36,9 @@ def select_tensor_dict(
     if key is not None:
         found = _follow_key(obj, key, path)
         if not _is_tensor_dict(found, is_tensor):
-            raise UsageError(f"{path}: --key {key!r} is {_describe(found, is_tensor)}, not a tensor dict")
+            raise UsageError(
+                f"{path}: --key {key!r} is {_describe(found, is_tensor)}, not a tensor dict"
+            )
         chosen_key: str | None = key
     else:
         chosen_key, found = _find_tensor_dict(obj, is_tensor, path)
@@ -72,7 +74,9 @@ def _find_tensor_dict(
 ) -> tuple[str | None, Mapping[str, Any]]:
     candidates = _candidates(obj, is_tensor)
     if not candidates:
-        raise CheckpointReadError(f"{path}: holds {_describe(obj, is_tensor)} and no dict of tensors")
+        raise CheckpointReadError(
+            f"{path}: holds {_describe(obj, is_tensor)} and no dict of tensors"
+        )
     if len(candidates) > 1:
         names = [name for name, _ in candidates]
         listing = ", ".join(f"{n} ({len(d)} tensors)" for n, d in candidates)
@@ -119,7 +123,9 @@ def _describe(value: Any, is_tensor: Callable[[Any], bool]) -> str:
     if isinstance(value, Mapping):
         if _looks_like_optimizer(value):
             groups = value.get("param_groups")
-            return f"optimizer state ({len(groups) if isinstance(groups, list) else '?'} param groups)"
+            return (
+                f"optimizer state ({len(groups) if isinstance(groups, list) else '?'} param groups)"
+            )
         tensors = sum(1 for v in value.values() if is_tensor(v))
         suffix = f", {tensors} tensors" if tensors else ""
         return f"dict ({len(value)} entries{suffix})"

@@ -156,7 +156,10 @@ def _first_arg(data: Any, *_: Any) -> Any:
 
 def _rebuild_from_type(func: Any, new_type: Any, args: Any, state: Any) -> Any:
     # Parameter and plain Tensor subclasses describe the same bytes as the tensor.
-    if isinstance(new_type, _Token) and new_type.name in {"torch.Tensor", "torch.nn.parameter.Parameter"}:
+    if isinstance(new_type, _Token) and new_type.name in {
+        "torch.Tensor",
+        "torch.nn.parameter.Parameter",
+    }:
         return func(*args)
     raise NeedsTorchError({"torch._tensor._rebuild_from_type_v2"})
 

@@ -54,7 +54,9 @@ def read_header(path: str) -> tuple[dict[str, Any], int, int]:
         file_size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
         if len(prefix) < 8:
-            raise CheckpointReadError(f"{path}: file is {file_size} bytes, too short for safetensors")
+            raise CheckpointReadError(
+                f"{path}: file is {file_size} bytes, too short for safetensors"
+            )
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > MAX_HEADER_BYTES or header_len > file_size - 8:
             raise CheckpointReadError(
@@ -126,7 +128,7 @@ def _parse_entry(path: str, name: str, entry: Any) -> tuple[TensorMeta, int, int
     if not isinstance(entry, dict):
         raise CheckpointReadError(f"{path}: header entry {name!r} is not an object")
     code = entry.get("dtype")
-    if code not in SAFETENSORS_DTYPES:
+    if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
         raise CheckpointReadError(f"{path}: tensor {name!r} has unknown dtype {code!r}")
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):

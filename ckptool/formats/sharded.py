@@ -30,7 +30,9 @@ def read_index(path: str) -> dict[str, str]:
     resolved = {}
     for name, shard in weight_map.items():
         if os.path.basename(shard) != shard:
-            raise CheckpointReadError(f"{path}: shard {shard!r} for {name!r} is not a plain file name")
+            raise CheckpointReadError(
+                f"{path}: shard {shard!r} for {name!r} is not a plain file name"
+            )
         resolved[name] = os.path.join(folder, shard)
     for shard in sorted(set(resolved.values())):
         if not os.path.isfile(shard):

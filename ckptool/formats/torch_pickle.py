@@ -72,7 +72,9 @@ def _check_archive(
 def _archive_prefix(path: str, records: dict[str, zipfile.ZipInfo]) -> str:
     pickles = [name for name in records if name.endswith("data.pkl") and name.count("/") <= 1]
     if len(pickles) != 1:
-        raise CheckpointReadError(f"{path}: zip archive has no torch data.pkl; not a torch.save file")
+        raise CheckpointReadError(
+            f"{path}: zip archive has no torch data.pkl; not a torch.save file"
+        )
     return pickles[0][: -len("data.pkl")]
 
 
@@ -82,7 +84,9 @@ def _check_storages(
     for ref in storages.values():
         size = record_sizes.get(ref.key)
         if size is None:
-            raise CheckpointReadError(f"{path}: storage record {ref.key!r} is missing from the archive")
+            raise CheckpointReadError(
+                f"{path}: storage record {ref.key!r} is missing from the archive"
+            )
         if size < ref.nbytes:
             raise CheckpointReadError(
                 f"{path}: storage record {ref.key!r} has {size} bytes but its tensors need "
@@ -94,17 +98,17 @@ def read_legacy_meta(path: str, *, key: str | None) -> CheckpointMeta:
     """Describe a pre-1.6 torch.save file: magic, protocol, sys info, object, storages."""
     file_size = os.path.getsize(path)
     with open(path, "rb") as f:
-        magic, _ = load_restricted(f, path=path)  # type: ignore[arg-type]
+        magic, _ = load_restricted(f, path=path)
         if magic != LEGACY_MAGIC:
             raise CheckpointReadError(
                 f"{path}: a pickle but not a torch.save checkpoint (no torch magic number)"
             )
-        protocol, _ = load_restricted(f, path=path)  # type: ignore[arg-type]
+        protocol, _ = load_restricted(f, path=path)
         if protocol != LEGACY_PROTOCOL:
             raise CheckpointReadError(f"{path}: unsupported legacy torch protocol {protocol!r}")
-        load_restricted(f, path=path)  # type: ignore[arg-type]  # sys_info
-        obj, storages = load_restricted(f, path=path)  # type: ignore[arg-type]
-        keys, _ = load_restricted(f, path=path)  # type: ignore[arg-type]
+        load_restricted(f, path=path)  # sys_info
+        obj, storages = load_restricted(f, path=path)
+        keys, _ = load_restricted(f, path=path)
         _check_legacy_storages(path, f, keys, storages, file_size)
     return _build_meta(path, Format.TORCH_LEGACY, obj, storages, key=key, file_size=file_size)
 
@@ -123,7 +127,8 @@ def _check_legacy_storages(
         (count,) = struct.unpack("<q", head)
         if count != ref.numel:
             raise CheckpointReadError(
-                f"{path}: storage {storage_key!r} records {count} elements, tensors expect {ref.numel}"
+                f"{path}: storage {storage_key!r} records {count} elements, "
+                f"its tensors expect {ref.numel}"
             )
         end = f.tell() + ref.nbytes
         if end > file_size:
@@ -140,7 +145,9 @@ def _build_meta(
     key: str | None,
     file_size: int,
 ) -> CheckpointMeta:
-    chosen, tensors, containers = select_tensor_dict(obj, key=key, is_tensor=is_tensor_meta, path=path)
+    chosen, tensors, containers = select_tensor_dict(
+        obj, key=key, is_tensor=is_tensor_meta, path=path
+    )
     for name, tensor in tensors.items():
         _check_view(path, name, tensor, storages)
     return CheckpointMeta(
