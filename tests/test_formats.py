@@ -255,3 +255,41 @@ def test_reading_never_modifies_the_input(write_checkpoint: WriteCheckpoint) -> 
     read_metadata(path)
     load_state_dict(path)
     assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+
+
+def save_dcp(obj: dict, folder: Path) -> Path:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save(obj, checkpoint_id=str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["model-container", "bare-state-dict"])
+def test_distributed_checkpoint_directory(tmp_path: Path, nested: bool) -> None:
+    state = seeded_state(ConvBN)
+    folder = save_dcp({"model": state, "step": 3} if nested else dict(state), tmp_path / "dcp")
+    meta = read_metadata(folder)
+    assert meta.format is Format.DCP and meta.key == ("model" if nested else None)
+    assert {n: t.shape for n, t in meta.tensors.items()} == {
+        n: tuple(t.shape) for n, t in state.items()
+    }
+    loaded = load_state_dict(folder)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_distributed_checkpoint_with_hostile_metadata_is_refused(tmp_path: Path) -> None:
+    import os
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    folder = save_dcp(seeded_state(MLP), tmp_path / "dcp")
+    (folder / ".metadata").write_bytes(pickle.dumps({"state_dict_metadata": Payload()}))
+    with pytest.raises(UnsafeCheckpointError, match=r"posix\.system"):
+        read_metadata(folder)

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from ckptool.errors import CheckpointReadError
+from ckptool.formats.dcp import is_dcp_directory, read_dcp_meta
 from ckptool.formats.meta import CheckpointMeta, ContainerEntry, Format, TensorMeta
 from ckptool.formats.restricted_pickle import NeedsTorchError
 from ckptool.formats.safetensors_header import read_safetensors_meta
@@ -50,6 +51,8 @@ def read_metadata(path: str | os.PathLike[str], *, key: str | None = None) -> Ch
     file_format = detect_format(resolved)
     if file_format is Format.SHARDED:
         return read_sharded_meta(resolved, read_shard=_read_file_meta)
+    if file_format is Format.DCP:
+        return read_dcp_meta(resolved, key=key)
     return _read_file_meta(resolved, key=key, file_format=file_format)
 
 
@@ -82,6 +85,8 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def _checkpoint_in_directory(folder: str) -> str:
+    if is_dcp_directory(folder):
+        return folder
     indexes = sorted(glob.glob(os.path.join(folder, "*.index.json")))
     if len(indexes) == 1:
         return indexes[0]
@@ -94,11 +99,6 @@ def _checkpoint_in_directory(folder: str) -> str:
         return singles[0]
     found = [os.path.basename(p) for p in indexes or singles]
     if not found:
-        if os.path.exists(os.path.join(folder, ".metadata")):
-            raise CheckpointReadError(
-                f"{folder}: torch.distributed.checkpoint directories are not supported yet; "
-                "convert with torch.distributed.checkpoint.format_utils.dcp_to_torch_save"
-            )
         raise CheckpointReadError(f"{folder}: directory holds no checkpoint file")
     raise CheckpointReadError(
         f"{folder}: directory holds several checkpoints ({', '.join(found[:5])}); name one"
@@ -113,6 +113,8 @@ def detect_format(path: str) -> Format:
     """
     if path.endswith(".index.json"):
         return Format.SHARDED
+    if is_dcp_directory(path):
+        return Format.DCP
     with open(path, "rb") as f:
         head = f.read(9)
     if not head:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptool.errors import CheckpointReadError
 from ckptool.formats.containers import select_tensor_dict
+from ckptool.formats.dcp import load_dcp_tensor
 from ckptool.formats.meta import CheckpointMeta, Format
 from ckptool.formats.sharded import read_index
 
@@ -78,6 +79,9 @@ class TensorReader:
         self._weight_map = read_index(meta.path) if meta.format is Format.SHARDED else None
 
     def get(self, name: str) -> torch.Tensor:
+        if self._meta.format is Format.DCP:
+            fqn = f"{self._meta.key}.{name}" if self._meta.key else name
+            return load_dcp_tensor(self._meta.path, fqn, self._meta.tensors[name])
         path = self._weight_map[name] if self._weight_map is not None else self._meta.path
         if path not in self._handles:
             self._handles[path] = self._open(path)

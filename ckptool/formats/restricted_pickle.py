@@ -111,6 +111,38 @@ def _inert_class(qualified_name: str) -> type[_Inert]:
     return type(qualified_name, (_Inert,), {})
 
 
+class Record:
+    """A plain-data stand-in for an allowlisted dataclass (DCP metadata): args and state."""
+
+    record_name = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Record:
+        record = super().__new__(cls)
+        record.args = args
+        record.state = {}
+        return record
+
+    args: tuple[Any, ...]
+    state: dict[str, Any]
+
+    def __setstate__(self, state: Any) -> None:
+        # Dataclasses pickle a dict, or (None, {slot: value}) with __slots__; classes with
+        # their own __getstate__ (DCP's TensorProperties) a plain tuple, kept as "values".
+        parts = state if isinstance(state, tuple) else (state,)
+        dicts = [part for part in parts if isinstance(part, dict)]
+        for part in dicts:
+            self.state.update(part)
+        if not dicts:
+            self.state["values"] = state
+
+    def __repr__(self) -> str:
+        return f"{self.record_name}{self.args or ''}{self.state or ''}"
+
+
+def _record_class(qualified_name: str) -> type[Record]:
+    return type(qualified_name, (Record,), {"record_name": qualified_name})
+
+
 def _meta_from_storage(storage: Any, offset: Any, size: Any, stride: Any, dtype: str) -> TensorMeta:
     if not isinstance(storage, StorageRef):
         raise CheckpointReadError(f"tensor rebuilt from {type(storage).__name__}, not a storage")
@@ -204,9 +236,16 @@ class MetaUnpickler(pickle.Unpickler):
         legacy: the pickle uses the pre-1.6 persistent id layout.
     """
 
-    def __init__(self, file: io.BufferedIOBase, *, storage_scope: str = "") -> None:
+    def __init__(
+        self,
+        file: io.BufferedIOBase,
+        *,
+        storage_scope: str = "",
+        records: frozenset[str] = frozenset(),
+    ) -> None:
         super().__init__(file)
         self.storage_scope = storage_scope
+        self.records = records
         self.unsafe: set[str] = set()
         self.torch_only: set[str] = set()
         self.storages: dict[str, StorageRef] = {}
@@ -225,6 +264,8 @@ class MetaUnpickler(pickle.Unpickler):
             return _StorageType("uint8")
         if module == "torch" and name in DTYPE_SIZES:
             return _Token(name)
+        if qualified in self.records:
+            return _record_class(qualified)
         if qualified in _TORCH_ONLY_GLOBALS:
             self.torch_only.add(qualified)
             return _inert_class(qualified)
@@ -258,9 +299,16 @@ def _python3_name(module: str, name: str) -> tuple[str, str]:
 
 
 def load_restricted(
-    data: bytes | io.BufferedIOBase, *, path: str, storage_scope: str = ""
+    data: bytes | io.BufferedIOBase,
+    *,
+    path: str,
+    storage_scope: str = "",
+    records: frozenset[str] = frozenset(),
 ) -> tuple[Any, dict[str, StorageRef]]:
     """Unpickle ``data`` into metadata; return (object, storages it referenced).
+
+    ``records`` names further globals (dataclasses such as DCP's metadata) that are
+    rebuilt as inert :class:`Record` objects holding their arguments and state.
 
     Raises:
         UnsafeCheckpointError: the pickle references globals outside the allowlist.
@@ -268,7 +316,7 @@ def load_restricted(
         CheckpointReadError: the pickle is corrupt.
     """
     stream = io.BytesIO(data) if isinstance(data, bytes) else data
-    unpickler = MetaUnpickler(stream, storage_scope=storage_scope)
+    unpickler = MetaUnpickler(stream, storage_scope=storage_scope, records=records)
     try:
         obj = unpickler.load()
     except (UnsafeCheckpointError, NeedsTorchError):

@@ -1,0 +1,159 @@
+"""torch.distributed.checkpoint directories: ``.metadata`` (a pickle) plus ``*.distcp`` files.
+
+``.metadata`` is read with the restricted unpickler; DCP's own metadata dataclasses
+become inert records, anything else is refused as unsafe. Each tensor chunk in a
+``.distcp`` file is a torch.save blob, loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ckptool.errors import CheckpointReadError
+from ckptool.formats.containers import select_tensor_dict
+from ckptool.formats.meta import CheckpointMeta, Format, TensorMeta
+from ckptool.formats.restricted_pickle import Record, load_restricted
+
+if TYPE_CHECKING:
+    import torch
+
+METADATA_FILE = ".metadata"
+_DCP = "torch.distributed.checkpoint."
+DCP_RECORDS = frozenset(
+    {
+        _DCP + "metadata.Metadata",
+        _DCP + "metadata.TensorStorageMetadata",
+        _DCP + "metadata.BytesStorageMetadata",
+        _DCP + "metadata.ChunkStorageMetadata",
+        _DCP + "metadata.TensorProperties",
+        _DCP + "metadata.MetadataIndex",
+        _DCP + "metadata.StorageMeta",
+        _DCP + "metadata._MEM_FORMAT_ENCODING",
+        _DCP + "filesystem._StorageInfo",
+        "torch.serialization._get_layout",
+        "pathlib.PosixPath",
+        "pathlib.WindowsPath",
+    }
+)
+# First segments that mark a nested container rather than a module of the model.
+CONTAINER_NAMES = frozenset(
+    {"model", "state_dict", "module", "ema", "model_ema", "app", "optimizer", "optim"}
+)
+
+
+def is_dcp_directory(path: str) -> bool:
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, METADATA_FILE))
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Where one chunk of a tensor lives: offsets into the tensor, bytes in a file."""
+
+    offsets: tuple[int, ...]
+    file: str
+    offset: int
+    length: int
+
+
+def _read_records(folder: str) -> Record:
+    path = os.path.join(folder, METADATA_FILE)
+    with open(path, "rb") as f:
+        obj, _ = load_restricted(f, path=path, records=DCP_RECORDS)
+    if not isinstance(obj, Record) or "state_dict_metadata" not in obj.state:
+        raise CheckpointReadError(f"{path}: not torch.distributed.checkpoint metadata")
+    return obj
+
+
+def read_dcp_meta(folder: str, *, key: str | None) -> CheckpointMeta:
+    """Describe a DCP directory from ``.metadata`` alone."""
+    entries = _read_records(folder).state["state_dict_metadata"]
+    flat = {fqn: _tensor_meta(folder, fqn, entry) for fqn, entry in entries.items()}
+    tensors = {fqn: t for fqn, t in flat.items() if t is not None}
+    nested = _nest_containers(tensors)
+    chosen, found, containers = select_tensor_dict(
+        nested, key=key, is_tensor=lambda v: isinstance(v, TensorMeta), path=folder
+    )
+    size = sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
+    return CheckpointMeta(
+        path=folder,
+        format=Format.DCP,
+        tensors=found,
+        key=chosen,
+        containers=containers,
+        file_size=size,
+        files=tuple(sorted(os.path.join(folder, n) for n in os.listdir(folder))),
+    )
+
+
+def _tensor_meta(folder: str, fqn: str, entry: Any) -> TensorMeta | None:
+    if not isinstance(entry, Record) or not entry.record_name.endswith("TensorStorageMetadata"):
+        return None  # BytesStorageMetadata: a pickled non-tensor value such as 'step'
+    properties = entry.state.get("properties")
+    # TensorProperties pickles as a tuple that starts with the dtype.
+    values = properties.state.get("values") if isinstance(properties, Record) else None
+    dtype = values[0] if isinstance(values, tuple) and values else None
+    size = entry.state.get("size")
+    if dtype is None or not isinstance(size, tuple):
+        raise CheckpointReadError(f"{folder}: DCP entry {fqn!r} has no dtype or size")
+    return TensorMeta(shape=tuple(size), dtype=getattr(dtype, "name", str(dtype)))
+
+
+def _nest_containers(tensors: Mapping[str, TensorMeta]) -> dict[str, Any]:
+    """DCP flattens ``{'model': sd}`` to ``model.conv1.weight``; undo that for containers."""
+    heads = {fqn.split(".", 1)[0] for fqn in tensors}
+    if not heads & CONTAINER_NAMES or len(heads) > len(CONTAINER_NAMES):
+        return dict(tensors)
+    nested: dict[str, Any] = {}
+    for fqn, tensor in tensors.items():
+        head, _, rest = fqn.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = tensor
+        else:
+            nested[head] = tensor
+    return nested
+
+
+def tensor_chunks(folder: str, fqn: str) -> list[Chunk]:
+    """The chunks that make up tensor ``fqn`` (one per rank that saved a shard)."""
+    storage = _read_records(folder).state.get("storage_data", {})
+    chunks = []
+    for index, info in storage.items():
+        if not isinstance(index, Record) or index.state.get("fqn") != fqn:
+            continue
+        if info.state.get("transform_descriptors"):
+            raise CheckpointReadError(f"{folder}: {fqn!r} is stored with transforms (compression)")
+        chunks.append(
+            Chunk(
+                offsets=tuple(index.state.get("offset") or ()),
+                file=os.path.join(folder, os.path.basename(str(info.state["relative_path"]))),
+                offset=int(info.state["offset"]),
+                length=int(info.state["length"]),
+            )
+        )
+    if not chunks:
+        raise CheckpointReadError(f"{folder}: no stored data for {fqn!r}")
+    return chunks
+
+
+def load_dcp_tensor(folder: str, fqn: str, meta: TensorMeta) -> torch.Tensor:
+    """Assemble tensor ``fqn`` from its chunks; each chunk is a weights_only torch.load."""
+    import torch
+
+    result = torch.empty(meta.shape, dtype=getattr(torch, meta.dtype))
+    for chunk in tensor_chunks(folder, fqn):
+        with open(chunk.file, "rb") as f:
+            f.seek(chunk.offset)
+            blob = f.read(chunk.length)
+        if len(blob) != chunk.length:
+            raise CheckpointReadError(f"{chunk.file}: truncated inside {fqn!r}")
+        try:
+            part = torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
+        except Exception as e:  # weights_only refusals and corrupt blobs alike
+            raise CheckpointReadError(f"{chunk.file}: cannot load {fqn!r} ({e})") from e
+        region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, part.shape, strict=False))
+        result[region] = part
+    return result
