@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -11,6 +12,7 @@ from ckptool.errors import CheckpointReadError
 from ckptool.formats.containers import select_tensor_dict
 from ckptool.formats.dcp import load_dcp_tensor
 from ckptool.formats.meta import CheckpointMeta, Format
+from ckptool.formats.safetensors_header import ALIASES_KEY
 from ckptool.formats.sharded import read_index
 
 if TYPE_CHECKING:
@@ -77,11 +79,22 @@ class TensorReader:
         self._stack = stack
         self._handles: dict[str, Any] = {}
         self._weight_map = read_index(meta.path) if meta.format is Format.SHARDED else None
+        self._aliases = _aliases(meta)
+        self._tied: dict[str, torch.Tensor] = {}
 
     def get(self, name: str) -> torch.Tensor:
         if self._meta.format is Format.DCP:
             fqn = f"{self._meta.key}.{name}" if self._meta.key else name
             return load_dcp_tensor(self._meta.path, fqn, self._meta.tensors[name])
+        if name in self._aliases or name in self._aliases.values():
+            # Tied tensors come back as one object, as torch.load would give them.
+            target = self._aliases.get(name, name)
+            if target not in self._tied:
+                self._tied[target] = self._get_stored(target)
+            return self._tied[target]
+        return self._get_stored(name)
+
+    def _get_stored(self, name: str) -> torch.Tensor:
         path = self._weight_map[name] if self._weight_map is not None else self._meta.path
         if path not in self._handles:
             self._handles[path] = self._open(path)
@@ -119,6 +132,11 @@ class _DictHandle:
 
     def get_tensor(self, name: str) -> Any:
         return self._tensors[name]
+
+
+def _aliases(meta: CheckpointMeta) -> dict[str, str]:
+    raw = meta.metadata.get(ALIASES_KEY) if meta.format is Format.SAFETENSORS else None
+    return dict(json.loads(raw)) if raw else {}
 
 
 def _is_tensor(value: Any) -> bool:

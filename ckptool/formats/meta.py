@@ -42,6 +42,8 @@ class TensorMeta:
     storage: str | None = None
     storage_offset: int = 0
     stride: tuple[int, ...] | None = None
+    file: str | None = None  # the file holding the storage's bytes, when known
+    file_offset: int | None = None  # where the storage's bytes start in ``file``
 
     @property
     def numel(self) -> int:
@@ -54,6 +56,13 @@ class TensorMeta:
     @property
     def nbytes(self) -> int:
         return self.numel * self.itemsize
+
+    @property
+    def byte_range(self) -> tuple[str, int, int] | None:
+        """(file, offset, length) of this tensor's bytes if they can be copied as-is."""
+        if self.file is None or self.file_offset is None or not self.is_contiguous:
+            return None
+        return self.file, self.file_offset + self.storage_offset * self.itemsize, self.nbytes
 
     @property
     def is_contiguous(self) -> bool:

@@ -6,6 +6,7 @@ tensors; validation here is what lets later commands stream byte ranges safely.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -25,6 +26,8 @@ SAFETENSORS_DTYPES: Mapping[str, str] = {
     "C64": "complex64", "C128": "complex128",
 }  # fmt: skip
 
+# Metadata key under which ckptool records names stored once for several (tied) tensors.
+ALIASES_KEY = "ckptool.aliases"
 # The reference implementation refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -37,7 +40,8 @@ def read_safetensors_meta(path: str) -> CheckpointMeta:
     """
     header, data_start, file_size = read_header(path)
     metadata = _parse_metadata(path, header.pop("__metadata__", None))
-    tensors = _parse_entries(path, header, data_len=file_size - data_start)
+    tensors = _parse_entries(path, header, data_start=data_start, data_len=file_size - data_start)
+    tensors = _with_aliases(path, tensors, metadata.get(ALIASES_KEY))
     return CheckpointMeta(
         path=path,
         format=Format.SAFETENSORS,
@@ -94,6 +98,28 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
+def _with_aliases(
+    path: str, tensors: dict[str, TensorMeta], raw: str | None
+) -> dict[str, TensorMeta]:
+    """Names that ``ckptool convert`` stored once for tied tensors view the same bytes."""
+    if raw is None:
+        return tensors
+    try:
+        aliases = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointReadError(f"{path}: {ALIASES_KEY} metadata is not JSON") from e
+    if not isinstance(aliases, dict):
+        raise CheckpointReadError(f"{path}: {ALIASES_KEY} metadata must map names to names")
+    result = dict(tensors)
+    for alias, target in aliases.items():
+        if target not in tensors or alias in tensors:
+            raise CheckpointReadError(
+                f"{path}: {ALIASES_KEY} maps {alias!r} to {target!r}, which is not a stored tensor"
+            )
+        result[alias] = tensors[target]
+    return {name: result[name] for name in sorted(result, key=natural_key)}
+
+
 def _parse_metadata(path: str, raw: Any) -> dict[str, str]:
     if raw is None:
         return {}
@@ -102,7 +128,9 @@ def _parse_metadata(path: str, raw: Any) -> dict[str, str]:
     return dict(raw)
 
 
-def _parse_entries(path: str, header: dict[str, Any], *, data_len: int) -> dict[str, TensorMeta]:
+def _parse_entries(
+    path: str, header: dict[str, Any], *, data_start: int, data_len: int
+) -> dict[str, TensorMeta]:
     tensors: dict[str, TensorMeta] = {}
     ranges: list[tuple[int, int, str]] = []
     for name, entry in header.items():
@@ -112,7 +140,7 @@ def _parse_entries(path: str, header: dict[str, Any], *, data_len: int) -> dict[
                 f"{path}: tensor {name!r} ends at byte {end} but the data section has "
                 f"{data_len} bytes; the file is truncated"
             )
-        tensors[name] = tensor
+        tensors[name] = dataclasses.replace(tensor, file=path, file_offset=data_start + begin)
         ranges.append((begin, end, name))
     _check_ranges_disjoint(path, ranges)
     # Writers order the header by dtype and size; people read names in natural order.

@@ -6,6 +6,7 @@ touched, so cost grows with the number of tensors, not with the file size.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import struct
@@ -34,6 +35,7 @@ def read_zip_meta(path: str, *, key: str | None) -> CheckpointMeta:
             records = _check_archive(path, archive, file_size)
             prefix = _archive_prefix(path, records)
             pickle_bytes = archive.read(f"{prefix}data.pkl")
+            little_endian = _is_little_endian(archive, prefix)
     except zipfile.BadZipFile as e:
         raise CheckpointReadError(f"{path}: corrupt zip archive ({e})") from e
     except (OSError, EOFError) as e:
@@ -41,7 +43,36 @@ def read_zip_meta(path: str, *, key: str | None) -> CheckpointMeta:
     obj, storages = load_restricted(pickle_bytes, path=path, storage_scope=f"{prefix}data/")
     record_sizes = {info.filename: info.file_size for info in records.values()}
     _check_storages(path, storages, record_sizes)
-    return _build_meta(path, Format.TORCH_ZIP, obj, storages, key=key, file_size=file_size)
+    # Big-endian archives (rare) need torch to swap bytes; leave their offsets unknown.
+    offsets = _record_data_offsets(path, storages, records) if little_endian else {}
+    return _build_meta(
+        path, Format.TORCH_ZIP, obj, storages, key=key, file_size=file_size, offsets=offsets
+    )
+
+
+def _is_little_endian(archive: zipfile.ZipFile, prefix: str) -> bool:
+    try:
+        return archive.read(f"{prefix}byteorder").strip() == b"little"
+    except KeyError:  # written before torch recorded byte order: always little-endian
+        return True
+
+
+def _record_data_offsets(
+    path: str, storages: dict[str, StorageRef], records: dict[str, zipfile.ZipInfo]
+) -> dict[str, int]:
+    """Absolute offset of each storage record's bytes: after its 30-byte local header,
+    name and extra field (torch pads the extra field to align data to 64 bytes)."""
+    offsets = {}
+    with open(path, "rb") as f:
+        for key in storages:
+            info = records[key]
+            f.seek(info.header_offset)
+            header = f.read(30)
+            if len(header) < 30 or header[:4] != b"PK\x03\x04":
+                raise CheckpointReadError(f"{path}: zip entry {key!r} has no valid local header")
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            offsets[key] = info.header_offset + 30 + name_len + extra_len
+    return offsets
 
 
 def _check_archive(
@@ -109,14 +140,20 @@ def read_legacy_meta(path: str, *, key: str | None) -> CheckpointMeta:
         load_restricted(f, path=path)  # sys_info
         obj, storages = load_restricted(f, path=path)
         keys, _ = load_restricted(f, path=path)
-        _check_legacy_storages(path, f, keys, storages, file_size)
-    return _build_meta(path, Format.TORCH_LEGACY, obj, storages, key=key, file_size=file_size)
+        offsets = _check_legacy_storages(path, f, keys, storages, file_size)
+    return _build_meta(
+        path, Format.TORCH_LEGACY, obj, storages, key=key, file_size=file_size, offsets=offsets
+    )
 
 
 def _check_legacy_storages(
     path: str, f: Any, keys: Any, storages: dict[str, StorageRef], file_size: int
-) -> None:
-    """Walk the storage records (int64 count + bytes each) by seeking, reading 8 bytes each."""
+) -> dict[str, int]:
+    """Walk the storage records (int64 count + bytes each) by seeking, reading 8 bytes each.
+
+    Returns the offset of each storage's bytes.
+    """
+    offsets = {}
     if not isinstance(keys, list) or set(map(str, keys)) != set(storages):
         raise CheckpointReadError(f"{path}: legacy storage list does not match the pickled tensors")
     for storage_key in keys:
@@ -130,10 +167,12 @@ def _check_legacy_storages(
                 f"{path}: storage {storage_key!r} records {count} elements, "
                 f"its tensors expect {ref.numel}"
             )
+        offsets[ref.key] = f.tell()
         end = f.tell() + ref.nbytes
         if end > file_size:
             raise CheckpointReadError(f"{path}: truncated inside storage {storage_key!r}")
         f.seek(end)
+    return offsets
 
 
 def _build_meta(
@@ -144,12 +183,17 @@ def _build_meta(
     *,
     key: str | None,
     file_size: int,
+    offsets: dict[str, int],
 ) -> CheckpointMeta:
     chosen, tensors, containers = select_tensor_dict(
         obj, key=key, is_tensor=is_tensor_meta, path=path
     )
     for name, tensor in tensors.items():
         _check_view(path, name, tensor, storages)
+        if tensor.storage in offsets:
+            tensors[name] = dataclasses.replace(
+                tensor, file=path, file_offset=offsets[tensor.storage]
+            )
     return CheckpointMeta(
         path=path,
         format=file_format,

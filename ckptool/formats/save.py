@@ -1,0 +1,167 @@
+"""Saving a planned list of tensors: format choice, atomic write, verification, shards."""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from ckptool.errors import UsageError
+from ckptool.formats.safetensors_header import ALIASES_KEY, read_safetensors_meta
+from ckptool.formats.torch_pickle import read_zip_meta
+from ckptool.formats.torch_zip_writer import write_torch_zip
+from ckptool.formats.write import (
+    ByteSource,
+    OutTensor,
+    atomic_output,
+    check_output,
+    verify_output,
+    write_safetensors,
+)
+
+
+class OutputFormat(str, enum.Enum):
+    """What ``-o`` writes: safetensors or a torch.save zip."""
+
+    SAFETENSORS = "safetensors"
+    PT = "pt"
+
+
+_SUFFIXES = {
+    ".safetensors": OutputFormat.SAFETENSORS,
+    **dict.fromkeys((".pt", ".pth", ".bin", ".ckpt"), OutputFormat.PT),
+}
+
+
+def output_format_for(out: str, explicit: str | None) -> OutputFormat:
+    """``--format`` if given, else from OUT's suffix.
+
+    Raises:
+        UsageError: an unknown --format, or a suffix that names no format.
+    """
+    if explicit is not None:
+        try:
+            return OutputFormat(explicit)
+        except ValueError as e:
+            raise UsageError(f"--format {explicit!r}: choose safetensors or pt") from e
+    suffix = os.path.splitext(out)[1].lower()
+    if suffix not in _SUFFIXES:
+        raise UsageError(
+            f"{out}: cannot tell the format from {suffix or 'no suffix'!r}; "
+            "add --format safetensors|pt"
+        )
+    return _SUFFIXES[suffix]
+
+
+@dataclass(frozen=True)
+class SavedFile:
+    """What was written: the files (index last for shards) and the bytes of tensor data."""
+
+    paths: tuple[str, ...]
+    nbytes: int
+    aliases: Mapping[str, str]
+
+
+def save_tensors(
+    out: str,
+    tensors: Sequence[OutTensor],
+    *,
+    fmt: OutputFormat,
+    inputs: Sequence[str],
+    force: bool,
+    metadata: Mapping[str, str] | None = None,
+    deferred: Mapping[str, Future[str]] | None = None,
+    dedupe_tied: bool = False,
+) -> SavedFile:
+    """Write ``tensors`` to ``out`` atomically and verify them by reading the file back.
+
+    Args:
+        dedupe_tied: safetensors cannot alias, so names sharing one source are stored
+            once and recorded under ``ckptool.aliases`` (restored as tied on load);
+            otherwise each name is stored in full, which any reader can load strictly.
+
+    Raises:
+        OutputError: as :func:`check_output` and :func:`atomic_output`.
+        VerificationError: the file read back differs from the plan.
+    """
+    check_output(out, inputs=inputs, force=force)
+    stored, aliases = (
+        split_aliases(tensors)
+        if dedupe_tied and fmt is OutputFormat.SAFETENSORS
+        else (list(tensors), {})
+    )
+    with atomic_output(out) as temp:
+        if fmt is OutputFormat.SAFETENSORS:
+            extra = {ALIASES_KEY: json.dumps(aliases)} if aliases else {}
+            write_safetensors(temp.file, stored, {**(metadata or {}), **extra}, deferred=deferred)
+            temp.file.flush()
+            written = read_safetensors_meta(temp.path)
+        else:
+            write_torch_zip(temp.file, stored)
+            temp.file.flush()
+            written = read_zip_meta(temp.path, key=None)
+        verify_output(written, stored, aliases=aliases)
+    return SavedFile((out,), sum(t.nbytes for t in stored), aliases)
+
+
+def split_aliases(tensors: Sequence[OutTensor]) -> tuple[list[OutTensor], dict[str, str]]:
+    """Keep the first name for each shared source; map the others to it."""
+    first: dict[ByteSource, str] = {}
+    stored, aliases = [], {}
+    for tensor in tensors:
+        if isinstance(tensor.data, ByteSource) and tensor.data in first:
+            aliases[tensor.name] = first[tensor.data]
+            continue
+        if isinstance(tensor.data, ByteSource):
+            first[tensor.data] = tensor.name
+        stored.append(tensor)
+    return stored, aliases
+
+
+def shard_plan(tensors: Sequence[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
+    """Greedy, order-preserving shards of at most ``max_bytes`` (a bigger tensor gets its own)."""
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if shards[-1] and size + tensor.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    return shards
+
+
+def save_sharded(
+    out: str,
+    tensors: Sequence[OutTensor],
+    *,
+    max_bytes: int,
+    inputs: Sequence[str],
+    force: bool,
+    metadata: Mapping[str, str] | None = None,
+) -> SavedFile:
+    """Hugging Face layout: ``stem-0000i-of-0000n.safetensors`` shards, then the index.
+
+    The index, written last, is the commit point: until it exists the shards are not
+    a checkpoint.
+    """
+    index_path = out + ".index.json"
+    stem = out.removesuffix(".safetensors")
+    plan = shard_plan(tensors, max_bytes)
+    names = [f"{stem}-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+    for path in (index_path, *names):
+        check_output(path, inputs=inputs, force=force)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for shard_path, shard in zip(names, plan, strict=True):
+        saved = save_tensors(shard_path, shard, fmt=OutputFormat.SAFETENSORS, inputs=inputs,
+                             force=True, metadata=metadata)  # fmt: skip
+        total += saved.nbytes
+        weight_map.update(dict.fromkeys((t.name for t in shard), os.path.basename(shard_path)))
+    index = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}
+    with atomic_output(index_path) as temp:
+        temp.file.write(json.dumps(index, indent=2).encode())
+    return SavedFile((*names, index_path), total, {})

@@ -1,0 +1,304 @@
+"""Writing checkpoints: atomic outputs, streamed safetensors, read-back verification.
+
+Every output goes to a temp file in the target directory, is fsynced, verified, given
+normal permissions and renamed into place; on any failure the temp file is removed,
+so a reader sees the previous file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from ckptool.errors import CkptError, OutputError
+from ckptool.formats.meta import CheckpointMeta, TensorMeta
+from ckptool.formats.safetensors_header import SAFETENSORS_DTYPES
+
+# torch dtype name -> safetensors code.
+SAFETENSORS_CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
+# Bounded buffer for copies that cannot stay in the kernel, and for verification reads.
+CHUNK = 8 * 1024 * 1024
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+class VerificationError(CkptError):
+    """The written file does not hold what was meant to be written."""
+
+
+@dataclass(frozen=True)
+class ByteSource:
+    """Bytes to copy unchanged from a file."""
+
+    file: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One tensor to write: its name, dtype, shape and where its bytes come from."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    data: ByteSource | bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.length if isinstance(self.data, ByteSource) else len(self.data)
+
+
+# --- output paths --------------------------------------------------------------------
+
+
+def check_output(out: str, *, inputs: Sequence[str], force: bool) -> None:
+    """Refuse an output that would lose data.
+
+    Raises:
+        OutputError: ``out`` exists and ``force`` is false; ``out`` is one of the
+            inputs (even with ``force``); its directory is missing; it is a directory.
+    """
+    for source in inputs:
+        if _same_file(out, source):
+            raise OutputError(f"{out}: is the same file as the input {source}; write elsewhere")
+    if os.path.isdir(out):
+        raise OutputError(f"{out}: is a directory; name an output file")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise OutputError(f"{out}: directory {parent} does not exist")
+    if os.path.exists(out) and not force:
+        raise OutputError(f"{out}: exists; add --force to replace it")
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@dataclass(frozen=True)
+class TempOutput:
+    """The open temp file and its path, so it can be read back before it is committed."""
+
+    file: BinaryIO
+    path: str
+
+
+@contextlib.contextmanager
+def atomic_output(out: str) -> Iterator[TempOutput]:
+    """Yield a temp file beside ``out``; on success fsync, chmod, rename it into place.
+
+    Raises:
+        OutputError: no space, no permission, or another OS error while writing.
+    """
+    parent = os.path.dirname(os.path.abspath(out))
+    try:
+        fd, temp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(out)}.", suffix=".tmp")
+    except OSError as e:
+        raise _output_error(out, e) from e
+    try:
+        with os.fdopen(fd, "w+b") as handle:
+            yield TempOutput(handle, temp)
+            handle.flush()
+            os.fsync(handle.fileno())
+            # mkstemp creates 0600; outputs get the usual 0666 minus umask, like cp.
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())
+        os.replace(temp, out)
+        _fsync_directory(parent)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        if isinstance(e, OSError) and not isinstance(e, CkptError):
+            raise _output_error(out, e) from e
+        raise
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _output_error(out: str, e: OSError) -> OutputError:
+    if e.errno in _NO_SPACE:
+        return OutputError(f"{out}: no space left on the device; nothing was written")
+    if e.errno in _NO_PERMISSION:
+        return OutputError(f"{out}: no permission to write here; nothing was written")
+    return OutputError(f"{out}: cannot write ({e.strerror or e}); nothing was written")
+
+
+# --- safetensors ---------------------------------------------------------------------
+
+# A fixed-width stand-in for metadata values known only after the copy (a sha256).
+_PLACEHOLDER = "#" * 64
+
+
+def write_safetensors(
+    handle: BinaryIO,
+    tensors: Sequence[OutTensor],
+    metadata: Mapping[str, str],
+    *,
+    deferred: Mapping[str, Future[str]] | None = None,
+) -> None:
+    """Write ``tensors`` as safetensors into ``handle``, copying file bytes in the kernel.
+
+    ``deferred`` metadata values (64 characters, e.g. a hex sha256 computed in another
+    thread while the bytes are copied) are written as placeholders and patched in last.
+    """
+    deferred = deferred or {}
+    header: dict[str, object] = {
+        "__metadata__": {**metadata, **dict.fromkeys(deferred, _PLACEHOLDER)}
+    }
+    position = 0
+    for tensor in tensors:
+        header[tensor.name] = {
+            "dtype": SAFETENSORS_CODES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [position, position + tensor.nbytes],
+        }
+        position += tensor.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
+    out_fd = handle.fileno()
+    os.pwrite(out_fd, len(encoded).to_bytes(8, "little") + encoded, 0)
+    data_start = 8 + len(encoded)
+    position = data_start
+    for tensor in tensors:
+        _write_data(out_fd, tensor.data, position)
+        position += tensor.nbytes
+    for key, future in deferred.items():
+        _patch_placeholder(out_fd, encoded, key, future.result())
+
+
+def _patch_placeholder(out_fd: int, encoded: bytes, key: str, value: str) -> None:
+    if len(value) != len(_PLACEHOLDER):
+        raise ValueError(f"deferred metadata {key!r} must be {len(_PLACEHOLDER)} characters")
+    marker = json.dumps(key).encode() + b":" + json.dumps(_PLACEHOLDER).encode()
+    offset = encoded.index(marker) + len(marker) - len(_PLACEHOLDER) - 1
+    os.pwrite(out_fd, value.encode(), 8 + offset)
+
+
+def _write_data(out_fd: int, data: ByteSource | bytes, position: int) -> None:
+    if isinstance(data, bytes):
+        written = 0
+        while written < len(data):
+            written += os.pwrite(out_fd, data[written : written + CHUNK], position + written)
+        return
+    with open(data.file, "rb") as source:
+        copy_range(source.fileno(), out_fd, data.offset, position, data.length)
+
+
+def copy_range(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
+    """Copy bytes between files without passing them through Python where the OS allows."""
+    done = 0
+    try:
+        while done < length:
+            copied = os.copy_file_range(
+                src_fd, dst_fd, length - done, src_offset + done, dst_offset + done
+            )
+            if copied == 0:
+                raise OSError(errno.EIO, "source ended early")
+            done += copied
+        return
+    except OSError as e:
+        # Cross-device or unsupported filesystems: fall back to a bounded buffer.
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    while done < length:
+        block = os.pread(src_fd, min(CHUNK, length - done), src_offset + done)
+        if not block:
+            raise OSError(errno.EIO, "source ended early")
+        os.pwrite(dst_fd, block, dst_offset + done)
+        done += len(block)
+
+
+# --- provenance and verification -----------------------------------------------------
+
+
+def sha256_in_background(path: str, pool: ThreadPoolExecutor) -> Future[str]:
+    """Hash a file on another thread (hashlib releases the GIL) while the copy runs."""
+
+    def digest() -> str:
+        hasher = hashlib.sha256()
+        buffer = bytearray(CHUNK)
+        view = memoryview(buffer)
+        with open(path, "rb", buffering=0) as f:
+            while count := f.readinto(buffer):
+                hasher.update(view[:count])
+        return hasher.hexdigest()
+
+    return pool.submit(digest)
+
+
+def verify_output(
+    written: CheckpointMeta, expected: Sequence[OutTensor], *, aliases: Mapping[str, str] = {}
+) -> None:
+    """Compare the written file (read back by our own reader) with what was meant.
+
+    Names, dtypes and shapes must match exactly, and every tensor's bytes are compared
+    with their source, in bounded chunks.
+
+    Raises:
+        VerificationError: anything differs.
+    """
+    names = [t.name for t in expected]
+    present = [n for n in written.tensors if n not in aliases]
+    if sorted(present) != sorted(names):
+        raise VerificationError(f"{written.path}: written keys differ from the plan")
+    for tensor in expected:
+        meta = written.tensors[tensor.name]
+        if (meta.dtype, meta.shape) != (tensor.dtype, tensor.shape):
+            raise VerificationError(
+                f"{written.path}: {tensor.name!r} was written as {meta.dtype}{list(meta.shape)}"
+            )
+        if not _same_bytes(meta, tensor.data):
+            raise VerificationError(
+                f"{written.path}: bytes of {tensor.name!r} differ from the source"
+            )
+
+
+def _same_bytes(meta: TensorMeta, data: ByteSource | bytes) -> bool:
+    located = meta.byte_range
+    if located is None:
+        return False
+    file, offset, length = located
+    expected_length = data.length if isinstance(data, ByteSource) else len(data)
+    if length != expected_length:
+        return False
+    with open(file, "rb", buffering=0) as out:
+        read_expected = _chunk_reader(data)
+        for start in range(0, length, CHUNK):
+            size = min(CHUNK, length - start)
+            if os.pread(out.fileno(), size, offset + start) != read_expected(start, size):
+                return False
+    return True
+
+
+def _chunk_reader(data: ByteSource | bytes) -> Callable[[int, int], bytes]:
+    if isinstance(data, bytes):
+        return lambda start, size: data[start : start + size]
+    source = data
+
+    def read(start: int, size: int) -> bytes:
+        with open(source.file, "rb", buffering=0) as f:
+            return os.pread(f.fileno(), size, source.offset + start)
+
+    return read
