@@ -210,6 +210,150 @@ def _model_flags(
     return flags
 
 
+DTYPES = click.Choice(["float32", "float16", "bfloat16", "float64"])
+
+
+def output_options(command: F) -> F:
+    """-o/--output, --format, --dtype, --force, --dry-run, --json for writing commands."""
+    options = [
+        click.option("-o", "--output", "out", metavar="OUT", help="The file to write."),
+        click.option(
+            "--format",
+            "fmt",
+            type=click.Choice(["safetensors", "pt"]),
+            help="Output format (default: from OUT's suffix).",
+        ),
+        click.option("--dtype", type=DTYPES, help="Cast floating tensors to this dtype."),
+        click.option("--force", is_flag=True, help="Replace OUT if it exists."),
+        click.option(
+            "--dry-run", is_flag=True, help="Report what would be written; write nothing."
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON document."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _require_output(out: str | None, dry_run: bool) -> None:
+    if out is None and not dry_run:
+        raise UsageError("-o OUT is required (or --dry-run to only report)")
+
+
+def _emit_surgery(log: Any, as_json: bool) -> None:
+    from ckptool.report import make_console, render_surgery, surgery_json
+
+    if as_json:
+        _emit_json(surgery_json(log))
+    else:
+        render_surgery(log, make_console())
+
+
+@cli.command()
+@click.argument("source", type=click.Path())
+@model_options
+@transform_options
+@click.option(
+    "--on-mismatch",
+    type=click.Choice(["error", "drop"]),
+    default="error",
+    show_default=True,
+    help="Shape mismatches left after the transforms: fail, or fill from the model's init.",
+)
+@click.option(
+    "--auto", is_flag=True, help="Apply the suggested prefix fix (refused when ambiguous)."
+)
+@click.option(
+    "--strict", is_flag=True, help="Refuse missing/unexpected keys no --drop/--reinit names."
+)
+@click.option("--key", metavar="PATH", help="Tensor dict inside SOURCE.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for filled tensors.")
+@output_options
+@handle_errors
+def adapt(source: str, model: str | None, **options: Any) -> None:
+    """Write a checkpoint that loads with strict=True into --model SPEC.
+
+    Missing keys are filled from the model's initialisation, unexpected keys are left
+    out; both are listed. The file is written atomically and verified by reading it back.
+    """
+    from ckptool.keys import Transforms
+    from ckptool.surgery import adapt as run_adapt
+
+    if model is None:
+        raise UsageError("adapt needs --model SPEC, e.g. --model torchvision:resnet18")
+    _require_output(options["out"], options["dry_run"])
+    transforms = Transforms.from_flags(**{k: options.pop(k) for k in _TRANSFORM_FLAGS})
+    as_json = options.pop("as_json")
+    log = run_adapt(source, model=model, transforms=transforms, **options)
+    _emit_surgery(log, as_json)
+
+
+_TRANSFORM_FLAGS = ("strip", "add_prefix", "rename", "drop", "reinit")
+
+
+@cli.command()
+@click.argument("source", type=click.Path())
+@click.option(
+    "--shard-size", metavar="SIZE", help="Write Hugging Face shards of at most SIZE (e.g. 2GB)."
+)
+@click.option("--key", metavar="PATH", help="Tensor dict inside SOURCE.")
+@output_options
+@handle_errors
+def convert(source: str, shard_size: str | None, **options: Any) -> None:
+    """Rewrite SOURCE as safetensors or a torch file (sharded with --shard-size)."""
+    from ckptool.surgery import convert as run_convert
+
+    _require_output(options["out"], options["dry_run"])
+    as_json = options.pop("as_json")
+    out = options.pop("out") or ""
+    size = parse_size(shard_size) if shard_size else None
+    _emit_surgery(run_convert(source, out, shard_size=size, **options), as_json)
+
+
+@cli.command()
+@click.argument("base", type=click.Path())
+@click.argument("others", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--take", multiple=True, metavar="PREFIX=N", help="Keys under PREFIX from input N (BASE is 0)."
+)
+@click.option("--average", is_flag=True, help="Average same-named tensors of all inputs.")
+@output_options
+@handle_errors
+def merge(base: str, others: tuple[str, ...], take: tuple[str, ...], **options: Any) -> None:
+    """Combine BASE with OTHER checkpoints: --take parts of them, or --average all."""
+    from ckptool.surgery import merge as run_merge
+
+    _require_output(options["out"], options["dry_run"])
+    as_json = options.pop("as_json")
+    out = options.pop("out") or ""
+    rules = [_parse_take(item) for item in take]
+    _emit_surgery(run_merge([base, *others], out, take=rules, **options), as_json)
+
+
+def _parse_take(item: str) -> tuple[str, int]:
+    prefix, sep, index = item.rpartition("=")
+    if not sep or not prefix or not index.isdigit():
+        raise UsageError(f"--take {item!r} must be PREFIX=N, e.g. fc.=1")
+    return prefix, int(index)
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> 2_000_000_000, '500MiB' -> 524_288_000 (the Hugging Face convention: GB = 10^9)."""
+    number = text.rstrip("BbKkMmGgTtIi ")
+    unit = text[len(number) :].strip().upper()
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _SIZE_UNITS or value <= 0:
+        raise UsageError(f"--shard-size {text!r}: expected a size such as 2GB, 500MB or 1GiB")
+    return int(value * _SIZE_UNITS[unit])
+
+
 def main() -> None:
     """Console-script entry point."""
     if os.environ.get("CKPTOOL_DEBUG"):

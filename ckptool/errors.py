@@ -45,5 +45,9 @@ class UnsafeCheckpointError(CkptError):
         self.globals_wanted = tuple(sorted(set(globals_wanted)))
 
 
+class IncompatibleError(CkptError):
+    """A check ran and failed: the checkpoint cannot be made to fit as asked."""
+
+
 class OutputError(CkptError):
     """An output cannot be written: exists, same as an input, disk full, no permission."""

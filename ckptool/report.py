@@ -23,6 +23,7 @@ from ckptool.keys import (
     fold_names,
     fold_rows,
 )
+from ckptool.surgery import SurgeryLog
 from ckptool.values import ValueDiff
 
 # Folded key labels shown per category before "... and N more".
@@ -338,3 +339,80 @@ def _prefix_words(flags: str) -> str:
 def fix_command(fix: Fix, source: str, model_args: Sequence[str]) -> str:
     """The ``ckptool adapt`` command line that applies ``fix``."""
     return " ".join(["ckptool adapt", source, *model_args, *fix.transforms.flags(), "-o OUT"])
+
+
+# --- surgery -------------------------------------------------------------------------
+
+
+def surgery_json(log: SurgeryLog) -> dict[str, Any]:
+    """The ``adapt/convert/merge --json`` document."""
+    return {
+        "command": log.command,
+        "sources": list(log.sources),
+        "output": log.output,
+        "format": log.format,
+        "dry_run": log.dry_run,
+        "verified": log.verified,
+        "files": list(log.files),
+        "nbytes": log.nbytes,
+        "transforms": list(log.transforms),
+        "kept": list(log.kept),
+        "renamed": dict(log.renamed),
+        "dropped": list(log.dropped),
+        "left_out": list(log.left_out),
+        "shape_mismatch_dropped": [
+            {"key": m.key, "source": list(m.source), "target": list(m.target)}
+            for m in log.mismatched
+        ],
+        "reinit": list(log.reinit),
+        "filled": list(log.filled),
+        "init": log.init_method or None,
+        "cast": list(log.cast),
+        "taken": dict(log.taken),
+        "averaged": list(log.averaged),
+        "aliases": dict(log.aliases),
+    }
+
+
+def render_surgery(log: SurgeryLog, console: Console) -> None:
+    """What was kept, renamed, dropped, filled; then where it was written."""
+    console.print(f"{log.command}: {', '.join(log.sources)}", markup=False)
+    if log.transforms:
+        console.print(f"  with        {' '.join(log.transforms)}", markup=False)
+    taken: dict[int, list[str]] = {}
+    for name, index in log.taken.items():
+        taken.setdefault(index, []).append(name)
+    renames = [f"{old} -> {new}" for old, new in log.renamed.items()]
+    mismatched = [
+        f"{m.key} {shape_text(m.source)} -> {shape_text(m.target)}" for m in log.mismatched
+    ]
+    rows: list[tuple[str, int, list[str], str]] = [
+        ("kept", len(log.kept), fold_names(log.kept), ""),
+        ("renamed", len(renames), renames, ""),
+        ("dropped", len(log.dropped), fold_names(log.dropped), "(--drop)"),
+        ("left out", len(log.left_out), fold_names(log.left_out), "(not in the model)"),
+        ("mismatched", len(mismatched), mismatched, "(dropped, filled from init)"),
+        ("reinit", len(log.reinit), fold_names(log.reinit), "(--reinit)"),
+        ("filled", len(log.filled), fold_names(log.filled), "(missing from the checkpoint)"),
+        ("cast", len(log.cast), fold_names(log.cast), "(--dtype)"),
+        ("averaged", len(log.averaged), fold_names(log.averaged), ""),
+        *((f"from input {i}", len(n), fold_names(n), "") for i, n in sorted(taken.items())),
+        ("aliases", len(log.aliases), [f"{a} = {t}" for a, t in log.aliases.items()], "(tied)"),
+    ]
+    for label, count, labels, note in rows:
+        if count:
+            console.print(
+                f"  {label:<11} {count:>4}  {capped(labels, 3)} {note}".rstrip(), markup=False
+            )
+    if log.init_method:
+        console.print(f"  init        {log.init_method}", markup=False)
+    if log.dry_run:
+        console.print(
+            f"dry run: nothing written{f' (would write {log.output})' if log.output else ''}"
+        )
+    else:
+        console.print(
+            f"wrote {', '.join(log.files)}: {log.format}, {human_bytes(log.nbytes)}, "
+            "verified by reading it back",
+            markup=False,
+        )

@@ -1,0 +1,603 @@
+"""``adapt``, ``convert`` and ``merge``: plan output tensors, write them, return a log.
+
+Tensors whose values do not change are copied as bytes straight from the source file
+(no torch, no tensor in memory); only dtype casts, strided views, DCP chunks and
+tensors filled from the model's initialisation go through torch, one at a time.
+Nothing here prints; results are :class:`SurgeryLog` objects rendered by the report.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ckptool._version import __version__
+from ckptool.errors import IncompatibleError, UsageError
+from ckptool.formats import CheckpointMeta, read_metadata
+from ckptool.formats.load import TensorReader, open_tensors
+from ckptool.formats.meta import TensorMeta
+from ckptool.formats.save import OutputFormat, output_format_for, save_sharded, save_tensors
+from ckptool.formats.write import ByteSource, OutTensor, sha256_in_background
+from ckptool.keys import KeyDiff, ShapeMismatch, Transforms, diff, fold_names, under_prefix
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+FLOATING = frozenset({"float64", "float32", "float16", "bfloat16"})
+# Models up to this size are built whole on the CPU to fill missing tensors, so the
+# model's own initialisation (e.g. a zero-initialised ViT head) is what gets written.
+FULL_BUILD_LIMIT = 512 * 1024 * 1024
+
+
+class MismatchPolicy(str, enum.Enum):
+    """What ``adapt`` does with shape mismatches no --drop/--reinit names."""
+
+    ERROR = "error"
+    DROP = "drop"
+
+
+@dataclass(frozen=True)
+class SurgeryLog:
+    """What a surgery command did (or, with dry_run, would do)."""
+
+    command: str
+    sources: tuple[str, ...]
+    output: str | None
+    format: str | None
+    kept: tuple[str, ...] = ()
+    renamed: Mapping[str, str] = field(default_factory=dict)  # source name -> output name
+    dropped: tuple[str, ...] = ()
+    left_out: tuple[str, ...] = ()
+    mismatched: tuple[ShapeMismatch, ...] = ()
+    reinit: tuple[str, ...] = ()
+    filled: tuple[str, ...] = ()
+    cast: tuple[str, ...] = ()
+    taken: Mapping[str, int] = field(default_factory=dict)  # output name -> input index
+    averaged: tuple[str, ...] = ()
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
+    nbytes: int = 0
+    verified: bool = False
+    dry_run: bool = False
+    transforms: tuple[str, ...] = ()
+    init_method: str = ""
+
+
+# --- reading source bytes ------------------------------------------------------------
+
+
+class SourceBytes:
+    """Where an output tensor's bytes come from: the file as-is, or torch when it must."""
+
+    def __init__(self, meta: CheckpointMeta, stack: ExitStack) -> None:
+        self.meta = meta
+        self._stack = stack
+        self._reader: TensorReader | None = None
+
+    def data(self, name: str, dtype: str | None = None) -> tuple[ByteSource | bytes, str]:
+        """(bytes or their location, the dtype they are in) for source tensor ``name``."""
+        tensor = self.meta.tensors[name]
+        out_dtype = dtype if dtype and tensor.dtype in FLOATING else tensor.dtype
+        located = tensor.byte_range
+        if out_dtype == tensor.dtype and located is not None:
+            return ByteSource(*located), out_dtype
+        return tensor_bytes(self.tensor(name), out_dtype), out_dtype
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if self._reader is None:
+            self._reader = self._stack.enter_context(open_tensors(self.meta))
+        return self._reader.get(name)
+
+
+def tensor_bytes(tensor: torch.Tensor, dtype: str | None = None) -> bytes:
+    """The raw little-endian bytes of ``tensor`` (cast to ``dtype``), C-contiguous."""
+    import torch
+
+    if dtype is not None and str(tensor.dtype) != f"torch.{dtype}":
+        tensor = tensor.to(getattr(torch, dtype))
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+# --- adapt ---------------------------------------------------------------------------
+
+
+def adapt(
+    source: str | os.PathLike[str],
+    *,
+    model: str,
+    model_args: Sequence[str] = (),
+    num_classes: int | None = None,
+    head: str | None = None,
+    key: str | None = None,
+    transforms: Transforms | None = None,
+    on_mismatch: MismatchPolicy | str = MismatchPolicy.ERROR,
+    auto: bool = False,
+    strict: bool = False,
+    dtype: str | None = None,
+    out: str | None = None,
+    fmt: str | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+    seed: int = 0,
+) -> SurgeryLog:
+    """Write a checkpoint that loads with ``strict=True`` into the model.
+
+    Keys the model needs and the checkpoint lacks are filled from the model's
+    initialisation; keys the model lacks are left out; both are listed in the log.
+
+    Raises:
+        IncompatibleError: shape mismatches with ``on_mismatch='error'``, or with
+            ``strict`` any missing/unexpected key no --drop/--reinit prefix names.
+        UsageError: ambiguous ``auto``, bad flags; and the read/write errors.
+    """
+    from ckptool.models import build_model, model_tensor_meta
+
+    policy = MismatchPolicy(on_mismatch)
+    meta = read_metadata(source, key=key)
+    net = build_model(
+        model, model_args=model_args, num_classes=num_classes, head=head, device="meta"
+    )
+    target = model_tensor_meta(net)
+    transforms = transforms or Transforms()
+    if auto:
+        transforms = _with_suggested_prefix(meta.tensors, target, transforms)
+    keys = diff(meta.tensors, target, transforms, suggest=False)
+    _refuse_incompatible(meta.tensors, target, keys, policy=policy, strict=strict)
+    matched = set(keys.matched)
+    to_fill = [name for name in target if name not in matched]
+    fmt_out = output_format_for(out, fmt) if out else None
+    log = _adapt_log(meta, keys, to_fill, out, fmt_out, dry_run=dry_run, dtype=dtype)
+    if dry_run or out is None or fmt_out is None:
+        return log
+    init, method = initial_values(model, model_args, num_classes, head, to_fill, target, seed=seed)
+    original = {new: old for old, new in keys.renamed.items()}
+    with ExitStack() as stack, ThreadPoolExecutor(max_workers=1) as pool:
+        sources = SourceBytes(meta, stack)
+        plan = []
+        for name, wanted in target.items():
+            if name in matched:
+                data, out_dtype = sources.data(original.get(name, name), dtype)
+            else:
+                out_dtype = dtype if dtype and wanted.dtype in FLOATING else wanted.dtype
+                data = tensor_bytes(init[name], out_dtype)
+            plan.append(OutTensor(name, out_dtype, wanted.shape, data))
+        metadata = provenance("adapt", meta, transforms, model=model)
+        deferred = {"ckptool.source_sha256": sha256_in_background(_hashed_file(meta), pool)}
+        saved = save_tensors(
+            out,
+            plan,
+            fmt=fmt_out,
+            inputs=meta.files,
+            force=force,
+            metadata=metadata,
+            deferred=deferred,
+        )
+    return _finished(log, saved.paths, saved.nbytes, init_method=method)
+
+
+def _with_suggested_prefix(
+    source: Mapping[str, TensorMeta], target: Mapping[str, TensorMeta], given: Transforms
+) -> Transforms:
+    found = diff(source, target, given)
+    if found.ambiguous:
+        options = " or ".join(" ".join(s.flags) for s in found.ambiguous)
+        raise UsageError(
+            f"--auto: ambiguous, {options} match equally many keys; pass one explicitly"
+        )
+    if not found.suggestions:
+        return given
+    best = found.suggestions[0].transforms
+    return Transforms(
+        strip=given.strip + best.strip,
+        add_prefix=best.add_prefix or given.add_prefix,
+        rename=given.rename,
+        drop=given.drop,
+        reinit=given.reinit,
+    )
+
+
+def _refuse_incompatible(
+    source: Mapping[str, TensorMeta],
+    target: Mapping[str, TensorMeta],
+    keys: KeyDiff,
+    *,
+    policy: MismatchPolicy,
+    strict: bool,
+) -> None:
+    hint = _fix_hint(source, target, keys.transforms)
+    if not keys.matched:
+        # Writing the model's init under a new name would look like success; it is not.
+        raise IncompatibleError(
+            f"no checkpoint key matches the model, the output would hold only its "
+            f"initialisation; {hint + ' (or --auto)' if hint else 'check --model and --key'}"
+        )
+    if keys.shape_mismatch and policy is MismatchPolicy.ERROR:
+        shown = ", ".join(
+            f"{m.key} {list(m.source)} -> {list(m.target)}" for m in keys.shape_mismatch[:3]
+        )
+        more = f" and {len(keys.shape_mismatch) - 3} more" if len(keys.shape_mismatch) > 3 else ""
+        raise IncompatibleError(
+            f"shape mismatch: {shown}{more}; {hint or 'add --on-mismatch drop'}"
+        )
+    if strict and (keys.unexpected or keys.unexplained_missing):
+        parts = []
+        if keys.unexplained_missing:
+            parts.append(f"missing {', '.join(fold_names(keys.unexplained_missing)[:3])}")
+        if keys.unexpected:
+            parts.append(f"unexpected {', '.join(fold_names(keys.unexpected)[:3])}")
+        raise IncompatibleError(
+            f"--strict: {'; '.join(parts)}; {hint or 'name them with --drop/--reinit'}"
+        )
+
+
+def _fix_hint(
+    source: Mapping[str, TensorMeta], target: Mapping[str, TensorMeta], given: Transforms
+) -> str:
+    fix = diff(source, target, given).fix
+    if fix is None:
+        return ""
+    extra = [f for f in fix.transforms.flags() if f not in given.flags()]
+    return f"add {' '.join(extra)}" if extra else ""
+
+
+def _adapt_log(
+    meta: CheckpointMeta,
+    keys: KeyDiff,
+    to_fill: Sequence[str],
+    out: str | None,
+    fmt: OutputFormat | None,
+    *,
+    dry_run: bool,
+    dtype: str | None,
+) -> SurgeryLog:
+    original = {new: old for old, new in keys.renamed.items()}
+    mismatched = {m.key for m in keys.shape_mismatch}
+    reinit = set(keys.reinit)
+    return SurgeryLog(
+        command="adapt",
+        sources=(meta.path,),
+        output=out,
+        format=fmt.value if fmt else None,
+        kept=tuple(n for n in keys.matched if n not in original),
+        renamed={original[n]: n for n in keys.matched if n in original},
+        dropped=keys.dropped,
+        left_out=keys.unexpected,
+        mismatched=keys.shape_mismatch,
+        reinit=tuple(n for n in to_fill if n in reinit),
+        filled=tuple(n for n in to_fill if n not in reinit and n not in mismatched),
+        cast=tuple(
+            n
+            for n in keys.matched
+            if dtype
+            and meta.tensors[original.get(n, n)].dtype in FLOATING
+            and meta.tensors[original.get(n, n)].dtype != dtype
+        ),
+        dry_run=dry_run,
+        transforms=tuple(keys.transforms.flags()),
+    )
+
+
+def _finished(log: SurgeryLog, files: Sequence[str], nbytes: int, **changes: object) -> SurgeryLog:
+    import dataclasses
+
+    return dataclasses.replace(log, files=tuple(files), nbytes=nbytes, verified=True, **changes)  # type: ignore[arg-type]
+
+
+# --- initial values for filled tensors -----------------------------------------------
+
+
+def initial_values(
+    spec: str,
+    model_args: Sequence[str],
+    num_classes: int | None,
+    head: str | None,
+    names: Sequence[str],
+    target: Mapping[str, TensorMeta],
+    *,
+    seed: int,
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Fresh initial values for ``names``, seeded; returns (values, how they were made).
+
+    Small models are built whole on the CPU (their own init code runs); large ones are
+    built on the meta device and only the modules owning ``names`` are materialised and
+    initialised with ``reset_parameters()``, so a 7B model needs no 28 GB of memory.
+    """
+    import torch
+
+    from ckptool.models import build_model
+
+    if not names:
+        return {}, ""
+    torch.manual_seed(seed)
+    total = sum(t.nbytes for t in target.values())
+    if total <= FULL_BUILD_LIMIT:
+        net = build_model(spec, model_args=model_args, num_classes=num_classes, head=head)
+        state = net.state_dict()
+        return {n: state[n] for n in names}, "the model's own initialisation (built on CPU)"
+    net = build_model(
+        spec, model_args=model_args, num_classes=num_classes, head=head, device="meta"
+    )
+    owners = _owning_modules(net, names)
+    if any(not hasattr(module, "reset_parameters") for module in owners.values()):
+        net = build_model(spec, model_args=model_args, num_classes=num_classes, head=head)
+        state = net.state_dict()
+        return {n: state[n] for n in names}, "the model's own initialisation (built on CPU)"
+    for module in owners.values():
+        module.to_empty(device="cpu", recurse=False)
+        # Checked above; getattr because nn.Module types unknown attributes as Tensor.
+        reset = getattr(module, "reset_parameters")  # noqa: B009
+        reset()
+    state = net.state_dict()
+    modules = ", ".join(sorted(owners))
+    return {
+        n: state[n] for n in names
+    }, f"reset_parameters() of {modules} (rest of the model on meta)"
+
+
+def _owning_modules(net: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    owners = {}
+    for name in names:
+        path = name.rpartition(".")[0]
+        owners[path] = net.get_submodule(path) if path else net
+    return owners
+
+
+# --- provenance ----------------------------------------------------------------------
+
+
+def provenance(
+    command: str, meta: CheckpointMeta, transforms: Transforms | None = None, **extra: str
+) -> dict[str, str]:
+    """``__metadata__`` that lets a file found later explain where it came from."""
+    info = {
+        "format": "pt",  # what Hugging Face loaders expect in safetensors metadata
+        "ckptool.version": __version__,
+        "ckptool.command": command,
+        "ckptool.source": os.path.basename(os.path.normpath(meta.path)),
+    }
+    if transforms is not None:
+        info["ckptool.transforms"] = json.dumps(transforms.flags())
+    info.update({f"ckptool.{k}": v for k, v in extra.items()})
+    return info
+
+
+def _hashed_file(meta: CheckpointMeta) -> str:
+    """The file whose sha256 identifies the source: the file itself, an index, DCP metadata."""
+    if os.path.isdir(meta.path):
+        return os.path.join(meta.path, ".metadata")
+    return meta.path
+
+
+# --- convert -------------------------------------------------------------------------
+
+
+def convert(
+    source: str | os.PathLike[str],
+    out: str,
+    *,
+    key: str | None = None,
+    fmt: str | None = None,
+    dtype: str | None = None,
+    shard_size: int | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+) -> SurgeryLog:
+    """Rewrite a checkpoint in another format (and dtype), keeping every name.
+
+    Tied tensors are stored once in safetensors (``ckptool.aliases`` metadata) and
+    come back tied in torch files.
+
+    Raises:
+        UsageError: sharding a .pt output; read/write errors as usual.
+    """
+    meta = read_metadata(source, key=key)
+    fmt_out = output_format_for(out, fmt)
+    if shard_size is not None and fmt_out is not OutputFormat.SAFETENSORS:
+        raise UsageError(
+            "--shard-size writes safetensors shards; use an OUT ending in .safetensors"
+        )
+    log = SurgeryLog(
+        command="convert",
+        sources=(meta.path,),
+        output=out,
+        format=fmt_out.value,
+        kept=tuple(meta.tensors),
+        cast=_casts(meta, dtype),
+        dry_run=dry_run,
+    )
+    if dry_run:
+        return log
+    with ExitStack() as stack, ThreadPoolExecutor(max_workers=1) as pool:
+        plan = _plan_all(SourceBytes(meta, stack), dtype)
+        metadata = provenance("convert", meta)
+        if shard_size is not None:
+            # Shards are written one by one, so the hash is needed before the first.
+            metadata["ckptool.source_sha256"] = _sha256_now(meta, pool)
+            saved = save_sharded(
+                out, plan, max_bytes=shard_size, inputs=meta.files, force=force, metadata=metadata
+            )
+        else:
+            deferred = {"ckptool.source_sha256": sha256_in_background(_hashed_file(meta), pool)}
+            saved = save_tensors(
+                out,
+                plan,
+                fmt=fmt_out,
+                inputs=meta.files,
+                force=force,
+                metadata=metadata,
+                deferred=deferred,
+                dedupe_tied=True,
+            )
+    return _finished(log, saved.paths, saved.nbytes, aliases=saved.aliases)
+
+
+def _sha256_now(meta: CheckpointMeta, pool: ThreadPoolExecutor) -> str:
+    return sha256_in_background(_hashed_file(meta), pool).result()
+
+
+def _plan_all(sources: SourceBytes, dtype: str | None) -> list[OutTensor]:
+    plan = []
+    for name, tensor in sources.meta.tensors.items():
+        data, out_dtype = sources.data(name, dtype)
+        plan.append(OutTensor(name, out_dtype, tensor.shape, data))
+    return plan
+
+
+def _casts(meta: CheckpointMeta, dtype: str | None) -> tuple[str, ...]:
+    if dtype is None:
+        return ()
+    return tuple(n for n, t in meta.tensors.items() if t.dtype in FLOATING and t.dtype != dtype)
+
+
+# --- merge ---------------------------------------------------------------------------
+
+
+def merge(
+    inputs: Sequence[str | os.PathLike[str]],
+    out: str,
+    *,
+    take: Sequence[tuple[str, int]] = (),
+    average: bool = False,
+    fmt: str | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+) -> SurgeryLog:
+    """Combine checkpoints: ``take`` keys under a prefix from input N, or ``average`` all.
+
+    Input 0 is the base. With ``average``, every input must have the same names and
+    shapes; floating tensors are averaged in float64 and stored in the base's dtype,
+    integer tensors (e.g. ``num_batches_tracked``) are taken from the base.
+
+    Raises:
+        UsageError: neither or both modes, a --take index out of range or a prefix
+            with no keys; IncompatibleError: inputs that cannot be averaged.
+    """
+    if len(inputs) < 2:
+        raise UsageError("merge needs a BASE and at least one OTHER checkpoint")
+    if bool(take) == average:
+        raise UsageError("merge needs either --take PREFIX=N or --average (not both)")
+    metas = [read_metadata(p) for p in inputs]
+    fmt_out = output_format_for(out, fmt)
+    files = tuple(f for m in metas for f in m.files)
+    with ExitStack() as stack:
+        sources = [SourceBytes(m, stack) for m in metas]
+        if average:
+            _check_same_keys(metas)
+            plan, log = _plan_average(sources, dtype), _merge_log(metas, out, fmt_out, dry_run)
+            log = _replace(
+                log, averaged=tuple(n for n, t in metas[0].tensors.items() if t.dtype in FLOATING)
+            )
+        else:
+            origin = _take_origins(metas, take)
+            log = _replace(_merge_log(metas, out, fmt_out, dry_run), taken=origin)
+            if dry_run:
+                return log
+            plan = [_planned(sources[i], name, dtype) for name, i in origin.items()]
+        if dry_run:
+            return log
+        saved = save_tensors(
+            out,
+            plan,
+            fmt=fmt_out,
+            inputs=files,
+            force=force,
+            metadata=provenance("merge", metas[0]),
+        )
+    return _finished(log, saved.paths, saved.nbytes)
+
+
+def _replace(log: SurgeryLog, **changes: object) -> SurgeryLog:
+    import dataclasses
+
+    return dataclasses.replace(log, **changes)  # type: ignore[arg-type]
+
+
+def _merge_log(
+    metas: Sequence[CheckpointMeta], out: str, fmt: OutputFormat, dry_run: bool
+) -> SurgeryLog:
+    return SurgeryLog(
+        command="merge",
+        sources=tuple(m.path for m in metas),
+        output=out,
+        format=fmt.value,
+        dry_run=dry_run,
+    )
+
+
+def _planned(source: SourceBytes, name: str, dtype: str | None) -> OutTensor:
+    data, out_dtype = source.data(name, dtype)
+    return OutTensor(name, out_dtype, source.meta.tensors[name].shape, data)
+
+
+def _take_origins(
+    metas: Sequence[CheckpointMeta], take: Sequence[tuple[str, int]]
+) -> dict[str, int]:
+    """Output name -> input index: the base's keys, with keys under each prefix from its input."""
+    for prefix, index in take:
+        if not 0 <= index < len(metas):
+            raise UsageError(
+                f"--take {prefix}={index}: inputs are numbered 0 (BASE) to {len(metas) - 1}"
+            )
+        if not any(under_prefix(n, prefix) for n in metas[index].tensors):
+            raise UsageError(
+                f"--take {prefix}={index}: {metas[index].path} has no keys under {prefix!r}"
+            )
+    origin: dict[str, int] = {}
+    placed: set[str] = set()
+    for name in metas[0].tensors:
+        rule = next(((p, i) for p, i in take if under_prefix(name, p)), None)
+        if rule is None:
+            origin[name] = 0
+        elif rule[0] not in placed:  # the taken block goes where the base had it
+            placed.add(rule[0])
+            origin.update({n: rule[1] for n in metas[rule[1]].tensors if under_prefix(n, rule[0])})
+    for prefix, index in take:
+        if prefix not in placed:
+            origin.update({n: index for n in metas[index].tensors if under_prefix(n, prefix)})
+    return origin
+
+
+def _check_same_keys(metas: Sequence[CheckpointMeta]) -> None:
+    base = metas[0]
+    for index, meta in enumerate(metas[1:], start=1):
+        keys = diff(meta.tensors, base.tensors, suggest=False)
+        if keys.missing or keys.unexpected or keys.shape_mismatch:
+            problems = [
+                f"{len(keys.missing)} missing",
+                f"{len(keys.unexpected)} unexpected",
+                f"{len(keys.shape_mismatch)} shape mismatches",
+            ]
+            example = (
+                keys.missing or keys.unexpected or tuple(m.key for m in keys.shape_mismatch)
+            )[0]
+            raise IncompatibleError(
+                f"--average: input {index} ({meta.path}) differs from the base: "
+                f"{', '.join(problems)} (e.g. {example!r}); average needs identical keys and shapes"
+            )
+
+
+def _plan_average(sources: Sequence[SourceBytes], dtype: str | None) -> list[OutTensor]:
+    import torch
+
+    plan = []
+    for name, meta in sources[0].meta.tensors.items():
+        if meta.dtype not in FLOATING:
+            plan.append(_planned(sources[0], name, dtype))
+            continue
+        total = torch.zeros(meta.shape, dtype=torch.float64)
+        for source in sources:
+            total += source.tensor(name).to(torch.float64)
+        out_dtype = dtype or meta.dtype
+        plan.append(
+            OutTensor(name, out_dtype, meta.shape, tensor_bytes(total / len(sources), out_dtype))
+        )
+    return plan
