@@ -23,7 +23,7 @@ from ckptool.formats import CheckpointMeta, read_metadata
 from ckptool.formats.load import TensorReader, open_tensors
 from ckptool.formats.meta import TensorMeta
 from ckptool.formats.save import OutputFormat, output_format_for, save_sharded, save_tensors
-from ckptool.formats.write import ByteSource, OutTensor, sha256_in_background
+from ckptool.formats.write import ByteSource, OutTensor, check_output, sha256_in_background
 from ckptool.keys import KeyDiff, ShapeMismatch, Transforms, diff, fold_names, under_prefix
 
 if TYPE_CHECKING:
@@ -142,6 +142,8 @@ def adapt(
 
     policy = MismatchPolicy(on_mismatch)
     meta = read_metadata(source, key=key)
+    if out is not None and not dry_run:  # fail before the expensive part
+        check_output(out, inputs=meta.files, force=force)
     net = build_model(
         model, model_args=model_args, num_classes=num_classes, head=head, device="meta"
     )
@@ -227,8 +229,12 @@ def _refuse_incompatible(
         raise IncompatibleError(
             f"shape mismatch: {shown}{more}; {hint or 'add --on-mismatch drop'}"
         )
-    if strict and (keys.unexpected or keys.unexplained_missing):
+    if strict and (keys.unexpected or keys.unexplained_missing or keys.shape_mismatch):
         parts = []
+        if keys.shape_mismatch:
+            parts.append(
+                f"shape mismatch {', '.join(fold_names([m.key for m in keys.shape_mismatch])[:3])}"
+            )
         if keys.unexplained_missing:
             parts.append(f"missing {', '.join(fold_names(keys.unexplained_missing)[:3])}")
         if keys.unexpected:
@@ -400,6 +406,8 @@ def convert(
     """
     meta = read_metadata(source, key=key)
     fmt_out = output_format_for(out, fmt)
+    if not dry_run and shard_size is None:
+        check_output(out, inputs=meta.files, force=force)
     if shard_size is not None and fmt_out is not OutputFormat.SAFETENSORS:
         raise UsageError(
             "--shard-size writes safetensors shards; use an OUT ending in .safetensors"
@@ -488,6 +496,8 @@ def merge(
     metas = [read_metadata(p) for p in inputs]
     fmt_out = output_format_for(out, fmt)
     files = tuple(f for m in metas for f in m.files)
+    if not dry_run:
+        check_output(out, inputs=files, force=force)
     with ExitStack() as stack:
         sources = [SourceBytes(m, stack) for m in metas]
         if average:

@@ -293,3 +293,17 @@ def test_distributed_checkpoint_with_hostile_metadata_is_refused(tmp_path: Path)
     (folder / ".metadata").write_bytes(pickle.dumps({"state_dict_metadata": Payload()}))
     with pytest.raises(UnsafeCheckpointError, match=r"posix\.system"):
         read_metadata(folder)
+
+
+@pytest.mark.parametrize("header_len", [128, 384, 640])
+def test_safetensors_whose_header_length_starts_like_a_pickle(
+    tmp_path: Path, header_len: int
+) -> None:
+    """A header length of 384 is b'\\x80\\x01...': it must not be sniffed as a pickle."""
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    header += b" " * (header_len - len(header))
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", header_len) + header + bytes(4))
+    assert read_metadata(path).format is Format.SAFETENSORS

@@ -117,14 +117,18 @@ def detect_format(path: str) -> Format:
         return Format.DCP
     with open(path, "rb") as f:
         head = f.read(9)
+        size = os.fstat(f.fileno()).st_size
     if not head:
         raise CheckpointReadError(f"{path}: file is empty")
     if head.startswith(_ZIP_MAGIC):
         return Format.TORCH_ZIP
+    # A safetensors header length such as 384 starts with byte 0x80, like a pickle: a
+    # length that fits the file decides; otherwise the reader reports the bad length.
+    fits = int.from_bytes(head[:8], "little") + 8 <= size
+    if len(head) == 9 and head[8:9] == b"{" and (fits or not looks_like_pickle(head)):
+        return Format.SAFETENSORS
     if looks_like_pickle(head):
         return Format.TORCH_LEGACY
-    if len(head) == 9 and head[8:9] == b"{":
-        return Format.SAFETENSORS
     raise CheckpointReadError(
         f"{path}: not a recognised checkpoint (expected safetensors, a torch.save zip "
         "or legacy file, or a *.index.json)"

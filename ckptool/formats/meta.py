@@ -66,7 +66,7 @@ class TensorMeta:
 
     @property
     def is_contiguous(self) -> bool:
-        if self.stride is None:
+        if self.stride is None or self.numel == 0:  # no elements: any strides will do
             return True
         expected = 1
         for size, stride in zip(reversed(self.shape), reversed(self.stride), strict=True):

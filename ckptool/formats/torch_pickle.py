@@ -221,4 +221,4 @@ def _check_view(path: str, name: str, tensor: TensorMeta, storages: dict[str, St
 
 
 def looks_like_pickle(head: bytes) -> bool:
-    return len(head) >= 2 and head[:1] == pickle.PROTO
+    return len(head) >= 2 and head[:1] == pickle.PROTO and 2 <= head[1] <= pickle.HIGHEST_PROTOCOL

@@ -1,0 +1,481 @@
+"""adapt, convert, merge through the API and the CLI: real files, strict loads, bit-exact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from conftest import MLP, ConvBN, Tied, WriteCheckpoint, seeded_state, wrap
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ckptool
+from ckptool import IncompatibleError, UsageError
+from ckptool.keys import Transforms
+from ckptool.surgery import adapt, convert, merge
+
+RESNET = ("--model", "torchvision:resnet18", "--num-classes", "5")
+
+
+@pytest.fixture
+def dataparallel_resnet18(write_checkpoint: WriteCheckpoint) -> Path:
+    torch.manual_seed(0)
+    state = wrap(torchvision.models.resnet18(weights=None).state_dict(), "module.")
+    return write_checkpoint({"state_dict": state, "epoch": 90}, "resnet18_dp.pth")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_classic_adapt_loads_strictly_and_keeps_backbone_bits(
+    run_cli, dataparallel_resnet18: Path, tmp_path: Path, suffix: str
+) -> None:
+    out = tmp_path / f"adapted{suffix}"
+    result = run_cli(
+        "adapt", dataparallel_resnet18, *RESNET, "--strip", "module.", "--drop", "fc.", "-o", out
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "filled         2  fc.{weight,bias}" in result.stdout
+    model = torchvision.models.resnet18(weights=None, num_classes=5)
+    state = ckptool.load_state_dict(out)
+    model.load_state_dict(state, strict=True)
+    source = torch.load(dataparallel_resnet18, weights_only=True)["state_dict"]
+    backbone = {
+        k.removeprefix("module."): v for k, v in source.items() if not k.startswith("module.fc.")
+    }
+    assert all(torch.equal(state[k], v) for k, v in backbone.items()) and len(backbone) == 120
+    assert state["fc.weight"].shape == (5, 512) and state["fc.bias"].shape == (5,)
+    assert (out.stat().st_mode & 0o777) == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_adapt_records_provenance_that_inspect_shows(
+    run_cli, dataparallel_resnet18: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "a.safetensors"
+    adapt(
+        dataparallel_resnet18,
+        model="torchvision:resnet18",
+        num_classes=5,
+        transforms=Transforms(strip=("module.",), drop=("fc.",)),
+        out=str(out),
+    )
+    metadata = ckptool.read_metadata(out).metadata
+    assert (
+        metadata["ckptool.source_sha256"]
+        == hashlib.sha256(dataparallel_resnet18.read_bytes()).hexdigest()
+    )
+    assert json.loads(metadata["ckptool.transforms"]) == ["--strip module.", "--drop fc."]
+    assert (
+        metadata["ckptool.model"] == "torchvision:resnet18"
+        and metadata["ckptool.command"] == "adapt"
+    )
+    assert "metadata    ckptool.source = resnet18_dp.pth" in run_cli("inspect", out).stdout
+
+
+def test_filled_tensors_use_the_models_own_init(
+    write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    """torchvision's ViT zero-initialises its head in __init__; reset_parameters() would not."""
+    model = torchvision.models.vit_b_16(weights=None)
+    backbone = {k: v for k, v in model.state_dict().items() if not k.startswith("heads.")}
+    source = write_checkpoint(backbone, "vit.safetensors")
+    out = tmp_path / "vit_adapted.safetensors"
+    log = adapt(source, model="torchvision:vit_b_16", out=str(out))
+    assert log.filled == ("heads.head.weight", "heads.head.bias")
+    state = ckptool.load_state_dict(out)
+    assert state["heads.head.weight"].shape == (1000, 768) and not state["heads.head.weight"].any()
+
+
+def test_large_models_fill_only_the_owning_modules(
+    write_checkpoint: WriteCheckpoint, tmp_path: Path, monkeypatch
+) -> None:
+    import ckptool.surgery as surgery
+
+    monkeypatch.setattr(surgery, "FULL_BUILD_LIMIT", 0)  # treat resnet18 as "too big to build"
+    source = write_checkpoint(
+        wrap(torchvision.models.resnet18(weights=None).state_dict(), "module."), "r.pt"
+    )
+    log = adapt(
+        source,
+        model="torchvision:resnet18",
+        num_classes=3,
+        auto=True,
+        on_mismatch="drop",
+        out=str(tmp_path / "r3.pt"),
+    )
+    assert log.init_method == "reset_parameters() of fc (rest of the model on meta)"
+    state = torch.load(tmp_path / "r3.pt", weights_only=True)
+    torchvision.models.resnet18(weights=None, num_classes=3).load_state_dict(state)
+    assert state["fc.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ((), "no checkpoint key matches the model.*add --strip module. --drop fc. \\(or --auto\\)"),
+        (
+            ("--strip", "module."),
+            "shape mismatch: fc.weight \\[1000, 512\\] -> \\[5, 512\\].*add --drop fc.",
+        ),
+        (
+            ("--auto", "--on-mismatch", "drop", "--strict", "--drop", "layer4"),
+            "--strict: shape mismatch fc.\\{weight,bias\\}; add --drop fc.",
+        ),
+    ],
+    ids=["nothing-matches", "shape-mismatch", "strict"],
+)
+def test_adapt_refusals_exit_1_and_write_nothing(
+    run_cli, dataparallel_resnet18: Path, tmp_path: Path, flags: tuple[str, ...], message: str
+) -> None:
+    import re
+
+    out = tmp_path / "never.safetensors"
+    result = run_cli("adapt", dataparallel_resnet18, *RESNET, *flags, "-o", out)
+    assert result.exit_code == 1 and re.search(message, result.stderr), result.stderr
+    assert list(tmp_path.iterdir()) == [dataparallel_resnet18]
+
+
+def test_adapt_auto_and_dry_run(run_cli, dataparallel_resnet18: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        "adapt",
+        dataparallel_resnet18,
+        *RESNET,
+        "--auto",
+        "--on-mismatch",
+        "drop",
+        "--dry-run",
+        "--json",
+    )
+    doc = json.loads(result.stdout)
+    assert result.exit_code == 0 and doc["dry_run"] and doc["files"] == []
+    assert doc["transforms"] == ["--strip module."] and len(doc["renamed"]) == 120
+    assert [m["key"] for m in doc["shape_mismatch_dropped"]] == ["fc.weight", "fc.bias"]
+    assert list(tmp_path.iterdir()) == [dataparallel_resnet18]
+
+
+def test_adapt_dtype_casts_floats_only(dataparallel_resnet18: Path, tmp_path: Path) -> None:
+    out = tmp_path / "half.safetensors"
+    adapt(
+        dataparallel_resnet18,
+        model="torchvision:resnet18",
+        num_classes=5,
+        auto=True,
+        on_mismatch="drop",
+        dtype="bfloat16",
+        out=str(out),
+    )
+    tensors = ckptool.read_metadata(out).tensors
+    assert tensors["conv1.weight"].dtype == "bfloat16" and tensors["fc.weight"].dtype == "bfloat16"
+    assert tensors["bn1.num_batches_tracked"].dtype == "int64"
+
+
+# --- output safety -------------------------------------------------------------------
+
+
+def test_existing_output_needs_force_and_input_is_never_the_output(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    source = write_checkpoint(seeded_state(MLP), "m.pt")
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"precious")
+    result = run_cli("convert", source, "-o", out)
+    assert result.exit_code == 5 and "exists; add --force" in result.stderr
+    assert out.read_bytes() == b"precious"
+    before = source.read_bytes()
+    for flags in ((), ("--force",)):
+        same = run_cli("convert", source, "-o", source, "--format", "pt", *flags)
+        assert same.exit_code == 5 and "same file as the input" in same.stderr
+    assert source.read_bytes() == before
+    assert run_cli("convert", source, "-o", out, "--force").exit_code == 0
+    assert set(ckptool.read_metadata(out).tensors) == set(seeded_state(MLP))
+
+
+def test_missing_directory_and_unknown_suffix(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    source = write_checkpoint(seeded_state(MLP), "m.pt")
+    result = run_cli("convert", source, "-o", tmp_path / "nope" / "x.safetensors")
+    assert result.exit_code == 5 and "does not exist" in result.stderr
+    result = run_cli("convert", source, "-o", tmp_path / "x.weights")
+    assert result.exit_code == 2 and "--format safetensors|pt" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("failing", "errno_name", "message"),
+    [("os.pwrite", "ENOSPC", "no space left"), ("tempfile.mkstemp", "EACCES", "no permission")],
+    ids=["disk-full", "no-permission"],
+)
+def test_disk_full_and_permission_leave_nothing(
+    run_cli,
+    write_checkpoint: WriteCheckpoint,
+    tmp_path: Path,
+    monkeypatch,
+    failing: str,
+    errno_name: str,
+    message: str,
+) -> None:
+    import errno
+
+    source = write_checkpoint(seeded_state(ConvBN), "m.pt")
+    module_name, attr = failing.rsplit(".", 1)
+    module = sys.modules[module_name] if module_name in sys.modules else __import__(module_name)
+
+    def fail(*args, **kwargs):
+        raise OSError(getattr(errno, errno_name), os.strerror(getattr(errno, errno_name)))
+
+    monkeypatch.setattr(module, attr, fail)
+    result = run_cli("convert", source, "-o", tmp_path / "out.safetensors")
+    monkeypatch.undo()
+    assert (
+        result.exit_code == 5 and message in result.stderr and len(result.stderr.splitlines()) == 1
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_killed_convert_never_leaves_a_torn_file(tmp_path: Path) -> None:
+    """kill -9 a large convert at several moments: OUT is the old file or the new one."""
+    import random
+    import signal
+    import time
+
+    state = {f"w{i}": torch.randn(256, 1024) for i in range(64)}  # 64 MiB
+    source = tmp_path / "big.pt"
+    torch.save(state, source)
+    out = tmp_path / "big.safetensors"
+    out.write_bytes(b"the previous output")
+    rng = random.Random(0)
+    outcomes = set()
+    for _ in range(6):
+        child = subprocess.Popen(
+            [sys.executable, "-m", "ckptool", "convert", str(source), "-o", str(out), "--force"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(rng.uniform(0.2, 1.2))
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        if out.read_bytes() == b"the previous output":
+            outcomes.add("previous")
+        else:
+            meta = ckptool.read_metadata(out)  # a complete, valid file
+            assert set(meta.tensors) == set(state)
+            outcomes.add("new")
+            out.write_bytes(b"the previous output")
+    assert outcomes  # every kill left one of the two, never a torn file
+
+
+def test_streaming_convert_does_not_import_torch(
+    write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    source = write_checkpoint({"state_dict": seeded_state(ConvBN)}, "m.pt")
+    code = (
+        "import sys; from ckptool.surgery import convert\n"
+        f"convert({str(source)!r}, {str(tmp_path / 'm.safetensors')!r})\n"
+        f"convert({str(tmp_path / 'm.safetensors')!r}, {str(tmp_path / 'back.pt')!r})\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    back = torch.load(tmp_path / "back.pt", weights_only=True, mmap=True)
+    assert all(torch.equal(back[k], v) for k, v in seeded_state(ConvBN).items())
+
+
+# --- convert round trips -------------------------------------------------------------
+
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.float8_e4m3fn,
+]
+
+
+@st.composite
+def state_dicts(draw: st.DrawFn) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for i in range(draw(st.integers(1, 6))):
+        dtype = draw(st.sampled_from(DTYPES))
+        shape = draw(st.lists(st.integers(0, 5), max_size=3))
+        raw = torch.randint(
+            0, 255, (max(1, int(torch.tensor(shape).prod())) * 8,), dtype=torch.uint8
+        )
+        count = int(torch.tensor(shape).prod()) if shape else 1
+        tensor = (
+            raw[: count * dtype.itemsize].view(dtype).reshape(shape)
+            if count
+            else torch.empty(shape, dtype=dtype)
+        )
+        state[f"layer{i}.weight"] = tensor
+    names = list(state)
+    kind = draw(st.sampled_from(["plain", "tied", "view", "transposed"]))
+    if kind == "tied":
+        state["tied.weight"] = state[names[0]]
+    elif kind == "view" and state[names[0]].dim() >= 1 and state[names[0]].shape[0] > 1:
+        state["view.row"] = state[names[0]][1]
+    elif kind == "transposed" and state[names[0]].dim() == 2:
+        state["view.t"] = state[names[0]].t()
+    return state
+
+
+def assert_bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert set(a) == set(b)
+    for name, tensor in a.items():
+        other = b[name]
+        assert other.dtype == tensor.dtype and other.shape == tensor.shape, name
+        assert torch.equal(_bits(tensor), _bits(other)), name
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(state=state_dicts(), legacy=st.booleans())
+def test_pt_safetensors_pt_round_trip_is_bit_exact(
+    tmp_path_factory, state: dict[str, torch.Tensor], legacy: bool
+) -> None:
+    folder = tmp_path_factory.mktemp("rt")
+    source = folder / "in.pt"
+    torch.save(state, source, _use_new_zipfile_serialization=not legacy)
+    convert(source, str(folder / "mid.safetensors"))
+    convert(str(folder / "mid.safetensors"), str(folder / "out.pt"))
+    back = torch.load(folder / "out.pt", weights_only=True)
+    assert_bit_equal(state, back)
+    if "tied.weight" in state:  # stored once, restored as tied
+        assert back["tied.weight"].data_ptr() == back[next(iter(state))].data_ptr()
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(state=state_dicts())
+def test_sharded_to_single_round_trip(tmp_path_factory, state: dict[str, torch.Tensor]) -> None:
+    folder = tmp_path_factory.mktemp("sh")
+    torch.save(state, folder / "in.pt")
+    log = convert(folder / "in.pt", str(folder / "model.safetensors"), shard_size=40)
+    index = folder / "model.safetensors.index.json"
+    assert log.files[-1] == str(index)  # the index is written last
+    convert(str(index), str(folder / "single.pt"))
+    assert_bit_equal(state, torch.load(folder / "single.pt", weights_only=True))
+
+
+def test_tied_weights_convert(run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path) -> None:
+    source = write_checkpoint(Tied().state_dict(), "tied.pt")
+    result = run_cli("convert", source, "-o", tmp_path / "tied.safetensors", "--json")
+    assert json.loads(result.stdout)["aliases"] == {"out.weight": "embed.weight"}
+    assert result.exit_code == 0
+    from safetensors.torch import load_file
+
+    assert set(load_file(tmp_path / "tied.safetensors")) == {"embed.weight"}  # stored once
+    state = ckptool.load_state_dict(tmp_path / "tied.safetensors")
+    assert state["out.weight"] is state["embed.weight"]
+    model = Tied()
+    model.load_state_dict(state, strict=True)
+
+
+def test_convert_dtype_and_zip64_archive_loads_in_torch(tmp_path: Path) -> None:
+    from ckptool.formats.torch_zip_writer import write_torch_zip
+    from ckptool.formats.write import OutTensor
+
+    state = seeded_state(ConvBN)
+    torch.save(state, tmp_path / "in.pt")
+    log = convert(tmp_path / "in.pt", str(tmp_path / "half.pt"), dtype="float16")
+    half = torch.load(tmp_path / "half.pt", weights_only=True)
+    assert (
+        half["conv.weight"].dtype == torch.float16
+        and half["bn.num_batches_tracked"].dtype == torch.int64
+    )
+    assert "conv.weight" in log.cast and "bn.num_batches_tracked" not in log.cast
+    plan = [OutTensor("w", "float32", (2, 2), torch.arange(4.0).numpy().tobytes())]
+    with open(tmp_path / "z64.pt", "w+b") as f:
+        write_torch_zip(f, plan, force_zip64=True)
+    for mmap in (False, True):
+        assert torch.equal(
+            torch.load(tmp_path / "z64.pt", weights_only=True, mmap=mmap)["w"],
+            torch.arange(4.0).reshape(2, 2),
+        )
+
+
+# --- merge ---------------------------------------------------------------------------
+
+
+def test_merge_take_puts_trained_head_on_backbone(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    backbone = seeded_state(MLP)
+    trained = {k: v + 1 for k, v in backbone.items()}
+    a = write_checkpoint(backbone, "a.safetensors")
+    b = write_checkpoint(trained, "b.pt")
+    out = tmp_path / "merged.safetensors"
+    result = run_cli("merge", a, b, "--take", "head.=1", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    merged = ckptool.load_state_dict(out)
+    assert torch.equal(merged["body.weight"], backbone["body.weight"])
+    assert torch.equal(merged["head.weight"], trained["head.weight"])
+    assert list(merged) == list(ckptool.read_metadata(a).tensors)  # the base's order
+
+
+def test_merge_average(write_checkpoint: WriteCheckpoint, tmp_path: Path) -> None:
+    states = [seeded_state(ConvBN)]
+    states += [
+        {k: v + i if v.is_floating_point() else v for k, v in states[0].items()} for i in (1, 2)
+    ]
+    paths = [write_checkpoint(s, f"s{i}.pt") for i, s in enumerate(states)]
+    log = merge([str(p) for p in paths], str(tmp_path / "soup.safetensors"), average=True)
+    soup = ckptool.load_state_dict(tmp_path / "soup.safetensors")
+    assert torch.allclose(soup["conv.weight"], states[0]["conv.weight"] + 1)
+    assert torch.equal(soup["bn.num_batches_tracked"], states[0]["bn.num_batches_tracked"])
+    assert "conv.weight" in log.averaged
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (("--average",), 1, "average needs identical keys and shapes"),
+        (("--take", "head.=5"), 2, "inputs are numbered 0 \\(BASE\\) to 1"),
+        (("--take", "nothere.=1"), 2, "has no keys under 'nothere.'"),
+        (("--take", "head"), 2, "must be PREFIX=N"),
+        ((), 2, "either --take PREFIX=N or --average"),
+    ],
+    ids=["average-mismatch", "index-range", "empty-prefix", "malformed", "no-mode"],
+)
+def test_merge_errors(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path, args, code: int, message: str
+) -> None:
+    import re
+
+    a = write_checkpoint(seeded_state(MLP), "a.pt")
+    b = write_checkpoint(seeded_state(MLP, num_classes=7), "b.pt")
+    result = run_cli("merge", a, b, *args, "-o", tmp_path / "m.safetensors")
+    assert result.exit_code == code and re.search(message, result.stderr), result.stderr
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_api_errors_are_typed(dataparallel_resnet18: Path, tmp_path: Path) -> None:
+    with pytest.raises(IncompatibleError):
+        adapt(
+            dataparallel_resnet18,
+            model="torchvision:resnet18",
+            num_classes=5,
+            out=str(tmp_path / "x.pt"),
+        )
+    with pytest.raises(UsageError, match="--shard-size writes safetensors"):
+        convert(dataparallel_resnet18, str(tmp_path / "x.pt"), shard_size=10)
