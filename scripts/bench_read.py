@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 # Each child prints the seconds its operation took (excluding interpreter start-up).
 TORCH_LOAD = (
@@ -46,11 +47,14 @@ def make_checkpoints(workdir: str, gigabytes: float) -> tuple[str, str]:
     return pt, st
 
 
-def write_checkpoints(pt: str, st: str, gigabytes: float) -> None:
-    import torch
-    from safetensors.torch import save_file
+HIDDEN, VOCAB, HEAD = 1280, 32000, 1000
 
-    hidden, layers, vocab = 1280, int(24 * gigabytes / 2), 32000
+
+def transformer_state(gigabytes: float) -> dict[str, Any]:
+    """~290 tensors for 2 GB: embedding, attention and MLP blocks, norms, a head."""
+    import torch
+
+    hidden, layers, vocab = HIDDEN, int(24 * gigabytes / 2), VOCAB
     state: dict[str, torch.Tensor] = {"embed.weight": torch.empty(vocab, hidden)}
     for i in range(layers):
         p = f"layers.{i}."
@@ -62,7 +66,15 @@ def write_checkpoints(pt: str, st: str, gigabytes: float) -> None:
         for norm in ("norm1", "norm2"):
             state[p + f"{norm}.weight"] = torch.ones(hidden)
             state[p + f"{norm}.bias"] = torch.zeros(hidden)
-    state["head.weight"] = torch.empty(1000, hidden)
+    state["head.weight"] = torch.empty(HEAD, hidden)
+    return state
+
+
+def write_checkpoints(pt: str, st: str, gigabytes: float) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    state = transformer_state(gigabytes)
     torch.save({"state_dict": state, "epoch": 1}, pt)
     save_file(state, st)
 

@@ -6,7 +6,7 @@ import enum
 import json
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ckptool.errors import UsageError
@@ -93,30 +93,48 @@ def save_tensors(
         if dedupe_tied and fmt is OutputFormat.SAFETENSORS
         else (list(tensors), {})
     )
-    with atomic_output(out) as temp:
+    with atomic_output(out) as temp, ThreadPoolExecutor(max_workers=1) as pool:
         if fmt is OutputFormat.SAFETENSORS:
             extra = {ALIASES_KEY: json.dumps(aliases)} if aliases else {}
-            write_safetensors(temp.file, stored, {**(metadata or {}), **extra}, deferred=deferred)
-            temp.file.flush()
-            written = read_safetensors_meta(temp.path)
+            finish = write_safetensors(
+                temp.file, stored, {**(metadata or {}), **extra}, deferred=deferred
+            )
         else:
             write_torch_zip(temp.file, stored)
-            temp.file.flush()
-            written = read_zip_meta(temp.path, key=None)
+            finish = _nothing_to_patch
+        temp.file.flush()
+        # Write-back to disk, the rest of the source hash and verification overlap.
+        synced = pool.submit(os.fsync, temp.file.fileno())
+        written = (
+            read_safetensors_meta(temp.path)
+            if fmt is OutputFormat.SAFETENSORS
+            else read_zip_meta(temp.path, key=None)
+        )
         verify_output(written, stored, aliases=aliases)
+        finish()
+        synced.result()
     return SavedFile((out,), sum(t.nbytes for t in stored), aliases)
 
 
+def _nothing_to_patch() -> None:
+    pass
+
+
 def split_aliases(tensors: Sequence[OutTensor]) -> tuple[list[OutTensor], dict[str, str]]:
-    """Keep the first name for each shared source; map the others to it."""
-    first: dict[ByteSource, str] = {}
+    """Keep the first name of each tied tensor (same bytes, dtype, shape); map the rest to it."""
+    first: dict[tuple[ByteSource, str, tuple[int, ...]], str] = {}
     stored, aliases = [], {}
     for tensor in tensors:
-        if isinstance(tensor.data, ByteSource) and tensor.data in first:
-            aliases[tensor.name] = first[tensor.data]
+        identity = (
+            (tensor.data, tensor.dtype, tensor.shape)
+            if isinstance(tensor.data, ByteSource)
+            else None
+        )
+        if identity is not None and identity in first:
+            aliases[tensor.name] = first[identity]
             continue
-        if isinstance(tensor.data, ByteSource):
-            first[tensor.data] = tensor.name
+        if identity is not None:
+            first[identity] = tensor.name
         stored.append(tensor)
     return stored, aliases
 

@@ -42,11 +42,14 @@ def write_torch_zip(
     Tensors whose data is the same :class:`ByteSource` share one storage record, so
     tied weights stay tied when loaded.
     """
-    storage_keys: dict[ByteSource | int, str] = {}
+    storage_keys: dict[object, str] = {}
     storages: list[tuple[str, OutTensor]] = []
     entries = []
     for index, tensor in enumerate(tensors):
-        identity: ByteSource | int = tensor.data if isinstance(tensor.data, ByteSource) else index
+        # Typed storages: sharing needs the same bytes and the same dtype.
+        identity: object = index
+        if isinstance(tensor.data, ByteSource):
+            identity = (tensor.data, tensor.dtype)
         if identity not in storage_keys:
             storage_keys[identity] = str(len(storages))
             storages.append((storage_keys[identity], tensor))

@@ -1,0 +1,146 @@
+"""Benchmark: writing a ~2 GB checkpoint with ckptool versus cp and torch.load+torch.save.
+
+Makes the transformer-shaped checkpoint of bench_read.py with DataParallel 'module.'
+keys, as a torch.save zip and as safetensors, then runs, each in a fresh process,
+REPEATS times, interleaved, with `sync` before each run so one run's write-back does
+not slow the next: cp (the floor), ckptool convert both ways, ckptool adapt (strip the
+prefix, replace the head: the 2 GB model is built on the meta device), and the naive
+torch.load + torch.save. Prints medians of wall time and peak RSS (wait4).
+
+    python scripts/bench_write.py [--workdir DIR] [--repeats 3] [--gb 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_read import HEAD, HIDDEN, VOCAB, run
+
+MODEL = textwrap.dedent(
+    f"""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, h):
+            super().__init__()
+            self.attn = nn.Module()
+            for name in ("q", "k", "v", "o"):
+                self.attn.add_module(name, nn.Linear(h, h))
+            self.mlp = nn.Module()
+            self.mlp.up = nn.Linear(h, 4 * h, bias=False)
+            self.mlp.down = nn.Linear(4 * h, h, bias=False)
+            self.norm1, self.norm2 = nn.LayerNorm(h), nn.LayerNorm(h)
+
+    class Net(nn.Module):
+        def __init__(self, layers=24):
+            super().__init__()
+            self.embed = nn.Embedding({VOCAB}, {HIDDEN})
+            self.layers = nn.ModuleList(Block({HIDDEN}) for _ in range(layers))
+            self.head = nn.Linear({HIDDEN}, {HEAD}, bias=False)
+    """
+)
+
+
+def make_inputs(workdir: str, gigabytes: float) -> tuple[str, str, str]:
+    pt, st = os.path.join(workdir, "big.pt"), os.path.join(workdir, "big.safetensors")
+    code = (
+        f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+        "import torch, bench_read\n"
+        "from safetensors.torch import save_file\n"
+        f"state = bench_read.transformer_state({gigabytes!r})\n"
+        f"torch.save({{'module.' + k: v for k, v in state.items()}}, {pt!r})\n"
+        f"save_file(state, {st!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)  # keeps this process small
+    model = os.path.join(workdir, "bench_model.py")
+    with open(model, "w", encoding="utf-8") as f:
+        f.write(MODEL)
+    return pt, st, model
+
+
+def contenders(
+    pt: str, st: str, model: str, gigabytes: float, out_dir: str
+) -> dict[str, tuple[list[str], str]]:
+    """name -> (argv, output file name inside out_dir)."""
+
+    def out(name: str) -> str:
+        return os.path.join(out_dir, name)
+
+    ck = [sys.executable, "-m", "ckptool"]
+    model_flags = ["--model", f"{model}:Net", "--model-arg", f"layers={int(24 * gigabytes / 2)}"]
+    naive = f"import torch; torch.save(torch.load({pt!r}, weights_only=True), {out('n.pt')!r})"
+    return {
+        "cp .pt": (["cp", pt, out("cp.pt")], "cp.pt"),
+        "ckptool convert .pt -> .safetensors": (
+            [*ck, "convert", pt, "-o", out("c.safetensors")],
+            "c.safetensors",
+        ),
+        "ckptool convert .safetensors -> .pt": ([*ck, "convert", st, "-o", out("c.pt")], "c.pt"),
+        "ckptool adapt (strip module., new head)": (
+            [
+                *ck,
+                "adapt",
+                pt,
+                *model_flags,
+                "--num-classes",
+                "10",
+                "--strip",
+                "module.",
+                "--drop",
+                "head.",
+                "-o",
+                out("a.safetensors"),
+            ],
+            "a.safetensors",
+        ),
+        "torch.load + torch.save (naive)": ([sys.executable, "-c", naive], "n.pt"),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workdir", help="where to write (default: a temp dir)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gb", type=float, default=2.0)
+    args = parser.parse_args()
+    workdir = args.workdir or tempfile.mkdtemp(prefix="ckptool-bench-")
+    try:
+        pt, st, model = make_inputs(workdir, args.gb)
+        runs = contenders(pt, st, model, args.gb, workdir)
+        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+        for _ in range(args.repeats):
+            for name, (argv, output) in runs.items():
+                subprocess.run(["sync"], check=True)
+                wall, rss, _ = run(argv)
+                samples[name].append((wall, rss))
+                os.unlink(os.path.join(workdir, output))
+        report(samples, os.path.getsize(pt) / 2**30, args.repeats)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def report(samples: dict[str, list[tuple[float, float]]], size: float, repeats: int) -> None:
+    floor = statistics.median(s[0] for s in samples["cp .pt"])
+    print(f"checkpoint: {size:.2f} GiB, medians of {repeats} runs, each a fresh process after sync")
+    print("| command | wall (s) | / cp | peak RSS (MiB) |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, rows in samples.items():
+        wall = statistics.median(r[0] for r in rows)
+        rss = statistics.median(r[1] for r in rows)
+        print(f"| {name} | {wall:.2f} | {wall / floor:.2f}x | {rss:.0f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
