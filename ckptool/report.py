@@ -173,10 +173,7 @@ def diff_json(report: CheckpointDiff) -> dict[str, Any]:
         "matched": list(keys.matched),
         "missing": list(keys.missing),
         "unexpected": list(keys.unexpected),
-        "shape_mismatch": [
-            {"key": m.key, "source": list(m.source), "target": list(m.target)}
-            for m in keys.shape_mismatch
-        ],
+        "shape_mismatch": _mismatches_json(keys.shape_mismatch),
         "dtype_mismatch": [
             {"key": m.key, "source": m.source, "target": m.target} for m in keys.dtype_mismatch
         ],
@@ -191,6 +188,10 @@ def diff_json(report: CheckpointDiff) -> dict[str, Any]:
         "fix": keys.fix.transforms.flags() if keys.fix else None,
         "values": _values_json(report.values),
     }
+
+
+def _mismatches_json(mismatches: Sequence[ShapeMismatch]) -> list[dict[str, Any]]:
+    return [{"key": m.key, "source": list(m.source), "target": list(m.target)} for m in mismatches]
 
 
 def _values_json(values: ValueDiff | None) -> dict[str, Any] | None:
@@ -360,10 +361,7 @@ def surgery_json(log: SurgeryLog) -> dict[str, Any]:
         "renamed": dict(log.renamed),
         "dropped": list(log.dropped),
         "left_out": list(log.left_out),
-        "shape_mismatch_dropped": [
-            {"key": m.key, "source": list(m.source), "target": list(m.target)}
-            for m in log.mismatched
-        ],
+        "shape_mismatch_dropped": _mismatches_json(log.mismatched),
         "reinit": list(log.reinit),
         "filled": list(log.filled),
         "init": log.init_method or None,

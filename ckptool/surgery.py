@@ -22,8 +22,20 @@ from ckptool.errors import IncompatibleError, UsageError
 from ckptool.formats import CheckpointMeta, read_metadata
 from ckptool.formats.load import TensorReader, open_tensors
 from ckptool.formats.meta import TensorMeta
-from ckptool.formats.save import OutputFormat, output_format_for, save_sharded, save_tensors
-from ckptool.formats.write import ByteSource, OutTensor, check_output, sha256_in_background
+from ckptool.formats.save import (
+    OutputFormat,
+    SavedFile,
+    output_format_for,
+    save_sharded,
+    save_tensors,
+)
+from ckptool.formats.write import (
+    ByteSource,
+    OutTensor,
+    check_output,
+    sha256_file,
+    sha256_in_background,
+)
 from ckptool.keys import KeyDiff, ShapeMismatch, Transforms, diff, fold_names, under_prefix
 
 if TYPE_CHECKING:
@@ -161,7 +173,7 @@ def adapt(
         return log
     init, method = initial_values(model, model_args, num_classes, head, to_fill, target, seed=seed)
     original = {new: old for old, new in keys.renamed.items()}
-    with ExitStack() as stack, ThreadPoolExecutor(max_workers=1) as pool:
+    with ExitStack() as stack:
         sources = SourceBytes(meta, stack)
         plan = []
         for name, wanted in target.items():
@@ -172,17 +184,33 @@ def adapt(
                 data = tensor_bytes(init[name], out_dtype)
             plan.append(OutTensor(name, out_dtype, wanted.shape, data))
         metadata = provenance("adapt", meta, transforms, model=model)
+        saved = _save_hashed(out, plan, fmt_out, meta, metadata, force=force)
+    return _finished(log, saved.paths, saved.nbytes, init_method=method)
+
+
+def _save_hashed(
+    out: str,
+    plan: Sequence[OutTensor],
+    fmt: OutputFormat,
+    meta: CheckpointMeta,
+    metadata: dict[str, str],
+    *,
+    force: bool,
+    dedupe_tied: bool = False,
+) -> SavedFile:
+    """Save with the source's sha256 in the metadata, hashed while the bytes are copied."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
         deferred = {"ckptool.source_sha256": sha256_in_background(_hashed_file(meta), pool)}
-        saved = save_tensors(
+        return save_tensors(
             out,
             plan,
-            fmt=fmt_out,
+            fmt=fmt,
             inputs=meta.files,
             force=force,
             metadata=metadata,
             deferred=deferred,
+            dedupe_tied=dedupe_tied,
         )
-    return _finished(log, saved.paths, saved.nbytes, init_method=method)
 
 
 def _with_suggested_prefix(
@@ -423,32 +451,18 @@ def convert(
     )
     if dry_run:
         return log
-    with ExitStack() as stack, ThreadPoolExecutor(max_workers=1) as pool:
+    with ExitStack() as stack:
         plan = _plan_all(SourceBytes(meta, stack), dtype)
         metadata = provenance("convert", meta)
         if shard_size is not None:
             # Shards are written one by one, so the hash is needed before the first.
-            metadata["ckptool.source_sha256"] = _sha256_now(meta, pool)
+            metadata["ckptool.source_sha256"] = sha256_file(_hashed_file(meta))
             saved = save_sharded(
                 out, plan, max_bytes=shard_size, inputs=meta.files, force=force, metadata=metadata
             )
         else:
-            deferred = {"ckptool.source_sha256": sha256_in_background(_hashed_file(meta), pool)}
-            saved = save_tensors(
-                out,
-                plan,
-                fmt=fmt_out,
-                inputs=meta.files,
-                force=force,
-                metadata=metadata,
-                deferred=deferred,
-                dedupe_tied=True,
-            )
+            saved = _save_hashed(out, plan, fmt_out, meta, metadata, force=force, dedupe_tied=True)
     return _finished(log, saved.paths, saved.nbytes, aliases=saved.aliases)
-
-
-def _sha256_now(meta: CheckpointMeta, pool: ThreadPoolExecutor) -> str:
-    return sha256_in_background(_hashed_file(meta), pool).result()
 
 
 def _plan_all(sources: SourceBytes, dtype: str | None) -> list[OutTensor]:

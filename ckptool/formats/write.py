@@ -240,19 +240,20 @@ def copy_range(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, lengt
 # --- provenance and verification -----------------------------------------------------
 
 
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file, read in bounded chunks."""
+    hasher = hashlib.sha256()
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while count := f.readinto(buffer):
+            hasher.update(view[:count])
+    return hasher.hexdigest()
+
+
 def sha256_in_background(path: str, pool: ThreadPoolExecutor) -> Future[str]:
     """Hash a file on another thread (hashlib releases the GIL) while the copy runs."""
-
-    def digest() -> str:
-        hasher = hashlib.sha256()
-        buffer = bytearray(CHUNK)
-        view = memoryview(buffer)
-        with open(path, "rb", buffering=0) as f:
-            while count := f.readinto(buffer):
-                hasher.update(view[:count])
-        return hasher.hexdigest()
-
-    return pool.submit(digest)
+    return pool.submit(sha256_file, path)
 
 
 def verify_output(
