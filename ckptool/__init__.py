@@ -26,8 +26,10 @@ if TYPE_CHECKING:
     from ckptool.compare import diff_checkpoint as diff
     from ckptool.formats import read_metadata
     from ckptool.formats.load import load_state_dict
+    from ckptool.formats.save import save_state_dict
     from ckptool.keys import Transforms
     from ckptool.models import build_model, replace_head
+    from ckptool.surgery import adapt, convert, merge
 
 _LAZY = {
     "read_metadata": ("ckptool.formats", "read_metadata"),
@@ -36,6 +38,10 @@ _LAZY = {
     "Transforms": ("ckptool.keys", "Transforms"),
     "build_model": ("ckptool.models", "build_model"),
     "replace_head": ("ckptool.models", "replace_head"),
+    "save_state_dict": ("ckptool.formats.save", "save_state_dict"),
+    "adapt": ("ckptool.surgery", "adapt"),
+    "convert": ("ckptool.surgery", "convert"),
+    "merge": ("ckptool.surgery", "merge"),
 }
 
 __all__ = [
@@ -50,11 +56,15 @@ __all__ = [
     "UnsafeCheckpointError",
     "UsageError",
     "__version__",
+    "adapt",
     "build_model",
+    "convert",
     "diff",
     "load_state_dict",
+    "merge",
     "read_metadata",
     "replace_head",
+    "save_state_dict",
 ]
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from ckptool._version import __version__
 from ckptool.errors import IncompatibleError, UsageError
 from ckptool.formats import CheckpointMeta, read_metadata
-from ckptool.formats.load import TensorReader, open_tensors
+from ckptool.formats.load import TensorReader, open_tensors, tensor_bytes
 from ckptool.formats.meta import TensorMeta
 from ckptool.formats.save import (
     OutputFormat,
@@ -106,16 +106,6 @@ class SourceBytes:
         if self._reader is None:
             self._reader = self._stack.enter_context(open_tensors(self.meta))
         return self._reader.get(name)
-
-
-def tensor_bytes(tensor: torch.Tensor, dtype: str | None = None) -> bytes:
-    """The raw little-endian bytes of ``tensor`` (cast to ``dtype``), C-contiguous."""
-    import torch
-
-    if dtype is not None and str(tensor.dtype) != f"torch.{dtype}":
-        tensor = tensor.to(getattr(torch, dtype))
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
 # --- adapt ---------------------------------------------------------------------------

@@ -479,3 +479,20 @@ def test_api_errors_are_typed(dataparallel_resnet18: Path, tmp_path: Path) -> No
         )
     with pytest.raises(UsageError, match="--shard-size writes safetensors"):
         convert(dataparallel_resnet18, str(tmp_path / "x.pt"), shard_size=10)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_save_state_dict_keeps_ties_views_and_refuses_overwrite(tmp_path: Path, suffix: str) -> None:
+    model = Tied()
+    state = dict(model.state_dict())
+    state["row"] = state["embed.weight"][2]  # a view: saved as its own tensor
+    state["half"] = torch.arange(4.0, dtype=torch.bfloat16)
+    path = tmp_path / f"s{suffix}"
+    ckptool.save_state_dict(state, path)
+    loaded = ckptool.load_state_dict(path)
+    assert_bit_equal(state, loaded)
+    assert loaded["out.weight"].data_ptr() == loaded["embed.weight"].data_ptr()
+    with pytest.raises(ckptool.OutputError, match="exists; add --force"):
+        ckptool.save_state_dict(state, path)
+    ckptool.save_state_dict({"x": torch.ones(1)}, path, force=True)
+    assert set(ckptool.load_state_dict(path)) == {"x"}

@@ -143,3 +143,13 @@ def _is_tensor(value: Any) -> bool:
     import torch
 
     return isinstance(value, torch.Tensor)
+
+
+def tensor_bytes(tensor: torch.Tensor, dtype: str | None = None) -> bytes:
+    """The raw little-endian bytes of ``tensor`` (cast to ``dtype``), C-contiguous."""
+    import torch
+
+    if dtype is not None and str(tensor.dtype) != f"torch.{dtype}":
+        tensor = tensor.to(getattr(torch, dtype))
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""

@@ -8,13 +8,17 @@ import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ckptool.errors import UsageError
 from ckptool.formats.safetensors_header import ALIASES_KEY, read_safetensors_meta
 from ckptool.formats.torch_pickle import read_zip_meta
 from ckptool.formats.torch_zip_writer import write_torch_zip
+
+if TYPE_CHECKING:
+    import torch
+
 from ckptool.formats.write import (
-    ByteSource,
     OutTensor,
     atomic_output,
     check_output,
@@ -122,14 +126,12 @@ def _nothing_to_patch() -> None:
 
 def split_aliases(tensors: Sequence[OutTensor]) -> tuple[list[OutTensor], dict[str, str]]:
     """Keep the first name of each tied tensor (same bytes, dtype, shape); map the rest to it."""
-    first: dict[tuple[ByteSource, str, tuple[int, ...]], str] = {}
+    first: dict[object, str] = {}
     stored, aliases = [], {}
     for tensor in tensors:
-        identity = (
-            (tensor.data, tensor.dtype, tensor.shape)
-            if isinstance(tensor.data, ByteSource)
-            else None
-        )
+        identity = None
+        if tensor.identity is not None:
+            identity = (tensor.identity, tensor.dtype, tensor.shape)
         if identity is not None and identity in first:
             aliases[tensor.name] = first[identity]
             continue
@@ -175,11 +177,53 @@ def save_sharded(
     weight_map: dict[str, str] = {}
     total = 0
     for shard_path, shard in zip(names, plan, strict=True):
-        saved = save_tensors(shard_path, shard, fmt=OutputFormat.SAFETENSORS, inputs=inputs,
-                             force=True, metadata=metadata)  # fmt: skip
+        saved = save_tensors(
+            shard_path,
+            shard,
+            fmt=OutputFormat.SAFETENSORS,
+            inputs=inputs,
+            force=True,
+            metadata=metadata,
+        )
         total += saved.nbytes
         weight_map.update(dict.fromkeys((t.name for t in shard), os.path.basename(shard_path)))
     index = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}
     with atomic_output(index_path) as temp:
         temp.file.write(json.dumps(index, indent=2).encode())
     return SavedFile((*names, index_path), total, {})
+
+
+def save_state_dict(
+    state: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    *,
+    fmt: str | None = None,
+    force: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> SavedFile:
+    """Save a state dict atomically (temp file, fsync, rename) and verify it by reading back.
+
+    The format follows the suffix (``.safetensors``, or ``.pt/.pth/.bin/.ckpt``) unless
+    ``fmt`` names it. Tied tensors stay tied: one storage in ``.pt``; in safetensors
+    one copy plus a ``ckptool.aliases`` entry that :func:`ckptool.load_state_dict` honours.
+
+    Raises:
+        OutputError: ``path`` exists without ``force``, no space, no permission.
+        UsageError: unknown format.
+    """
+    out = os.fspath(path)
+    chosen = output_format_for(out, fmt)
+    plan = [_out_tensor(name, tensor) for name, tensor in state.items()]
+    return save_tensors(
+        out, plan, fmt=chosen, inputs=(), force=force, metadata=metadata, dedupe_tied=True
+    )
+
+
+def _out_tensor(name: str, tensor: torch.Tensor) -> OutTensor:
+    from ckptool.formats.load import tensor_bytes
+
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    tie = None
+    if tensor.numel():  # views of one storage with the same layout are the same tensor
+        tie = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.stride()))
+    return OutTensor(name, dtype, tuple(tensor.shape), tensor_bytes(tensor), tie=tie)

@@ -48,8 +48,8 @@ def write_torch_zip(
     for index, tensor in enumerate(tensors):
         # Typed storages: sharing needs the same bytes and the same dtype.
         identity: object = index
-        if isinstance(tensor.data, ByteSource):
-            identity = (tensor.data, tensor.dtype)
+        if tensor.identity is not None:
+            identity = (tensor.identity, tensor.dtype)
         if identity not in storage_keys:
             storage_keys[identity] = str(len(storages))
             storages.append((storage_keys[identity], tensor))

@@ -52,6 +52,14 @@ class OutTensor:
     dtype: str
     shape: tuple[int, ...]
     data: ByteSource | bytes
+    tie: object = None  # tensors with equal non-None ties are one tensor (tied weights)
+
+    @property
+    def identity(self) -> object:
+        """Equal identities mean the same bytes: stored once, loaded as tied."""
+        if self.tie is not None:
+            return self.tie
+        return self.data if isinstance(self.data, ByteSource) else None
 
     @property
     def nbytes(self) -> int:
