@@ -23,10 +23,13 @@ from ckptool.errors import (
 )
 
 if TYPE_CHECKING:
+    from ckptool.check import check
     from ckptool.compare import diff_checkpoint as diff
     from ckptool.formats import read_metadata
     from ckptool.formats.load import load_state_dict
     from ckptool.formats.save import save_state_dict
+    from ckptool.freezing import freeze, summarize
+    from ckptool.guard import FreezeGuard, FrozenParameterError, GuardReport
     from ckptool.keys import Transforms
     from ckptool.models import build_model, replace_head
     from ckptool.surgery import adapt, convert, merge
@@ -42,12 +45,21 @@ _LAZY = {
     "adapt": ("ckptool.surgery", "adapt"),
     "convert": ("ckptool.surgery", "convert"),
     "merge": ("ckptool.surgery", "merge"),
+    "check": ("ckptool.check", "check"),
+    "freeze": ("ckptool.freezing", "freeze"),
+    "summarize": ("ckptool.freezing", "summarize"),
+    "FreezeGuard": ("ckptool.guard", "FreezeGuard"),
+    "FrozenParameterError": ("ckptool.guard", "FrozenParameterError"),
+    "GuardReport": ("ckptool.guard", "GuardReport"),
 }
 
 __all__ = [
     "AmbiguousContainerError",
     "CheckpointReadError",
     "CkptError",
+    "FreezeGuard",
+    "FrozenParameterError",
+    "GuardReport",
     "IncompatibleError",
     "ModelSpecError",
     "OutputError",
@@ -58,13 +70,16 @@ __all__ = [
     "__version__",
     "adapt",
     "build_model",
+    "check",
     "convert",
     "diff",
+    "freeze",
     "load_state_dict",
     "merge",
     "read_metadata",
     "replace_head",
     "save_state_dict",
+    "summarize",
 ]
 
 

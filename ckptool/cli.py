@@ -185,9 +185,17 @@ def diff(
         strip=strip, add_prefix=add_prefix, rename=rename, drop=drop, reinit=reinit
     )
     result = diff_checkpoint(
-        source, target, model=model, model_args=model_args, num_classes=num_classes,
-        head=head, key=key, target_key=target_key, transforms=transforms, values=values,
-    )  # fmt: skip
+        source,
+        target,
+        model=model,
+        model_args=model_args,
+        num_classes=num_classes,
+        head=head,
+        key=key,
+        target_key=target_key,
+        transforms=transforms,
+        values=values,
+    )
     if as_json:
         _emit_json(diff_json(result))
     else:
@@ -208,6 +216,80 @@ def _model_flags(
     flags += [f"--num-classes {num_classes}"] if num_classes is not None else []
     flags += [f"--head {head}"] if head else []
     return flags
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@model_options
+@transform_options
+@click.option(
+    "--train", multiple=True, metavar="P", help="Only parameters under P (or glob) train."
+)
+@click.option(
+    "--freeze",
+    "freeze_names",
+    multiple=True,
+    metavar="P",
+    help="Freeze parameters under P (or glob).",
+)
+@click.option(
+    "--strategy",
+    type=click.Choice(["linear", "partial", "full", "scratch"]),
+    help="Transfer-learning scenario (default: linear, only the head trains).",
+)
+@click.option(
+    "--freeze-until",
+    metavar="MODULE",
+    help="With --strategy partial: last frozen top-level module.",
+)
+@click.option(
+    "--input-shape",
+    metavar="C,H,W",
+    help="Sample shape for the synthetic batch (default: inferred).",
+)
+@click.option("--key", metavar="PATH", help="Tensor dict inside CHECKPOINT.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@handle_errors
+def check(
+    checkpoint: str, model: str | None, input_shape: str | None, as_json: bool, **options: Any
+) -> None:
+    """Pre-training sanity check: strict load, finite values, one guarded training step.
+
+    Exit 0 only if the checkpoint loads strictly (after the transform flags), every
+    floating tensor is finite, frozen tensors stay bit-identical through one optimizer
+    step on a synthetic batch, and every trainable parameter moves.
+    """
+    from ckptool.check import check as run_check
+    from ckptool.keys import Transforms
+    from ckptool.report import check_json, make_console, render_check
+
+    if model is None:
+        raise UsageError("check needs --model SPEC, e.g. --model torchvision:resnet18")
+    transforms = Transforms.from_flags(**{k: options.pop(k) for k in _TRANSFORM_FLAGS})
+    train, freeze_names = options.pop("train") or None, options.pop("freeze_names") or None
+    shape = _parse_shape(input_shape) if input_shape else None
+    result = run_check(
+        checkpoint,
+        model=model,
+        transforms=transforms,
+        train=train,
+        freeze_names=freeze_names,
+        input_shape=shape,
+        **options,
+    )
+    if as_json:
+        _emit_json(check_json(result))
+    else:
+        render_check(result, make_console())
+    sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    parts = text.replace("x", ",").split(",")
+    if not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise UsageError(f"--input-shape {text!r} must be positive integers like 3,224,224")
+    return tuple(int(p) for p in parts)
 
 
 DTYPES = click.Choice(["float32", "float16", "bfloat16", "float64"])
@@ -337,8 +419,18 @@ def _parse_take(item: str) -> tuple[str, int]:
     return prefix, int(index)
 
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str) -> int:

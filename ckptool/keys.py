@@ -225,9 +225,9 @@ def diff(
     result = _compare(source, target, renaming, transforms)
     if not suggest:
         return result
-    suggestions = suggest_prefixes(
-        list(renaming.mapping), list(target), baseline=len(result.matched)
-    )
+    # Candidates are scored by name matches, so the baseline counts mismatched shapes too.
+    named = len(result.matched) + len(result.shape_mismatch)
+    suggestions = suggest_prefixes(list(renaming.mapping), list(target), baseline=named)
     best = suggestions[0] if suggestions else None
     tied = tuple(s for s in suggestions if best and s.matched == best.matched)
     # With tied, different prefixes there is no single fix to recommend; the report lists them.
@@ -293,6 +293,8 @@ def suggest_prefixes(
     by_result: dict[tuple[str, ...], Suggestion] = {}
     for strip in _strip_candidates(source):
         for add in _add_candidates(target):
+            if not strip and not add:
+                continue  # the names as given: that is the baseline, not a suggestion
             renamed = tuple(add + s[len(strip) :] for s in source)
             matched = sum(1 for name in renamed if name in target_set)
             if matched <= baseline:

@@ -11,8 +11,11 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from ckptool.check import CheckResult
 from ckptool.compare import CheckpointDiff
 from ckptool.formats.meta import CheckpointMeta
+from ckptool.freezing import FreezeSummary
+from ckptool.guard import GuardReport
 from ckptool.keys import (
     Fix,
     FixStep,
@@ -414,3 +417,139 @@ def render_surgery(log: SurgeryLog, console: Console) -> None:
             "verified by reading it back",
             markup=False,
         )
+
+
+# --- freezing, guard, check ----------------------------------------------------------
+
+
+def freeze_summary_json(summary: FreezeSummary) -> dict[str, Any]:
+    return {
+        "total": summary.total,
+        "trainable": summary.trainable,
+        "frozen": summary.frozen,
+        "frozen_buffers": summary.frozen_buffers,
+        "modules": [
+            {
+                "name": m.name,
+                "trainable": m.trainable,
+                "frozen": m.frozen,
+                "frozen_buffers": m.frozen_buffers,
+                "status": m.status,
+            }
+            for m in summary.modules
+        ],
+        "conflicts": [list(c) for c in summary.conflicts],
+    }
+
+
+def freeze_summary_table(summary: FreezeSummary, console: Console) -> Table:
+    """Keras-style: per top-level module, trainable / frozen parameters and status."""
+    table = _table(console, "module", "trainable", "frozen", "frozen buffers", "status")
+    for m in summary.modules[:MAX_ROWS]:
+        table.add_row(
+            m.name, f"{m.trainable:,}", f"{m.frozen:,}", f"{m.frozen_buffers:,}", m.status
+        )
+    table.add_row(
+        "total", f"{summary.trainable:,}", f"{summary.frozen:,}", f"{summary.frozen_buffers:,}", ""
+    )
+    return table
+
+
+def guard_json(report: GuardReport) -> dict[str, Any]:
+    return {
+        "verdict": "ok" if report.ok else "violated",
+        "steps_checked": report.steps_checked,
+        "parameters_watched": report.parameters_watched,
+        "buffers_watched": report.buffers_watched,
+        "elements_watched": report.elements_watched,
+        "violations": [
+            {
+                "names": list(v.names),
+                "kind": v.kind,
+                "step": v.step,
+                "cause": v.cause.value,
+                "advice": v.advice,
+                "changed": v.changed,
+                "max_abs": v.max_abs,
+            }
+            for v in report.violations
+        ],
+        "findings": [
+            {"kind": f.kind, "names": list(f.names), "message": f.message} for f in report.findings
+        ],
+    }
+
+
+def guard_lines(report: GuardReport) -> list[str]:
+    """The guard's verdict, each violation with its cause, and the findings."""
+    watched = (
+        f"{report.parameters_watched} frozen parameters and {report.buffers_watched} buffers "
+        f"({report.elements_watched:,} values) over {report.steps_checked} steps"
+    )
+    lines = [f"guard: {'ok' if report.ok else 'VIOLATED'}: {watched}"]
+    for v in report.violations[:MAX_LABELS]:
+        delta = (
+            f", {v.changed:,} values changed, max |delta| {v.max_abs:.3g}"
+            if v.changed is not None and v.max_abs is not None
+            else ""
+        )
+        lines.append(
+            f"  changed {v.kind} {' = '.join(v.names)} at step {v.step}{delta}: "
+            f"{v.cause.value}: {v.advice}"
+        )
+    if len(report.violations) > MAX_LABELS:
+        lines.append(f"  ... and {len(report.violations) - MAX_LABELS} more changed tensors")
+    for f in report.findings:
+        lines.append(f"  note: {f.message}: {capped(fold_names(f.names), 4)}")
+    return lines
+
+
+def check_json(result: CheckResult) -> dict[str, Any]:
+    return {
+        "ok": result.ok,
+        "source": result.source,
+        "model": result.model,
+        "loadable": result.keys.compatible,
+        "diff": {
+            "missing": list(result.keys.unexplained_missing),
+            "unexpected": list(result.keys.unexpected),
+            "shape_mismatch": _mismatches_json(result.keys.shape_mismatch),
+            "fix": result.keys.fix.transforms.flags() if result.keys.fix else None,
+        },
+        "non_finite": list(result.non_finite),
+        "input_shape": list(result.input_shape) if result.input_shape else None,
+        "freeze": freeze_summary_json(result.summary) if result.summary else None,
+        "guard": guard_json(result.guard) if result.guard else None,
+        "not_moved": list(result.not_moved),
+    }
+
+
+def render_check(result: CheckResult, console: Console) -> None:
+    """One line per check, the freeze table, the guard's findings, then the verdict."""
+    keys = result.keys
+    console.print(f"check: {result.source} -> {result.model}", markup=False)
+    console.print(
+        f"  load       {'ok' if keys.compatible else 'FAILED'}: {verdict(keys)}", markup=False
+    )
+    if result.guard is None:
+        console.print(
+            "check failed: the checkpoint does not load strictly; see the fix above", markup=False
+        )
+        return
+    finite = (
+        "ok"
+        if not result.non_finite
+        else f"FAILED: NaN/inf in {capped(fold_names(result.non_finite), 4)}"
+    )
+    console.print(f"  finite     {finite}", markup=False)
+    if result.summary is not None:
+        console.print(freeze_summary_table(result.summary, console))
+    for line in guard_lines(result.guard):
+        console.print(f"  {line}", markup=False)
+    if result.not_moved:
+        console.print(
+            f"  trainable but did not move: {capped(fold_names(result.not_moved), 4)} "
+            "(no gradient reached them?)",
+            markup=False,
+        )
+    console.print("check passed" if result.ok else "check failed", markup=False)

@@ -270,3 +270,12 @@ def test_covering_prefixes_property_on_grid() -> None:
     assert prefixes == ["m1.", "m2.0."]
     covered = {u for u in universe if any(under_prefix(u, p) for p in prefixes)}
     assert covered == affected
+
+
+def test_given_prefix_fix_leaves_only_the_shape_step() -> None:
+    """With --strip given, the verdict must not repeat an empty prefix suggestion."""
+    target = dict(RESNET_LIKE, **{"fc.weight": (5, 512), "fc.bias": (5,)})
+    source = {f"module.{k}": v for k, v in RESNET_LIKE.items()}
+    result = diff(metas(source), metas(target), Transforms(strip=("module.",)))
+    assert result.suggestions == ()
+    assert result.fix is not None and [s.flag for s in result.fix.steps] == ["--drop fc."]

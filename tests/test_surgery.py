@@ -482,7 +482,9 @@ def test_api_errors_are_typed(dataparallel_resnet18: Path, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
-def test_save_state_dict_keeps_ties_views_and_refuses_overwrite(tmp_path: Path, suffix: str) -> None:
+def test_save_state_dict_keeps_ties_views_and_refuses_overwrite(
+    tmp_path: Path, suffix: str
+) -> None:
     model = Tied()
     state = dict(model.state_dict())
     state["row"] = state["embed.weight"][2]  # a view: saved as its own tensor

@@ -1,0 +1,245 @@
+"""Freezing for transfer learning: strategies, name patterns, honest BatchNorm, a summary."""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ckptool.errors import UsageError
+from ckptool.guard import _INTENDED_FROZEN
+from ckptool.keys import under_prefix
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+class Strategy(str, enum.Enum):
+    """The four transfer-learning scenarios."""
+
+    LINEAR = "linear"  # feature extraction: only the head trains
+    PARTIAL = "partial"  # freeze the first stages, train the rest
+    FULL = "full"  # fine-tune everything from the pretrained weights
+    SCRATCH = "scratch"  # architecture only: re-initialise, train everything
+
+
+@dataclass(frozen=True)
+class ModuleSummary:
+    """One top-level module: parameter counts and whether it trains."""
+
+    name: str
+    trainable: int
+    frozen: int
+    frozen_buffers: int
+
+    @property
+    def status(self) -> str:
+        if self.trainable and self.frozen:
+            return "mixed"
+        return "trainable" if self.trainable else ("frozen" if self.frozen else "-")
+
+
+@dataclass(frozen=True)
+class FreezeSummary:
+    """Keras-style totals after freezing, and ties that cross the frozen/trainable line."""
+
+    modules: tuple[ModuleSummary, ...]
+    trainable_names: tuple[str, ...]
+    frozen_names: tuple[str, ...]
+    conflicts: tuple[tuple[str, ...], ...] = ()  # names of one tensor, some meant frozen
+
+    @property
+    def trainable(self) -> int:
+        return sum(m.trainable for m in self.modules)
+
+    @property
+    def frozen(self) -> int:
+        return sum(m.frozen for m in self.modules)
+
+    @property
+    def frozen_buffers(self) -> int:
+        return sum(m.frozen_buffers for m in self.modules)
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen
+
+
+def freeze(
+    model: nn.Module,
+    *,
+    train: Sequence[str] | None = None,
+    freeze: Sequence[str] | None = None,
+    strategy: Strategy | str | None = None,
+    freeze_until: str | None = None,
+    head: str | None = None,
+    bn_eval: bool = True,
+) -> FreezeSummary:
+    """Set ``requires_grad`` by strategy or by name, and return a summary.
+
+    Args:
+        train: only parameters under these prefixes (or matching these globs) train.
+        freeze: parameters under these prefixes/globs are frozen, the rest train.
+        strategy: ``linear`` (only the head), ``partial`` (freeze the top-level stages up to
+            and including ``freeze_until``; default: all but the last stage and the
+            head), ``full``, ``scratch`` (re-initialise everything, train everything).
+        head: the head module for ``linear`` (default: the last nn.Linear).
+        bn_eval: keep fully frozen BatchNorm modules in eval mode even after
+            ``model.train()``, so their running statistics stay put.
+
+    Raises:
+        UsageError: more than one way to choose was given, a pattern matches nothing,
+            or ``freeze_until`` names no top-level module.
+    """
+    chosen = [x for x in (train, freeze, strategy) if x is not None]
+    if len(chosen) > 1:
+        raise UsageError("choose one of --strategy, --train or --freeze")
+    names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    trainable = _trainable_names(model, names, train, freeze, strategy, freeze_until, head)
+    if Strategy(strategy) is Strategy.SCRATCH if strategy else False:
+        _reinitialise(model)
+    conflicts = _apply(model, trainable)
+    _INTENDED_FROZEN[model] = frozenset(n for n in names if n not in trainable)
+    if bn_eval:
+        keep_frozen_bn_in_eval(model)
+    return summarize(model, conflicts=conflicts)
+
+
+def _trainable_names(
+    model: nn.Module,
+    names: Sequence[str],
+    train: Sequence[str] | None,
+    freeze: Sequence[str] | None,
+    strategy: Strategy | str | None,
+    freeze_until: str | None,
+    head: str | None,
+) -> set[str]:
+    if train is not None:
+        return set(_matching(names, train, "--train"))
+    if freeze is not None:
+        return set(names) - set(_matching(names, freeze, "--freeze"))
+    plan = Strategy(strategy) if strategy is not None else Strategy.FULL
+    if plan in (Strategy.FULL, Strategy.SCRATCH):
+        return set(names)
+    if plan is Strategy.LINEAR:
+        from ckptool.models import find_head
+
+        return set(_matching(names, [head or find_head(model)], "--head"))
+    return set(names) - _frozen_stages(model, names, freeze_until, head)
+
+
+def _matching(names: Sequence[str], patterns: Sequence[str], flag: str) -> list[str]:
+    """Names under a prefix (``layer4``, ``fc.``) or matching a glob (``*.bn*``)."""
+    matched = []
+    for pattern in patterns:
+        is_glob = any(c in pattern for c in "*?[")
+        hits = [
+            n
+            for n in names
+            if (fnmatch.fnmatchcase(n, pattern) if is_glob else under_prefix(n, pattern))
+        ]
+        if not hits:
+            raise UsageError(
+                f"{flag} {pattern!r} matches no parameter; names look like {names[0]!r}"
+            )
+        matched.extend(hits)
+    return matched
+
+
+def _frozen_stages(
+    model: nn.Module, names: Sequence[str], freeze_until: str | None, head: str | None
+) -> set[str]:
+    """Names in the top-level children up to and including ``freeze_until``."""
+    from ckptool.models import find_head
+
+    stages = [
+        name for name, child in model.named_children() if any(True for _ in child.parameters())
+    ]
+    head_stage = (head or find_head(model)).split(".", 1)[0]
+    body = [s for s in stages if s != head_stage]
+    if freeze_until is None:
+        until = body[-2] if len(body) >= 2 else None  # all but the last stage
+    elif freeze_until in stages:
+        until = freeze_until
+    else:
+        raise UsageError(
+            f"--freeze-until {freeze_until!r} is not a top-level module; "
+            f"stages: {', '.join(stages)}"
+        )
+    if until is None:
+        return set()
+    frozen_stages = stages[: stages.index(until) + 1]
+    return {n for n in names if any(under_prefix(n, s) for s in frozen_stages)}
+
+
+def _apply(model: nn.Module, trainable: set[str]) -> tuple[tuple[str, ...], ...]:
+    """Set requires_grad; report tensors whose names disagree (tied across the line)."""
+    by_tensor: dict[int, list[str]] = {}
+    tensors: dict[int, Any] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_tensor.setdefault(id(param), []).append(name)
+        tensors[id(param)] = param
+    conflicts = []
+    for key, param in tensors.items():
+        wanted = [n in trainable for n in by_tensor[key]]
+        # A tied tensor trains if any of its names should: freezing it would silently
+        # stop the trainable name; the guard then watches the frozen name.
+        param.requires_grad_(any(wanted))
+        if any(wanted) and not all(wanted):
+            conflicts.append(tuple(by_tensor[key]))
+    return tuple(conflicts)
+
+
+def _reinitialise(model: nn.Module) -> None:
+    for module in model.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+
+
+def keep_frozen_bn_in_eval(model: nn.Module) -> list[Any]:
+    """Keep BatchNorm modules whose parameters are all frozen in eval mode.
+
+    A forward pre-hook puts them back in eval mode whenever ``model.train()`` set them
+    to train mode, so frozen statistics stay frozen. Returns the hook handles.
+    """
+    from torch import nn
+
+    handles = []
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if (
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and params
+            and not any(p.requires_grad for p in params)
+        ):
+            module.eval()
+            handles.append(module.register_forward_pre_hook(_stay_in_eval))
+    return handles
+
+
+def _stay_in_eval(module: Any, args: Any) -> None:
+    if module.training:
+        module.eval()
+
+
+def summarize(model: nn.Module, *, conflicts: tuple[tuple[str, ...], ...] = ()) -> FreezeSummary:
+    """Total, trainable and frozen parameters and frozen buffers per top-level module."""
+    rows: dict[str, list[int]] = {}
+    trainable_names: list[str] = []
+    frozen_names: list[str] = []
+    for name, param in model.named_parameters():
+        row = rows.setdefault(name.split(".", 1)[0], [0, 0, 0])
+        row[0 if param.requires_grad else 1] += param.numel()
+        (trainable_names if param.requires_grad else frozen_names).append(name)
+    for module_name, module in model.named_modules():
+        params = list(module.parameters(recurse=False))
+        if params and not any(p.requires_grad for p in params):
+            for buffer in module.buffers(recurse=False):
+                rows.setdefault(module_name.split(".", 1)[0] or module_name, [0, 0, 0])[2] += (
+                    buffer.numel()
+                )
+    modules = tuple(ModuleSummary(name, *counts) for name, counts in rows.items())
+    return FreezeSummary(modules, tuple(trainable_names), tuple(frozen_names), conflicts)

@@ -1,0 +1,451 @@
+"""FreezeGuard: prove after every optimizer step that frozen tensors did not change.
+
+Frozen means: ``requires_grad=False`` parameters, parameters whose every optimizer
+group has ``lr == 0`` at start, names :func:`ckptool.freeze` was asked to freeze, and
+the buffers of modules whose parameters are all frozen (BatchNorm running stats).
+
+Each watched tensor gets an exact fingerprint of its bits, computed on its own
+device: the bytes viewed as int64 words, summed with wrap-around (any single changed
+element changes the sum), plus sums over every 2nd and 3rd word. All fingerprints of
+a device are stacked and compared there; the host waits once per step per device,
+never per tensor. The guard only observes: it never changes the model.
+"""
+
+from __future__ import annotations
+
+import enum
+import warnings
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ckptool.errors import CkptError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# Names ckptool.freeze() froze, per model: lets the guard see a frozen name that a tie
+# made trainable again (the tensor itself then has requires_grad=True).
+_INTENDED_FROZEN: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+class BufferPolicy(str, enum.Enum):
+    """Which buffers the guard watches."""
+
+    FROZEN_MODULES = "frozen-modules"  # buffers of modules whose parameters are all frozen
+    ALL = "all"
+    NONE = "none"
+
+
+class Cause(str, enum.Enum):
+    """The likely reason a frozen tensor changed."""
+
+    STALE_GRADIENT = "stale gradient"
+    OPTIMIZER_STATE = "optimizer state"
+    LR_CHANGED = "lr changed"
+    TIED_TRAINABLE = "tied to a trainable name"
+    TRAIN_MODE = "module in train mode"
+    AUTOGRAD_WRITE = "in-place write through autograd"
+    BYPASSED_AUTOGRAD = "write that bypassed autograd"
+
+
+_ADVICE = {
+    Cause.STALE_GRADIENT: "it still had a .grad from before freezing and is in the optimizer; "
+    "call optimizer.zero_grad(set_to_none=True) after freezing, or build the optimizer "
+    "over trainable parameters only",
+    Cause.OPTIMIZER_STATE: "its optimizer state (momentum, Adam moments, weight decay) from "
+    "before freezing keeps moving it; build the optimizer over trainable parameters only",
+    Cause.LR_CHANGED: "it was frozen by lr=0 and a scheduler changed its group's lr; "
+    "freeze with requires_grad=False instead",
+    Cause.TIED_TRAINABLE: "it is the same tensor as a trainable name; untie the weights or "
+    "freeze both names",
+    Cause.TRAIN_MODE: "its module is in train mode, so forward updates running statistics; "
+    "keep frozen BatchNorm in eval mode (ckptool.freeze(..., bn_eval=True))",
+    Cause.AUTOGRAD_WRITE: "an in-place operation changed it (its autograd version moved); "
+    "look for hooks or code that modify parameters",
+    Cause.BYPASSED_AUTOGRAD: "something wrote it without autograd seeing (a .data write, a "
+    "fused kernel, an optimizer hook)",
+}
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A frozen tensor that changed, with every name it has and the likely cause."""
+
+    names: tuple[str, ...]
+    kind: str  # "parameter" or "buffer"
+    step: int
+    cause: Cause
+    changed: int | None = None  # elements, with snapshot=True
+    max_abs: float | None = None
+
+    @property
+    def advice(self) -> str:
+        return _ADVICE[self.cause]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something suspicious seen before a step that has not (yet) changed a frozen tensor."""
+
+    kind: str  # "grad", "optimizer state", "not in optimizer", "tied"
+    names: tuple[str, ...]
+    message: str
+
+
+@dataclass(frozen=True)
+class GuardReport:
+    """What the guard watched and saw."""
+
+    steps_checked: int
+    parameters_watched: int
+    buffers_watched: int
+    elements_watched: int
+    violations: tuple[Violation, ...] = ()
+    findings: tuple[Finding, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+class FrozenParameterError(CkptError):
+    """A frozen parameter or buffer changed; ``.violations`` names them."""
+
+    def __init__(self, message: str, violations: Sequence[Violation], report: GuardReport) -> None:
+        super().__init__(message)
+        self.violations = tuple(violations)
+        self.report = report
+
+
+@dataclass
+class _Watched:
+    tensor: torch.Tensor
+    names: tuple[str, ...]
+    kind: str
+    module: Any
+    version: int
+    lr_frozen: bool = False
+    snapshot: torch.Tensor | None = None
+
+
+@dataclass
+class _StepContext:
+    """What the pre-step hook saw, used to explain a violation after the step."""
+
+    had_grad: set[int] = field(default_factory=set)
+    had_state: set[int] = field(default_factory=set)
+
+
+class FreezeGuard:
+    """Check, after every optimizer step, that frozen parameters and buffers are bit-identical.
+
+    Args:
+        model: the model being trained.
+        optimizers: one optimizer or several.
+        buffers: which buffers to watch (default: those of fully frozen modules).
+        on_violation: ``"raise"`` (FrozenParameterError) or ``"warn"``.
+        snapshot: keep a host copy of watched tensors to count changed elements.
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizers: Any,
+        *,
+        buffers: BufferPolicy | str = BufferPolicy.FROZEN_MODULES,
+        on_violation: str = "raise",
+        snapshot: bool = False,
+    ) -> None:
+        if on_violation not in ("raise", "warn"):
+            raise ValueError(f"on_violation must be 'raise' or 'warn', got {on_violation!r}")
+        self.model = model
+        self.optimizers = list(optimizers) if isinstance(optimizers, list | tuple) else [optimizers]
+        self.buffer_policy = BufferPolicy(buffers)
+        self.on_violation = on_violation
+        self.snapshot = snapshot
+        self._watched: list[_Watched] = []
+        self._baseline: dict[Any, torch.Tensor] = {}
+        self._handles: list[Any] = []
+        self._context = _StepContext()
+        self._steps = 0
+        self._violations: list[Violation] = []
+        self._findings: dict[tuple[str, tuple[str, ...]], Finding] = {}
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def __enter__(self) -> FreezeGuard:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Record what is frozen and its fingerprints; hook every optimizer's step."""
+        self._watched = _collect_watched(self.model, self.optimizers, self.buffer_policy)
+        for item in self._watched:
+            if self.snapshot:
+                item.snapshot = item.tensor.detach().to("cpu", copy=True)
+        self._baseline = self._fingerprints()
+        self._note_static_findings()
+        for optimizer in self.optimizers:
+            self._handles.append(optimizer.register_step_pre_hook(self._before_step))
+            self._handles.append(optimizer.register_step_post_hook(self._after_step))
+
+    def stop(self) -> None:
+        """Remove the hooks; the report stays available."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def report(self) -> GuardReport:
+        params = [w for w in self._watched if w.kind == "parameter"]
+        return GuardReport(
+            steps_checked=self._steps,
+            parameters_watched=len(params),
+            buffers_watched=len(self._watched) - len(params),
+            elements_watched=sum(w.tensor.numel() for w in self._watched),
+            violations=tuple(self._violations),
+            findings=tuple(self._findings.values()),
+        )
+
+    # --- hooks -----------------------------------------------------------------------
+
+    def _before_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        in_optimizer = _optimizer_tensors(self.optimizers)
+        context = _StepContext()
+        for item in self._watched:
+            if item.kind != "parameter" or id(item.tensor) not in in_optimizer:
+                continue
+            if item.tensor.grad is not None:
+                context.had_grad.add(id(item.tensor))
+                self._note(
+                    "grad", item.names, "frozen parameter has a .grad and is in the optimizer"
+                )
+            if _has_state(self.optimizers, item.tensor):
+                context.had_state.add(id(item.tensor))
+                self._note("optimizer state", item.names, "frozen parameter has optimizer state")
+        self._context = context
+
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._steps += 1
+        current = self._fingerprints()
+        changed = _changed_indices(self._baseline, current)
+        if not changed:
+            return
+        violations = [self._explain(self._watched[i]) for i in changed]
+        self._violations.extend(violations)
+        self._baseline = current  # with on_violation="warn", report only new changes next
+        message = _violation_message(violations, self._steps)
+        if self.on_violation == "warn":
+            warnings.warn(message, stacklevel=2)
+            return
+        raise FrozenParameterError(message, violations, self.report())
+
+    # --- internals -------------------------------------------------------------------
+
+    def _fingerprints(self) -> dict[Any, torch.Tensor]:
+        """Per device: a (tensors, 3) int64 tensor of fingerprints, computed there."""
+        import torch
+
+        by_device: dict[Any, list[torch.Tensor]] = {}
+        for item in self._watched:
+            by_device.setdefault(item.tensor.device, []).append(fingerprint(item.tensor))
+        return {device: torch.stack(prints) for device, prints in by_device.items()}
+
+    def _explain(self, item: _Watched) -> Violation:
+        key = id(item.tensor)
+        if item.kind == "buffer":
+            in_train = bool(getattr(item.module, "training", False))
+            cause = Cause.TRAIN_MODE if in_train else Cause.BYPASSED_AUTOGRAD
+        elif item.tensor.requires_grad and not item.lr_frozen:
+            cause = Cause.TIED_TRAINABLE
+        elif item.lr_frozen and _current_lr(self.optimizers, item.tensor) != 0:
+            cause = Cause.LR_CHANGED
+        elif key in self._context.had_grad:
+            cause = Cause.STALE_GRADIENT
+        elif key in self._context.had_state:
+            cause = Cause.OPTIMIZER_STATE
+        elif item.tensor._version != item.version:
+            cause = Cause.AUTOGRAD_WRITE
+        else:
+            cause = Cause.BYPASSED_AUTOGRAD
+        changed, max_abs = _delta(item)
+        return Violation(item.names, item.kind, self._steps, cause, changed, max_abs)
+
+    def _note(self, kind: str, names: tuple[str, ...], message: str) -> None:
+        self._findings.setdefault((kind, names), Finding(kind, names, message))
+
+    def _note_static_findings(self) -> None:
+        in_optimizer = _optimizer_tensors(self.optimizers)
+        orphans = [
+            name
+            for name, p in self.model.named_parameters()
+            if p.requires_grad and id(p) not in in_optimizer
+        ]
+        if orphans:
+            message = "trainable parameters that no optimizer group holds will never train"
+            self._note("not in optimizer", tuple(orphans), message)
+        for item in self._watched:
+            if item.kind == "parameter" and item.tensor.requires_grad and not item.lr_frozen:
+                self._note(
+                    "tied", item.names, "a name frozen by ckptool.freeze is trainable through a tie"
+                )
+
+
+def fingerprint(tensor: torch.Tensor) -> torch.Tensor:
+    """Three int64 sums over the tensor's bytes as 64-bit words, on its own device.
+
+    Exact for any single changed element (its word changes by a nonzero amount below
+    2**64); the strided sums make cancellation across elements implausible. NaN
+    payloads and -0.0 are bits like any other.
+    """
+    import torch
+
+    data = tensor.detach()
+    if not data.is_contiguous():
+        data = data.contiguous()
+    raw = data.reshape(-1).view(torch.uint8)
+    whole = raw.numel() // 8 * 8
+    try:
+        words = raw[:whole].view(torch.int64)
+    except RuntimeError:  # a view at an offset not aligned to 8 bytes
+        words = raw[:whole].clone().view(torch.int64)
+    tail = raw[whole:].to(torch.int64).sum() * 0x9E3779B1
+    return torch.stack([words.sum() + tail, words[::2].sum(), words[::3].sum()])
+
+
+def _changed_indices(
+    before: Mapping[Any, torch.Tensor], after: Mapping[Any, torch.Tensor]
+) -> list[int]:
+    """Indices (into the watched list) whose fingerprint differs: one host sync per device."""
+    changed: list[int] = []
+    offset = 0
+    for device, prints in after.items():
+        differs = (prints != before[device]).any(dim=1)
+        if bool(differs.any()):
+            changed.extend(offset + int(i) for i in differs.nonzero().flatten().tolist())
+        offset += prints.shape[0]
+    return changed
+
+
+def _collect_watched(
+    model: nn.Module, optimizers: Sequence[Any], policy: BufferPolicy
+) -> list[_Watched]:
+    intended = _INTENDED_FROZEN.get(model, frozenset())
+    lr_zero = _lr_zero_tensors(optimizers)
+    names: dict[int, list[str]] = {}
+    tensors: dict[int, Any] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+        tensors[id(param)] = param
+    watched = []
+    for key, param in tensors.items():
+        frozen_flag = not param.requires_grad
+        by_name = any(n in intended for n in names[key])
+        if frozen_flag or key in lr_zero or by_name:
+            module = None
+            watched.append(
+                _Watched(
+                    param,
+                    tuple(names[key]),
+                    "parameter",
+                    module,
+                    param._version,
+                    lr_frozen=key in lr_zero and param.requires_grad,
+                )
+            )
+    watched.extend(_frozen_buffers(model, policy))
+    return watched
+
+
+def _frozen_buffers(model: nn.Module, policy: BufferPolicy) -> list[_Watched]:
+    if policy is BufferPolicy.NONE:
+        return []
+    found: dict[int, _Watched] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        params = list(module.parameters(recurse=False))
+        fully_frozen = bool(params) and all(not p.requires_grad for p in params)
+        if policy is BufferPolicy.FROZEN_MODULES and not fully_frozen:
+            continue
+        for buffer_name, buffer in module.named_buffers(recurse=False):
+            if buffer is None:
+                continue
+            full = f"{module_name}.{buffer_name}" if module_name else buffer_name
+            if id(buffer) in found:
+                found[id(buffer)].names += (full,)
+            else:
+                found[id(buffer)] = _Watched(buffer, (full,), "buffer", module, buffer._version)
+    return list(found.values())
+
+
+def _optimizer_tensors(optimizers: Iterable[Any]) -> set[int]:
+    return {id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]}
+
+
+def _lr_zero_tensors(optimizers: Iterable[Any]) -> set[int]:
+    """Parameters whose every group has lr == 0: frozen by learning rate."""
+    zero: set[int] = set()
+    moving: set[int] = set()
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            target = zero if float(group.get("lr", 0.0)) == 0.0 else moving
+            target.update(id(p) for p in group["params"])
+    return zero - moving
+
+
+def _current_lr(optimizers: Iterable[Any], tensor: Any) -> float:
+    rates = [
+        float(g.get("lr", 0.0))
+        for opt in optimizers
+        for g in opt.param_groups
+        if any(p is tensor for p in g["params"])
+    ]
+    return max(rates, default=0.0)
+
+
+def _has_state(optimizers: Iterable[Any], tensor: Any) -> bool:
+    return any(bool(opt.state.get(tensor)) for opt in optimizers)
+
+
+def _delta(item: _Watched) -> tuple[int | None, float | None]:
+    if item.snapshot is None:
+        return None, None
+    import torch
+
+    now = item.tensor.detach().to("cpu")
+    before = item.snapshot
+    differs = fingerprint_elementwise(before) != fingerprint_elementwise(now)
+    changed = int(differs.sum())
+    if before.is_floating_point():
+        diff = (now.double() - before.double()).abs()
+        return changed, float(
+            torch.nan_to_num(diff, nan=float("inf")).max()
+        ) if diff.numel() else 0.0
+    return changed, None
+
+
+def fingerprint_elementwise(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's elements as integers of the same width (bit patterns, NaN-safe)."""
+    import torch
+
+    widths = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    flat = tensor.contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        return flat
+    return flat.view(widths.get(flat.element_size(), torch.uint8))
+
+
+def _violation_message(violations: Sequence[Violation], step: int) -> str:
+    first = violations[0]
+    names = ", ".join(" = ".join(v.names) for v in violations[:4])
+    more = f" and {len(violations) - 4} more" if len(violations) > 4 else ""
+    return (
+        f"frozen tensors changed at optimizer step {step}: {names}{more}; "
+        f"likely cause for {first.names[0]}: {first.cause.value}: {first.advice}"
+    )
