@@ -151,27 +151,42 @@ def _matching(names: Sequence[str], patterns: Sequence[str], flag: str) -> list[
 def _frozen_stages(
     model: nn.Module, names: Sequence[str], freeze_until: str | None, head: str | None
 ) -> set[str]:
-    """Names in the top-level children up to and including ``freeze_until``."""
+    """Names in the stages up to and including ``freeze_until`` (default: all but the last)."""
     from ckptool.models import find_head
 
-    stages = [
-        name for name, child in model.named_children() if any(True for _ in child.parameters())
-    ]
-    head_stage = (head or find_head(model)).split(".", 1)[0]
-    body = [s for s in stages if s != head_stage]
+    head_name = head or find_head(model)
+    stages = body_stages(model, head_name)
     if freeze_until is None:
-        until = body[-2] if len(body) >= 2 else None  # all but the last stage
+        until = stages[-2] if len(stages) >= 2 else None
     elif freeze_until in stages:
         until = freeze_until
     else:
         raise UsageError(
-            f"--freeze-until {freeze_until!r} is not a top-level module; "
-            f"stages: {', '.join(stages)}"
+            f"--freeze-until {freeze_until!r} is not a stage; stages: {', '.join(stages)}"
         )
     if until is None:
         return set()
     frozen_stages = stages[: stages.index(until) + 1]
     return {n for n in names if any(under_prefix(n, s) for s in frozen_stages)}
+
+
+def body_stages(model: nn.Module, head: str) -> list[str]:
+    """The model's stages in order, without the head: top-level children holding
+    parameters, or the children of a lone body container (``backbone.0``, ``backbone.1``)."""
+    prefix, module = "", model
+    while True:
+        stages = [
+            f"{prefix}{name}"
+            for name, child in module.named_children()
+            if any(True for _ in child.parameters()) and not under_prefix(head, f"{prefix}{name}")
+        ]
+        if len(stages) != 1:
+            return stages
+        only = stages[0]
+        children = list(module.get_submodule(only.removeprefix(prefix)).named_children())
+        if not children:
+            return stages
+        prefix, module = f"{only}.", module.get_submodule(only.removeprefix(prefix))
 
 
 def _apply(model: nn.Module, trainable: set[str]) -> tuple[tuple[str, ...], ...]:

@@ -1,0 +1,125 @@
+"""ckptool check: strict load, finite values, one guarded step; exit codes for pipelines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from conftest import WriteCheckpoint, wrap
+
+RESNET = ("--model", "torchvision:resnet18", "--num-classes", "5")
+
+
+@pytest.fixture
+def dp_resnet(write_checkpoint: WriteCheckpoint) -> Path:
+    torch.manual_seed(0)
+    return write_checkpoint(
+        wrap(torchvision.models.resnet18(weights=None).state_dict(), "module."), "dp.pth"
+    )
+
+
+def test_check_passes_for_the_classic_case(run_cli, dp_resnet: Path) -> None:
+    result = run_cli("check", dp_resnet, *RESNET, "--strip", "module.", "--drop", "fc.", "--json")
+    assert result.exit_code == 0, result.stdout
+    doc = json.loads(result.stdout)
+    assert doc["ok"] and doc["loadable"] and doc["non_finite"] == [] and doc["not_moved"] == []
+    assert doc["guard"]["verdict"] == "ok" and doc["guard"]["steps_checked"] == 1
+    assert doc["guard"]["parameters_watched"] == 60 and doc["input_shape"] == [3, 224, 224]
+    assert doc["freeze"]["trainable"] == 512 * 5 + 5
+
+
+def test_check_fails_when_not_loadable(run_cli, dp_resnet: Path) -> None:
+    result = run_cli("check", dp_resnet, *RESNET, "--strip", "module.")
+    assert result.exit_code == 1
+    assert (
+        "load       FAILED: incompatible: fc.{weight,bias} differ in shape: add --drop fc."
+        in result.stdout
+    )
+
+
+def test_check_fails_on_non_finite_values(run_cli, write_checkpoint: WriteCheckpoint) -> None:
+    state = torchvision.models.resnet18(weights=None, num_classes=5).state_dict()
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    result = run_cli("check", write_checkpoint(state, "nan.safetensors"), *RESNET, "--json")
+    doc = json.loads(result.stdout)
+    assert result.exit_code == 1 and doc["non_finite"] == ["layer2.0.conv1.weight"]
+
+
+def test_check_with_partial_training_and_explicit_shape(run_cli, dp_resnet: Path) -> None:
+    flags = (
+        "--strip",
+        "module.",
+        "--drop",
+        "fc.",
+        "--strategy",
+        "partial",
+        "--freeze-until",
+        "layer3",
+    )
+    result = run_cli("check", dp_resnet, *RESNET, *flags, "--input-shape", "3,64,64", "--json")
+    assert result.exit_code == 0, result.stdout
+    doc = json.loads(result.stdout)
+    statuses = {m["name"]: m["status"] for m in doc["freeze"]["modules"]}
+    assert statuses == {
+        "conv1": "frozen",
+        "bn1": "frozen",
+        "layer1": "frozen",
+        "layer2": "frozen",
+        "layer3": "frozen",
+        "layer4": "trainable",
+        "fc": "trainable",
+    }
+    assert doc["input_shape"] == [3, 64, 64] and doc["guard"]["verdict"] == "ok"
+    human = run_cli("check", dp_resnet, *RESNET, *flags, "--input-shape", "3,64,64")
+    assert "guard: ok" in human.stdout and human.stdout.rstrip().endswith("check passed")
+
+
+def test_check_reports_trainable_parameters_that_never_move(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    model_file = tmp_path / "unused.py"
+    model_file.write_text(
+        "from torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.body = nn.Linear(4, 4)\n"
+        "        self.unused = nn.Linear(4, 4)\n"
+        "        self.head = nn.Linear(4, 2)\n"
+        "    def forward(self, x):\n"
+        "        return self.head(self.body(x))\n"
+    )
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("unused_model", model_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ckpt = write_checkpoint(module.Net().state_dict(), "net.pt")
+    result = run_cli("check", ckpt, "--model", f"{model_file}:Net", "--strategy", "full", "--json")
+    doc = json.loads(result.stdout)
+    assert result.exit_code == 1 and doc["not_moved"] == ["unused.weight", "unused.bias"]
+
+
+def test_check_needs_a_shape_it_cannot_infer(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    model_file = tmp_path / "odd.py"
+    model_file.write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.scale = nn.Parameter(torch.ones(3))\n"
+        "    def forward(self, x):\n"
+        "        return x * self.scale\n"
+    )
+    ckpt = write_checkpoint({"scale": torch.ones(3)}, "odd.pt")
+    result = run_cli("check", ckpt, "--model", f"{model_file}:Net", "--strategy", "full")
+    assert result.exit_code == 2 and "add --input-shape" in result.stderr
+    ok = run_cli(
+        "check", ckpt, "--model", f"{model_file}:Net", "--strategy", "full", "--input-shape", "3"
+    )
+    assert ok.exit_code == 0, ok.stdout

@@ -1,0 +1,111 @@
+"""freeze(): the four strategies, name patterns, honest BatchNorm, the summary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from conftest import ConvBN
+from torch import nn
+
+import ckptool
+from ckptool import UsageError
+from ckptool.freezing import body_stages
+
+
+def resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None, num_classes=5)
+
+
+def trainable_modules(model: nn.Module) -> set[str]:
+    return {name.split(".", 1)[0] for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"strategy": "linear"}, {"fc"}),
+        ({"strategy": "partial"}, {"layer4", "fc"}),
+        ({"strategy": "partial", "freeze_until": "layer2"}, {"layer3", "layer4", "fc"}),
+        ({"strategy": "full"}, {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"}),
+        ({"train": ["layer4", "fc."]}, {"layer4", "fc"}),
+        ({"freeze": ["conv1", "bn1", "layer*"]}, {"fc"}),
+    ],
+    ids=[
+        "linear",
+        "partial-default",
+        "partial-until-layer2",
+        "full",
+        "train-prefixes",
+        "freeze-globs",
+    ],
+)
+def test_strategies_and_patterns(options: dict, expected: set[str]) -> None:
+    model = resnet()
+    summary = ckptool.freeze(model, **options)
+    assert trainable_modules(model) == expected
+    assert summary.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert summary.total == sum(p.numel() for p in model.parameters())
+    statuses = {m.name: m.status for m in summary.modules}
+    assert statuses["fc"] == "trainable"
+
+
+def test_scratch_reinitialises_and_trains_everything() -> None:
+    model = resnet()
+    before = model.conv1.weight.detach().clone()
+    ckptool.freeze(model, strategy="scratch")
+    assert all(p.requires_grad for p in model.parameters())
+    assert not torch.equal(before, model.conv1.weight)
+
+
+def test_summary_counts_frozen_buffers_and_mixed_modules() -> None:
+    model = resnet()
+    summary = ckptool.freeze(model, train=["layer4.1", "fc"])
+    statuses = {m.name: m.status for m in summary.modules}
+    assert statuses["layer4"] == "mixed" and statuses["layer1"] == "frozen"
+    bn_buffers = sum(b.numel() for n, b in model.named_buffers() if n.startswith("bn1."))
+    assert next(m for m in summary.modules if m.name == "bn1").frozen_buffers == bn_buffers
+
+
+def test_frozen_batchnorm_stays_in_eval_after_model_train() -> None:
+    model = ConvBN()
+    ckptool.freeze(model, train=["fc"])
+    model.train()
+    before = model.bn.running_mean.clone()
+    model.fc(model.bn(model.conv(torch.randn(2, 3, 8, 8))).mean((2, 3)))
+    assert not model.bn.training and torch.equal(model.bn.running_mean, before)
+    unfrozen = ConvBN()
+    ckptool.freeze(unfrozen, bn_eval=True, strategy="full")
+    unfrozen.train()
+    unfrozen.bn(unfrozen.conv(torch.randn(2, 3, 8, 8)))
+    assert unfrozen.bn.training  # trainable BatchNorm is left alone
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"train": ["nope"]}, "--train 'nope' matches no parameter"),
+        (
+            {"strategy": "partial", "freeze_until": "layer9"},
+            "not a stage; stages: conv1, bn1, layer1",
+        ),
+        ({"strategy": "linear", "train": ["fc"]}, "choose one of"),
+    ],
+    ids=["no-match", "bad-stage", "two-ways"],
+)
+def test_freeze_errors(options: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        ckptool.freeze(resnet(), **options)
+
+
+def test_body_stages_descend_into_a_lone_container() -> None:
+    model = nn.Sequential()
+    model.add_module("backbone", nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)))
+    model.add_module("head", nn.Linear(4, 2))
+    assert body_stages(model, "head") == ["backbone.0", "backbone.2"]
+    ckptool.freeze(model, strategy="partial")
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == [
+        "backbone.0.weight",
+        "backbone.0.bias",
+    ]

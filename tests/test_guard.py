@@ -1,0 +1,302 @@
+"""FreezeGuard: every planted fault is caught with names and cause; clean runs never are."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from conftest import ConvBN, Tied
+from torch import nn
+
+import ckptool
+from ckptool import FreezeGuard, FrozenParameterError
+from ckptool.guard import Cause, fingerprint
+
+
+class SmallNet(nn.Module):
+    """A CNN with BatchNorm in the backbone and a Linear head: the transfer-learning shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(4, 3, 8, 8, generator=generator), torch.randint(
+        0, 4, (4,), generator=generator
+    )
+
+
+def train_steps(
+    model: nn.Module,
+    optimizer: Any,
+    steps: int = 2,
+    *,
+    zero: bool = True,
+    after: Callable[[], None] | None = None,
+) -> None:
+    x, y = batch()
+    for _ in range(steps):
+        if zero:
+            optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        if after:
+            after()
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def stale_gradients(optimizer_factory: Callable[..., Any]) -> tuple[nn.Module, Any, dict]:
+    """Gradients computed before freezing, optimizer over all parameters, no zero_grad."""
+    torch.manual_seed(0)
+    model = SmallNet()
+    x, y = batch()
+    nn.functional.cross_entropy(model(x), y).backward()
+    ckptool.freeze(model, strategy="linear")
+    return model, optimizer_factory(model.parameters()), {"zero": False}
+
+
+def fault_bn_train_mode() -> tuple[nn.Module, Any, dict]:
+    torch.manual_seed(0)
+    model = SmallNet()
+    ckptool.freeze(model, strategy="linear", bn_eval=False)
+    model.train()
+    return model, torch.optim.SGD(trainable(model), lr=0.1), {}
+
+
+def fault_data_write_from_hook() -> tuple[nn.Module, Any, dict]:
+    torch.manual_seed(0)
+    model = SmallNet()
+    ckptool.freeze(model, strategy="linear")
+    optimizer = torch.optim.SGD(trainable(model), lr=0.1)
+    optimizer.register_step_post_hook(lambda *_: model.backbone[0].weight.data.mul_(1.001))
+    return model, optimizer, {}
+
+
+def fault_autograd_inplace() -> tuple[nn.Module, Any, dict]:
+    torch.manual_seed(0)
+    model = SmallNet()
+    ckptool.freeze(model, strategy="linear")
+    optimizer = torch.optim.SGD(trainable(model), lr=0.1)
+
+    def nudge() -> None:
+        with torch.no_grad():
+            model.backbone[0].bias.add_(1.0)  # bumps the autograd version counter
+
+    return model, optimizer, {"after": nudge}
+
+
+FAULTS = {
+    "stale-grad-sgd-momentum": (
+        lambda: stale_gradients(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)),
+        "backbone.0.weight",
+        "parameter",
+        Cause.STALE_GRADIENT,
+    ),
+    "adamw-decay-stale-grad": (
+        lambda: stale_gradients(lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.1)),
+        "backbone.0.weight",
+        "parameter",
+        Cause.STALE_GRADIENT,
+    ),
+    "fused-adamw": (
+        lambda: stale_gradients(lambda p: torch.optim.AdamW(p, lr=0.1, fused=True)),
+        "backbone.0.weight",
+        "parameter",
+        Cause.STALE_GRADIENT,
+    ),
+    "bn-train-mode": (fault_bn_train_mode, "backbone.1.running_mean", "buffer", Cause.TRAIN_MODE),
+    "data-write-from-step-hook": (
+        fault_data_write_from_hook,
+        "backbone.0.weight",
+        "parameter",
+        Cause.BYPASSED_AUTOGRAD,
+    ),
+}
+
+
+@pytest.mark.parametrize(("make", "name", "kind", "cause"), FAULTS.values(), ids=FAULTS.keys())
+def test_planted_faults_are_caught(
+    make: Callable[[], tuple], name: str, kind: str, cause: Cause
+) -> None:
+    model, optimizer, options = make()
+    with (
+        pytest.raises(
+            FrozenParameterError, match="frozen tensors changed at optimizer step 1"
+        ) as info,
+        FreezeGuard(model, optimizer),
+    ):
+        train_steps(model, optimizer, **options)
+    violation = next(v for v in info.value.violations if name in v.names)
+    assert (violation.kind, violation.cause, violation.step) == (kind, cause, 1)
+    assert isinstance(info.value, ckptool.CkptError)
+    assert not info.value.report.ok and info.value.report.steps_checked == 1
+
+
+def test_inplace_write_through_autograd_is_named() -> None:
+    model, optimizer, options = fault_autograd_inplace()
+    with pytest.raises(FrozenParameterError) as info, FreezeGuard(model, optimizer):
+        train_steps(model, optimizer, steps=3, **options)
+    assert [v.cause for v in info.value.violations] == [Cause.AUTOGRAD_WRITE]
+    assert (
+        info.value.violations[0].names == ("backbone.0.bias",)
+        and info.value.violations[0].step == 2
+    )
+
+
+def test_tied_weights_frozen_by_name_but_trained_through_the_tie() -> None:
+    model = Tied()
+    summary = ckptool.freeze(model, train=["out"])
+    assert summary.conflicts == (("embed.weight", "out.weight"),)
+    optimizer = torch.optim.SGD(trainable(model), lr=0.1)
+    tokens = torch.randint(0, 10, (4,))
+    with pytest.raises(FrozenParameterError) as info, FreezeGuard(model, optimizer):
+        optimizer.zero_grad()
+        model.out(model.embed(tokens)).sum().backward()
+        optimizer.step()
+    assert info.value.violations[0].names == ("embed.weight", "out.weight")
+    assert info.value.violations[0].cause is Cause.TIED_TRAINABLE
+
+
+def test_lr_zero_group_rewritten_by_a_scheduler() -> None:
+    torch.manual_seed(0)
+    model = SmallNet()
+    model.backbone[1].eval()
+    groups = [
+        {"params": list(model.backbone.parameters()), "lr": 0.0},
+        {"params": list(model.head.parameters()), "lr": 0.1},
+    ]
+    optimizer = torch.optim.SGD(groups, lr=0.1)
+    with pytest.raises(FrozenParameterError) as info, FreezeGuard(model, optimizer, snapshot=True):
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=0.1, total_steps=10
+        )  # rewrites lr=0
+        train_steps(model, optimizer, after=scheduler.step)
+    violation = info.value.violations[0]
+    assert violation.cause is Cause.LR_CHANGED and violation.names == ("backbone.0.weight",)
+    assert violation.changed == model.backbone[0].weight.numel() and violation.max_abs > 0
+
+
+CLEAN = {
+    "optimizer-over-all-params-grad-none": lambda m: torch.optim.SGD(
+        m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4
+    ),
+    "adamw-over-all-params": lambda m: torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.1),
+    "only-trainable-in-optimizer": lambda m: torch.optim.SGD(trainable(m), lr=0.1, momentum=0.9),
+}
+
+
+@pytest.mark.parametrize("make_optimizer", CLEAN.values(), ids=CLEAN.keys())
+@pytest.mark.parametrize("strategy", ["linear", "partial"])
+def test_clean_freezes_are_never_flagged(make_optimizer: Callable, strategy: str) -> None:
+    torch.manual_seed(0)
+    model = SmallNet()
+    ckptool.freeze(model, strategy=strategy)
+    model.train()  # frozen BN stays in eval through freeze(bn_eval=True)
+    optimizer = make_optimizer(model)
+    head_before = model.head.weight.detach().clone()
+    with FreezeGuard(model, optimizer) as guard:
+        train_steps(model, optimizer, steps=3)
+    report = guard.report()
+    assert report.ok and report.steps_checked == 3 and report.parameters_watched >= 2
+    # linear freezes the BatchNorm too (running_mean, running_var, num_batches_tracked);
+    # partial freezes the first stage (the conv) and trains the BatchNorm after it.
+    assert report.buffers_watched == (3 if strategy == "linear" else 0)
+    assert not torch.equal(model.head.weight, head_before)
+
+
+def test_warn_mode_reports_and_continues() -> None:
+    model, optimizer, _ = fault_bn_train_mode()
+    with (
+        pytest.warns(UserWarning, match="module in train mode"),
+        FreezeGuard(model, optimizer, on_violation="warn") as guard,
+    ):
+        train_steps(model, optimizer, steps=3)
+    report = guard.report()
+    assert report.steps_checked == 3 and {v.step for v in report.violations} == {1, 2, 3}
+
+
+def test_findings_before_the_step() -> None:
+    torch.manual_seed(0)
+    model = SmallNet()
+    ckptool.freeze(model, strategy="linear")
+    optimizer = torch.optim.SGD([model.head.weight], lr=0.1)  # the head's bias was forgotten
+    with FreezeGuard(model, optimizer) as guard:
+        train_steps(model, optimizer, steps=1)
+    kinds = {f.kind: f.names for f in guard.report().findings}
+    assert kinds["not in optimizer"] == ("head.bias",)
+
+
+def test_guard_only_observes_and_unhooks() -> None:
+    torch.manual_seed(0)
+    model = ConvBN()
+    ckptool.freeze(model, train=["fc"])
+    optimizer = torch.optim.SGD(trainable(model), lr=0.1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with FreezeGuard(model, optimizer):
+        pass
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    model.conv.weight.data.add_(1)  # after stop(): no hook may fire
+    optimizer.step()
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.randn(1001),
+        torch.randn(3, 5).to(torch.bfloat16),
+        torch.arange(7, dtype=torch.int64),
+        torch.tensor([True, False, True]),
+        torch.zeros(0),
+        torch.tensor(3.5),
+        torch.randn(64)[1:40],
+    ],
+    ids=["odd-float32", "bf16", "int64", "bool", "empty", "scalar", "unaligned-view"],
+)
+def test_fingerprint_sees_every_single_bit_flip(tensor: torch.Tensor) -> None:
+    base = fingerprint(tensor)
+    raw = tensor.contiguous().reshape(-1).view(torch.uint8)
+    for position in range(0, raw.numel(), max(1, raw.numel() // 23)):
+        for bit in (0, 3, 7):
+            flipped = raw.clone()
+            flipped[position] ^= 1 << bit
+            assert not torch.equal(
+                fingerprint(flipped.view(tensor.dtype).reshape(tensor.shape)), base
+            )
+    assert torch.equal(fingerprint(tensor.clone()), base)
+
+
+def test_fingerprint_is_bitwise_not_numeric() -> None:
+    values = torch.tensor([0.0, float("nan")])
+    assert not torch.equal(fingerprint(values), fingerprint(torch.tensor([-0.0, float("nan")])))
+    other_nan = values.clone().view(torch.int32)
+    other_nan[1] += 1  # a NaN with another payload is still a change
+    assert not torch.equal(fingerprint(values), fingerprint(other_nan.view(torch.float32)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_guard_on_cuda_catches_bn_train_mode() -> None:
+    model, optimizer, _ = fault_bn_train_mode()
+    model.cuda()
+    optimizer = torch.optim.SGD(trainable(model), lr=0.1)
+    x, y = (t.cuda() for t in batch())
+    with (
+        pytest.raises(FrozenParameterError, match="module in train mode"),
+        FreezeGuard(model, optimizer),
+    ):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
