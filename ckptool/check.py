@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ckptool.errors import UsageError
-from ckptool.formats import CheckpointMeta, read_metadata
-from ckptool.formats.load import open_tensors
+from ckptool.formats import read_metadata
 from ckptool.freezing import FreezeSummary, freeze
 from ckptool.guard import FreezeGuard, FrozenParameterError, GuardReport
 from ckptool.keys import KeyDiff, Transforms, diff
+from ckptool.surgery import load_matched
 
 if TYPE_CHECKING:
     import torch
@@ -86,7 +86,7 @@ def check(
     label = model + (f" --num-classes {num_classes}" if num_classes is not None else "")
     if not keys.compatible:
         return CheckResult(meta.path, label, keys)
-    non_finite = _load_matched(net, meta, keys)
+    non_finite = load_matched(net, meta, keys)
     if train is None and freeze_names is None and strategy is None:
         strategy = "linear"
     summary = freeze(
@@ -100,22 +100,6 @@ def check(
     shape = tuple(input_shape) if input_shape else infer_input_shape(net)
     report, not_moved = _guarded_step(net, shape, seed)
     return CheckResult(meta.path, label, keys, non_finite, report, summary, not_moved, shape)
-
-
-def _load_matched(net: nn.Module, meta: CheckpointMeta, keys: KeyDiff) -> tuple[str, ...]:
-    """Copy matched checkpoint tensors into the model; return the non-finite ones."""
-    import torch
-
-    original = {new: old for old, new in keys.renamed.items()}
-    state = net.state_dict()
-    non_finite = []
-    with open_tensors(meta) as reader, torch.no_grad():
-        for name in keys.matched:
-            tensor = reader.get(original.get(name, name))
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                non_finite.append(name)
-            state[name].copy_(tensor)
-    return tuple(non_finite)
 
 
 def infer_input_shape(net: nn.Module) -> tuple[int, ...]:

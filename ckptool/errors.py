@@ -37,6 +37,10 @@ class CheckpointReadError(CkptError):
     """The input is unreadable, corrupt or in an unsupported format."""
 
 
+class DataError(CheckpointReadError):
+    """Training data is unreadable: a corrupt image, a list file naming a missing file."""
+
+
 class UnsafeCheckpointError(CkptError):
     """A pickle references globals outside the tensor allowlist; it was not run."""
 

@@ -150,11 +150,8 @@ def adapt(
         model, model_args=model_args, num_classes=num_classes, head=head, device="meta"
     )
     target = model_tensor_meta(net)
-    transforms = transforms or Transforms()
-    if auto:
-        transforms = _with_suggested_prefix(meta.tensors, target, transforms)
-    keys = diff(meta.tensors, target, transforms, suggest=False)
-    _refuse_incompatible(meta.tensors, target, keys, policy=policy, strict=strict)
+    keys = plan_keys(meta, target, transforms, auto=auto, policy=policy, strict=strict)
+    transforms = keys.transforms
     matched = set(keys.matched)
     to_fill = [name for name in target if name not in matched]
     fmt_out = output_format_for(out, fmt) if out else None
@@ -201,6 +198,73 @@ def _save_hashed(
             deferred=deferred,
             dedupe_tied=dedupe_tied,
         )
+
+
+def plan_keys(
+    meta: CheckpointMeta,
+    target: Mapping[str, TensorMeta],
+    transforms: Transforms | None,
+    *,
+    auto: bool = False,
+    policy: MismatchPolicy = MismatchPolicy.ERROR,
+    strict: bool = False,
+) -> KeyDiff:
+    """The key plan of an adapt: transforms (plus the --auto prefix), refusals included.
+
+    Raises:
+        IncompatibleError, UsageError: as :func:`adapt`.
+    """
+    transforms = transforms or Transforms()
+    if auto:
+        transforms = _with_suggested_prefix(meta.tensors, target, transforms)
+    keys = diff(meta.tensors, target, transforms, suggest=False)
+    _refuse_incompatible(meta.tensors, target, keys, policy=policy, strict=strict)
+    return keys
+
+
+def adapt_into(
+    model: nn.Module,
+    source: str | os.PathLike[str],
+    *,
+    key: str | None = None,
+    transforms: Transforms | None = None,
+    auto: bool = False,
+    on_mismatch: MismatchPolicy | str = MismatchPolicy.ERROR,
+    strict: bool = False,
+) -> SurgeryLog:
+    """``adapt`` into a model in memory: matched tensors are copied in, the rest keep
+    the model's initialisation. Same plan and refusals as :func:`adapt`.
+    """
+    from ckptool.models import model_tensor_meta
+
+    meta = read_metadata(source, key=key)
+    keys = plan_keys(
+        meta,
+        model_tensor_meta(model),
+        transforms,
+        auto=auto,
+        policy=MismatchPolicy(on_mismatch),
+        strict=strict,
+    )
+    load_matched(model, meta, keys)
+    to_fill = [name for name in model.state_dict() if name not in set(keys.matched)]
+    return _adapt_log(meta, keys, to_fill, None, None, dry_run=False, dtype=None)
+
+
+def load_matched(model: nn.Module, meta: CheckpointMeta, keys: KeyDiff) -> tuple[str, ...]:
+    """Copy the matched checkpoint tensors into ``model``; return the non-finite ones."""
+    import torch
+
+    original = {new: old for old, new in keys.renamed.items()}
+    state = model.state_dict()
+    non_finite = []
+    with open_tensors(meta) as reader, torch.no_grad():
+        for name in keys.matched:
+            tensor = reader.get(original.get(name, name))
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                non_finite.append(name)
+            state[name].copy_(tensor)
+    return tuple(non_finite)
 
 
 def _with_suggested_prefix(
