@@ -292,6 +292,126 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
+@cli.command()
+@model_options
+@click.option(
+    "--data",
+    required=True,
+    metavar="DIR|LIST",
+    help="Image folder (one sub-folder per class) or list file.",
+)
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    required=True,
+    metavar="OUTDIR",
+    help="Where model.safetensors and report.json go.",
+)
+@click.option(
+    "--weights", metavar="CKPT", help="Starting weights, adapted with the transform flags."
+)
+@transform_options
+@click.option("--auto", is_flag=True, help="Apply the suggested prefix fix to --weights.")
+@click.option(
+    "--on-mismatch", type=click.Choice(["error", "drop"]), default="error", show_default=True
+)
+@click.option("--key", metavar="PATH", help="Tensor dict inside --weights.")
+@click.option(
+    "--strategy",
+    type=click.Choice(["linear", "partial", "full", "scratch"]),
+    help="What trains (default: linear, only the head).",
+)
+@click.option(
+    "--train", multiple=True, metavar="P", help="Only parameters under P (or glob) train."
+)
+@click.option(
+    "--freeze",
+    "freeze_names",
+    multiple=True,
+    metavar="P",
+    help="Freeze parameters under P (or glob).",
+)
+@click.option(
+    "--freeze-until", metavar="STAGE", help="With --strategy partial: the last frozen stage."
+)
+@click.option("--epochs", type=int, default=5, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=0.01, show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--amp", is_flag=True, help="Mixed precision (bf16 on CPU, fp16 on CUDA).")
+@click.option("--val-split", type=float, default=0.4, show_default=True, help="Seeded, stratified.")
+@click.option("--val-data", metavar="DIR|LIST", help="Validation data instead of a split.")
+@click.option("--image-size", type=int, default=224, show_default=True)
+@click.option(
+    "--no-augment", is_flag=True, help="No flips or crop jitter (lets linear cache features)."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--workers", type=int, default=0, show_default=True, help="DataLoader worker processes."
+)
+@click.option("--force", is_flag=True, help="Replace the outputs of an earlier run in OUTDIR.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json's document.")
+@handle_errors
+def finetune(model: str | None, data: str, out_dir: str, as_json: bool, **o: Any) -> None:
+    """Transfer learning in one command: adapt weights, replace the head, freeze, train.
+
+    After every optimizer step the frozen parameters and buffers are checked bit for
+    bit; a change stops the run with exit 1 and nothing is written.
+    """
+    from ckptool.finetune import TrainOptions, WeightOptions, result_json
+    from ckptool.finetune import finetune as run_finetune
+    from ckptool.keys import Transforms
+    from ckptool.report import EpochProgress, make_console, render_finetune
+
+    if model is None:
+        raise UsageError("finetune needs --model SPEC, e.g. --model torchvision:resnet18")
+    transforms = Transforms.from_flags(**{k: o.pop(k) for k in _TRANSFORM_FLAGS})
+    weights = WeightOptions(
+        o.pop("weights"), o.pop("key"), transforms, o.pop("auto"), o.pop("on_mismatch")
+    )
+    options = TrainOptions(
+        epochs=o.pop("epochs"),
+        batch_size=o.pop("batch_size"),
+        lr=o.pop("lr"),
+        optimizer=o.pop("optimizer"),
+        momentum=o.pop("momentum"),
+        weight_decay=o.pop("weight_decay"),
+        device=o.pop("device"),
+        amp=o.pop("amp"),
+        image_size=o.pop("image_size"),
+        augment=not o.pop("no_augment"),
+        seed=o.pop("seed"),
+        workers=o.pop("workers"),
+        val_split=o.pop("val_split"),
+    )
+    console = make_console(stderr=as_json)
+    result = run_finetune(
+        model,
+        data,
+        out_dir,
+        model_args=o.pop("model_args"),
+        num_classes=o.pop("num_classes"),
+        head=o.pop("head"),
+        weights=weights,
+        strategy=o.pop("strategy"),
+        train=o.pop("train") or None,
+        freeze_names=o.pop("freeze_names") or None,
+        freeze_until=o.pop("freeze_until"),
+        options=options,
+        val_data=o.pop("val_data"),
+        force=o.pop("force"),
+        progress=EpochProgress(console),
+    )
+    if as_json:
+        _emit_json(result_json(result))
+    else:
+        render_finetune(result, console)
+
+
 DTYPES = click.Choice(["float32", "float16", "bfloat16", "float64"])
 
 

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ckptool.check import CheckResult
 from ckptool.compare import CheckpointDiff
+from ckptool.finetune import EpochMetrics, FinetuneResult
 from ckptool.formats.meta import CheckpointMeta
 from ckptool.freezing import FreezeSummary
 from ckptool.guard import GuardReport
@@ -553,3 +554,119 @@ def render_check(result: CheckResult, console: Console) -> None:
             markup=False,
         )
     console.print("check passed" if result.ok else "check failed", markup=False)
+
+
+# --- fine-tuning ---------------------------------------------------------------------
+
+_SPARKS = "▁▂▃▄▅▆▇█"
+
+
+class EpochProgress:
+    """The runner's progress: a rich bar per epoch on a terminal, one line per epoch otherwise."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._progress: Any = None
+        self._task: Any = None
+
+    def start_epoch(self, epoch: int, epochs: int, batches: int) -> None:
+        if not self.console.is_terminal:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn(f"epoch {epoch}/{epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=batches, loss="-")
+
+    def advance(self, loss: float) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1, loss=f"{loss:.3f}")
+
+    def end_epoch(self, metrics: EpochMetrics) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        self.console.print(_epoch_line(metrics), markup=False)
+
+
+def _epoch_line(m: EpochMetrics) -> str:
+    val = (
+        f", val loss {m.val_loss:.4f} acc {m.val_acc:.3f}"
+        if m.val_loss is not None and m.val_acc is not None
+        else ""
+    )
+    train = f"train loss {m.train_loss:.4f} acc {m.train_acc:.3f}"
+    return f"epoch {m.epoch}: {train}{val} ({m.images_per_s:.0f} img/s)"
+
+
+def sparkline(values: Sequence[float]) -> str:
+    """A one-line chart: the terminal's picture of a learning curve."""
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    return "".join(_SPARKS[round((v - low) / span * (len(_SPARKS) - 1))] for v in values)
+
+
+def render_finetune(result: FinetuneResult, console: Console) -> None:
+    """Epoch table, learning curves, what trained, the guard, what moved, the outputs."""
+    table = _table(console, "epoch", "train loss", "train acc", "val loss", "val acc", "img/s")
+    for m in result.epochs:
+        best = " *" if m.epoch == result.best_epoch else ""
+        table.add_row(
+            f"{m.epoch}{best}",
+            f"{m.train_loss:.4f}",
+            f"{m.train_acc:.3f}",
+            "-" if m.val_loss is None else f"{m.val_loss:.4f}",
+            "-" if m.val_acc is None else f"{m.val_acc:.3f}",
+            f"{m.images_per_s:.0f}",
+        )
+    console.print(table)
+    for label, values in _curves(result.epochs):
+        console.print(
+            f"  {label:<10} {values[0]:.3f} {sparkline(values)} {values[-1]:.3f}", markup=False
+        )
+    console.print(freeze_summary_table(result.summary, console))
+    if result.cached_features:
+        console.print(
+            "  features: the frozen backbone ran once; the head trained on cached features",
+            markup=False,
+        )
+    for line in guard_lines(result.guard):
+        console.print(line, markup=False)
+    moved = [c.name for c in result.changes if c.changed]
+    kept = [c.name for c in result.changes if not c.changed]
+    console.print(f"  moved      {', '.join(moved) or '-'}", markup=False)
+    console.print(
+        f"  unchanged  {', '.join(kept) or '-'} (bit-identical to the start)", markup=False
+    )
+    verdict_line = (
+        "frozen tensors bit-identical" if result.frozen_unchanged else "FROZEN TENSORS CHANGED"
+    )
+    console.print(
+        f"best epoch {result.best_epoch}; {verdict_line}; wrote {', '.join(result.outputs)}",
+        markup=False,
+    )
+
+
+def _curves(epochs: Sequence[EpochMetrics]) -> list[tuple[str, list[float]]]:
+    curves = [
+        ("train loss", [m.train_loss for m in epochs]),
+        ("train acc", [m.train_acc for m in epochs]),
+    ]
+    if all(m.val_loss is not None for m in epochs):
+        curves.append(("val loss", [float(m.val_loss or 0.0) for m in epochs]))
+        curves.append(("val acc", [float(m.val_acc or 0.0) for m in epochs]))
+    return curves

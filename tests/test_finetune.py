@@ -1,0 +1,229 @@
+"""The fine-tune runner end to end on tiny generated image folders and list files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import WriteCheckpoint, wrap
+from PIL import Image
+
+import ckptool
+
+COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+MODEL_FILE = '''
+from torch import nn
+
+class Tiny(nn.Module):
+    """conv-bn-relu backbone and a Linear head: small enough for CPU tests."""
+
+    def __init__(self, num_classes=10, channels=3):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+class Sabotage(Tiny):
+    """Writes a frozen weight during forward, bypassing autograd: the guard must stop it."""
+
+    def forward(self, x):
+        self.features[0].weight.data.mul_(1.01)
+        return super().forward(x)
+'''
+
+
+def make_images(folder: Path, per_class: int = 8, size: int = 16) -> Path:
+    rng = np.random.default_rng(0)
+    for label, color in enumerate(COLORS):
+        (folder / f"c{label}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = (
+                (rng.normal(0, 20, (size, size, 3)) + np.array(color)).clip(0, 255).astype("uint8")
+            )
+            Image.fromarray(pixels).save(folder / f"c{label}" / f"{i}.png")
+    return folder
+
+
+@pytest.fixture
+def setup(tmp_path: Path, write_checkpoint: WriteCheckpoint) -> dict[str, Path]:
+    model_file = tmp_path / "tiny.py"
+    model_file.write_text(MODEL_FILE)
+    torch.manual_seed(0)
+    namespace: dict = {}
+    exec(compile(MODEL_FILE, str(model_file), "exec"), namespace)
+    pretrained = namespace["Tiny"](num_classes=10).state_dict()
+    return {
+        "model": model_file,
+        "data": make_images(tmp_path / "data"),
+        "weights": write_checkpoint(wrap(pretrained, "module."), "pretrained.pth"),
+        "out": tmp_path / "run",
+    }
+
+
+def run_finetune(run_cli, setup: dict[str, Path], *extra: str):
+    return run_cli(
+        "finetune",
+        "--model",
+        f"{setup['model']}:Tiny",
+        "--data",
+        setup["data"],
+        "-o",
+        setup["out"],
+        "--weights",
+        setup["weights"],
+        "--strip",
+        "module.",
+        "--drop",
+        "fc.",
+        "--image-size",
+        "16",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "3",
+        *extra,
+    )
+
+
+@pytest.mark.parametrize("strategy", ["linear", "partial"])
+def test_frozen_tensors_in_the_output_are_the_inputs_bits(
+    run_cli, setup: dict[str, Path], strategy: str
+) -> None:
+    result = run_finetune(run_cli, setup, "--strategy", strategy, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (
+        report["guard"]["verdict"] == "ok" and report["guard"]["steps_checked"] == 3 * 2
+    )  # 15 train images / 8
+    assert report["frozen_unchanged"] and report["classes"] == ["c0", "c1", "c2"]
+    out = ckptool.load_state_dict(setup["out"] / "model.safetensors")
+    source = {
+        k.removeprefix("module."): v
+        for k, v in torch.load(setup["weights"], weights_only=True).items()
+    }
+    frozen = ["features.0.weight", "features.1.running_mean", "features.1.num_batches_tracked"]
+    if strategy == "linear":
+        frozen += ["features.3.weight", "features.4.running_var"]
+    assert all(torch.equal(out[name], source[name]) for name in frozen)
+    assert out["fc.weight"].shape == (3, 8)
+    moved = {c["name"] for c in report["changes"] if c["changed"]}
+    assert moved == ({"fc"} if strategy == "linear" else {"features", "fc"})
+    assert (
+        json.loads((setup["out"] / "report.json").read_text())["best_epoch"] == report["best_epoch"]
+    )
+
+
+def test_linear_without_augmentation_caches_features(run_cli, setup: dict[str, Path]) -> None:
+    cached = json.loads(run_finetune(run_cli, setup, "--no-augment", "--json").stdout)
+    assert cached["cached_features"] is True
+    uncached = json.loads(run_finetune(run_cli, setup, "--force", "--json").stdout)
+    assert uncached["cached_features"] is False
+
+
+def test_list_files_and_val_data(run_cli, setup: dict[str, Path], tmp_path: Path) -> None:
+    lines = [f"data/c{label}/{i}.png\t{label}" for label in range(3) for i in range(8)]
+    (tmp_path / "train.txt").write_text("\n".join(lines[::2]) + "\n")
+    (tmp_path / "test.txt").write_text("\n".join(lines[1::2]) + "\n")
+    result = run_cli(
+        "finetune",
+        "--model",
+        f"{setup['model']}:Tiny",
+        "--data",
+        tmp_path / "train.txt",
+        "--val-data",
+        tmp_path / "test.txt",
+        "-o",
+        setup["out"],
+        "--image-size",
+        "16",
+        "--epochs",
+        "2",
+        "--strategy",
+        "full",
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["classes"] == ["0", "1", "2"] and report["config"]["num_classes"] == 3
+    assert all(m["val_acc"] is not None for m in report["epochs"])
+
+
+def test_human_output_shows_curves_guard_and_what_moved(run_cli, setup: dict[str, Path]) -> None:
+    result = run_finetune(run_cli, setup)
+    assert result.exit_code == 0, result.stderr
+    assert "epoch 3: train loss" in result.stdout and "train loss " in result.stdout
+    assert "guard: ok: " in result.stdout and "  moved      fc" in result.stdout
+    assert "frozen tensors bit-identical; wrote" in result.stdout
+
+
+def test_guard_violation_stops_the_run_and_writes_nothing(run_cli, setup: dict[str, Path]) -> None:
+    result = run_cli(
+        "finetune",
+        "--model",
+        f"{setup['model']}:Sabotage",
+        "--data",
+        setup["data"],
+        "-o",
+        setup["out"],
+        "--image-size",
+        "16",
+        "--epochs",
+        "1",
+    )
+    assert result.exit_code == 1
+    assert "features.0.weight" in result.stderr and "write that bypassed autograd" in result.stderr
+    assert not setup["out"].exists()
+
+
+def missing_folder(data: Path) -> Path:
+    return data / "nope"
+
+
+def empty_class(data: Path) -> Path:
+    (data / "c3").mkdir()
+    return data
+
+
+def corrupt_image(data: Path) -> Path:
+    (data / "c0" / "0.png").write_bytes(b"not a png")
+    return data
+
+
+@pytest.mark.parametrize(
+    ("break_data", "code", "message"),
+    [
+        (missing_folder, 2, "no such data folder"),
+        (empty_class, 2, "class 'c3' has no images"),
+        (corrupt_image, 3, "not a readable image"),
+    ],
+    ids=["missing-folder", "empty-class", "corrupt-image"],
+)
+def test_bad_data_is_one_line_and_nothing_written(
+    run_cli, setup: dict[str, Path], break_data, code: int, message: str
+) -> None:
+    data = break_data(setup["data"])
+    result = run_cli(
+        "finetune", "--model", f"{setup['model']}:Tiny", "--data", data, "-o", setup["out"]
+    )
+    assert (
+        result.exit_code == code
+        and message in result.stderr
+        and len(result.stderr.splitlines()) == 1
+    )
+    assert not setup["out"].exists()
+
+
+def test_previous_outputs_need_force(run_cli, setup: dict[str, Path]) -> None:
+    assert run_finetune(run_cli, setup, "--epochs", "1").exit_code == 0
+    again = run_finetune(run_cli, setup, "--epochs", "1")
+    assert again.exit_code == 5 and "add --force" in again.stderr
