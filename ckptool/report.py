@@ -670,3 +670,60 @@ def _curves(epochs: Sequence[EpochMetrics]) -> list[tuple[str, list[float]]]:
         curves.append(("val loss", [float(m.val_loss or 0.0) for m in epochs]))
         curves.append(("val acc", [float(m.val_acc or 0.0) for m in epochs]))
     return curves
+
+
+def render_finetune_brief(result: FinetuneResult, console: Console) -> None:
+    """The learning curves, the guard and what moved: the demo's view of a run."""
+    for label, values in _curves(result.epochs):
+        console.print(
+            f"  {label:<10} {values[0]:.3f} {sparkline(values)} {values[-1]:.3f}", markup=False
+        )
+    best = next(m for m in result.epochs if m.epoch == result.best_epoch)
+    console.print(f"  best epoch {best.epoch}: val acc {best.val_acc or 0:.3f}", markup=False)
+    console.print(
+        f"  trains {result.summary.trainable:,} of {result.summary.total:,} parameters"
+        + ("; backbone features computed once and cached" if result.cached_features else ""),
+        markup=False,
+    )
+    for line in guard_lines(result.guard)[:1]:
+        console.print(f"  {line}", markup=False)
+    moved = ", ".join(c.name for c in result.changes if c.changed) or "-"
+    kept = ", ".join(c.name for c in result.changes if not c.changed) or "-"
+    console.print(f"  moved: {moved}; bit-identical to the start: {kept}", markup=False)
+
+
+def comparison_table(rows: Sequence[tuple[Any, FinetuneResult]], console: Console) -> Table:
+    """Best validation accuracy per run: transfer against scratch."""
+    table = _table(
+        console, "run", "strategy", "trained params", "epochs", "best val acc", "seconds"
+    )
+    for spec, result in rows:
+        best = max((m.val_acc or 0.0) for m in result.epochs)
+        seconds = sum(m.seconds for m in result.epochs)
+        table.add_row(
+            spec.name,
+            spec.strategy,
+            f"{result.summary.trainable:,}",
+            str(len(result.epochs)),
+            f"{best:.3f}",
+            f"{seconds:.1f}",
+        )
+    return table
+
+
+def render_demo_step(number: int, title: str, command: str, result: Any, console: Console) -> None:
+    """A demo step: its title, the command that does the same, and its usual output."""
+    console.print()
+    console.print(f"[bold]{number}. {title}[/bold]")
+    if command:
+        console.print(f"  $ {command}", markup=False, style="dim")
+    if isinstance(result, CheckpointMeta):
+        render_inspect(result, console)
+    elif isinstance(result, CheckpointDiff):
+        render_diff(result, console)
+    elif isinstance(result, SurgeryLog):
+        render_surgery(result, console)
+    elif isinstance(result, FinetuneResult):
+        render_finetune_brief(result, console)
+    elif hasattr(result, "rows"):
+        console.print(comparison_table(result.rows, console))
