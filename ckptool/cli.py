@@ -349,6 +349,11 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 @click.option(
     "--no-augment", is_flag=True, help="No flips or crop jitter (lets linear cache features)."
 )
+@click.option(
+    "--no-feature-cache",
+    is_flag=True,
+    help="With linear and --no-augment: run the backbone every epoch.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--workers", type=int, default=0, show_default=True, help="DataLoader worker processes."
@@ -387,6 +392,7 @@ def finetune(model: str | None, data: str, out_dir: str, as_json: bool, **o: Any
         seed=o.pop("seed"),
         workers=o.pop("workers"),
         val_split=o.pop("val_split"),
+        cache_features=not o.pop("no_feature_cache"),
     )
     console = make_console(stderr=as_json)
     result = run_finetune(

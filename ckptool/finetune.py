@@ -106,6 +106,7 @@ class TrainOptions:
     seed: int = 0
     workers: int = 0
     val_split: float = 0.4
+    cache_features: bool = True  # linear + no augmentation: train the head on cached features
 
 
 @dataclass(frozen=True)
@@ -272,11 +273,14 @@ class _Run:
         self.net, self.split, self.options, self.device = net, split, options, device
         self.head_name = head or find_head(net)
         self.progress = progress
+        # fp16 autocast needs loss scaling; bf16 (the CPU's autocast type) does not.
+        self.scaler = _grad_scaler(options.amp and device.type == "cuda")
         trainable = [name for name, p in net.named_parameters() if p.requires_grad]
         # The backbone is a fixed function only if nothing outside the head trains and
         # no augmentation changes its input between epochs.
         self.cached = (
-            not options.augment
+            options.cache_features
+            and not options.augment
             and bool(trainable)
             and all(name.startswith(self.head_name + ".") for name in trainable)
         )
@@ -375,8 +379,9 @@ class _Run:
             value = float(loss.detach())
             if training:
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # type: ignore[no-untyped-call]
-                optimizer.step()
+                self.scaler.scale(loss).backward()
+                self.scaler.step(optimizer)
+                self.scaler.update()
                 self.progress.advance(value)
             total_loss += value * len(labels)
             correct += int((logits.argmax(1) == labels).sum())
@@ -395,6 +400,12 @@ class _Run:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
+
+
+def _grad_scaler(enabled: bool) -> Any:
+    import torch
+
+    return torch.amp.GradScaler("cuda", enabled=enabled)
 
 
 class _FeatureBatches:
