@@ -412,6 +412,8 @@ def finetune(model: str | None, data: str, out_dir: str, as_json: bool, **o: Any
         force=o.pop("force"),
         progress=EpochProgress(console),
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, rank 0 speaks for all ranks
     if as_json:
         _emit_json(result_json(result))
     else:

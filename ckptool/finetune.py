@@ -17,10 +17,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ckptool._version import __version__
 from ckptool.data import DataSplit, ImageDataset, load_split
+from ckptool.distributed import (
+    DistContext,
+    any_rank,
+    barrier,
+    from_environment,
+    shutdown,
+    sum_across,
+)
 from ckptool.errors import OutputError, UsageError
 from ckptool.formats.write import atomic_output
 from ckptool.freezing import FreezeSummary, freeze
-from ckptool.guard import FreezeGuard, GuardReport
+from ckptool.guard import FreezeGuard, FrozenParameterError, GuardReport, violation_error
 from ckptool.keys import Transforms
 from ckptool.surgery import SurgeryLog, adapt_into
 
@@ -164,24 +172,65 @@ def finetune(
     )
     initial = {k: v.detach().clone() for k, v in net.state_dict().items()}
     device = _device(options.device)
+    context = from_environment(device.type)
+    try:
+        return _train_and_write(
+            net,
+            split,
+            options,
+            device,
+            head,
+            progress,
+            context,
+            initial,
+            summary,
+            log,
+            out_dir,
+            model,
+            weights,
+            _config(
+                model,
+                model_args,
+                data,
+                val_data,
+                weights,
+                strategy,
+                train,
+                freeze_names,
+                freeze_until,
+                options,
+                num_classes or len(split.classes),
+            ),
+        )
+    finally:
+        shutdown(context)
+
+
+def _train_and_write(
+    net: nn.Module,
+    split: DataSplit,
+    options: TrainOptions,
+    device: torch.device,
+    head: str | None,
+    progress: Progress | None,
+    context: DistContext,
+    initial: dict[str, torch.Tensor],
+    summary: FreezeSummary,
+    log: SurgeryLog | None,
+    out_dir: str,
+    model: str,
+    weights: WeightOptions,
+    config: dict[str, Any],
+) -> FinetuneResult:
+    import torch
+
+    if context.active and device.type == "cuda":
+        device = torch.device("cuda", context.local_rank)
     net.to(device)
-    run = _Run(net, split, options, device, head, progress or _Silent())
+    run = _Run(net, split, options, device, head, progress or _Silent(), context)
     epochs, best_state, guard = run.train()
     net.load_state_dict(best_state)
     final = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    config = _config(
-        model,
-        model_args,
-        data,
-        val_data,
-        weights,
-        strategy,
-        train,
-        freeze_names,
-        freeze_until,
-        options,
-        num_classes or len(split.classes),
-    )
     result = FinetuneResult(
         config=config,
         classes=split.classes,
@@ -193,7 +242,10 @@ def finetune(
         weights=log,
         cached_features=run.cached,
     )
-    return _write_outputs(out_dir, final, result, model, weights)
+    if context.is_main:  # one writer; the others wait so every rank ends together
+        result = _write_outputs(out_dir, final, result, model, weights)
+    barrier(context)
+    return result
 
 
 def _check_options(options: TrainOptions, weights: WeightOptions, strategy: str | None) -> None:
@@ -267,12 +319,15 @@ class _Run:
         device: torch.device,
         head: str | None,
         progress: Progress,
+        context: DistContext | None = None,
     ) -> None:
         from ckptool.models import find_head
 
         self.net, self.split, self.options, self.device = net, split, options, device
         self.head_name = head or find_head(net)
-        self.progress = progress
+        self.context = context or DistContext()
+        self.progress = progress if self.context.is_main else _Silent()
+        self.forward_model = _wrap_ddp(net, device, self.context)
         # fp16 autocast needs loss scaling; bf16 (the CPU's autocast type) does not.
         self.scaler = _grad_scaler(options.amp and device.type == "cuda")
         trainable = [name for name, p in net.named_parameters() if p.requires_grad]
@@ -281,6 +336,8 @@ class _Run:
         self.cached = (
             options.cache_features
             and not options.augment
+            # under DDP the head would train outside the gradient sync
+            and not self.context.active
             and bool(trainable)
             and all(name.startswith(self.head_name + ".") for name in trainable)
         )
@@ -291,8 +348,15 @@ class _Run:
         train_batches, val_batches = self._batches()
         epochs: list[EpochMetrics] = []
         best: dict[str, torch.Tensor] = {}
-        with FreezeGuard(self.net, optimizer) as guard:
+        # Distributed: every rank records; after each step the ranks agree on a verdict.
+        mode = "record" if self.context.active else "raise"
+        with FreezeGuard(self.net, optimizer, on_violation=mode) as guard:
+            self.guard = guard
             for epoch in range(1, self.options.epochs + 1):
+                if hasattr(train_batches, "sampler") and hasattr(
+                    train_batches.sampler, "set_epoch"
+                ):
+                    train_batches.sampler.set_epoch(epoch)
                 metrics = self._epoch(epoch, optimizer, train_batches, val_batches)
                 if not epochs or _score(metrics) > max(_score(m) for m in epochs):
                     best = {
@@ -340,10 +404,21 @@ class _Run:
             augment=augment,
         )
         generator = torch.Generator().manual_seed(self.options.seed)
+        sampler: Any = None
+        if self.context.active and shuffle:  # each rank trains on its own shard
+            from torch.utils.data.distributed import DistributedSampler
+
+            sampler = DistributedSampler(
+                dataset,  # type: ignore[arg-type]
+                num_replicas=self.context.world_size,
+                rank=self.context.rank,
+                seed=self.options.seed,
+            )
         return DataLoader(
             dataset,  # type: ignore[arg-type]  # a map-style dataset, duck-typed
             batch_size=self.options.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
             generator=generator,
             num_workers=self.options.workers,
             pin_memory=self.device.type == "cuda",
@@ -369,7 +444,7 @@ class _Run:
         training = optimizer is not None
         self.net.train(training)
         total_loss, correct, seen = 0.0, 0, 0
-        forward = self._head_forward if self.cached else self.net
+        forward = self._head_forward if self.cached else self.forward_model
         for inputs, labels in batches:
             inputs = inputs.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
@@ -382,11 +457,28 @@ class _Run:
                 self.scaler.scale(loss).backward()
                 self.scaler.step(optimizer)
                 self.scaler.update()
+                self._agree_on_guard()
                 self.progress.advance(value)
             total_loss += value * len(labels)
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(labels)
+        if training:  # validation runs the whole set on every rank; training is sharded
+            total_loss, correct_sum, seen_sum = sum_across(
+                [total_loss, correct, seen], self.context
+            )
+            correct, seen = int(correct_sum), int(seen_sum)
         return total_loss / max(seen, 1), correct / max(seen, 1), seen
+
+    def _agree_on_guard(self) -> None:
+        if not self.context.active:
+            return
+        if any_rank(bool(self.guard.report().violations), self.context):
+            report = self.guard.report()
+            if report.violations:
+                raise violation_error(report)
+            raise FrozenParameterError(
+                "a frozen tensor changed on another rank; see rank 0's report", (), report
+            )
 
     def _head_forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.net.get_submodule(self.head_name)(features)  # type: ignore[no-any-return]
@@ -400,6 +492,15 @@ class _Run:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
+
+
+def _wrap_ddp(net: nn.Module, device: torch.device, context: DistContext) -> Any:
+    if not context.active:
+        return net
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(net, device_ids=device_ids)
 
 
 def _grad_scaler(enabled: bool) -> Any:

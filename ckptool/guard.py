@@ -139,6 +139,14 @@ class _StepContext:
     had_state: set[int] = field(default_factory=set)
 
 
+def violation_error(report: GuardReport) -> FrozenParameterError:
+    """The error for a report with violations (e.g. after a recorded, distributed run)."""
+    first_step = [v for v in report.violations if v.step == report.violations[0].step]
+    return FrozenParameterError(
+        _violation_message(first_step, first_step[0].step), report.violations, report
+    )
+
+
 class FreezeGuard:
     """Check, after every optimizer step, that frozen parameters and buffers are bit-identical.
 
@@ -146,7 +154,8 @@ class FreezeGuard:
         model: the model being trained.
         optimizers: one optimizer or several.
         buffers: which buffers to watch (default: those of fully frozen modules).
-        on_violation: ``"raise"`` (FrozenParameterError) or ``"warn"``.
+        on_violation: ``"raise"`` (FrozenParameterError), ``"warn"``, or ``"record"``
+            (only the report; distributed runs agree on a verdict across ranks first).
         snapshot: keep a host copy of watched tensors to count changed elements.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`.
@@ -161,8 +170,10 @@ class FreezeGuard:
         on_violation: str = "raise",
         snapshot: bool = False,
     ) -> None:
-        if on_violation not in ("raise", "warn"):
-            raise ValueError(f"on_violation must be 'raise' or 'warn', got {on_violation!r}")
+        if on_violation not in ("raise", "warn", "record"):
+            raise ValueError(
+                f"on_violation must be 'raise', 'warn' or 'record', got {on_violation!r}"
+            )
         self.model = model
         self.optimizers = list(optimizers) if isinstance(optimizers, list | tuple) else [optimizers]
         self.buffer_policy = BufferPolicy(buffers)
@@ -242,6 +253,8 @@ class FreezeGuard:
         self._violations.extend(violations)
         self._baseline = current  # with on_violation="warn", report only new changes next
         message = _violation_message(violations, self._steps)
+        if self.on_violation == "record":
+            return
         if self.on_violation == "warn":
             warnings.warn(message, stacklevel=2)
             return

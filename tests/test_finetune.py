@@ -227,3 +227,56 @@ def test_previous_outputs_need_force(run_cli, setup: dict[str, Path]) -> None:
     assert run_finetune(run_cli, setup, "--epochs", "1").exit_code == 0
     again = run_finetune(run_cli, setup, "--epochs", "1")
     assert again.exit_code == 5 and "add --force" in again.stderr
+
+
+def torchrun(*args: str | Path, cwd: Path):
+    import shutil
+    import subprocess
+    import sys
+
+    launcher = shutil.which("torchrun") or sys.executable
+    prefix = (
+        [launcher]
+        if launcher != sys.executable
+        else [sys.executable, "-m", "torch.distributed.run"]
+    )
+    command = [
+        *prefix,
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "--no-python",
+        "ckptool",
+        "finetune",
+        *map(str, args),
+    ]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(setup: dict[str, Path], tmp_path: Path) -> None:
+    common = ("--data", setup["data"], "--image-size", "16", "--batch-size", "4", "--epochs", "2")
+    done = torchrun(
+        "--model",
+        f"{setup['model']}:Tiny",
+        "--strategy",
+        "partial",
+        *common,
+        "-o",
+        setup["out"],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((setup["out"] / "report.json").read_text())
+    # 15 training images, 2 ranks x 4 per batch: 2 steps per epoch on every rank
+    assert report["guard"]["verdict"] == "ok" and report["guard"]["steps_checked"] == 4
+    assert report["frozen_unchanged"] and not report["cached_features"]
+    assert done.stdout.count("best epoch") == 1  # rank 0 alone reports
+    broken = torchrun(
+        "--model", f"{setup['model']}:Sabotage", *common, "-o", tmp_path / "never", cwd=tmp_path
+    )
+    assert broken.returncode != 0
+    assert (
+        broken.stderr.count("frozen tensors changed at optimizer step 1") == 2
+    )  # both ranks agree
+    assert not (tmp_path / "never").exists()
