@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptool.errors import UsageError
 from ckptool.formats import read_metadata
-from ckptool.freezing import FreezeSummary, freeze
+from ckptool.freezing import FreezeSummary, freeze_for_training
 from ckptool.guard import FreezeGuard, FrozenParameterError, GuardReport
 from ckptool.keys import KeyDiff, Transforms, diff
 from ckptool.surgery import load_matched
@@ -87,12 +87,10 @@ def check(
     if not keys.compatible:
         return CheckResult(meta.path, label, keys)
     non_finite = load_matched(net, meta, keys)
-    if train is None and freeze_names is None and strategy is None:
-        strategy = "linear"
-    summary = freeze(
+    summary = freeze_for_training(
         net,
         train=train,
-        freeze=freeze_names,
+        freeze_names=freeze_names,
         strategy=strategy,
         freeze_until=freeze_until,
         head=head,

@@ -118,6 +118,35 @@ def model_options(command: F) -> F:
     return command
 
 
+def freeze_options(command: F) -> F:
+    """What trains: --strategy, --freeze-until, --train, --freeze (check and finetune)."""
+    options = [
+        click.option(
+            "--strategy",
+            type=click.Choice(["linear", "partial", "full", "scratch"]),
+            help="Transfer-learning scenario (default: linear, only the head trains).",
+        ),
+        click.option(
+            "--freeze-until",
+            metavar="STAGE",
+            help="With --strategy partial: the last frozen stage.",
+        ),
+        click.option(
+            "--train", multiple=True, metavar="P", help="Only parameters under P (or glob) train."
+        ),
+        click.option(
+            "--freeze",
+            "freeze_names",
+            multiple=True,
+            metavar="P",
+            help="Freeze parameters under P (or glob).",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def _emit_json(document: dict[str, Any]) -> None:
     click.echo(json.dumps(document, indent=2))
 
@@ -222,26 +251,7 @@ def _model_flags(
 @click.argument("checkpoint", type=click.Path())
 @model_options
 @transform_options
-@click.option(
-    "--train", multiple=True, metavar="P", help="Only parameters under P (or glob) train."
-)
-@click.option(
-    "--freeze",
-    "freeze_names",
-    multiple=True,
-    metavar="P",
-    help="Freeze parameters under P (or glob).",
-)
-@click.option(
-    "--strategy",
-    type=click.Choice(["linear", "partial", "full", "scratch"]),
-    help="Transfer-learning scenario (default: linear, only the head trains).",
-)
-@click.option(
-    "--freeze-until",
-    metavar="MODULE",
-    help="With --strategy partial: last frozen top-level module.",
-)
+@freeze_options
 @click.option(
     "--input-shape",
     metavar="C,H,W",
@@ -317,24 +327,7 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     "--on-mismatch", type=click.Choice(["error", "drop"]), default="error", show_default=True
 )
 @click.option("--key", metavar="PATH", help="Tensor dict inside --weights.")
-@click.option(
-    "--strategy",
-    type=click.Choice(["linear", "partial", "full", "scratch"]),
-    help="What trains (default: linear, only the head).",
-)
-@click.option(
-    "--train", multiple=True, metavar="P", help="Only parameters under P (or glob) train."
-)
-@click.option(
-    "--freeze",
-    "freeze_names",
-    multiple=True,
-    metavar="P",
-    help="Freeze parameters under P (or glob).",
-)
-@click.option(
-    "--freeze-until", metavar="STAGE", help="With --strategy partial: the last frozen stage."
-)
+@freeze_options
 @click.option("--epochs", type=int, default=5, show_default=True)
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--lr", type=float, default=0.01, show_default=True)

@@ -27,7 +27,7 @@ from ckptool.distributed import (
 )
 from ckptool.errors import OutputError, UsageError
 from ckptool.formats.write import atomic_output
-from ckptool.freezing import FreezeSummary, freeze
+from ckptool.freezing import FreezeSummary, freeze_for_training
 from ckptool.guard import FreezeGuard, FrozenParameterError, GuardReport, violation_error
 from ckptool.keys import Transforms
 from ckptool.surgery import SurgeryLog, adapt_into
@@ -160,12 +160,10 @@ def finetune(
     split = load_split(data, val_data=val_data, val_split=options.val_split, seed=options.seed)
     torch.manual_seed(options.seed)
     net, log = _build(model, model_args, num_classes or len(split.classes), head, weights)
-    if strategy is None and train is None and freeze_names is None:
-        strategy = "linear"
-    summary = freeze(
+    summary = freeze_for_training(
         net,
         train=train,
-        freeze=freeze_names,
+        freeze_names=freeze_names,
         strategy=strategy,
         freeze_until=freeze_until,
         head=head,

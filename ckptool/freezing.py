@@ -107,6 +107,28 @@ def freeze(
     return summarize(model, conflicts=conflicts)
 
 
+def freeze_for_training(
+    model: nn.Module,
+    *,
+    train: Sequence[str] | None = None,
+    freeze_names: Sequence[str] | None = None,
+    strategy: Strategy | str | None = None,
+    freeze_until: str | None = None,
+    head: str | None = None,
+) -> FreezeSummary:
+    """:func:`freeze` with transfer learning's default: ``linear`` when nothing is chosen."""
+    if strategy is None and train is None and freeze_names is None:
+        strategy = Strategy.LINEAR
+    return freeze(
+        model,
+        train=train,
+        freeze=freeze_names,
+        strategy=strategy,
+        freeze_until=freeze_until,
+        head=head,
+    )
+
+
 def _trainable_names(
     model: nn.Module,
     names: Sequence[str],

@@ -280,3 +280,24 @@ def test_torchrun_two_cpu_processes(setup: dict[str, Path], tmp_path: Path) -> N
         broken.stderr.count("frozen tensors changed at optimizer step 1") == 2
     )  # both ranks agree
     assert not (tmp_path / "never").exists()
+
+
+def test_amp_on_cpu_uses_bf16_and_keeps_frozen_bits(run_cli, setup: dict[str, Path]) -> None:
+    result = run_finetune(run_cli, setup, "--amp", "--strategy", "partial", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (
+        report["config"]["amp"]
+        and report["guard"]["verdict"] == "ok"
+        and report["frozen_unchanged"]
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_finetune_on_cuda_with_fp16_amp(run_cli, setup: dict[str, Path]) -> None:
+    result = run_finetune(
+        run_cli, setup, "--device", "cuda", "--amp", "--strategy", "partial", "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["guard"]["verdict"] == "ok"
