@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,19 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
 from torch import nn
 
 from ckptool.cli import cli
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Tests must not write into the working tree: no example database, and hypothesis's
+# other caches (.hypothesis/constants) go to a temp directory.
+set_hypothesis_home_dir(tempfile.mkdtemp(prefix="ckptool-hypothesis-"))
+settings.register_profile("ckptool", database=None)
+settings.load_profile("ckptool")
 
 
 class MLP(nn.Module):
