@@ -168,82 +168,81 @@ def finetune(
         freeze_until=freeze_until,
         head=head,
     )
-    initial = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    prepared = _Prepared(
+        net=net,
+        split=split,
+        summary=summary,
+        weights_log=log,
+        initial={k: v.detach().clone() for k, v in net.state_dict().items()},
+        config=_config(
+            model,
+            model_args,
+            data,
+            val_data,
+            weights,
+            strategy,
+            train,
+            freeze_names,
+            freeze_until,
+            options,
+            num_classes or len(split.classes),
+        ),
+    )
     device = _device(options.device)
     context = from_environment(device.type)
     try:
-        return _train_and_write(
-            net,
-            split,
-            options,
-            device,
-            head,
-            progress,
-            context,
-            initial,
-            summary,
-            log,
-            out_dir,
-            model,
-            weights,
-            _config(
-                model,
-                model_args,
-                data,
-                val_data,
-                weights,
-                strategy,
-                train,
-                freeze_names,
-                freeze_until,
-                options,
-                num_classes or len(split.classes),
-            ),
-        )
+        result, final = _train(prepared, options, device, head, progress, context)
+        if context.is_main:  # one writer; the others wait so every rank ends together
+            result = _write_outputs(out_dir, final, result, model, weights)
+        barrier(context)
+        return result
     finally:
         shutdown(context)
 
 
-def _train_and_write(
-    net: nn.Module,
-    split: DataSplit,
+@dataclass(frozen=True)
+class _Prepared:
+    """Everything fixed before training: the model with its weights and freeze, the data."""
+
+    net: nn.Module
+    split: DataSplit
+    summary: FreezeSummary
+    weights_log: SurgeryLog | None
+    initial: dict[str, torch.Tensor]
+    config: dict[str, Any]
+
+
+def _train(
+    prepared: _Prepared,
     options: TrainOptions,
     device: torch.device,
     head: str | None,
     progress: Progress | None,
     context: DistContext,
-    initial: dict[str, torch.Tensor],
-    summary: FreezeSummary,
-    log: SurgeryLog | None,
-    out_dir: str,
-    model: str,
-    weights: WeightOptions,
-    config: dict[str, Any],
-) -> FinetuneResult:
+) -> tuple[FinetuneResult, dict[str, torch.Tensor]]:
+    """Train with the guard on; return the result and the best epoch's weights (CPU)."""
     import torch
 
+    net = prepared.net
     if context.active and device.type == "cuda":
         device = torch.device("cuda", context.local_rank)
     net.to(device)
-    run = _Run(net, split, options, device, head, progress or _Silent(), context)
+    run = _Run(net, prepared.split, options, device, head, progress or _Silent(), context)
     epochs, best_state, guard = run.train()
     net.load_state_dict(best_state)
     final = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     result = FinetuneResult(
-        config=config,
-        classes=split.classes,
+        config=prepared.config,
+        classes=prepared.split.classes,
         epochs=tuple(epochs),
         best_epoch=max(epochs, key=_score).epoch,
-        summary=summary,
+        summary=prepared.summary,
         guard=guard,
-        changes=module_changes(initial, final, summary),
-        weights=log,
+        changes=module_changes(prepared.initial, final, prepared.summary),
+        weights=prepared.weights_log,
         cached_features=run.cached,
     )
-    if context.is_main:  # one writer; the others wait so every rank ends together
-        result = _write_outputs(out_dir, final, result, model, weights)
-    barrier(context)
-    return result
+    return result, final
 
 
 def _check_options(options: TrainOptions, weights: WeightOptions, strategy: str | None) -> None:
