@@ -259,7 +259,7 @@ def _categories_table(keys: KeyDiff, console: Console) -> Table:
 
 
 def _mismatch_table(mismatches: Sequence[ShapeMismatch], console: Console) -> Table:
-    table = _table(console, "key", "checkpoint", "model", title="Shape mismatches")
+    table = _table(console, "key", "source", "target", title="Shape mismatches")
     for m in mismatches[:MAX_ROWS]:
         table.add_row(m.key, shape_text(m.source), shape_text(m.target))
     if len(mismatches) > MAX_ROWS:
