@@ -388,23 +388,33 @@ def finetune(model: str | None, data: str, out_dir: str, as_json: bool, **o: Any
         cache_features=not o.pop("no_feature_cache"),
     )
     console = make_console(stderr=as_json)
-    result = run_finetune(
-        model,
-        data,
-        out_dir,
-        model_args=o.pop("model_args"),
-        num_classes=o.pop("num_classes"),
-        head=o.pop("head"),
-        weights=weights,
-        strategy=o.pop("strategy"),
-        train=o.pop("train") or None,
-        freeze_names=o.pop("freeze_names") or None,
-        freeze_until=o.pop("freeze_until"),
-        options=options,
-        val_data=o.pop("val_data"),
-        force=o.pop("force"),
-        progress=EpochProgress(console),
-    )
+    from ckptool.guard import FrozenParameterError
+    from ckptool.report import guard_lines
+
+    try:
+        result = run_finetune(
+            model,
+            data,
+            out_dir,
+            model_args=o.pop("model_args"),
+            num_classes=o.pop("num_classes"),
+            head=o.pop("head"),
+            weights=weights,
+            strategy=o.pop("strategy"),
+            train=o.pop("train") or None,
+            freeze_names=o.pop("freeze_names") or None,
+            freeze_until=o.pop("freeze_until"),
+            options=options,
+            val_data=o.pop("val_data"),
+            force=o.pop("force"),
+            progress=EpochProgress(console),
+        )
+    except FrozenParameterError as e:
+        if int(os.environ.get("RANK", "0")) == 0:  # the guard's report, then the error line
+            errors = make_console(stderr=True)
+            for line in guard_lines(e.report):
+                errors.print(line, markup=False)
+        raise
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 speaks for all ranks
     if as_json:

@@ -181,7 +181,12 @@ def test_guard_violation_stops_the_run_and_writes_nothing(run_cli, setup: dict[s
         "1",
     )
     assert result.exit_code == 1
-    assert "features.0.weight" in result.stderr and "write that bypassed autograd" in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("guard: VIOLATED: ") and lines[-1].startswith(
+        "ckptool: error: frozen tensors changed"
+    )
+    assert any("changed parameter features.0.weight at step 1" in line for line in lines)
+    assert "write that bypassed autograd" in lines[-1]
     assert not setup["out"].exists()
 
 
