@@ -196,7 +196,9 @@ def _timm_factory(name: str) -> Any:
     except ImportError as e:
         raise ModelSpecError(f"timm:{name} needs timm; pip install timm") from e
     if not timm.is_model(name):
-        raise ModelSpecError(f"timm has no model {name!r}")
+        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ModelSpecError(f"timm has no model {name!r}{hint}")
     return functools.partial(timm.create_model, name, pretrained=False)
 
 

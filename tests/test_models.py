@@ -164,3 +164,16 @@ def test_seven_billion_parameters_cost_no_memory(tmp_path: Path) -> None:
     params, grown_kib = map(int, out.stdout.split())
     assert params > 6.6e9  # 99 layers of 8192^2 plus the 10-class head
     assert grown_kib < 200 * 1024
+
+
+def test_timm_specs_when_timm_is_installed() -> None:
+    pytest.importorskip("timm")
+    model = build_model("timm:resnet18", num_classes=5, device="meta")
+    assert find_head(model) == "fc" and model.fc.out_features == 5
+    assert (
+        find_head(build_model("timm:vit_tiny_patch16_224", num_classes=3, device="meta")) == "head"
+    )
+    with pytest.raises(
+        ModelSpecError, match="timm has no model 'resnet_18'; did you mean resnet18"
+    ):
+        build_model("timm:resnet_18")
