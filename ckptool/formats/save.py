@@ -165,8 +165,9 @@ def save_sharded(
 ) -> SavedFile:
     """Hugging Face layout: ``stem-0000i-of-0000n.safetensors`` shards, then the index.
 
-    The index, written last, is the commit point: until it exists the shards are not
-    a checkpoint.
+    Every shard is first written and verified under a hidden ``.partial`` name; only
+    then are all renamed into place and the index written last. A run killed while
+    writing shards leaves a previous output untouched (plus ``.partial`` files).
     """
     index_path = out + ".index.json"
     stem = out.removesuffix(".safetensors")
@@ -176,9 +177,10 @@ def save_sharded(
         check_output(path, inputs=inputs, force=force)
     weight_map: dict[str, str] = {}
     total = 0
-    for shard_path, shard in zip(names, plan, strict=True):
+    partials = [os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.partial") for p in names]
+    for partial, shard_path, shard in zip(partials, names, plan, strict=True):
         saved = save_tensors(
-            shard_path,
+            partial,
             shard,
             fmt=OutputFormat.SAFETENSORS,
             inputs=inputs,
@@ -187,6 +189,8 @@ def save_sharded(
         )
         total += saved.nbytes
         weight_map.update(dict.fromkeys((t.name for t in shard), os.path.basename(shard_path)))
+    for partial, shard_path in zip(partials, names, strict=True):
+        os.replace(partial, shard_path)
     index = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}
     with atomic_output(index_path) as temp:
         temp.file.write(json.dumps(index, indent=2).encode())
