@@ -10,7 +10,7 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -63,6 +63,13 @@ def handle_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _with_options(command: F, options: Sequence[Callable[[Any], Any]]) -> F:
+    """Apply a group of click options so they show in --help in the listed order."""
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def transform_options(command: F) -> F:
     """The adapt transform flags, shared by diff, adapt and check."""
     options = [
@@ -81,9 +88,7 @@ def transform_options(command: F) -> F:
             "--reinit", multiple=True, metavar="P", help="Take keys under P from the model's init."
         ),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _with_options(command, options)
 
 
 def model_options(command: F) -> F:
@@ -113,9 +118,7 @@ def model_options(command: F) -> F:
             help="The head module to replace (default: the last nn.Linear).",
         ),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _with_options(command, options)
 
 
 def freeze_options(command: F) -> F:
@@ -142,9 +145,7 @@ def freeze_options(command: F) -> F:
             help="Freeze parameters under P (or glob).",
         ),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _with_options(command, options)
 
 
 def _emit_json(document: dict[str, Any]) -> None:
@@ -154,7 +155,7 @@ def _emit_json(document: dict[str, Any]) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ckptool")
 def cli() -> None:
-    """Inspect, diff and adapt PyTorch checkpoints, safely: no pickle is ever executed."""
+    """Inspect, diff, adapt and fine-tune PyTorch checkpoints; no pickle is ever executed."""
 
 
 @cli.command()
@@ -471,9 +472,7 @@ def output_options(command: F) -> F:
         ),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON document."),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _with_options(command, options)
 
 
 def _require_output(out: str | None, dry_run: bool) -> None:
