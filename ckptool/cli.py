@@ -152,6 +152,22 @@ def _emit_json(document: dict[str, Any]) -> None:
     click.echo(json.dumps(document, indent=2))
 
 
+def _show(
+    result: Any,
+    as_json: bool,
+    to_json: Callable[[Any], dict[str, Any]],
+    render: Callable[[Any, Any], None],
+    console: Any = None,
+) -> None:
+    """One JSON document on stdout, or the human rendering (on ``console`` if given)."""
+    if as_json:
+        _emit_json(to_json(result))
+        return
+    from ckptool.report import make_console
+
+    render(result, console or make_console())
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ckptool")
 def cli() -> None:
@@ -166,13 +182,10 @@ def cli() -> None:
 def inspect(checkpoint: str, key: str | None, as_json: bool) -> None:
     """What is in CHECKPOINT: format, containers, tensors by module; headers only."""
     from ckptool.formats import read_metadata
-    from ckptool.report import inspect_json, make_console, render_inspect
+    from ckptool.report import inspect_json, render_inspect
 
     meta = read_metadata(checkpoint, key=key)
-    if as_json:
-        _emit_json(inspect_json(meta))
-    else:
-        render_inspect(meta, make_console())
+    _show(meta, as_json, inspect_json, render_inspect)
 
 
 @cli.command()
@@ -273,7 +286,7 @@ def check(
     """
     from ckptool.check import check as run_check
     from ckptool.keys import Transforms
-    from ckptool.report import check_json, make_console, render_check
+    from ckptool.report import check_json, render_check
 
     if model is None:
         raise UsageError("check needs --model SPEC, e.g. --model torchvision:resnet18")
@@ -289,10 +302,7 @@ def check(
         input_shape=shape,
         **options,
     )
-    if as_json:
-        _emit_json(check_json(result))
-    else:
-        render_check(result, make_console())
+    _show(result, as_json, check_json, render_check)
     sys.exit(EXIT_OK if result.ok else EXIT_FAILED)
 
 
@@ -418,10 +428,7 @@ def finetune(model: str | None, data: str, out_dir: str, as_json: bool, **o: Any
         raise
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 speaks for all ranks
-    if as_json:
-        _emit_json(result_json(result))
-    else:
-        render_finetune(result, console)
+    _show(result, as_json, result_json, render_finetune, console)
 
 
 @cli.command()
@@ -481,12 +488,9 @@ def _require_output(out: str | None, dry_run: bool) -> None:
 
 
 def _emit_surgery(log: Any, as_json: bool) -> None:
-    from ckptool.report import make_console, render_surgery, surgery_json
+    from ckptool.report import render_surgery, surgery_json
 
-    if as_json:
-        _emit_json(surgery_json(log))
-    else:
-        render_surgery(log, make_console())
+    _show(log, as_json, surgery_json, render_surgery)
 
 
 @cli.command()
