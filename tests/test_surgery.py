@@ -244,7 +244,9 @@ def test_disk_full_and_permission_leave_nothing(
 
 
 @pytest.mark.parametrize("sharded", [False, True], ids=["single-file", "sharded"])
-def test_killed_convert_never_leaves_a_torn_file(tmp_path: Path, sharded: bool) -> None:
+def test_killed_convert_never_leaves_a_torn_file(
+    tmp_path: Path, write_checkpoint: WriteCheckpoint, sharded: bool
+) -> None:
     """kill -9 a large convert at several moments: OUT is the previous output or the new one."""
     import random
     import signal
@@ -267,10 +269,9 @@ def test_killed_convert_never_leaves_a_torn_file(tmp_path: Path, sharded: bool) 
         "--force",
         *shard_flags,
     ]
-    small = {"w0": torch.zeros(2)}  # the previous output: recognisably different
-    ckptool.convert(
-        _saved(tmp_path, small), str(out), shard_size=8_000_000 if sharded else None, force=True
-    )
+    small = write_checkpoint({"w0": torch.zeros(2)}, "small.pt")  # the previous output
+    shard_size = 8_000_000 if sharded else None
+    ckptool.convert(small, str(out), shard_size=shard_size, force=True)
     rng = random.Random(0)
     for _ in range(4 if sharded else 6):
         child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -281,18 +282,7 @@ def test_killed_convert_never_leaves_a_torn_file(tmp_path: Path, sharded: bool) 
         assert set(loaded) in ({"w0"}, set(state))
         if set(loaded) == set(state):
             assert all(torch.equal(loaded[k], v) for k, v in state.items())
-            ckptool.convert(
-                _saved(tmp_path, small),
-                str(out),
-                shard_size=8_000_000 if sharded else None,
-                force=True,
-            )
-
-
-def _saved(folder: Path, state: dict[str, torch.Tensor]) -> str:
-    path = folder / "small.pt"
-    torch.save(state, path)
-    return str(path)
+            ckptool.convert(small, str(out), shard_size=shard_size, force=True)
 
 
 def test_streaming_convert_does_not_import_torch(
