@@ -98,7 +98,8 @@ class SourceBytes:
         tensor = self.meta.tensors[name]
         out_dtype = dtype if dtype and tensor.dtype in FLOATING else tensor.dtype
         located = tensor.byte_range
-        if out_dtype == tensor.dtype and located is not None:
+        # Copies come only from the files this checkpoint was read from.
+        if out_dtype == tensor.dtype and located is not None and located[0] in self.meta.files:
             return ByteSource(*located), out_dtype
         return tensor_bytes(self.tensor(name), out_dtype), out_dtype
 

@@ -44,6 +44,9 @@ class TensorMeta:
     stride: tuple[int, ...] | None = None
     file: str | None = None  # the file holding the storage's bytes, when known
     file_offset: int | None = None  # where the storage's bytes start in ``file``
+    # How many bytes from ``file_offset`` the reader checked lie inside the storage record:
+    # the only bytes ``byte_range`` may ever point at.
+    storage_nbytes: int | None = None
 
     @property
     def numel(self) -> int:
@@ -59,10 +62,17 @@ class TensorMeta:
 
     @property
     def byte_range(self) -> tuple[str, int, int] | None:
-        """(file, offset, length) of this tensor's bytes if they can be copied as-is."""
-        if self.file is None or self.file_offset is None or not self.is_contiguous:
+        """(file, offset, length) of this tensor's bytes if they can be copied as-is.
+
+        None unless the bytes lie inside the storage record the reader validated: a
+        copy must never reach past it (into a zip header, another record, another file).
+        """
+        if self.file is None or self.file_offset is None or self.storage_nbytes is None:
             return None
-        return self.file, self.file_offset + self.storage_offset * self.itemsize, self.nbytes
+        start = self.storage_offset * self.itemsize
+        if not self.is_contiguous or start < 0 or start + self.nbytes > self.storage_nbytes:
+            return None
+        return self.file, self.file_offset + start, self.nbytes
 
     @property
     def is_contiguous(self) -> bool:

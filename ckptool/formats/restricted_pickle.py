@@ -17,10 +17,11 @@ import io
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from ckptool.errors import CheckpointReadError, UnsafeCheckpointError
 from ckptool.formats.meta import DTYPE_SIZES, TensorMeta
+from ckptool.formats.pickle_scan import check_pickle_budgets
 
 # Legacy typed-storage class names, as pickled by torch.save, -> dtype.
 STORAGE_DTYPES: dict[str, str] = {
@@ -59,8 +60,24 @@ class NeedsTorchError(Exception):
         self.names = names
 
 
+class _RefusesBuild:
+    """Stand-ins made from a pickle refuse its BUILD opcode.
+
+    BUILD would write the pickle's own dict into the object's ``__dict__``, bypassing
+    ``frozen``: a crafted file could point a tensor's ``file``/``file_offset`` at any
+    local file. The allowlisted constructor's arguments are all a pickle may set;
+    torch.save never emits BUILD for these objects, so refusing costs real files nothing.
+    """
+
+    def __setstate__(self, state: Any) -> None:
+        raise CheckpointReadError(
+            f"the pickle tries to set fields of a {type(self).__name__.lstrip('_')} "
+            "(BUILD opcode), which torch.save never writes; the file is crafted or corrupt"
+        )
+
+
 @dataclass(frozen=True)
-class StorageRef:
+class StorageRef(_RefusesBuild):
     """A persistent-id storage reference: the record key, its dtype and element count."""
 
     key: str
@@ -74,12 +91,17 @@ class StorageRef:
 
 
 @dataclass(frozen=True)
-class _StorageType:
+class _StorageType(_RefusesBuild):
     dtype: str
 
 
 @dataclass(frozen=True)
-class _Token:
+class PickledTensor(_RefusesBuild, TensorMeta):
+    """A TensorMeta as the unpickler builds it; readers turn it into a plain one."""
+
+
+@dataclass(frozen=True)
+class _Token(_RefusesBuild):
     """Stand-in for an allowed torch global that is data, not a function (a dtype, Tensor)."""
 
     name: str
@@ -146,9 +168,14 @@ def _record_class(qualified_name: str) -> type[Record]:
 def _meta_from_storage(storage: Any, offset: Any, size: Any, stride: Any, dtype: str) -> TensorMeta:
     if not isinstance(storage, StorageRef):
         raise CheckpointReadError(f"tensor rebuilt from {type(storage).__name__}, not a storage")
-    if not _int_tuple(size) or not _int_tuple(stride) or not isinstance(offset, int):
-        raise CheckpointReadError(f"tensor has malformed size {size!r} or stride {stride!r}")
-    return TensorMeta(
+    if not _int_tuple(size) or not _int_tuple(stride) or not _is_count(offset):
+        raise CheckpointReadError(
+            f"tensor has malformed size {_short(size)}, stride {_short(stride)} "
+            f"or storage offset {_short(offset)}"
+        )
+    if len(size) != len(stride):
+        raise CheckpointReadError(f"tensor has {len(size)} sizes but {len(stride)} strides")
+    return PickledTensor(
         shape=tuple(size),
         dtype=dtype,
         storage=storage.key,
@@ -158,9 +185,17 @@ def _meta_from_storage(storage: Any, offset: Any, size: Any, stride: Any, dtype:
 
 
 def _int_tuple(value: Any) -> bool:
-    return isinstance(value, tuple | list) and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
-    )
+    return isinstance(value, tuple | list) and all(_is_count(v) for v in value)
+
+
+def _is_count(value: Any) -> bool:
+    # 2**63: torch sizes, strides and offsets are int64; bigger ones are only crafted.
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> TensorMeta:
@@ -177,9 +212,11 @@ def _rebuild_tensor_v3(
 
 
 def _rebuild_meta_no_storage(dtype: Any, size: Any, stride: Any, *_: Any) -> TensorMeta:
-    if not isinstance(dtype, _Token) or not _int_tuple(size):
-        raise CheckpointReadError(f"meta tensor has malformed dtype {dtype!r} or size {size!r}")
-    return TensorMeta(shape=tuple(size), dtype=dtype.name, stride=tuple(stride))
+    if not isinstance(dtype, _Token) or not _int_tuple(size) or not _int_tuple(stride):
+        raise CheckpointReadError(
+            f"meta tensor has malformed dtype {_short(dtype)} or size {_short(size)}"
+        )
+    return PickledTensor(shape=tuple(size), dtype=dtype.name, stride=tuple(stride))
 
 
 def _first_arg(data: Any, *_: Any) -> Any:
@@ -204,6 +241,15 @@ def _encode_latin1(text: Any, encoding: str = "utf-8") -> bytes:
     return text.encode(encoding)
 
 
+def _bytearray(source: Any = b"", *encoding: Any) -> bytearray:
+    # bytearray(10**10) would allocate 10 GB from a few bytes of pickle: only copies.
+    if isinstance(source, bytes | bytearray) and not encoding:
+        return bytearray(source)
+    if isinstance(source, str) and encoding in {("latin-1",), ("latin1",)}:
+        return bytearray(_encode_latin1(source, "latin-1"))
+    raise CheckpointReadError(f"pickle builds a bytearray from {_short(source)}; not supported")
+
+
 _HANDLERS: dict[str, Callable[..., Any]] = {
     "torch._utils._rebuild_tensor": _rebuild_tensor,
     "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
@@ -218,10 +264,13 @@ _HANDLERS: dict[str, Callable[..., Any]] = {
     "collections.Counter": collections.Counter,
     "builtins.set": set,
     "builtins.frozenset": frozenset,
-    "builtins.bytearray": bytearray,
+    "builtins.bytearray": _bytearray,
     "builtins.complex": complex,
     "_codecs.encode": _encode_latin1,
 }
+
+# torch writes record keys like '0' or '94418944' and locations like 'cuda:0'.
+_MAX_PID_TEXT = 256
 
 # Module-level names that torch pickles as data (dtype objects, classes used as tags).
 _TOKENS = frozenset({"torch.Tensor", "torch.nn.parameter.Parameter"})
@@ -238,7 +287,7 @@ class MetaUnpickler(pickle.Unpickler):
 
     def __init__(
         self,
-        file: io.BufferedIOBase,
+        file: BinaryIO,
         *,
         storage_scope: str = "",
         records: frozenset[str] = frozenset(),
@@ -275,11 +324,21 @@ class MetaUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> StorageRef:
         # ('storage', storage_type, key, location, numel[, view_metadata (legacy)])
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
-            raise CheckpointReadError(f"unsupported persistent id {str(pid)[:60]!r}")
+            raise CheckpointReadError(f"unsupported persistent id {_short(pid)}")
         storage_type, key, location, numel = pid[1:5]
-        if not isinstance(storage_type, _StorageType) or not isinstance(numel, int):
-            # An unsafe storage type is already recorded by find_class.
-            return StorageRef(key=str(key), dtype="?", location=str(location), numel=0)
+        if isinstance(storage_type, type) and issubclass(storage_type, _Inert):
+            # An unsafe storage type, already recorded by find_class: keep scanning.
+            return StorageRef(key="?", dtype="?", location="?", numel=0)
+        if not (
+            isinstance(storage_type, _StorageType)
+            and isinstance(key, str)
+            and isinstance(location, str)
+            and _is_count(numel)
+            and len(key) + len(location) <= _MAX_PID_TEXT
+        ):
+            raise CheckpointReadError(
+                f"malformed storage reference (type, key, location, numel) = {_short(pid[1:5])}"
+            )
         ref = StorageRef(
             key=f"{self.storage_scope}{key}",
             dtype=storage_type.dtype,
@@ -299,7 +358,7 @@ def _python3_name(module: str, name: str) -> tuple[str, str]:
 
 
 def load_restricted(
-    data: bytes | io.BufferedIOBase,
+    data: bytes | BinaryIO,
     *,
     path: str,
     storage_scope: str = "",
@@ -316,6 +375,12 @@ def load_restricted(
         CheckpointReadError: the pickle is corrupt.
     """
     stream = io.BytesIO(data) if isinstance(data, bytes) else data
+    start = stream.tell()
+    try:
+        check_pickle_budgets(stream)
+    except CheckpointReadError as e:
+        raise type(e)(f"{path}: {e}") from e
+    stream.seek(start)
     unpickler = MetaUnpickler(stream, storage_scope=storage_scope, records=records)
     try:
         obj = unpickler.load()

@@ -140,7 +140,9 @@ def _parse_entries(
                 f"{path}: tensor {name!r} ends at byte {end} but the data section has "
                 f"{data_len} bytes; the file is truncated"
             )
-        tensors[name] = dataclasses.replace(tensor, file=path, file_offset=data_start + begin)
+        tensors[name] = dataclasses.replace(
+            tensor, file=path, file_offset=data_start + begin, storage_nbytes=end - begin
+        )
         ranges.append((begin, end, name))
     _check_ranges_disjoint(path, ranges)
     # Writers order the header by dtype and size; people read names in natural order.

@@ -6,7 +6,6 @@ touched, so cost grows with the number of tensors, not with the file size.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pickle
 import struct
@@ -21,6 +20,14 @@ from ckptool.formats.restricted_pickle import StorageRef, load_restricted
 # torch.save's legacy format starts with this number, pickled.
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
+# A view may describe more bytes than its storage holds (expand(), stride 0); writing it
+# materialises them, so a small file could ask for any amount of memory. Real files
+# rarely hold such views at all.
+MAX_EXPANDED_VIEW_BYTES = 16 * 1024 * 1024
+# data.pkl holds only structure (a few hundred bytes per tensor); 64 MB is ~200k tensors.
+MAX_PICKLE_BYTES = 64 * 1024 * 1024
+# One record per storage plus a handful: far above any real model's tensor count.
+MAX_ZIP_ENTRIES = 1_000_000
 
 
 def is_tensor_meta(value: Any) -> bool:
@@ -34,20 +41,44 @@ def read_zip_meta(path: str, *, key: str | None) -> CheckpointMeta:
         with zipfile.ZipFile(path) as archive:
             records = _check_archive(path, archive, file_size)
             prefix = _archive_prefix(path, records)
-            pickle_bytes = archive.read(f"{prefix}data.pkl")
+            pickle_bytes = read_bounded(archive, f"{prefix}data.pkl", path=path)
             little_endian = _is_little_endian(archive, prefix)
-    except zipfile.BadZipFile as e:
-        raise CheckpointReadError(f"{path}: corrupt zip archive ({e})") from e
-    except (OSError, EOFError) as e:
+            # Big-endian archives (rare) need torch to swap bytes; leave offsets unknown.
+            offsets = (
+                _record_data_offsets(path, records, archive.start_dir) if little_endian else {}
+            )
+    except _ZIP_ERRORS as e:
+        raise CheckpointReadError(f"{path}: corrupt zip archive ({type(e).__name__}: {e})") from e
+    except OSError as e:
         raise CheckpointReadError(f"{path}: cannot read zip archive ({e})") from e
     obj, storages = load_restricted(pickle_bytes, path=path, storage_scope=f"{prefix}data/")
     record_sizes = {info.filename: info.file_size for info in records.values()}
     _check_storages(path, storages, record_sizes)
-    # Big-endian archives (rare) need torch to swap bytes; leave their offsets unknown.
-    offsets = _record_data_offsets(path, storages, records) if little_endian else {}
     return _build_meta(
         path, Format.TORCH_ZIP, obj, storages, key=key, file_size=file_size, offsets=offsets
     )
+
+
+# What zipfile raises on hostile bytes besides BadZipFile: names that do not decode,
+# methods it does not implement, fields that do not unpack.
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    EOFError,
+    ValueError,
+    NotImplementedError,
+    struct.error,
+    OverflowError,
+)
+
+
+def read_bounded(archive: zipfile.ZipFile, name: str, *, path: str) -> bytes:
+    """Read one (stored, size-checked) entry, refusing pickles over the size budget."""
+    if archive.getinfo(name).file_size > MAX_PICKLE_BYTES:
+        raise CheckpointReadError(
+            f"{path}: {name} is over the pickle size budget of {MAX_PICKLE_BYTES} bytes"
+        )
+    return archive.read(name)
 
 
 def _is_little_endian(archive: zipfile.ZipFile, prefix: str) -> bool:
@@ -58,33 +89,56 @@ def _is_little_endian(archive: zipfile.ZipFile, prefix: str) -> bool:
 
 
 def _record_data_offsets(
-    path: str, storages: dict[str, StorageRef], records: dict[str, zipfile.ZipInfo]
+    path: str, records: dict[str, zipfile.ZipInfo], central_directory: int
 ) -> dict[str, int]:
-    """Absolute offset of each storage record's bytes: after its 30-byte local header,
-    name and extra field (torch pads the extra field to align data to 64 bytes)."""
+    """Absolute offset of each record's bytes, after its local header (30 bytes, name,
+    extra field: torch pads the extra field to align data to 64 bytes).
+
+    The local header is read as torch's reader reads it; its name must be the central
+    directory's, and the data must end before the central directory starts.
+    """
     offsets = {}
     with open(path, "rb") as f:
-        for key in storages:
-            info = records[key]
+        for name, info in records.items():
             f.seek(info.header_offset)
             header = f.read(30)
             if len(header) < 30 or header[:4] != b"PK\x03\x04":
-                raise CheckpointReadError(f"{path}: zip entry {key!r} has no valid local header")
+                raise CheckpointReadError(f"{path}: zip entry {name!r} has no valid local header")
             name_len, extra_len = struct.unpack("<HH", header[26:30])
-            offsets[key] = info.header_offset + 30 + name_len + extra_len
+            if f.read(name_len) != info.orig_filename.encode("utf-8", "surrogateescape"):
+                raise CheckpointReadError(
+                    f"{path}: zip entry {name!r}: local header names another entry"
+                )
+            start = info.header_offset + 30 + name_len + extra_len
+            if start + info.file_size > central_directory:
+                raise CheckpointReadError(
+                    f"{path}: zip entry {name!r} runs past the start of the central "
+                    "directory; the file is corrupt"
+                )
+            offsets[name] = start
     return offsets
 
 
 def _check_archive(
     path: str, archive: zipfile.ZipFile, file_size: int
 ) -> dict[str, zipfile.ZipInfo]:
-    records = {}
+    records: dict[str, zipfile.ZipInfo] = {}
     if any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist()):
         raise CheckpointReadError(
             f"{path}: is a TorchScript archive, not a state dict; load it with "
             "torch.jit.load and save model.state_dict() instead"
         )
+    if len(archive.infolist()) > MAX_ZIP_ENTRIES:
+        raise CheckpointReadError(
+            f"{path}: zip archive has {len(archive.infolist())} entries, over the budget "
+            f"of {MAX_ZIP_ENTRIES}"
+        )
     for info in archive.infolist():
+        if info.filename in records:
+            # torch reads the first record of a name, zipfile the last: refuse, don't guess.
+            raise CheckpointReadError(
+                f"{path}: zip entry {info.filename!r} appears twice; the file is crafted or corrupt"
+            )
         if info.compress_type != zipfile.ZIP_STORED:
             raise CheckpointReadError(
                 f"{path}: zip entry {info.filename!r} is compressed; torch.save never "
@@ -190,10 +244,7 @@ def _build_meta(
     )
     for name, tensor in tensors.items():
         _check_view(path, name, tensor, storages)
-        if tensor.storage in offsets:
-            tensors[name] = dataclasses.replace(
-                tensor, file=path, file_offset=offsets[tensor.storage]
-            )
+        tensors[name] = _plain_meta(tensor, path, storages, offsets)
     return CheckpointMeta(
         path=path,
         format=file_format,
@@ -205,10 +256,36 @@ def _build_meta(
     )
 
 
+def _plain_meta(
+    tensor: TensorMeta, path: str, storages: dict[str, StorageRef], offsets: dict[str, int]
+) -> TensorMeta:
+    """A plain TensorMeta whose file location comes only from this reader's own checks,
+    never from fields of the unpickled stand-in."""
+    located = tensor.storage is not None and tensor.storage in offsets
+    return TensorMeta(
+        shape=tensor.shape,
+        dtype=tensor.dtype,
+        storage=tensor.storage,
+        storage_offset=tensor.storage_offset,
+        stride=tensor.stride,
+        file=path if located else None,
+        file_offset=offsets[tensor.storage] if located and tensor.storage else None,
+        storage_nbytes=storages[tensor.storage].nbytes if located and tensor.storage else None,
+    )
+
+
 def _check_view(path: str, name: str, tensor: TensorMeta, storages: dict[str, StorageRef]) -> None:
     if tensor.storage is None or tensor.dtype not in DTYPE_SIZES:
         return
-    ref = storages[tensor.storage]
+    ref = storages.get(tensor.storage)
+    if ref is None:
+        raise CheckpointReadError(f"{path}: tensor {name!r} views an unknown storage")
+    if tensor.nbytes > max(ref.nbytes, MAX_EXPANDED_VIEW_BYTES):
+        raise CheckpointReadError(
+            f"{path}: tensor {name!r} views {tensor.nbytes} bytes of a {ref.nbytes}-byte "
+            f"storage (stride 0 or overlapping), over the expanded-view budget of "
+            f"{MAX_EXPANDED_VIEW_BYTES} bytes; re-save it with .contiguous()"
+        )
     extent = tensor.storage_offset + sum(
         (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride or (), strict=False)
     )

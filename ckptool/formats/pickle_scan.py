@@ -1,0 +1,176 @@
+"""Budgets for a pickle, checked by a dry run of its opcodes before anything is built.
+
+The C unpickler trusts the file: a memo index of 2**31 allocates gigabytes, and a
+tuple built from memo references to itself doubles in size with every level, so a
+few hundred bytes can ask for hours of hashing. This scan walks the opcodes without
+building objects (``pickletools.genops``) and tracks, for every object on the stack,
+how many nodes it expands to and how deeply it nests; it stops at the first budget
+exceeded and names it. torch.save's pickles are far inside every budget.
+"""
+
+from __future__ import annotations
+
+import io
+import pickletools
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from ckptool.errors import CheckpointReadError
+
+# Opcodes: ~30 per tensor in a state dict; 20M covers ~600k tensors.
+MAX_OPCODES = 20_000_000
+# Nesting of containers: a state dict nests 4-6 deep, DCP metadata about 10.
+MAX_NESTING = 200
+# Nodes hashed as dict keys or set members, counting shared parts each time they are
+# reached (that is what hashing a tuple costs); ~1 per key in real files.
+MAX_HASHED_NODES = 5_000_000
+# Nodes handed to constructors (REDUCE and friends), counted the same way.
+MAX_CONSTRUCTOR_NODES = 50_000_000
+
+_SATURATED = 1 << 62
+
+_MARK = None  # the stack entry MARK pushes
+_KEY_OPS = {"SETITEM": 1, "SETITEMS": 2, "ADDITEMS": 1, "FROZENSET": 1}
+_CALL_OPS = frozenset({"REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST"})
+# Opcodes that modify the object below their arguments and leave it on the stack.
+_MUTATORS = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
+_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+
+
+class PickleBudgetError(CheckpointReadError):
+    """A pickle exceeds one of the scan's budgets."""
+
+
+@dataclass
+class _Node:
+    """What the scan knows of one object: nodes it expands to, nesting depth."""
+
+    size: int
+    depth: int
+
+
+def check_pickle_budgets(data: bytes | BinaryIO) -> None:
+    """Dry-run a pickle's opcodes and refuse it if it exceeds a budget.
+
+    A stream is read up to STOP and left there; callers rewind it.
+
+    Raises:
+        PickleBudgetError: a budget (opcodes, memo index, nesting, hashed or
+            constructor nodes) is exceeded; the message names it.
+        CheckpointReadError: the opcode stream itself is malformed.
+    """
+    scan = _Scan()
+    stream = io.BytesIO(data) if isinstance(data, bytes) else data
+    try:
+        for count, (opcode, arg, _) in enumerate(pickletools.genops(stream), 1):
+            if count > MAX_OPCODES:
+                raise PickleBudgetError(f"pickle has more than {MAX_OPCODES} opcodes (budget)")
+            scan.step(opcode, arg)
+    except (ValueError, IndexError, KeyError, OverflowError) as e:
+        raise CheckpointReadError(f"corrupt pickle ({type(e).__name__}: {e})") from e
+
+
+class _Scan:
+    def __init__(self) -> None:
+        self.stack: list[_Node | None] = []
+        self.memo: list[_Node] = []
+        self.hashed = 0
+        self.constructed = 0
+
+    def step(self, opcode: pickletools.OpcodeInfo, arg: Any) -> None:
+        name = opcode.name
+        if name in _GETS:
+            self.stack.append(self._memo_get(arg))
+        elif name in _PUTS:
+            self._memo_put(arg)
+        elif name == "MEMOIZE":
+            self._memo_put(len(self.memo))
+        elif name == "MARK":
+            self.stack.append(_MARK)
+        elif name == "DUP":
+            self.stack.append(self._top())
+        else:
+            self._apply(opcode)
+
+    def _apply(self, opcode: pickletools.OpcodeInfo) -> None:
+        before = [item.name for item in opcode.stack_before]
+        args = self._pop_slice() if "mark" in before else []
+        below = before.index("mark") if "mark" in before else len(before)
+        popped = [self._pop() for _ in range(below)][::-1]
+        name = opcode.name
+        if name in _KEY_OPS:
+            self._charge_keys(name, popped, args)
+        if name in _CALL_OPS:
+            self.constructed += sum(node.size for node in (*popped, *args))
+            if self.constructed > MAX_CONSTRUCTOR_NODES:
+                raise PickleBudgetError(
+                    f"pickle hands constructors over {MAX_CONSTRUCTOR_NODES} nodes "
+                    "(budget); shared references expand it"
+                )
+        if not opcode.stack_after:
+            return
+        parts = (*popped, *args)
+        size = min(_SATURATED, 1 + sum(node.size for node in parts))
+        depth = 1 + max((node.depth for node in parts), default=0)
+        if depth > MAX_NESTING:
+            raise PickleBudgetError(f"pickle nests containers over {MAX_NESTING} deep (budget)")
+        if name in _MUTATORS and popped:
+            # The container keeps its identity, so memo references to it see it grow.
+            target = popped[0]
+            target.size, target.depth = size, depth
+            self.stack.append(target)
+        else:
+            self.stack.append(_Node(size, depth))
+
+    def _charge_keys(self, name: str, popped: list[_Node], args: list[_Node]) -> None:
+        if name == "SETITEM":
+            keys = popped[1:2]
+        elif name == "SETITEMS":
+            keys = args[0::2]
+        else:
+            keys = args
+        self.hashed += sum(key.size for key in keys)
+        if self.hashed > MAX_HASHED_NODES:
+            raise PickleBudgetError(
+                f"pickle asks to hash over {MAX_HASHED_NODES} nodes as dict keys or set "
+                "members (budget); shared references expand them"
+            )
+
+    def _memo_get(self, index: Any) -> _Node:
+        if not isinstance(index, int) or not 0 <= index < len(self.memo):
+            raise CheckpointReadError(f"corrupt pickle: memo index {index!r} was never stored")
+        return self.memo[index]
+
+    def _memo_put(self, index: Any) -> None:
+        # Picklers number memo entries 0, 1, 2, ...: a larger index only reserves memory.
+        if not isinstance(index, int) or not 0 <= index <= len(self.memo):
+            raise PickleBudgetError(
+                f"pickle stores memo index {index!r} with {len(self.memo)} entries in use "
+                "(memo budget: indices are assigned in order)"
+            )
+        node = self._top()
+        if index == len(self.memo):
+            self.memo.append(node)
+        else:
+            self.memo[index] = node
+
+    def _top(self) -> _Node:
+        top = self.stack[-1] if self.stack else _MARK
+        if top is _MARK:
+            raise CheckpointReadError("corrupt pickle: an opcode needs an object on the stack")
+        return top
+
+    def _pop(self) -> _Node:
+        node = self._top()
+        self.stack.pop()
+        return node
+
+    def _pop_slice(self) -> list[_Node]:
+        items: list[_Node] = []
+        while self.stack and self.stack[-1] is not _MARK:
+            items.append(self._pop())
+        if not self.stack:
+            raise CheckpointReadError("corrupt pickle: no MARK for a stack slice")
+        self.stack.pop()
+        return items[::-1]
