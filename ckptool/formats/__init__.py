@@ -8,6 +8,7 @@ from typing import Any
 
 from ckptool.errors import CheckpointReadError
 from ckptool.formats.dcp import is_dcp_directory, read_dcp_meta
+from ckptool.formats.files import require_regular_file
 from ckptool.formats.meta import CheckpointMeta, ContainerEntry, Format, TensorMeta
 from ckptool.formats.restricted_pickle import NeedsTorchError
 from ckptool.formats.safetensors_header import read_safetensors_meta
@@ -77,8 +78,7 @@ def resolve_checkpoint(path: str) -> str:
     """Map a directory to the checkpoint file inside it; check a file exists and is readable."""
     if os.path.isdir(path):
         return _checkpoint_in_directory(path)
-    if not os.path.exists(path):
-        raise CheckpointReadError(f"{path}: no such file")
+    require_regular_file(path)
     if not os.access(path, os.R_OK):
         raise CheckpointReadError(f"{path}: permission denied")
     return path
@@ -115,6 +115,7 @@ def detect_format(path: str) -> Format:
         return Format.SHARDED
     if is_dcp_directory(path):
         return Format.DCP
+    require_regular_file(path)
     with open(path, "rb") as f:
         head = f.read(9)
         size = os.fstat(f.fileno()).st_size

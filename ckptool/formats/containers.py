@@ -11,10 +11,33 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ckptool.errors import AmbiguousContainerError, CheckpointReadError, UsageError
+from ckptool.formats.bounded import short_repr, short_str
 from ckptool.formats.meta import ContainerEntry
 
 # How deep to look for tensor dicts: {'a': {'b': {'c': state_dict}}} is as deep as seen.
 MAX_DEPTH = 3
+# Dict entries examined while looking. A pickle can make one dict appear a million times
+# through shared references; real checkpoints examine about one entry per tensor.
+MAX_ENTRIES_WALKED = 5_000_000
+
+# Top-level entries listed beside the tensor dict (epoch, optimizer, ...).
+MAX_ENTRIES_LISTED = 100
+
+
+class _WalkBudget:
+    """Counts the dict entries a search examines and stops it past the budget."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.walked = 0
+
+    def charge(self, entries: int) -> None:
+        self.walked += entries
+        if self.walked > MAX_ENTRIES_WALKED:
+            raise CheckpointReadError(
+                f"{self.path}: over {MAX_ENTRIES_WALKED} container entries walked while "
+                "looking for the tensor dict (budget); shared references repeat them"
+            )
 
 
 def select_tensor_dict(
@@ -46,18 +69,28 @@ def select_tensor_dict(
     return chosen_key, tensors, _other_entries(obj, chosen_key, is_tensor)
 
 
-def _is_tensor_dict(obj: Any, is_tensor: Callable[[Any], bool]) -> bool:
+def _is_tensor_dict(
+    obj: Any, is_tensor: Callable[[Any], bool], budget: _WalkBudget | None = None
+) -> bool:
     """A dict with string keys whose values are mostly tensors (a few counters allowed)."""
-    if not isinstance(obj, Mapping) or not obj or not all(isinstance(k, str) for k in obj):
+    if not isinstance(obj, Mapping) or not obj:
+        return False
+    if budget is not None:
+        budget.charge(len(obj))
+    if not all(isinstance(k, str) for k in obj):
         return False
     tensor_count = sum(1 for v in obj.values() if is_tensor(v))
     return tensor_count > 0 and tensor_count >= 0.9 * len(obj)
 
 
 def _candidates(
-    obj: Any, is_tensor: Callable[[Any], bool], prefix: str = "", depth: int = 0
+    obj: Any,
+    is_tensor: Callable[[Any], bool],
+    budget: _WalkBudget,
+    prefix: str = "",
+    depth: int = 0,
 ) -> list[tuple[str, Mapping[str, Any]]]:
-    if _is_tensor_dict(obj, is_tensor):
+    if _is_tensor_dict(obj, is_tensor, budget):
         return [(prefix, obj)]
     if depth >= MAX_DEPTH or not isinstance(obj, Mapping):
         return []
@@ -65,21 +98,23 @@ def _candidates(
     for name, value in obj.items():
         if isinstance(name, str):
             child = f"{prefix}.{name}" if prefix else name
-            found.extend(_candidates(value, is_tensor, child, depth + 1))
+            found.extend(_candidates(value, is_tensor, budget, child, depth + 1))
     return found
 
 
 def _find_tensor_dict(
     obj: Any, is_tensor: Callable[[Any], bool], path: str
 ) -> tuple[str | None, Mapping[str, Any]]:
-    candidates = _candidates(obj, is_tensor)
+    candidates = _candidates(obj, is_tensor, _WalkBudget(path))
     if not candidates:
         raise CheckpointReadError(
             f"{path}: holds {_describe(obj, is_tensor)} and no dict of tensors"
         )
     if len(candidates) > 1:
         names = [name for name, _ in candidates]
-        listing = ", ".join(f"{n} ({len(d)} tensors)" for n, d in candidates)
+        listing = ", ".join(f"{n} ({len(d)} tensors)" for n, d in candidates[:5])
+        if len(candidates) > 5:
+            listing += f" and {len(candidates) - 5} more"
         raise AmbiguousContainerError(
             f"{path}: holds several tensor dicts: {listing}; pick one with --key {names[0]}",
             names,
@@ -98,7 +133,7 @@ def _follow_key(obj: Any, key: str, path: str) -> Any:
             head = ".".join(parts[:split])
             if head in obj:
                 return _follow_key(obj[head], ".".join(parts[split:]), path)
-        available = ", ".join(repr(k) for k in list(obj)[:12])
+        available = ", ".join(short_repr(k) for k in list(obj)[:12])
         raise UsageError(f"{path}: no entry {key!r} for --key; top-level entries: {available}")
     raise UsageError(f"{path}: --key {key!r} cannot index {_describe(obj, lambda _: False)}")
 
@@ -109,8 +144,12 @@ def _other_entries(
     if chosen is None or not isinstance(obj, Mapping):
         return ()
     entries = []
-    for name, value in obj.items():
-        label = str(name)
+    for index, (name, value) in enumerate(obj.items()):
+        if index == MAX_ENTRIES_LISTED:
+            more = len(obj) - MAX_ENTRIES_LISTED
+            entries.append(ContainerEntry("...", "other", f"and {more} more entries"))
+            break
+        label = short_str(name)
         role = "tensors" if label == chosen or chosen.startswith(f"{label}.") else "other"
         entries.append(ContainerEntry(label, role, _describe(value, is_tensor)))
     return tuple(entries)

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ckptool.errors import CheckpointReadError
+from ckptool.formats.bounded import is_count, short_repr, short_str
 from ckptool.formats.containers import select_tensor_dict
-from ckptool.formats.meta import CheckpointMeta, Format, TensorMeta
+from ckptool.formats.files import require_regular_file
+from ckptool.formats.meta import DTYPE_SIZES, CheckpointMeta, Format, TensorMeta
 from ckptool.formats.restricted_pickle import Record, load_restricted
 
 if TYPE_CHECKING:
@@ -71,6 +73,8 @@ def _read_records(folder: str) -> Record:
 def read_dcp_meta(folder: str, *, key: str | None) -> CheckpointMeta:
     """Describe a DCP directory from ``.metadata`` alone."""
     entries = _read_records(folder).state["state_dict_metadata"]
+    if not isinstance(entries, dict) or not all(isinstance(fqn, str) for fqn in entries):
+        raise CheckpointReadError(f"{folder}: DCP state_dict_metadata is not a dict of names")
     flat = {fqn: _tensor_meta(folder, fqn, entry) for fqn, entry in entries.items()}
     tensors = {fqn: t for fqn, t in flat.items() if t is not None}
     nested = _nest_containers(tensors)
@@ -78,6 +82,13 @@ def read_dcp_meta(folder: str, *, key: str | None) -> CheckpointMeta:
         nested, key=key, is_tensor=lambda v: isinstance(v, TensorMeta), path=folder
     )
     size = sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
+    declared = sum(t.nbytes for t in tensors.values())
+    if declared > size:
+        # Loading allocates every declared tensor; the chunks hold their bytes uncompressed.
+        raise CheckpointReadError(
+            f"{folder}: DCP metadata declares {declared} bytes of tensors but the folder "
+            f"holds {size} bytes; the metadata is corrupt"
+        )
     return CheckpointMeta(
         path=folder,
         format=Format.DCP,
@@ -95,11 +106,17 @@ def _tensor_meta(folder: str, fqn: str, entry: Any) -> TensorMeta | None:
     properties = entry.state.get("properties")
     # TensorProperties pickles as a tuple that starts with the dtype.
     values = properties.state.get("values") if isinstance(properties, Record) else None
-    dtype = values[0] if isinstance(values, tuple) and values else None
+    dtype = getattr(values[0], "name", None) if isinstance(values, tuple) and values else None
     size = entry.state.get("size")
-    if dtype is None or not isinstance(size, tuple):
-        raise CheckpointReadError(f"{folder}: DCP entry {fqn!r} has no dtype or size")
-    return TensorMeta(shape=tuple(size), dtype=getattr(dtype, "name", str(dtype)))
+    if not isinstance(size, tuple) or not all(is_count(d) for d in size):
+        raise CheckpointReadError(
+            f"{folder}: DCP entry {short_str(fqn)!r} has a malformed size {short_repr(size)}"
+        )
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise CheckpointReadError(
+            f"{folder}: DCP entry {short_str(fqn)!r} has no known dtype ({short_repr(dtype)})"
+        )
+    return TensorMeta(shape=tuple(size), dtype=dtype)
 
 
 def _nest_containers(tensors: Mapping[str, TensorMeta]) -> dict[str, Any]:
@@ -120,23 +137,39 @@ def _nest_containers(tensors: Mapping[str, TensorMeta]) -> dict[str, Any]:
 def tensor_chunks(folder: str, fqn: str) -> list[Chunk]:
     """The chunks that make up tensor ``fqn`` (one per rank that saved a shard)."""
     storage = _read_records(folder).state.get("storage_data", {})
+    if not isinstance(storage, dict):
+        raise CheckpointReadError(f"{folder}: DCP storage_data is not a dict")
     chunks = []
     for index, info in storage.items():
         if not isinstance(index, Record) or index.state.get("fqn") != fqn:
             continue
+        if not isinstance(info, Record):
+            raise CheckpointReadError(f"{folder}: DCP storage entry for {fqn!r} is malformed")
         if info.state.get("transform_descriptors"):
             raise CheckpointReadError(f"{folder}: {fqn!r} is stored with transforms (compression)")
-        chunks.append(
-            Chunk(
-                offsets=tuple(index.state.get("offset") or ()),
-                file=os.path.join(folder, os.path.basename(str(info.state["relative_path"]))),
-                offset=int(info.state["offset"]),
-                length=int(info.state["length"]),
-            )
-        )
+        chunks.append(_chunk(folder, fqn, index, info))
     if not chunks:
         raise CheckpointReadError(f"{folder}: no stored data for {fqn!r}")
     return chunks
+
+
+def _chunk(folder: str, fqn: str, index: Record, info: Record) -> Chunk:
+    offsets = index.state.get("offset") or ()
+    relative, offset, length = (info.state.get(k) for k in ("relative_path", "offset", "length"))
+    if not (
+        isinstance(offsets, tuple | list)
+        and all(is_count(o) for o in offsets)
+        and isinstance(relative, str)
+        and is_count(offset)
+        and is_count(length)
+    ):
+        raise CheckpointReadError(f"{folder}: DCP storage entry for {fqn!r} is malformed")
+    return Chunk(
+        offsets=tuple(offsets),
+        file=os.path.join(folder, os.path.basename(relative)),
+        offset=offset,
+        length=length,
+    )
 
 
 def load_dcp_tensor(folder: str, fqn: str, meta: TensorMeta) -> torch.Tensor:
@@ -145,15 +178,33 @@ def load_dcp_tensor(folder: str, fqn: str, meta: TensorMeta) -> torch.Tensor:
 
     result = torch.empty(meta.shape, dtype=getattr(torch, meta.dtype))
     for chunk in tensor_chunks(folder, fqn):
-        with open(chunk.file, "rb") as f:
-            f.seek(chunk.offset)
-            blob = f.read(chunk.length)
-        if len(blob) != chunk.length:
-            raise CheckpointReadError(f"{chunk.file}: truncated inside {fqn!r}")
-        try:
-            part = torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
-        except Exception as e:  # weights_only refusals and corrupt blobs alike
-            raise CheckpointReadError(f"{chunk.file}: cannot load {fqn!r} ({e})") from e
+        part = _load_chunk(chunk, fqn)
         region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, part.shape, strict=False))
-        result[region] = part
+        try:
+            result[region] = part
+        except (RuntimeError, IndexError, TypeError) as e:
+            raise CheckpointReadError(
+                f"{chunk.file}: chunk of {fqn!r} ({list(part.shape)} at {list(chunk.offsets)}) "
+                f"does not fit its tensor {list(meta.shape)}"
+            ) from e
     return result
+
+
+def _load_chunk(chunk: Chunk, fqn: str) -> torch.Tensor:
+    import torch
+
+    size = require_regular_file(chunk.file)
+    if chunk.offset + chunk.length > size:
+        raise CheckpointReadError(f"{chunk.file}: truncated inside {fqn!r}")
+    with open(chunk.file, "rb") as f:
+        f.seek(chunk.offset)
+        blob = f.read(chunk.length)
+    try:
+        part = torch.load(io.BytesIO(blob), weights_only=True, map_location="cpu")
+    except Exception as e:  # weights_only refusals and corrupt blobs alike
+        raise CheckpointReadError(f"{chunk.file}: cannot load {fqn!r} ({e})") from e
+    if not isinstance(part, torch.Tensor):
+        raise CheckpointReadError(
+            f"{chunk.file}: chunk of {fqn!r} holds a {type(part).__name__}, not a tensor"
+        )
+    return part

@@ -9,6 +9,7 @@ from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ckptool.errors import CheckpointReadError
+from ckptool.formats import detect_format
 from ckptool.formats.containers import select_tensor_dict
 from ckptool.formats.dcp import load_dcp_tensor
 from ckptool.formats.meta import CheckpointMeta, Format
@@ -33,10 +34,17 @@ def torch_load_safely(path: str, *, mmap: bool) -> Any:
         return torch.load(path, weights_only=True, mmap=mmap, map_location="cpu")
     except pickle.UnpicklingError as e:
         # weights_only refusals land here; our own scan runs first, so this is rare.
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointReadError(f"{path}: torch refused to load it: {first_line}") from e
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise CheckpointReadError(f"{path}: torch cannot read it ({e})") from e
+        raise CheckpointReadError(f"{path}: torch refused to load it: {_first_line(e)}") from e
+    except Exception as e:
+        # torch's loader answers hostile bytes with whatever it hits first (TypeError,
+        # AssertionError, KeyError, ...): all of them mean the file is unreadable.
+        raise CheckpointReadError(f"{path}: torch cannot read it ({_first_line(e)})") from e
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {line[:200]}" if line else type(error).__name__
 
 
 def load_state_dict(
@@ -98,13 +106,16 @@ class TensorReader:
         path = self._weight_map[name] if self._weight_map is not None else self._meta.path
         if path not in self._handles:
             self._handles[path] = self._open(path)
-        return self._handles[path].get_tensor(name)  # type: ignore[no-any-return]
+        try:
+            return self._handles[path].get_tensor(name)  # type: ignore[no-any-return]
+        except Exception as e:  # safetensors raises its own SafetensorError on bad bytes
+            raise CheckpointReadError(f"{path}: cannot read {name!r} ({_first_line(e)})") from e
 
     def _open(self, path: str) -> Any:
         if self._peek_safetensors(path):
             return self._stack.enter_context(_safe_open(path))
-        is_zip = self._meta.format is not Format.TORCH_LEGACY
-        obj = torch_load_safely(path, mmap=is_zip)
+        # torch memory-maps only zip files; a sharded index may name legacy .bin shards.
+        obj = torch_load_safely(path, mmap=detect_format(path) is Format.TORCH_ZIP)
         key = self._meta.key if self._weight_map is None else None
         _, tensors, _ = select_tensor_dict(obj, key=key, is_tensor=_is_tensor, path=path)
         return _DictHandle(tensors)
@@ -120,10 +131,11 @@ def _safe_open(path: str) -> Iterator[Any]:
     from safetensors import safe_open
 
     try:
-        with safe_open(path, framework="pt", device="cpu") as handle:
-            yield handle
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointReadError(f"{path}: cannot read tensors ({e})") from e
+        handle = safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError is not an OSError or ValueError
+        raise CheckpointReadError(f"{path}: cannot read tensors ({_first_line(e)})") from e
+    with handle:
+        yield handle
 
 
 class _DictHandle:

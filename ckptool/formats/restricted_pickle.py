@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from ckptool.errors import CheckpointReadError, UnsafeCheckpointError
+from ckptool.formats.bounded import is_count, short_repr
 from ckptool.formats.meta import DTYPE_SIZES, TensorMeta
 from ckptool.formats.pickle_scan import check_pickle_budgets
 
@@ -168,10 +169,10 @@ def _record_class(qualified_name: str) -> type[Record]:
 def _meta_from_storage(storage: Any, offset: Any, size: Any, stride: Any, dtype: str) -> TensorMeta:
     if not isinstance(storage, StorageRef):
         raise CheckpointReadError(f"tensor rebuilt from {type(storage).__name__}, not a storage")
-    if not _int_tuple(size) or not _int_tuple(stride) or not _is_count(offset):
+    if not _int_tuple(size) or not _int_tuple(stride) or not is_count(offset):
         raise CheckpointReadError(
-            f"tensor has malformed size {_short(size)}, stride {_short(stride)} "
-            f"or storage offset {_short(offset)}"
+            f"tensor has malformed size {short_repr(size)}, stride {short_repr(stride)} "
+            f"or storage offset {short_repr(offset)}"
         )
     if len(size) != len(stride):
         raise CheckpointReadError(f"tensor has {len(size)} sizes but {len(stride)} strides")
@@ -185,17 +186,19 @@ def _meta_from_storage(storage: Any, offset: Any, size: Any, stride: Any, dtype:
 
 
 def _int_tuple(value: Any) -> bool:
-    return isinstance(value, tuple | list) and all(_is_count(v) for v in value)
+    return isinstance(value, tuple | list) and all(is_count(v) for v in value)
 
 
-def _is_count(value: Any) -> bool:
-    # 2**63: torch sizes, strides and offsets are int64; bigger ones are only crafted.
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+def _size(dims: Any = ()) -> tuple[int, ...]:
+    if not _int_tuple(dims):
+        raise CheckpointReadError(f"torch.Size of {short_repr(dims)}; expected non-negative ints")
+    return tuple(dims)
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def _device(*parts: Any) -> str:
+    if not all(isinstance(p, str | int) and not isinstance(p, bool) for p in parts):
+        raise CheckpointReadError(f"torch.device of {short_repr(parts)}; expected a name and index")
+    return ":".join(str(p) for p in parts)[:64]
 
 
 def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) -> TensorMeta:
@@ -207,14 +210,14 @@ def _rebuild_tensor_v3(
     storage: Any, offset: Any, size: Any, stride: Any, grad: Any, hooks: Any, dtype: Any, *_: Any
 ) -> TensorMeta:
     if not isinstance(dtype, _Token) or dtype.name not in DTYPE_SIZES:
-        raise CheckpointReadError(f"tensor has unknown dtype {dtype!r}")
+        raise CheckpointReadError(f"tensor has unknown dtype {short_repr(dtype)}")
     return _meta_from_storage(storage, offset, size, stride, dtype.name)
 
 
 def _rebuild_meta_no_storage(dtype: Any, size: Any, stride: Any, *_: Any) -> TensorMeta:
     if not isinstance(dtype, _Token) or not _int_tuple(size) or not _int_tuple(stride):
         raise CheckpointReadError(
-            f"meta tensor has malformed dtype {_short(dtype)} or size {_short(size)}"
+            f"meta tensor has malformed dtype {short_repr(dtype)} or size {short_repr(size)}"
         )
     return PickledTensor(shape=tuple(size), dtype=dtype.name, stride=tuple(stride))
 
@@ -237,7 +240,7 @@ def _encode_latin1(text: Any, encoding: str = "utf-8") -> bytes:
     # Protocol-2 pickles store bytes as _codecs.encode(str, 'latin1'); other codecs
     # (zlib, bz2) could expand a small file into huge memory, so only these are honoured.
     if not isinstance(text, str) or codecs.lookup(encoding).name not in {"latin-1", "utf-8"}:
-        raise CheckpointReadError(f"pickle asks for unsupported encoding {encoding!r}")
+        raise CheckpointReadError(f"pickle asks for unsupported encoding {short_repr(encoding)}")
     return text.encode(encoding)
 
 
@@ -247,7 +250,7 @@ def _bytearray(source: Any = b"", *encoding: Any) -> bytearray:
         return bytearray(source)
     if isinstance(source, str) and encoding in {("latin-1",), ("latin1",)}:
         return bytearray(_encode_latin1(source, "latin-1"))
-    raise CheckpointReadError(f"pickle builds a bytearray from {_short(source)}; not supported")
+    raise CheckpointReadError(f"pickle builds a bytearray from {short_repr(source)}; not supported")
 
 
 _HANDLERS: dict[str, Callable[..., Any]] = {
@@ -258,8 +261,8 @@ _HANDLERS: dict[str, Callable[..., Any]] = {
     "torch._utils._rebuild_parameter_with_state": _first_arg,
     "torch._utils._rebuild_meta_tensor_no_storage": _rebuild_meta_no_storage,
     "torch._tensor._rebuild_from_type_v2": _rebuild_from_type,
-    "torch.Size": tuple,
-    "torch.device": lambda *args: ":".join(str(a) for a in args),
+    "torch.Size": _size,
+    "torch.device": _device,
     "collections.OrderedDict": collections.OrderedDict,
     "collections.Counter": collections.Counter,
     "builtins.set": set,
@@ -324,7 +327,7 @@ class MetaUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> StorageRef:
         # ('storage', storage_type, key, location, numel[, view_metadata (legacy)])
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
-            raise CheckpointReadError(f"unsupported persistent id {_short(pid)}")
+            raise CheckpointReadError(f"unsupported persistent id {short_repr(pid)}")
         storage_type, key, location, numel = pid[1:5]
         if isinstance(storage_type, type) and issubclass(storage_type, _Inert):
             # An unsafe storage type, already recorded by find_class: keep scanning.
@@ -333,11 +336,11 @@ class MetaUnpickler(pickle.Unpickler):
             isinstance(storage_type, _StorageType)
             and isinstance(key, str)
             and isinstance(location, str)
-            and _is_count(numel)
+            and is_count(numel)
             and len(key) + len(location) <= _MAX_PID_TEXT
         ):
             raise CheckpointReadError(
-                f"malformed storage reference (type, key, location, numel) = {_short(pid[1:5])}"
+                f"malformed storage reference (type, key, location, numel) = {short_repr(pid[1:5])}"
             )
         ref = StorageRef(
             key=f"{self.storage_scope}{key}",

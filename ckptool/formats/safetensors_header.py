@@ -7,7 +7,6 @@ tensors; validation here is what lets later commands stream byte ranges safely.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import struct
@@ -15,6 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ckptool.errors import CheckpointReadError
+from ckptool.formats.bounded import is_count
+from ckptool.formats.files import parse_json, require_regular_file
 from ckptool.formats.meta import DTYPE_SIZES, CheckpointMeta, Format, TensorMeta
 
 # safetensors dtype code -> torch dtype name.
@@ -30,6 +31,8 @@ SAFETENSORS_DTYPES: Mapping[str, str] = {
 ALIASES_KEY = "ckptool.aliases"
 # The reference implementation refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# About 100 header bytes per tensor: the largest real headers list ~10^5 tensors.
+MAX_TENSORS = 1_000_000
 
 
 def read_safetensors_meta(path: str) -> CheckpointMeta:
@@ -54,6 +57,7 @@ def read_safetensors_meta(path: str) -> CheckpointMeta:
 
 def read_header(path: str) -> tuple[dict[str, Any], int, int]:
     """Return (header dict, offset of the data section, file size)."""
+    require_regular_file(path)
     with open(path, "rb") as f:
         file_size = os.fstat(f.fileno()).st_size
         prefix = f.read(8)
@@ -62,24 +66,30 @@ def read_header(path: str) -> tuple[dict[str, Any], int, int]:
                 f"{path}: file is {file_size} bytes, too short for safetensors"
             )
         (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > MAX_HEADER_BYTES or header_len > file_size - 8:
+        if header_len > file_size - 8:
             raise CheckpointReadError(
                 f"{path}: safetensors header length {header_len} exceeds the file "
                 f"({file_size} bytes); the file is truncated or not safetensors"
             )
+        if header_len > MAX_HEADER_BYTES:
+            raise CheckpointReadError(
+                f"{path}: safetensors header is {header_len} bytes, over the header budget "
+                f"of {MAX_HEADER_BYTES} bytes"
+            )
         raw = f.read(header_len)
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise CheckpointReadError(f"{path}: safetensors header is not valid UTF-8") from e
-    try:
-        header = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
-    except json.JSONDecodeError as e:
-        raise CheckpointReadError(f"{path}: safetensors header is not valid JSON: {e.msg}") from e
+        header = parse_json(
+            raw, path=path, what="safetensors header", pairs_hook=_refuse_duplicate_keys
+        )
     except _DuplicateKeyError as e:
         raise CheckpointReadError(f"{path}: safetensors header repeats the key {e.key!r}") from e
     if not isinstance(header, dict):
         raise CheckpointReadError(f"{path}: safetensors header is not a JSON object")
+    if len(header) > MAX_TENSORS:
+        raise CheckpointReadError(
+            f"{path}: safetensors header lists {len(header)} entries, over the budget of "
+            f"{MAX_TENSORS} tensors"
+        )
     return header, 8 + header_len, file_size
 
 
@@ -104,14 +114,12 @@ def _with_aliases(
     """Names that ``ckptool convert`` stored once for tied tensors view the same bytes."""
     if raw is None:
         return tensors
-    try:
-        aliases = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CheckpointReadError(f"{path}: {ALIASES_KEY} metadata is not JSON") from e
-    if not isinstance(aliases, dict):
+    aliases = parse_json(raw, path=path, what=f"{ALIASES_KEY} metadata")
+    if not isinstance(aliases, dict) or not all(isinstance(t, str) for t in aliases.values()):
         raise CheckpointReadError(f"{path}: {ALIASES_KEY} metadata must map names to names")
     result = dict(tensors)
     for alias, target in aliases.items():
+        # An alias never shadows a stored name: that would hide the stored tensor's bytes.
         if target not in tensors or alias in tensors:
             raise CheckpointReadError(
                 f"{path}: {ALIASES_KEY} maps {alias!r} to {target!r}, which is not a stored tensor"
@@ -144,7 +152,7 @@ def _parse_entries(
             tensor, file=path, file_offset=data_start + begin, storage_nbytes=end - begin
         )
         ranges.append((begin, end, name))
-    _check_ranges_disjoint(path, ranges)
+    _check_ranges_cover(path, ranges, data_len)
     # Writers order the header by dtype and size; people read names in natural order.
     return {name: tensors[name] for name in sorted(tensors, key=natural_key)}
 
@@ -161,7 +169,7 @@ def _parse_entry(path: str, name: str, entry: Any) -> tuple[TensorMeta, int, int
     if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
         raise CheckpointReadError(f"{path}: tensor {name!r} has unknown dtype {code!r}")
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
         raise CheckpointReadError(
             f"{path}: tensor {name!r} has invalid shape {shape!r}; expected non-negative ints"
         )
@@ -169,7 +177,7 @@ def _parse_entry(path: str, name: str, entry: Any) -> tuple[TensorMeta, int, int
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(_is_count(o) for o in offsets)
+        or not all(is_count(o) for o in offsets)
         or offsets[0] > offsets[1]
     ):
         raise CheckpointReadError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
@@ -184,12 +192,10 @@ def _parse_entry(path: str, name: str, entry: Any) -> tuple[TensorMeta, int, int
     return tensor, begin, end
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _check_ranges_disjoint(path: str, ranges: list[tuple[int, int, str]]) -> None:
-    """Byte ranges must not overlap: overlapping ranges let one write clobber another."""
+def _check_ranges_cover(path: str, ranges: list[tuple[int, int, str]], data_len: int) -> None:
+    """Byte ranges must tile the data section exactly, as the reference reader demands:
+    overlaps let one write clobber another; gaps and trailing bytes hide data that
+    ckptool would read but torch's loader refuses."""
     position = 0
     for begin, end, name in sorted(ranges):
         if begin < position:
@@ -197,4 +203,14 @@ def _check_ranges_disjoint(path: str, ranges: list[tuple[int, int, str]]) -> Non
                 f"{path}: tensor {name!r} overlaps the previous tensor's bytes "
                 f"(starts at {begin}, previous ends at {position})"
             )
-        position = max(position, end)
+        if begin > position:
+            raise CheckpointReadError(
+                f"{path}: {begin - position} bytes before tensor {name!r} belong to no "
+                "tensor; the file is corrupt"
+            )
+        position = end
+    if position != data_len:
+        raise CheckpointReadError(
+            f"{path}: {data_len - position} bytes after the last tensor belong to no "
+            "tensor; the file is corrupt"
+        )

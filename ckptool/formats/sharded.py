@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from typing import Any
 
 from ckptool.errors import CheckpointReadError
+from ckptool.formats.files import parse_json, require_regular_file
 from ckptool.formats.meta import CheckpointMeta, Format, TensorMeta
+
+# An index lists each tensor once with a short file name: ~100 bytes per tensor.
+MAX_INDEX_BYTES = 100 * 1024 * 1024
 
 
 def read_index(path: str) -> dict[str, str]:
@@ -18,11 +21,13 @@ def read_index(path: str) -> dict[str, str]:
         CheckpointReadError: the index is not JSON, lacks a weight_map, or names a
             shard outside its directory or one that does not exist.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointReadError(f"{path}: shard index is not valid JSON ({e})") from e
+    size = require_regular_file(path)
+    if size > MAX_INDEX_BYTES:
+        raise CheckpointReadError(
+            f"{path}: shard index is {size} bytes, over the index budget of {MAX_INDEX_BYTES}"
+        )
+    with open(path, "rb") as f:
+        index = parse_json(f.read(), path=path, what="shard index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointReadError(f"{path}: shard index has no 'weight_map' of name -> file")
@@ -35,8 +40,9 @@ def read_index(path: str) -> dict[str, str]:
             )
         resolved[name] = os.path.join(folder, shard)
     for shard in sorted(set(resolved.values())):
-        if not os.path.isfile(shard):
+        if not os.path.lexists(shard):
             raise CheckpointReadError(f"{path}: shard {os.path.basename(shard)!r} is missing")
+        require_regular_file(shard)
     return resolved
 
 

@@ -1,0 +1,28 @@
+"""Values from untrusted files: checked, and described in bounded time and length."""
+
+from __future__ import annotations
+
+import reprlib
+from typing import Any, TypeGuard
+
+# repr() of a crafted object (a tuple that shares itself at every level) can take
+# exponential time; reprlib stops at a few levels and a few items per level.
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxother = _REPR.maxstring = 40
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """A repr of ``value`` of at most ``limit`` characters, computed in bounded time."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short_str(value: Any, limit: int = 200) -> str:
+    """``value`` itself if it is a string (cut to ``limit``), else its short repr."""
+    return value[:limit] if isinstance(value, str) else short_repr(value, limit)
+
+
+def is_count(value: Any) -> TypeGuard[int]:
+    """A size, stride, offset or element count: a non-negative int that fits torch's int64."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
