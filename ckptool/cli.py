@@ -23,6 +23,7 @@ from ckptool.errors import (
     UnsafeCheckpointError,
     UsageError,
 )
+from ckptool.formats.bounded import visible
 
 # Exit codes, SPEC.md: 0 ok, 1 check failed, 2 usage, 3 unreadable input, 4 unsafe, 5 output.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREADABLE, EXIT_UNSAFE, EXIT_OUTPUT = range(6)
@@ -38,7 +39,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"ckptool: error: {message}", err=True)
+    click.echo(f"ckptool: error: {visible(message, one_line=True)}", err=True)
     sys.exit(code)
 
 

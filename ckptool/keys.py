@@ -11,7 +11,7 @@ import dataclasses
 import enum
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ckptool.errors import TransformError
@@ -322,6 +322,8 @@ def _strip_candidates(names: Sequence[str]) -> list[str]:
 
 def common_dotted_prefix(names: Sequence[str]) -> str:
     """The longest prefix ending in '.' that every name shares ('' if none)."""
+    if not names:
+        return ""
     first, last = min(names), max(names)
     end = 0
     for i, (a, b) in enumerate(zip(first, last, strict=False)):
@@ -390,22 +392,31 @@ def _compose_fix(
     except TransformError:
         return None
     drop, reinit = _cover_remaining(after)
-    steps += [_step("--drop", p, after) for p in drop] + [
-        _step("--reinit", p, after) for p in reinit
-    ]
+    steps += _steps("--drop", drop, after) + _steps("--reinit", reinit, after)
     fix = dataclasses.replace(base, drop=base.drop + drop, reinit=base.reinit + reinit)
     return None if fix == given else Fix(fix, tuple(steps))
 
 
-def _step(flag: str, prefix: str, after: KeyDiff) -> FixStep:
-    mismatched = [m.key for m in after.shape_mismatch if under_prefix(m.key, prefix)]
-    unexpected = [k for k in after.unexpected if under_prefix(k, prefix)]
-    missing = [k for k in after.missing if under_prefix(k, prefix)]
-    if mismatched:
-        return FixStep(f"{flag} {prefix}", Reason.SHAPE_MISMATCH, tuple(mismatched))
-    if unexpected:
-        return FixStep(f"{flag} {prefix}", Reason.UNEXPECTED, tuple(unexpected))
-    return FixStep(f"{flag} {prefix}", Reason.MISSING, tuple(missing))
+def _steps(flag: str, prefixes: Sequence[str], after: KeyDiff) -> list[FixStep]:
+    """One step per prefix, naming the keys it fixes (each key looked up once)."""
+    index = PrefixIndex(prefixes)
+    found: dict[str, tuple[list[str], list[str], list[str]]] = {p: ([], [], []) for p in prefixes}
+    for slot, keys in enumerate(
+        ([m.key for m in after.shape_mismatch], after.unexpected, after.missing)
+    ):
+        for key in keys:
+            prefix = index.covering(key)
+            if prefix is not None:
+                found[prefix][slot].append(key)
+    steps = []
+    for prefix, (mismatched, unexpected, missing) in found.items():
+        if mismatched:
+            steps.append(FixStep(f"{flag} {prefix}", Reason.SHAPE_MISMATCH, tuple(mismatched)))
+        elif unexpected:
+            steps.append(FixStep(f"{flag} {prefix}", Reason.UNEXPECTED, tuple(unexpected)))
+        else:
+            steps.append(FixStep(f"{flag} {prefix}", Reason.MISSING, tuple(missing)))
+    return steps
 
 
 def _cover_remaining(after: KeyDiff) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -425,8 +436,50 @@ def _near(conflicting: set[str], missing: set[str]) -> set[str]:
 
 
 def _covered(names: set[str], prefixes: Iterable[str]) -> set[str]:
-    prefixes = list(prefixes)
-    return {n for n in names if _under_any(n, prefixes)}
+    index = PrefixIndex(prefixes)
+    return {n for n in names if index.covering(n) is not None}
+
+
+class PrefixIndex:
+    """Which of many prefixes covers a name (as :func:`under_prefix` decides), in time
+    proportional to the name's depth rather than to the number of prefixes."""
+
+    def __init__(self, prefixes: Iterable[str] = ()) -> None:
+        self._below: dict[str, str] = {}  # 'fc' -> 'fc.': covers names below module fc
+        self._at: dict[str, str] = {}  # 'fc' -> 'fc': covers fc itself and names below it
+        for prefix in prefixes:
+            self.add(prefix)
+
+    def add(self, prefix: str) -> None:
+        if prefix.endswith("."):
+            self._below.setdefault(prefix[:-1], prefix)
+        else:
+            self._at.setdefault(prefix, prefix)
+
+    def covering(self, name: str) -> str | None:
+        """The prefix that covers ``name`` (the outermost if several), or None."""
+        for module in _ancestors(name):
+            hit = self._below.get(module) or self._at.get(module)
+            if hit is not None:
+                return hit
+        return self._at.get(name)
+
+
+def _ancestors(name: str) -> Iterator[str]:
+    """'a.b.c' -> 'a', 'a.b' (modules strictly above the name)."""
+    end = name.find(".")
+    while end != -1:
+        yield name[:end]
+        end = name.find(".", end + 1)
+
+
+def _module_counts(names: Iterable[str]) -> dict[str, int]:
+    """For each module path and each name itself: how many of ``names`` lie at or under it."""
+    counts: dict[str, int] = {}
+    for name in names:
+        for module in (*_ancestors(name), name):
+            counts[module] = counts.get(module, 0) + 1
+    return counts
 
 
 def covering_prefixes(affected: set[str], universe: set[str]) -> list[str]:
@@ -435,16 +488,19 @@ def covering_prefixes(affected: set[str], universe: set[str]) -> list[str]:
     ``{'fc.weight', 'fc.bias'}`` in a ResNet gives ``['fc.']``; ``classifier.6.*`` in a
     VGG gives ``['classifier.6.']`` because ``classifier.0`` is not affected.
     """
+    # A module qualifies when every universe name under it is affected: compare counts.
+    in_universe = _module_counts(universe)
+    affected_in_universe = _module_counts(affected & universe)
+    chosen = PrefixIndex()
     prefixes: list[str] = []
     for name in sorted(affected):
-        if _under_any(name, prefixes):
+        if chosen.covering(name) is not None:
             continue
-        parts = name.split(".")
-        for depth in range(1, len(parts) + 1):
-            module = ".".join(parts[:depth])
-            inside = {u for u in universe if under_prefix(u, module)}
-            if inside <= affected:
-                prefixes.append(module + "." if depth < len(parts) else module)
+        for module in (*_ancestors(name), name):
+            if in_universe.get(module, 0) == affected_in_universe.get(module, 0):
+                prefix = module + "." if module != name else module
+                prefixes.append(prefix)
+                chosen.add(prefix)
                 break
     return prefixes
 
@@ -452,6 +508,8 @@ def covering_prefixes(affected: set[str], universe: set[str]) -> list[str]:
 # --- grouping names for humans -------------------------------------------------------
 
 _NUMBER = re.compile(r"\d+")
+# Number positions in one name beyond which it is not folded (real names have under 8).
+MAX_FOLDED_NUMBERS = 16
 
 
 def fold_names(names: Iterable[str]) -> list[str]:
@@ -473,6 +531,13 @@ def fold_rows(rows: Iterable[tuple[str, object]]) -> list[tuple[str, list[str]]]
         groups.setdefault((template, signature), []).append((numbers, members))
     folded: list[tuple[str, list[str]]] = []
     for (template, _), entries in groups.items():
+        if template.count("#") > MAX_FOLDED_NUMBERS:
+            # Folding recurses once per number position: a crafted name with a thousand
+            # numbers is shown as it is.
+            folded.extend(
+                (_render_literal(template, numbers), members) for numbers, members in entries
+            )
+            continue
         members_by_numbers = {numbers: members for numbers, members in entries}
         for block in _product_blocks(list(members_by_numbers)):
             names = [m for combo in _expand(block) for m in members_by_numbers[combo]]
@@ -480,14 +545,30 @@ def fold_rows(rows: Iterable[tuple[str, object]]) -> list[tuple[str, list[str]]]
     return folded
 
 
+def _render_literal(template: str, numbers: tuple[str, ...]) -> str:
+    pieces = template.split("#")
+    return pieces[0] + "".join(n + piece for n, piece in zip(numbers, pieces[1:], strict=True))
+
+
 def _merge_leaves(rows: Iterable[tuple[str, object]]) -> list[tuple[str, object, list[str]]]:
-    """``bn1.weight`` and ``bn1.bias`` with equal signatures become ``bn1.{weight,bias}``."""
-    by_module: dict[tuple[str, object], list[str]] = {}
+    """``bn1.weight`` and ``bn1.bias`` with equal signatures become ``bn1.{weight,bias}``.
+
+    Only named leaves merge: numbered ones (``w0``, ``blocks.7``) fold by number instead,
+    which keeps labels short (``w{0..999}``) and the folding linear.
+    """
+    # (module, signature, whole): a numbered leaf is kept whole, under its full name.
+    by_module: dict[tuple[str, object, bool], list[str]] = {}
     for name, signature in rows:
         module, _, leaf = name.rpartition(".")
-        by_module.setdefault((module, signature), []).append(leaf)
+        if _NUMBER.search(leaf):
+            by_module[(name, signature, True)] = [name]
+        else:
+            by_module.setdefault((module, signature, False), []).append(leaf)
     merged = []
-    for (module, signature), leaves in by_module.items():
+    for (module, signature, whole), leaves in by_module.items():
+        if whole:
+            merged.append((module, signature, leaves))
+            continue
         leaf = leaves[0] if len(leaves) == 1 else "{" + ",".join(leaves) + "}"
         label = f"{module}.{leaf}" if module else leaf
         merged.append((label, signature, [f"{module}.{x}" if module else x for x in leaves]))

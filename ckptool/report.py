@@ -14,6 +14,7 @@ from rich.table import Table
 from ckptool.check import CheckResult
 from ckptool.compare import CheckpointDiff
 from ckptool.finetune import EpochMetrics, FinetuneResult
+from ckptool.formats.bounded import visible
 from ckptool.formats.meta import CheckpointMeta
 from ckptool.freezing import FreezeSummary
 from ckptool.guard import GuardReport
@@ -33,14 +34,26 @@ from ckptool.values import ValueDiff
 # Folded key labels shown per category before "... and N more".
 MAX_LABELS = 8
 MAX_ROWS = 40
+# A suggested command longer than this many flags is no help to copy.
+MAX_FIX_FLAGS = 40
+
+
+class _SafeConsole(Console):
+    """Renders every string as plain text: names and paths come from untrusted files, so
+    neither rich markup (``[/b]``) nor control characters in them may take effect."""
+
+    def render_str(self, text: str, **kwargs: Any) -> Any:
+        return super().render_str(visible(text), **kwargs)
 
 
 def make_console(*, stderr: bool = False) -> Console:
     """A console that is plain text when piped or when NO_COLOR is set."""
-    return Console(
+    return _SafeConsole(
         file=sys.stderr if stderr else sys.stdout,
         no_color=bool(os.environ.get("NO_COLOR")),
         highlight=False,
+        markup=False,
+        emoji=False,
         # Plain lines (verdicts, commands to copy) must not be hard-wrapped.
         soft_wrap=True,
     )
@@ -116,7 +129,7 @@ def render_inspect(meta: CheckpointMeta, console: Console) -> None:
     """Summary lines, a per-module table and a folded per-tensor table."""
     where = f" in {meta.key!r}" if meta.key else ""
     dtypes = ", ".join(f"{d} ({human_count(n)})" for d, n in meta.dtype_counts().items())
-    console.print(f"[bold]{meta.path}[/bold]")
+    console.print(meta.path, style="bold")
     console.print(f"  format      {meta.format.value}, {human_bytes(meta.file_size)} on disk")
     console.print(
         f"  tensors     {len(meta.tensors)}{where}, {meta.num_params:,} elements, "
@@ -307,7 +320,10 @@ def verdict(keys: KeyDiff) -> str:
         )
     if keys.fix is None:
         return "incompatible: " + _problems(keys)
-    return "incompatible: " + "; ".join(_describe_step(step) for step in keys.fix.steps)
+    steps = keys.fix.steps
+    shown = "; ".join(_describe_step(step) for step in steps[:MAX_LABELS])
+    more = f"; ... and {len(steps) - MAX_LABELS} more steps" if len(steps) > MAX_LABELS else ""
+    return f"incompatible: {shown}{more}"
 
 
 def _problems(keys: KeyDiff) -> str:
@@ -342,8 +358,11 @@ def _prefix_words(flags: str) -> str:
 
 
 def fix_command(fix: Fix, source: str, model_args: Sequence[str]) -> str:
-    """The ``ckptool adapt`` command line that applies ``fix``."""
-    return " ".join(["ckptool adapt", source, *model_args, *fix.transforms.flags(), "-o OUT"])
+    """The ``ckptool adapt`` command line that applies ``fix`` (if it is short enough to use)."""
+    flags = fix.transforms.flags()
+    if len(flags) > MAX_FIX_FLAGS:
+        return f"needs {len(flags) // 2} transform flags, too many to print; diff --json lists them"
+    return " ".join(["ckptool adapt", source, *model_args, *flags, "-o OUT"])
 
 
 # --- surgery -------------------------------------------------------------------------
@@ -714,7 +733,7 @@ def comparison_table(rows: Sequence[tuple[Any, FinetuneResult]], console: Consol
 def render_demo_step(number: int, title: str, command: str, result: Any, console: Console) -> None:
     """A demo step: its title, the command that does the same, and its usual output."""
     console.print()
-    console.print(f"[bold]{number}. {title}[/bold]")
+    console.print(f"{number}. {title}", style="bold")
     if command:
         console.print(f"  $ {command}", markup=False, style="dim")
     if isinstance(result, CheckpointMeta):

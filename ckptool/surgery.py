@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ckptool._version import __version__
-from ckptool.errors import IncompatibleError, UsageError
+from ckptool.errors import CheckpointReadError, IncompatibleError, UsageError
 from ckptool.formats import CheckpointMeta, read_metadata
 from ckptool.formats.load import TensorReader, open_tensors, tensor_bytes
 from ckptool.formats.meta import TensorMeta
@@ -106,7 +106,21 @@ class SourceBytes:
     def tensor(self, name: str) -> torch.Tensor:
         if self._reader is None:
             self._reader = self._stack.enter_context(open_tensors(self.meta))
-        return self._reader.get(name)
+        tensor = self._reader.get(name)
+        if not _is_dense(tensor):
+            # Sparse and other layouts have no flat bytes to write; densifying silently
+            # would change what the output loads as.
+            raise CheckpointReadError(
+                f"{self.meta.path}: tensor {name!r} is {tensor.layout}; ckptool writes dense "
+                "tensors only: save it with .to_dense() first"
+            )
+        return tensor
+
+
+def _is_dense(tensor: torch.Tensor) -> bool:
+    import torch
+
+    return tensor.layout == torch.strided
 
 
 # --- adapt ---------------------------------------------------------------------------

@@ -1,63 +1,219 @@
-"""Every file in fixtures/bad/ gets its documented exit code and one clear line."""
+"""Every file in fixtures/bad/ through every command and the Python API.
+
+The corpus (``scripts/make_bad_fixtures.py``) holds corrupt, crafted and hostile files,
+plus valid files with awkward contents. Each case names the exit code ``inspect`` must
+give; every other command either gives the same refusal or, for a valid file, a normal
+answer. Always: one line on stderr for an error, no traceback, no escape byte on the
+terminal, nothing written on failure, a payload never runs, and an answer within seconds.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from click.testing import Result
 from conftest import REPO
+
+import ckptool
+from ckptool.errors import CheckpointReadError, CkptError, UnsafeCheckpointError
 
 BAD = REPO / "fixtures" / "bad"
 MANIFEST = json.loads((BAD / "MANIFEST.json").read_text())
 CASES = sorted(MANIFEST["cases"].items())
-
-
-def test_corpus_is_large_enough() -> None:
-    assert len(CASES) >= 25
-    assert {case["exit"] for _, case in CASES} == {3, 4}
-
-
-@pytest.mark.parametrize(("name", "case"), CASES, ids=[name for name, _ in CASES])
-def test_inspect_refuses_with_one_line(run_cli, name: str, case: dict) -> None:
-    result = run_cli("inspect", BAD / name)
-    assert result.exit_code == case["exit"], result.stderr
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ckptool: error: "), result.stderr
-    assert re.search(case["match"], lines[0]), lines[0]
-    assert "Traceback" not in result.stderr and "weights_only=False" not in result.stderr
-
-
-@pytest.mark.parametrize(
-    ("name", "case"), [c for c in CASES if c[1]["exit"] == 4], ids=lambda c: str(c)[:30]
+IDS = [name for name, _ in CASES]
+REFERENCE = BAD / "crafted_valid.pt"
+LINEAR = (
+    "--model",
+    "torch.nn:Linear",
+    "--model-arg",
+    "in_features=2",
+    "--model-arg",
+    "out_features=2",
 )
-def test_diff_and_load_refuse_unsafe_files_too(run_cli, name: str, case: dict) -> None:
-    result = run_cli("diff", BAD / name, "--model", "torchvision:resnet18", "--json")
-    assert result.exit_code == 4 and result.stdout == ""
+# Seconds any command may take on any corpus file (all are small): hangs fail here.
+TIME_LIMIT = 20
+
+
+@contextmanager
+def time_limit(seconds: int) -> Iterator[None]:
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"no answer within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_corpus_covers_every_class() -> None:
+    assert len(CASES) >= 100
+    assert {case["exit"] for _, case in CASES} == {0, 3, 4}
+    prefixes = (
+        "build_", "hash_bomb", "laughs_", "memo_", "bytearray_", "stride0_", "deep_", "pid_",
+        "zip_", "legacy_", "st_", "index_", "dcp_", "unsafe_", "st_flat_names", "st_escape",
+        "st_markup", "st_aliases", "st_gap", "st_trailing", "zip_duplicate", "negative_",
+    )  # fmt: skip
+    for prefix in prefixes:
+        assert any(name.startswith(prefix) for name, _ in CASES), prefix
+
+
+def _commands(case_path: Path, out: Path) -> dict[str, tuple[str, ...]]:
+    return {
+        "inspect": ("inspect", str(case_path)),
+        "inspect --json": ("inspect", str(case_path), "--json"),
+        "diff --values": ("diff", str(case_path), str(REFERENCE), "--values"),
+        "convert": ("convert", str(case_path), "-o", str(out / "converted.safetensors")),
+        "adapt": ("adapt", str(case_path), *LINEAR, "-o", str(out / "adapted.pt")),
+        "check": ("check", str(case_path), *LINEAR),
+    }
+
+
+def _assert_one_clean_line(result: Result, case: dict, what: str) -> None:
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ckptool: error: "), (what, result.stderr)
+    assert re.search(case["match"], lines[0]), (what, lines[0])
+
+
+@pytest.mark.parametrize(("name", "case"), CASES, ids=IDS)
+def test_every_command_answers_safely(
+    run_cli: Callable[..., Result], tmp_path: Path, name: str, case: dict
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    for what, args in _commands(BAD / name, out).items():
+        with time_limit(TIME_LIMIT):
+            result = run_cli(*args)
+        # Everything a terminal would show, stdout and stderr alike.
+        shown = result.stdout + result.stderr
+        assert "\x1b" not in shown and "Traceback" not in shown, (what, shown[-500:])
+        assert "weights_only=False" not in shown
+        if case["exit"] != 0:
+            assert result.exit_code == case["exit"], (what, result.stderr)
+            _assert_one_clean_line(result, case, what)
+            assert list(out.iterdir()) == [], f"{what} left {list(out.iterdir())}"
+        elif what.startswith("inspect"):
+            assert result.exit_code == 0, (what, result.stderr)
+        else:
+            # A valid file may still not fit the model (1) or hold what a write cannot
+            # copy (3), but the answer is one line, never a crash.
+            assert result.exit_code in (0, 1, 3), (what, result.stderr)
+            if result.exit_code == 3:
+                assert len(result.stderr.splitlines()) == 1, (what, result.stderr)
+        for leftover in out.iterdir():
+            if result.exit_code != 0:
+                pytest.fail(f"{what} failed with exit {result.exit_code} but wrote {leftover}")
+            leftover.unlink()
+
+
+@pytest.mark.parametrize(("name", "case"), CASES, ids=IDS)
+def test_python_api_raises_only_ckpt_errors(name: str, case: dict) -> None:
+    expected = {3: CheckpointReadError, 4: UnsafeCheckpointError}.get(case["exit"], CkptError)
+    for read in (ckptool.read_metadata, ckptool.load_state_dict):
+        with time_limit(TIME_LIMIT):
+            if case["exit"] == 0 and read is ckptool.read_metadata:
+                assert isinstance(read(BAD / name), ckptool.formats.CheckpointMeta)
+                continue
+            try:
+                read(BAD / name)
+            except CkptError as e:
+                assert isinstance(e, expected), (read.__name__, e)
+                assert "\n" not in str(e)
+            else:
+                assert case["exit"] == 0, f"{read.__name__} accepted {name}"
 
 
 def test_hostile_pickles_never_run(tmp_path: Path) -> None:
-    """Run the real console script over the whole corpus; no payload may leave its marker."""
+    """The real console entry point over the unsafe cases; no payload leaves its marker."""
     marker = Path(MANIFEST["marker"])
     marker.unlink(missing_ok=True)
-    names = [str(BAD / name) for name, _ in CASES]
+    unsafe = [str(BAD / name) for name, case in CASES if case["exit"] == 4]
     code = (
         "import sys, ckptool\n"
         "for p in sys.argv[1:]:\n"
         "    try: ckptool.load_state_dict(p)\n"
-        "    except ckptool.CkptError: pass\n"
+        "    except ckptool.UnsafeCheckpointError: pass\n"
+        "    else: sys.exit('accepted ' + p)\n"
     )
-    subprocess.run(
-        [sys.executable, "-c", code, *names], check=True, cwd=tmp_path, capture_output=True
-    )
-    for name in names[:5]:
-        subprocess.run(
-            ["ckptool", "inspect", name], cwd=tmp_path, capture_output=True, env={**os.environ}
+    subprocess.run([sys.executable, "-c", code, *unsafe], check=True, cwd=tmp_path)
+    for path in unsafe[:3]:
+        done = subprocess.run(
+            [sys.executable, "-m", "ckptool", "inspect", path],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
         )
+        assert done.returncode == 4 and done.stderr.count("\n") == 1, done.stderr
     assert not marker.exists()
     assert list(tmp_path.iterdir()) == []  # nothing written next to the user either
+
+
+# --- inputs git cannot hold: FIFOs, symlink loops, names with markup --------------------
+
+
+def _refused(run_cli: Callable[..., Result], *args: object, match: str) -> None:
+    with time_limit(TIME_LIMIT):
+        result = run_cli(*args)
+    assert result.exit_code == 3, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and re.search(match, result.stderr)
+
+
+def test_fifo_is_refused_without_being_opened(run_cli, tmp_path: Path) -> None:
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    # Opening a FIFO for reading would block until a writer comes: the time limit catches it.
+    _refused(run_cli, "inspect", fifo, match="FIFO")
+    _refused(run_cli, "convert", fifo, "-o", tmp_path / "out.safetensors", match="FIFO")
+    with time_limit(TIME_LIMIT), pytest.raises(CheckpointReadError, match="FIFO"):
+        ckptool.load_state_dict(fifo)
+
+
+def test_fifo_shard_behind_an_index_is_refused(run_cli, tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "shard-1.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"w": "shard-1.safetensors"}}))
+    _refused(run_cli, "inspect", index, match="FIFO")
+
+
+def test_fifo_chunk_in_a_dcp_folder_is_refused(run_cli, tmp_path: Path) -> None:
+    import shutil
+
+    folder = tmp_path / "dcp"
+    shutil.copytree(BAD / "dcp_valid", folder)
+    for chunk in folder.glob("*.distcp"):
+        chunk.unlink()
+        os.mkfifo(chunk)
+    _refused(run_cli, "convert", folder, "-o", tmp_path / "out.safetensors", match="FIFO")
+
+
+def test_symlink_loop_is_refused(run_cli, tmp_path: Path) -> None:
+    loop = tmp_path / "loop.pt"
+    loop.symlink_to(loop)
+    _refused(run_cli, "inspect", loop, match="symlink loop")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.pt").symlink_to(folder / "a.pt")
+    _refused(run_cli, "inspect", folder, match="symlink loop")
+
+
+def test_path_with_markup_and_escapes_is_printed_literally(run_cli, tmp_path: Path) -> None:
+    (tmp_path / "m[").mkdir()
+    path = tmp_path / "m[/b]\x1b[31m.safetensors"
+    path.write_bytes((BAD / "st_zero_sized.safetensors").read_bytes())
+    result = run_cli("inspect", path)
+    assert result.exit_code == 0, result.stderr
+    assert "m[/b]\\x1b[31m.safetensors" in result.stdout and "\x1b" not in result.stdout
+    missing = run_cli("inspect", tmp_path / "gone[/b]\x1b[2J.pt")
+    assert missing.exit_code == 3 and "\x1b" not in missing.stderr
+    assert "gone[/b]\\x1b[2J.pt" in missing.stderr

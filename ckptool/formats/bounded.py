@@ -26,3 +26,14 @@ def short_str(value: Any, limit: int = 200) -> str:
 def is_count(value: Any) -> TypeGuard[int]:
     """A size, stride, offset or element count: a non-negative int that fits torch's int64."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
+# C0 controls but tab and newline, DEL and C1: an ESC in a tensor name must not reach the
+# terminal as an escape sequence (it could retitle the window or hide lines).
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in (9, 10)}
+
+
+def visible(text: str, *, one_line: bool = False) -> str:
+    """``text`` with control characters written as ``\\xNN`` (newlines too if ``one_line``)."""
+    text = text.translate(_CONTROLS)
+    return text.replace("\n", "\\x0a") if one_line else text

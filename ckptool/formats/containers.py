@@ -18,7 +18,7 @@ from ckptool.formats.meta import ContainerEntry
 MAX_DEPTH = 3
 # Dict entries examined while looking. A pickle can make one dict appear a million times
 # through shared references; real checkpoints examine about one entry per tensor.
-MAX_ENTRIES_WALKED = 5_000_000
+MAX_ENTRIES_WALKED = 1_000_000
 
 # Top-level entries listed beside the tensor dict (epoch, optimizer, ...).
 MAX_ENTRIES_LISTED = 100

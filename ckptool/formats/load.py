@@ -107,9 +107,14 @@ class TensorReader:
         if path not in self._handles:
             self._handles[path] = self._open(path)
         try:
-            return self._handles[path].get_tensor(name)  # type: ignore[no-any-return]
+            tensor = self._handles[path].get_tensor(name)
         except Exception as e:  # safetensors raises its own SafetensorError on bad bytes
             raise CheckpointReadError(f"{path}: cannot read {name!r} ({_first_line(e)})") from e
+        if tensor.is_meta:
+            raise CheckpointReadError(
+                f"{path}: tensor {name!r} was saved from the meta device and holds no values"
+            )
+        return tensor  # type: ignore[no-any-return]
 
     def _open(self, path: str) -> Any:
         if self._peek_safetensors(path):

@@ -10,7 +10,7 @@ import os
 import pickle
 import struct
 import zipfile
-from typing import Any
+from typing import Any, BinaryIO
 
 from ckptool.errors import CheckpointReadError
 from ckptool.formats.containers import select_tensor_dict
@@ -69,6 +69,7 @@ _ZIP_ERRORS = (
     NotImplementedError,
     struct.error,
     OverflowError,
+    RuntimeError,  # an encrypted entry
 )
 
 
@@ -95,28 +96,39 @@ def _record_data_offsets(
     extra field: torch pads the extra field to align data to 64 bytes).
 
     The local header is read as torch's reader reads it; its name must be the central
-    directory's, and the data must end before the central directory starts.
+    directory's, and each record (header and data) must end before the next one starts
+    and before the central directory: otherwise one record's bytes are another's header.
     """
     offsets = {}
+    spans = []
     with open(path, "rb") as f:
         for name, info in records.items():
-            f.seek(info.header_offset)
-            header = f.read(30)
-            if len(header) < 30 or header[:4] != b"PK\x03\x04":
-                raise CheckpointReadError(f"{path}: zip entry {name!r} has no valid local header")
-            name_len, extra_len = struct.unpack("<HH", header[26:30])
-            if f.read(name_len) != info.orig_filename.encode("utf-8", "surrogateescape"):
-                raise CheckpointReadError(
-                    f"{path}: zip entry {name!r}: local header names another entry"
-                )
-            start = info.header_offset + 30 + name_len + extra_len
-            if start + info.file_size > central_directory:
-                raise CheckpointReadError(
-                    f"{path}: zip entry {name!r} runs past the start of the central "
-                    "directory; the file is corrupt"
-                )
-            offsets[name] = start
+            offsets[name] = _local_data_offset(path, f, info)
+            spans.append((info.header_offset, offsets[name] + info.file_size, name))
+    end_of_previous = 0
+    for begin, end, name in sorted(spans):
+        if begin < end_of_previous or end > central_directory:
+            raise CheckpointReadError(
+                f"{path}: zip entry {name!r} overlaps another record or the central "
+                "directory; the file is crafted or corrupt"
+            )
+        end_of_previous = end
     return offsets
+
+
+def _local_data_offset(path: str, f: BinaryIO, info: zipfile.ZipInfo) -> int:
+    f.seek(info.header_offset)
+    header = f.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise CheckpointReadError(f"{path}: zip entry {info.filename!r} has no valid local header")
+    name_len, extra_len = (int(n) for n in struct.unpack("<HH", header[26:30]))
+    # zipfile decoded the central name as UTF-8 if flag bit 11 is set, else as cp437.
+    encoding = "utf-8" if info.flag_bits & 0x800 else "cp437"
+    if f.read(name_len) != info.orig_filename.encode(encoding):
+        raise CheckpointReadError(
+            f"{path}: zip entry {info.filename!r}: local header names another entry"
+        )
+    return info.header_offset + 30 + name_len + extra_len
 
 
 def _check_archive(
