@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
@@ -27,6 +28,7 @@ from ckptool.formats.bounded import visible
 
 # Exit codes, SPEC.md: 0 ok, 1 check failed, 2 usage, 3 unreadable input, 4 unsafe, 5 output.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREADABLE, EXIT_UNSAFE, EXIT_OUTPUT = range(6)
+EXIT_INTERRUPTED = 130
 _EXIT_CODES: tuple[tuple[type[CkptError], int], ...] = (
     (UnsafeCheckpointError, EXIT_UNSAFE),
     (CheckpointReadError, EXIT_UNREADABLE),
@@ -41,6 +43,20 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"ckptool: error: {visible(message, one_line=True)}", err=True)
     sys.exit(code)
+
+
+def _interrupted_message() -> str:
+    from ckptool.formats.write import committed_outputs
+
+    done = committed_outputs()
+    if done:
+        return f"interrupted after {done[-1]} was written and verified; it is complete"
+    return "interrupted; nothing was written"
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM (kill, a scheduler's timeout) gets the same cleanup as Ctrl-C.
+    raise KeyboardInterrupt
 
 
 def exit_code_for(error: CkptError) -> int:
@@ -59,7 +75,7 @@ def handle_errors(command: F) -> F:
         except MemoryError:
             _fail("out of memory while reading the input", EXIT_UNREADABLE)
         except KeyboardInterrupt:
-            _fail("interrupted", 130)
+            _fail(_interrupted_message(), EXIT_INTERRUPTED)
 
     return wrapper  # type: ignore[return-value]
 
@@ -611,6 +627,7 @@ def parse_size(text: str) -> int:
 
 def main() -> None:
     """Console-script entry point."""
+    signal.signal(signal.SIGTERM, _terminate)
     if os.environ.get("CKPTOOL_DEBUG"):
         cli()
         return

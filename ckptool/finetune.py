@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ from ckptool.distributed import (
     sum_across,
 )
 from ckptool.errors import OutputError, UsageError
-from ckptool.formats.write import atomic_output
+from ckptool.formats.write import atomic_output, committed_outputs, forget_committed
 from ckptool.freezing import FreezeSummary, freeze_for_training
 from ckptool.guard import FreezeGuard, FrozenParameterError, GuardReport, violation_error
 from ckptool.keys import Transforms
@@ -616,11 +617,31 @@ def _write_outputs(
     weights: WeightOptions,
 ) -> FinetuneResult:
     """model.safetensors (with provenance) then report.json, each atomic."""
+    created = not os.path.isdir(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        return _write_into(out_dir, state, result, model, weights)
+    except BaseException:
+        # All or nothing: an OUTDIR this run created does not survive a failed write.
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            for path in committed_outputs():
+                if os.path.dirname(path) == out_dir:
+                    forget_committed(path)
+        raise
+
+
+def _write_into(
+    out_dir: str,
+    state: dict[str, torch.Tensor],
+    result: FinetuneResult,
+    model: str,
+    weights: WeightOptions,
+) -> FinetuneResult:
     import dataclasses
 
     from ckptool.formats.save import save_state_dict
 
-    os.makedirs(out_dir, exist_ok=True)
     model_path = os.path.join(out_dir, "model.safetensors")
     metadata = {
         "format": "pt",

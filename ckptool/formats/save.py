@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import os
@@ -10,8 +11,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ckptool.errors import UsageError
+from ckptool.errors import CheckpointReadError, UsageError
 from ckptool.formats.safetensors_header import ALIASES_KEY, read_safetensors_meta
+from ckptool.formats.sharded import read_index
 from ckptool.formats.torch_pickle import read_zip_meta
 from ckptool.formats.torch_zip_writer import write_torch_zip
 
@@ -22,6 +24,7 @@ from ckptool.formats.write import (
     OutTensor,
     atomic_output,
     check_output,
+    forget_committed,
     verify_output,
     write_safetensors,
 )
@@ -97,7 +100,7 @@ def save_tensors(
         if dedupe_tied and fmt is OutputFormat.SAFETENSORS
         else (list(tensors), {})
     )
-    with atomic_output(out) as temp, ThreadPoolExecutor(max_workers=1) as pool:
+    with atomic_output(out, replace=force) as temp, ThreadPoolExecutor(max_workers=1) as pool:
         if fmt is OutputFormat.SAFETENSORS:
             extra = {ALIASES_KEY: json.dumps(aliases)} if aliases else {}
             finish = write_safetensors(
@@ -165,36 +168,83 @@ def save_sharded(
 ) -> SavedFile:
     """Hugging Face layout: ``stem-0000i-of-0000n.safetensors`` shards, then the index.
 
-    Every shard is first written and verified under a hidden ``.partial`` name; only
-    then are all renamed into place and the index written last. A run killed while
-    writing shards leaves a previous output untouched (plus ``.partial`` files).
+    The index is the single commit point. Shards are written (each atomically, each
+    verified) under names the current index does not reference, so until the new index
+    replaces the old one a reader sees the old checkpoint whole; only then are the old
+    shards removed. Replacing an output whose index uses the plain names writes the new
+    shards as ``stem-0000i-of-0000n.next.safetensors`` (the next replacement goes back).
+    Any failure or interrupt before the commit removes the new shards again.
     """
     index_path = out + ".index.json"
-    stem = out.removesuffix(".safetensors")
     plan = shard_plan(tensors, max_bytes)
-    names = [f"{stem}-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
-    for path in (index_path, *names):
+    check_output(index_path, inputs=inputs, force=force)
+    previous = _indexed_shards(index_path)
+    names = _fresh_shard_names(out.removesuffix(".safetensors"), len(plan), previous)
+    for path in names:
         check_output(path, inputs=inputs, force=force)
+    written: list[str] = []
+    try:
+        weight_map, total = _write_shards(
+            names, plan, written, inputs=inputs, force=force, metadata=metadata
+        )
+        index = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}
+        with atomic_output(index_path, replace=force) as temp:
+            temp.file.write(json.dumps(index, indent=2).encode())
+    except BaseException:
+        _remove_files(written)
+        raise
+    _remove_files(sorted(previous - {os.path.abspath(p) for p in names}))
+    return SavedFile((*names, index_path), total, {})
+
+
+def _write_shards(
+    names: Sequence[str],
+    plan: Sequence[Sequence[OutTensor]],
+    written: list[str],
+    *,
+    inputs: Sequence[str],
+    force: bool,
+    metadata: Mapping[str, str] | None,
+) -> tuple[dict[str, str], int]:
+    """Write each shard (recording it in ``written`` at once); return weight map and bytes."""
     weight_map: dict[str, str] = {}
     total = 0
-    partials = [os.path.join(os.path.dirname(p), f".{os.path.basename(p)}.partial") for p in names]
-    for partial, shard_path, shard in zip(partials, names, plan, strict=True):
+    for shard_path, shard in zip(names, plan, strict=True):
+        # Without force each shard is created exclusively: a racing writer fails here
+        # and removes only its own shards.
         saved = save_tensors(
-            partial,
-            shard,
-            fmt=OutputFormat.SAFETENSORS,
-            inputs=inputs,
-            force=True,
+            shard_path, shard, fmt=OutputFormat.SAFETENSORS, inputs=inputs, force=force,
             metadata=metadata,
-        )
+        )  # fmt: skip
+        written.append(shard_path)
         total += saved.nbytes
         weight_map.update(dict.fromkeys((t.name for t in shard), os.path.basename(shard_path)))
-    for partial, shard_path in zip(partials, names, strict=True):
-        os.replace(partial, shard_path)
-    index = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}
-    with atomic_output(index_path) as temp:
-        temp.file.write(json.dumps(index, indent=2).encode())
-    return SavedFile((*names, index_path), total, {})
+    return weight_map, total
+
+
+def _indexed_shards(index_path: str) -> set[str]:
+    """Absolute paths of the shards an existing index references (none if unreadable)."""
+    if not os.path.isfile(index_path):
+        return set()
+    try:
+        return {os.path.abspath(p) for p in read_index(index_path).values()}
+    except CheckpointReadError:
+        return set()
+
+
+def _fresh_shard_names(stem: str, count: int, taken: set[str]) -> list[str]:
+    for infix in ("", ".next"):
+        names = [f"{stem}-{i + 1:05d}-of-{count:05d}{infix}.safetensors" for i in range(count)]
+        if not taken & {os.path.abspath(n) for n in names}:
+            return names
+    raise AssertionError("unreachable: one index never references both name sets")
+
+
+def _remove_files(paths: Sequence[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        forget_committed(path)
 
 
 def save_state_dict(

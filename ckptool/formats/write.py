@@ -31,8 +31,9 @@ _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
-class VerificationError(CkptError):
-    """The written file does not hold what was meant to be written."""
+class VerificationError(OutputError):
+    """The written file does not hold what was meant to be written (exit 5, like any
+    output problem: the input is fine, the output is not)."""
 
 
 @dataclass(frozen=True)
@@ -109,16 +110,37 @@ class TempOutput:
     path: str
 
 
+# Outputs renamed into place by this process, newest last: an interrupt that lands after
+# a commit must not claim that nothing was written.
+_committed: list[str] = []
+
+
+def committed_outputs() -> tuple[str, ...]:
+    """Outputs this process has committed (renamed into place), oldest first."""
+    return tuple(_committed)
+
+
+def forget_committed(path: str) -> None:
+    """A committed file was removed again (a shard of an abandoned sharded write)."""
+    with contextlib.suppress(ValueError):
+        _committed.remove(path)
+
+
 @contextlib.contextmanager
-def atomic_output(out: str) -> Iterator[TempOutput]:
+def atomic_output(out: str, *, replace: bool = True) -> Iterator[TempOutput]:
     """Yield a temp file beside ``out``; on success fsync, chmod, rename it into place.
 
+    With ``replace`` false the final name is created exclusively (a hard link), so of two
+    writers racing for a new output one fails instead of both "succeeding".
+
     Raises:
-        OutputError: no space, no permission, or another OS error while writing.
+        OutputError: no space, no permission, ``out`` appeared meanwhile (without
+            ``replace``), or another OS error while writing.
     """
     parent = os.path.dirname(os.path.abspath(out))
+    _remove_stale_temps(parent, os.path.basename(out))
     try:
-        fd, temp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(out)}.", suffix=".tmp")
+        fd, temp = tempfile.mkstemp(dir=parent, prefix=_temp_prefix(out), suffix=".tmp")
     except OSError as e:
         raise _output_error(out, e) from e
     try:
@@ -128,7 +150,8 @@ def atomic_output(out: str) -> Iterator[TempOutput]:
             os.fsync(handle.fileno())
             # mkstemp creates 0600; outputs get the usual 0666 minus umask, like cp.
             os.fchmod(handle.fileno(), 0o666 & ~_umask())
-        os.replace(temp, out)
+        _commit(temp, out, replace=replace)
+        _committed.append(out)
         _fsync_directory(parent)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
@@ -136,6 +159,57 @@ def atomic_output(out: str) -> Iterator[TempOutput]:
         if isinstance(e, OSError) and not isinstance(e, CkptError):
             raise _output_error(out, e) from e
         raise
+
+
+def _temp_prefix(out: str) -> str:
+    # The pid lets a later run tell a dead run's leftovers from a live writer's temp file.
+    return f".{os.path.basename(out)}.{os.getpid()}."
+
+
+def _remove_stale_temps(parent: str, basename: str) -> None:
+    """Remove temp files that killed runs (kill -9, power loss) left for this output."""
+    prefix = f".{basename}."
+    try:
+        entries = [e for e in os.listdir(parent) if e.startswith(prefix) and e.endswith(".tmp")]
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry[len(prefix) :].split(".", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(parent, entry))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _commit(temp: str, out: str, *, replace: bool) -> None:
+    if replace:
+        os.replace(temp, out)
+        return
+    try:
+        os.link(temp, out)
+    except FileExistsError as e:
+        raise OutputError(
+            f"{out}: appeared while this run was writing it (another writer?); left as it "
+            "is, nothing was written; add --force to replace it"
+        ) from e
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        # No hard links here (some network and FAT filesystems): check, then rename.
+        if os.path.lexists(out):
+            raise OutputError(f"{out}: exists; add --force to replace it") from e
+        os.replace(temp, out)
+        return
+    os.unlink(temp)
 
 
 def _fsync_directory(path: str) -> None:
