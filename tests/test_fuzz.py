@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
-import fuzz_readers  # noqa: E402 - lives in scripts/, found through the path above
+import fuzz_readers
 
 SEEDS = fuzz_readers.seed_files()
 

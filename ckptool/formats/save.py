@@ -24,6 +24,7 @@ from ckptool.formats.write import (
     OutTensor,
     atomic_output,
     check_output,
+    committed_outputs,
     forget_committed,
     verify_output,
     write_safetensors,
@@ -182,16 +183,19 @@ def save_sharded(
     names = _fresh_shard_names(out.removesuffix(".safetensors"), len(plan), previous)
     for path in names:
         check_output(path, inputs=inputs, force=force)
-    written: list[str] = []
+    before = len(committed_outputs())
     try:
         weight_map, total = _write_shards(
-            names, plan, written, inputs=inputs, force=force, metadata=metadata
+            names, plan, inputs=inputs, force=force, metadata=metadata
         )
         index = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}
         with atomic_output(index_path, replace=force) as temp:
             temp.file.write(json.dumps(index, indent=2).encode())
     except BaseException:
-        _remove_files(written)
+        committed = committed_outputs()[before:]
+        if index_path not in committed:
+            # Exactly the shards this call committed: never a racing writer's.
+            _remove_files(committed)
         raise
     _remove_files(sorted(previous - {os.path.abspath(p) for p in names}))
     return SavedFile((*names, index_path), total, {})
@@ -200,13 +204,12 @@ def save_sharded(
 def _write_shards(
     names: Sequence[str],
     plan: Sequence[Sequence[OutTensor]],
-    written: list[str],
     *,
     inputs: Sequence[str],
     force: bool,
     metadata: Mapping[str, str] | None,
 ) -> tuple[dict[str, str], int]:
-    """Write each shard (recording it in ``written`` at once); return weight map and bytes."""
+    """Write each shard; return the weight map and the bytes of tensor data."""
     weight_map: dict[str, str] = {}
     total = 0
     for shard_path, shard in zip(names, plan, strict=True):
@@ -216,7 +219,6 @@ def _write_shards(
             shard_path, shard, fmt=OutputFormat.SAFETENSORS, inputs=inputs, force=force,
             metadata=metadata,
         )  # fmt: skip
-        written.append(shard_path)
         total += saved.nbytes
         weight_map.update(dict.fromkeys((t.name for t in shard), os.path.basename(shard_path)))
     return weight_map, total

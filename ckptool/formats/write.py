@@ -12,7 +12,9 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -150,8 +152,9 @@ def atomic_output(out: str, *, replace: bool = True) -> Iterator[TempOutput]:
             os.fsync(handle.fileno())
             # mkstemp creates 0600; outputs get the usual 0666 minus umask, like cp.
             os.fchmod(handle.fileno(), 0o666 & ~_umask())
-        _commit(temp, out, replace=replace)
-        _committed.append(out)
+        with _interrupts_deferred():
+            _commit(temp, out, replace=replace)
+            _committed.append(out)
         _fsync_directory(parent)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
@@ -159,6 +162,21 @@ def atomic_output(out: str, *, replace: bool = True) -> Iterator[TempOutput]:
         if isinstance(e, OSError) and not isinstance(e, CkptError):
             raise _output_error(out, e) from e
         raise
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM while a file is renamed into place and recorded as committed,
+    so an interrupt never lands between the two (it is delivered right after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _temp_prefix(out: str) -> str:

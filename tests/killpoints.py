@@ -1,0 +1,58 @@
+"""Run ckptool's CLI with a signal delivered at an exact point of its writes.
+
+    python tests/killpoints.py EVENT SIGNAL -- ckptool-args...
+
+Every file-system step that commits or removes output (``os.replace``, ``os.link``,
+``os.unlink``, ``os.rename``) and every chunk of bytes written (``os.pwrite``,
+``os.copy_file_range``) is an event, counted from 1. Just before event EVENT the
+process sends itself SIGNAL (KILL, INT or TERM). Walking EVENT over 1, 2, 3, ... visits
+every point of a write, the rename windows included, without random sleeps.
+Exit status 99 says the run finished before EVENT.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+NOT_REACHED = 99
+_PATCHED = ("replace", "link", "unlink", "rename", "pwrite", "copy_file_range")
+
+
+def install(event: int, signum: int) -> None:
+    count = 0
+
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal count
+            count += 1
+            if count == event:
+                os.kill(os.getpid(), signum)
+            return original(*args, **kwargs)
+
+        return counted
+
+    for name in _PATCHED:
+        setattr(os, name, wrap(getattr(os, name)))
+
+
+def main() -> None:
+    event, signame = int(sys.argv[1]), sys.argv[2]
+    args = sys.argv[sys.argv.index("--") + 1 :]
+    install(event, getattr(signal, f"SIG{signame}"))
+    sys.argv = ["ckptool", *args]
+    from ckptool.cli import main as ckptool_main
+
+    try:
+        ckptool_main()
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise
+    sys.exit(NOT_REACHED)
+
+
+if __name__ == "__main__":
+    main()

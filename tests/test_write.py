@@ -1,0 +1,221 @@
+"""ckptool.formats.write and save: atomic, exclusive, verified outputs that leave nothing behind.
+
+Signals are delivered at exact write events by tests/killpoints.py (every rename, link,
+unlink and chunk written), so every window of a commit is visited, not a random sample.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from safetensors.torch import save_file
+
+import ckptool
+from ckptool.errors import OutputError
+from ckptool.formats import write
+from ckptool.formats.write import atomic_output, committed_outputs
+
+KILLPOINTS = REPO / "tests" / "killpoints.py"
+NOT_REACHED = 99
+
+
+def _state(value: float, count: int = 4) -> dict[str, torch.Tensor]:
+    return {f"layer{i}.weight": torch.full((128, 128), value + i) for i in range(count)}
+
+
+def _run_until(event: int, signame: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, str(KILLPOINTS), str(event), signame, "--", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def _values(entry: Path) -> dict[str, float]:
+    return {k: float(v[0, 0]) for k, v in ckptool.load_state_dict(entry).items()}
+
+
+def _every_event(signame: str, args: list[str | Path], check) -> int:
+    """Deliver ``signame`` before event 1, 2, ... until a run finishes first; check each."""
+    event = 0
+    while True:
+        event += 1
+        done = _run_until(event, signame, *args)
+        if done.returncode == NOT_REACHED:
+            return event - 1
+        check(event, done)
+        assert event < 500, "the write never finishes"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "single-file"])
+def test_kill_9_at_every_write_event_leaves_old_or_new(tmp_path: Path, sharded: bool) -> None:
+    old, new = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
+    save_file(_state(1.0), old)
+    save_file(_state(5.0), new)  # as many shards as old: the same plain names
+    out = tmp_path / "out.safetensors"
+    shard = ["--shard-size", "100KB"] if sharded else []
+    entry = tmp_path / "out.safetensors.index.json" if sharded else out
+    old_values, new_values = _values(old), _values(new)
+
+    def write_old() -> None:
+        ckptool.convert(old, str(out), shard_size=100_000 if sharded else None, force=True)
+
+    def check(event: int, done: subprocess.CompletedProcess[str]) -> None:
+        assert done.returncode == -9, (event, done.stderr)
+        # A reader sees one whole checkpoint: never a mix of old and new shards.
+        assert _values(entry) in (old_values, new_values), event
+        if _values(entry) == new_values:
+            write_old()
+
+    write_old()
+    events = _every_event("KILL", ["convert", new, "-o", out, "--force", *shard], check)
+    assert events >= (16 if sharded else 4)
+    # The finished run replaced the old output and removed the old shards.
+    assert _values(entry) == new_values
+    if sharded:
+        listed = set(ckptool.read_metadata(entry).files)
+        shards = {str(p) for p in tmp_path.glob("out-*.safetensors")}
+        assert shards <= listed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame", ["INT", "TERM"])
+def test_interrupt_at_every_event_leaves_nothing_or_says_complete(
+    tmp_path: Path, signame: str
+) -> None:
+    source = tmp_path / "source.safetensors"
+    save_file(_state(2.0), source)
+    out = tmp_path / "out.safetensors"
+    entry = tmp_path / "out.safetensors.index.json"
+
+    def check(event: int, done: subprocess.CompletedProcess[str]) -> None:
+        assert done.returncode == 130, (event, done.stderr)
+        assert len(done.stderr.splitlines()) == 1, done.stderr
+        left = sorted(p.name for p in tmp_path.iterdir())
+        if "it is complete" in done.stderr:
+            assert _values(entry) == _values(source)
+            assert not [n for n in left if n.endswith((".tmp", ".partial"))], left
+            for path in tmp_path.iterdir():
+                if path != source:
+                    path.unlink()
+        else:
+            assert "nothing was written" in done.stderr
+            assert left == ["source.safetensors"], (event, left)
+
+    args: list[str | Path] = ["convert", source, "-o", out, "--shard-size", "100KB"]
+    assert _every_event(signame, args, check) >= 16  # 4 shards and the index
+
+
+def test_disk_full_while_sharding_leaves_nothing(run_cli, tmp_path: Path, monkeypatch) -> None:
+    source = tmp_path / "source.safetensors"
+    save_file(_state(3.0), source)
+    real = write.copy_range
+    calls = 0
+
+    def fills_up(*args: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # the third shard's data
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(*args)
+
+    monkeypatch.setattr(write, "copy_range", fills_up)
+    out = tmp_path / "out.safetensors"
+    result = run_cli("convert", source, "-o", out, "--shard-size", "100KB")
+    assert result.exit_code == 5 and "no space left" in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source.safetensors"]
+
+
+def test_racing_writer_loses_without_force(tmp_path: Path) -> None:
+    out = tmp_path / "out.bin"
+    refused = pytest.raises(OutputError, match="appeared while this run was writing")
+    with refused, atomic_output(str(out), replace=False) as temp:
+        temp.file.write(b"mine")
+        out.write_bytes(b"theirs")  # another writer commits first
+    assert out.read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_racing_sharded_writer_keeps_the_other_writers_shards(tmp_path: Path) -> None:
+    source = tmp_path / "source.safetensors"
+    save_file(_state(4.0), source)
+    out = tmp_path / "out.safetensors"
+    ckptool.convert(source, str(out), shard_size=100_000)
+    (tmp_path / "out.safetensors.index.json").unlink()  # as if the other run were mid-way
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("out-*")}
+    with pytest.raises(OutputError, match="exists; add --force"):
+        ckptool.convert(source, str(out), shard_size=100_000)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("out-*")} == before
+
+
+def test_replacing_a_sharded_output_alternates_names_and_removes_old_shards(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out.safetensors"
+    for round_, value in enumerate((1.0, 2.0, 3.0)):
+        source = tmp_path / f"s{round_}.safetensors"
+        save_file(_state(value), source)
+        ckptool.convert(source, str(out), shard_size=100_000, force=True)
+        shards = sorted(p.name for p in tmp_path.glob("out-*"))
+        infix = ".next" if round_ == 1 else ""
+        assert shards == [f"out-0000{i}-of-00004{infix}.safetensors" for i in range(1, 5)]
+        assert _values(tmp_path / "out.safetensors.index.json") == _values(source)
+
+
+def test_stale_temp_files_of_dead_runs_are_removed(tmp_path: Path) -> None:
+    out = tmp_path / "out.bin"
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = tmp_path / f".out.bin.{dead.stdout.strip()}.abc123.tmp"
+    live = tmp_path / f".out.bin.{os.getpid()}.def456.tmp"
+    other = tmp_path / f".other.bin.{dead.stdout.strip()}.abc123.tmp"
+    for path in (stale, live, other):
+        path.write_bytes(b"x")
+    with atomic_output(str(out)) as temp:
+        temp.file.write(b"data")
+    assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_commit_is_recorded_for_the_interrupt_message(tmp_path: Path) -> None:
+    out = tmp_path / "out.bin"
+    with atomic_output(str(out)) as temp:
+        temp.file.write(b"data")
+        assert str(out) not in committed_outputs()
+    assert committed_outputs()[-1] == str(out)
+
+
+def test_fsync_happens_before_the_rename(tmp_path: Path, monkeypatch) -> None:
+    order: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (order.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(
+        os, "replace", lambda a, b: (order.append("replace"), real_replace(a, b))[1]
+    )
+    with atomic_output(str(tmp_path / "out.bin")) as temp:
+        temp.file.write(b"data")
+    assert order[:2] == ["fsync", "replace"], order
+
+
+def test_bytes_that_differ_after_writing_fail_verification_with_exit_5(
+    run_cli, tmp_path: Path, monkeypatch
+) -> None:
+    """Break the write on purpose: the read-back verification must catch it."""
+    source = tmp_path / "source.safetensors"
+    save_file(_state(6.0), source)
+    real = write._write_data
+
+    def corrupting(out_fd: int, data, position: int) -> None:
+        real(out_fd, data, position)
+        os.pwrite(out_fd, b"\xff", position)
+
+    monkeypatch.setattr(write, "_write_data", corrupting)
+    out = tmp_path / "out.safetensors"
+    result = run_cli("convert", source, "-o", out)
+    assert result.exit_code == 5 and "differ from the source" in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source.safetensors"]
