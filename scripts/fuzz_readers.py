@@ -3,10 +3,12 @@
 Seeds are three real files written by torch and safetensors (a zip ``.pt``, a legacy
 ``.pt`` and a ``.safetensors``). Each mutant flips, inserts, deletes or overwrites a few
 bytes, or truncates the file, and goes through ``read_metadata`` and ``load_state_dict``.
+The zip is mutated twice over: as a whole, and inside its data.pkl with the archive
+repacked, so mutants get past the CRC check to the unpickler.
 Outcomes are counted; anything other than success or a ``CkptError`` is a bug and is
 printed with the seed and mutant number that reproduce it.
 
-    python scripts/fuzz_readers.py [--mutants 6000] [--seed 0]
+    python scripts/fuzz_readers.py [--mutants 10000] [--seed 0]
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def seed_files() -> dict[str, bytes]:
     torch.save(state, legacy_buffer, _use_new_zipfile_serialization=False)
     return {
         "zip.pt": zip_buffer.getvalue(),
+        "zip-data.pkl.pt": zip_buffer.getvalue(),  # mutated inside, see mutate_inner_pickle
         "legacy.pt": legacy_buffer.getvalue(),
         "model.safetensors": save(state),
     }
@@ -88,10 +91,26 @@ EDITS: list[Callable[[bytearray, random.Random], bytearray]] = [
 ]  # fmt: skip
 
 
-def mutants(data: bytes, count: int, seed: int) -> Iterator[tuple[int, bytes]]:
+def mutate_inner_pickle(data: bytes, rng: random.Random) -> bytes:
+    """Mutate only data.pkl inside a torch zip and repack it with valid CRCs, so the
+    mutant reaches the unpickler instead of failing the zip's checksum."""
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            content = src.read(info)
+            if info.filename.endswith("data.pkl"):
+                content = mutate(content, rng)
+            dst.writestr(info, content)
+    return out.getvalue()
+
+
+def mutants(data: bytes, count: int, seed: int, *, inner: bool) -> Iterator[tuple[int, bytes]]:
     rng = random.Random(seed)
+    edit = mutate_inner_pickle if inner else mutate
     for number in range(count):
-        yield number, mutate(data, rng)
+        yield number, edit(data, rng)
 
 
 def outcome(path: str) -> str:
@@ -110,8 +129,8 @@ def outcome(path: str) -> str:
 
 def fuzz(name: str, data: bytes, count: int, seed: int, folder: str) -> collections.Counter[str]:
     counts: collections.Counter[str] = collections.Counter()
-    path = os.path.join(folder, name)
-    for number, mutant in mutants(data, count, seed):
+    path = os.path.join(folder, name.replace("-data.pkl", ""))
+    for number, mutant in mutants(data, count, seed, inner=name == "zip-data.pkl.pt"):
         with open(path, "wb") as f:
             f.write(mutant)
         result = outcome(path)
@@ -123,7 +142,7 @@ def fuzz(name: str, data: bytes, count: int, seed: int, folder: str) -> collecti
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--mutants", type=int, default=6000, help="per seed file")
+    parser.add_argument("--mutants", type=int, default=10000, help="per seed file")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     bugs = 0

@@ -474,6 +474,8 @@ def unsafe_cases() -> dict[str, tuple[bytes, int, str]]:
         "unsafe_newobj.pt": (torch_zip(PROTO2 + g_("subprocess", "Popen") + tup(s_("true")) + b"\x81" + STOP), UNSAFE, "subprocess.Popen"),
         "unsafe_storage_type.pt": (torch_zip(state_pickle(("w", tensor_ops(pid=tup(s_("storage"), g_("os", "system"), s_("0"), s_("cpu"), i_(4)) + BINPERSID)))), UNSAFE, "os.system"),
         "unsafe_module_prefix_lookalike.pt": (calling("torch._utils_evil", "_rebuild_tensor_v2"), UNSAFE, "torch._utils_evil"),
+        "unsafe_storage_module_lookalike.pt": (torch_zip(state_pickle(("w", tensor_ops(pid=storage_pid(storage="FloatStorage").replace(b"ctorch\nFloatStorage", b"ctorch_evil\nFloatStorage"))))), UNSAFE, "torch_evil.FloatStorage"),
+        "unsafe_dtype_module_lookalike.pt": (torch_zip(state_pickle(("w", g_("torch._utils", "_rebuild_tensor_v3") + tup(storage_pid(), i_(0), tup(i_(4)), tup(i_(1)), NEWFALSE, g_("collections", "OrderedDict") + EMPTY_TUPLE + REDUCE, g_("torchvision", "float32")) + REDUCE))), UNSAFE, "torchvision.float32"),
         "unsafe_torch_submodule_function.pt": (calling("torch.hub", "load", s_("x")), UNSAFE, "torch.hub.load"),
     }  # fmt: skip
 

@@ -109,3 +109,19 @@ def test_body_stages_descend_into_a_lone_container() -> None:
         "backbone.0.weight",
         "backbone.0.bias",
     ]
+
+
+@pytest.mark.parametrize(
+    ("norm", "shape"),
+    [(nn.BatchNorm1d, (4, 6)), (nn.BatchNorm2d, (4, 6, 3, 3)), (nn.BatchNorm3d, (4, 6, 2, 3, 3))],
+    ids=["1d", "2d", "3d"],
+)
+def test_frozen_batchnorm_of_every_rank_keeps_its_statistics(norm: type, shape: tuple) -> None:
+    model = nn.Sequential(norm(6), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(*shape))  # materialise the lazy head
+    ckptool.freeze(model, train=["2"], bn_eval=True)
+    before = model[0].running_mean.clone()
+    model.train()
+    model(torch.randn(*shape) * 5 + 3)
+    assert not model[0].training
+    assert torch.equal(model[0].running_mean, before)

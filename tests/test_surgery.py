@@ -508,3 +508,20 @@ def test_save_state_dict_keeps_ties_views_and_refuses_overwrite(
         ckptool.save_state_dict(state, path)
     ckptool.save_state_dict({"x": torch.ones(1)}, path, force=True)
     assert set(ckptool.load_state_dict(path)) == {"x"}
+
+
+def test_strict_refuses_a_missing_key_that_no_flag_names(
+    write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    """Only missing keys (no unexpected, no mismatch): --strict alone must still refuse."""
+    state = seeded_state(MLP)
+    del state["head.bias"]
+    source = write_checkpoint(state, "m.safetensors")
+    spec = f"{Path(__file__).parent / 'conftest.py'}:MLP"
+    with pytest.raises(IncompatibleError, match=r"--strict: missing head\.bias"):
+        adapt(source, model=spec, strict=True, out=str(tmp_path / "out.safetensors"))
+    assert not (tmp_path / "out.safetensors").exists()
+    # Named by --reinit, the same key is allowed and filled from the model's init.
+    transforms = Transforms(reinit=("head.bias",))
+    adapt(source, model=spec, strict=True, transforms=transforms, out=str(tmp_path / "ok.pt"))
+    assert set(torch.load(tmp_path / "ok.pt", weights_only=True)) == set(seeded_state(MLP))

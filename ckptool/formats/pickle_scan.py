@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import pickletools
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO, cast
 
 from ckptool.errors import CheckpointReadError
 
@@ -26,6 +26,9 @@ MAX_NESTING = 200
 MAX_HASHED_NODES = 5_000_000
 # Nodes handed to constructors (REDUCE and friends), counted the same way.
 MAX_CONSTRUCTOR_NODES = 50_000_000
+
+# Text opcode arguments: module and class names, decimal numbers.
+MAX_LINE_BYTES = 64 * 1024
 
 _SATURATED = 1 << 62
 
@@ -61,14 +64,36 @@ def check_pickle_budgets(data: bytes | BinaryIO) -> None:
         CheckpointReadError: the opcode stream itself is malformed.
     """
     scan = _Scan()
-    stream = io.BytesIO(data) if isinstance(data, bytes) else data
+    stream = io.BytesIO(data) if isinstance(data, bytes) else _Capped(data)
     try:
-        for count, (opcode, arg, _) in enumerate(pickletools.genops(stream), 1):
+        # genops only calls read() and readline(), which _Capped provides.
+        opcodes = pickletools.genops(cast("IO[bytes]", stream))
+        for count, (opcode, arg, _) in enumerate(opcodes, 1):
             if count > MAX_OPCODES:
                 raise PickleBudgetError(f"pickle has more than {MAX_OPCODES} opcodes (budget)")
             scan.step(opcode, arg)
     except (ValueError, IndexError, KeyError, OverflowError) as e:
         raise CheckpointReadError(f"corrupt pickle ({type(e).__name__}: {e})") from e
+
+
+class _Capped:
+    """A file that never reads past its end: ``read(2**62)``, as a length field of a
+    crafted BINBYTES8 asks, must not allocate 2**62 bytes before finding out."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        start = stream.tell()
+        self._end = stream.seek(0, io.SEEK_END)
+        stream.seek(start)
+
+    def read(self, size: int = -1) -> bytes:
+        left = max(0, self._end - self._stream.tell())
+        return self._stream.read(left if size < 0 else min(size, left))
+
+    def readline(self) -> bytes:
+        # Text opcodes (GLOBAL, INT) end at a newline; a line longer than any real one
+        # comes back without it, which genops reports as malformed.
+        return self._stream.readline(MAX_LINE_BYTES)
 
 
 class _Scan:
