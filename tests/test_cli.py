@@ -179,7 +179,9 @@ def test_help_does_not_import_torch() -> None:
 
 def test_console_script_piped_output_is_plain(dataparallel_resnet18: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
-    for command in (["ckptool"], [sys.executable, "-m", "ckptool"]):
+    # The console script of this interpreter's environment, not whatever is first on PATH.
+    script = str(Path(sys.executable).parent / "ckptool")
+    for command in ([script], [sys.executable, "-m", "ckptool"]):
         out = subprocess.run(
             [*command, "diff", str(dataparallel_resnet18), *RESNET],
             capture_output=True,
@@ -193,7 +195,7 @@ def test_console_script_piped_output_is_plain(dataparallel_resnet18: Path, tmp_p
 
 def test_json_stdout_is_one_document(dataparallel_resnet18: Path) -> None:
     out = subprocess.run(
-        ["ckptool", "inspect", str(dataparallel_resnet18), "--json"],
+        [sys.executable, "-m", "ckptool", "inspect", str(dataparallel_resnet18), "--json"],
         capture_output=True,
         text=True,
         check=True,

@@ -235,22 +235,18 @@ def test_previous_outputs_need_force(run_cli, setup: dict[str, Path]) -> None:
 
 
 def torchrun(*args: str | Path, cwd: Path):
-    import shutil
     import subprocess
     import sys
 
-    launcher = shutil.which("torchrun") or sys.executable
-    prefix = (
-        [launcher]
-        if launcher != sys.executable
-        else [sys.executable, "-m", "torch.distributed.run"]
-    )
+    # torchrun of this interpreter, running ckptool as a module of it (not a PATH lookup).
     command = [
-        *prefix,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
         "--standalone",
         "--nproc_per_node",
         "2",
-        "--no-python",
+        "-m",
         "ckptool",
         "finetune",
         *map(str, args),

@@ -239,7 +239,7 @@ def _rebuild_from_type(func: Any, new_type: Any, args: Any, state: Any) -> Any:
 def _encode_latin1(text: Any, encoding: str = "utf-8") -> bytes:
     # Protocol-2 pickles store bytes as _codecs.encode(str, 'latin1'); other codecs
     # (zlib, bz2) could expand a small file into huge memory, so only these are honoured.
-    if not isinstance(text, str) or codecs.lookup(encoding).name not in {"latin-1", "utf-8"}:
+    if not isinstance(text, str) or codecs.lookup(encoding).name not in {"iso8859-1", "utf-8"}:
         raise CheckpointReadError(f"pickle asks for unsupported encoding {short_repr(encoding)}")
     return text.encode(encoding)
 

@@ -1,0 +1,165 @@
+"""The restricted unpickler, its opcode budget scan, and the stand-ins it builds.
+
+The corpus (test_bad_inputs.py) shows each attack end to end; these tests pin the
+mechanisms: every budget is named when exceeded, real torch pickles pass them all, a
+pickle cannot write into a stand-in, and copies never reach outside validated bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+import zipfile
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from conftest import REPO
+
+from ckptool.errors import CheckpointReadError
+from ckptool.formats import pickle_scan, read_metadata
+from ckptool.formats.bounded import short_repr, visible
+from ckptool.formats.meta import CheckpointMeta, Format, TensorMeta
+from ckptool.formats.pickle_scan import PickleBudgetError, check_pickle_budgets
+from ckptool.formats.restricted_pickle import (
+    PickledTensor,
+    StorageRef,
+    _bytearray,
+    load_restricted,
+)
+from ckptool.formats.write import ByteSource
+from ckptool.surgery import SourceBytes
+
+sys.path.insert(0, str(REPO / "scripts"))
+import make_bad_fixtures as craft
+
+
+def _data_pkl(obj: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with zipfile.ZipFile(buffer) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+        return archive.read(name)
+
+
+def test_real_training_checkpoint_passes_every_budget() -> None:
+    model = torchvision.models.resnet50(weights=None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    optimizer.step()
+    checkpoint = {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict()}
+    obj, storages = load_restricted(_data_pkl(checkpoint), path="resnet50.pt")
+    assert len(obj["state_dict"]) == len(model.state_dict())
+    assert len(storages) > len(model.state_dict())  # momentum buffers too
+
+
+@pytest.mark.parametrize(
+    ("ops", "budget"),
+    [
+        (craft.EMPTY_LIST + craft.put(5), "memo"),
+        ((craft.EMPTY_LIST + craft.MARK) * 300 + craft.APPENDS * 300, "nests"),
+        (craft.EMPTY_DICT + craft.doubling_tuple(40)[0] + craft.i_(1) + craft.SETITEM, "hash"),
+        (craft.g_("builtins", "set") + craft.tup(craft.doubling_tuple(40)[0]) + craft.REDUCE,
+         "constructors"),
+    ],
+    ids=["memo-index", "nesting", "hashed-nodes", "constructor-nodes"],
+)  # fmt: skip
+def test_each_budget_is_named_when_exceeded(ops: bytes, budget: str) -> None:
+    with pytest.raises(PickleBudgetError, match=f"{budget}.*budget|budget.*{budget}"):
+        check_pickle_budgets(craft.PROTO2 + ops + craft.STOP)
+
+
+def test_opcode_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pickle_scan, "MAX_OPCODES", 10)
+    with pytest.raises(PickleBudgetError, match="more than 10 opcodes"):
+        check_pickle_budgets(pickle.dumps(list(range(20)), protocol=2))
+
+
+def test_lengths_beyond_the_file_are_not_allocated(tmp_path: Path) -> None:
+    # BINBYTES8 claiming 2**62 bytes: the scan must refuse it without reading that much.
+    path = tmp_path / "p.pkl"
+    path.write_bytes(craft.PROTO2 + b"\x8e" + (2**62).to_bytes(8, "little") + b"abc")
+    with path.open("rb") as f, pytest.raises(CheckpointReadError, match="only 3 remain"):
+        check_pickle_budgets(f)
+
+
+def test_stand_ins_refuse_build() -> None:
+    """BUILD would write straight into __dict__, past frozen=True; each stand-in refuses."""
+    tensor = PickledTensor(shape=(2,), dtype="float32", storage="0", stride=(1,))
+    ref = StorageRef(key="0", dtype="float32", location="cpu", numel=2)
+    for stand_in in (tensor, ref):
+        with pytest.raises(CheckpointReadError, match="BUILD"):
+            stand_in.__setstate__({"file": "/etc/passwd"})
+    # The unpickled stand-in becomes a plain TensorMeta: the reader sets its location.
+    meta_pkl = _data_pkl({"w": torch.zeros(2)})
+    obj, _ = load_restricted(meta_pkl, path="x.pt")
+    assert type(obj["w"]) is PickledTensor and obj["w"].file is None
+
+
+def test_protocol_2_bytes_decode(tmp_path: Path) -> None:
+    """Python 3 pickles bytes for protocol 2 as _codecs.encode(text, 'latin1')."""
+    state = {"state_dict": {"w": torch.zeros(2)}, "note": b"\x00\xffbytes"}
+    path = tmp_path / "legacy.pt"
+    torch.save(state, path, pickle_protocol=2, _use_new_zipfile_serialization=False)
+    meta = read_metadata(path)
+    assert list(meta.tensors) == ["w"]
+    assert any(entry.name == "note" for entry in meta.containers)
+
+
+def test_bytearray_only_copies_bytes() -> None:
+    assert _bytearray(b"ab") == bytearray(b"ab")
+    assert _bytearray("\xff", "latin-1") == bytearray(b"\xff")
+    with pytest.raises(CheckpointReadError, match="bytearray"):
+        _bytearray(10**10)
+
+
+@pytest.mark.parametrize(
+    ("changes", "copyable"),
+    [
+        ({}, True),
+        ({"storage_offset": 1}, False),  # 4 + 16 bytes > the 16-byte storage
+        ({"storage_offset": -1}, False),
+        ({"storage_nbytes": None}, False),
+        ({"stride": (2,)}, False),
+    ],
+    ids=["exact", "past-the-end", "negative-offset", "unvalidated", "non-contiguous"],
+)
+def test_byte_range_stays_inside_the_validated_storage(changes: dict, copyable: bool) -> None:
+    fields = {"shape": (4,), "dtype": "float32", "storage": "0", "stride": (1,), "file": "f.pt"}
+    tensor = TensorMeta(**{**fields, "file_offset": 100, "storage_nbytes": 16, **changes})
+    assert (tensor.byte_range == ("f.pt", 100 + tensor.storage_offset * 4, 16)) is copyable
+    assert (tensor.byte_range is not None) is copyable
+
+
+def test_copies_come_only_from_the_checkpoints_own_files(tmp_path: Path) -> None:
+    source = tmp_path / "m.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.arange(4.0)}, source)
+    outsider = TensorMeta(
+        shape=(4,), dtype="float32", storage="s", stride=(1,), file="/etc/hostname",
+        file_offset=0, storage_nbytes=16,
+    )  # fmt: skip
+    meta = CheckpointMeta(
+        path=str(source), format=Format.SAFETENSORS, tensors={"w": outsider}, files=(str(source),)
+    )
+    with ExitStack() as stack:
+        data, _ = SourceBytes(meta, stack).data("w")
+    assert not isinstance(data, ByteSource)
+    assert data == torch.arange(4.0).numpy().tobytes()
+
+
+def test_short_repr_is_bounded_on_shared_structures() -> None:
+    node: object = (1,)
+    for _ in range(200):  # 2**200 leaves if expanded
+        node = (node, node)
+    assert len(short_repr(node)) <= 60
+
+
+def test_visible_escapes_terminal_controls() -> None:
+    assert visible("a\x1b[31mb\x07") == "a\\x1b[31mb\\x07"
+    assert visible("a\nb") == "a\nb" and visible("a\nb", one_line=True) == "a\\x0ab"
+    assert visible("\x9b2J") == "\\x9b2J"  # C1 CSI
