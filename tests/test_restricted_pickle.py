@@ -163,3 +163,11 @@ def test_visible_escapes_terminal_controls() -> None:
     assert visible("a\x1b[31mb\x07") == "a\\x1b[31mb\\x07"
     assert visible("a\nb") == "a\nb" and visible("a\nb", one_line=True) == "a\\x0ab"
     assert visible("\x9b2J") == "\\x9b2J"  # C1 CSI
+
+
+def test_python_2_memo_numbering_from_one_passes() -> None:
+    """cPickle of Python 2 numbers memo entries from 1 (lpips' .pth weights do)."""
+    ops = craft.EMPTY_DICT + craft.put(1) + craft.s_("a") + craft.put(2) + craft.get(2)
+    check_pickle_budgets(craft.PROTO2 + ops + craft.SETITEM + craft.STOP)
+    with pytest.raises(PickleBudgetError, match="memo"):
+        check_pickle_budgets(craft.PROTO2 + craft.EMPTY_DICT + craft.put(2) + craft.STOP)

@@ -99,7 +99,7 @@ class _Capped:
 class _Scan:
     def __init__(self) -> None:
         self.stack: list[_Node | None] = []
-        self.memo: list[_Node] = []
+        self.memo: dict[int, _Node] = {}
         self.hashed = 0
         self.constructed = 0
 
@@ -163,22 +163,21 @@ class _Scan:
             )
 
     def _memo_get(self, index: Any) -> _Node:
-        if not isinstance(index, int) or not 0 <= index < len(self.memo):
+        node = self.memo.get(index) if isinstance(index, int) else None
+        if node is None:
             raise CheckpointReadError(f"corrupt pickle: memo index {index!r} was never stored")
-        return self.memo[index]
+        return node
 
     def _memo_put(self, index: Any) -> None:
-        # Picklers number memo entries 0, 1, 2, ...: a larger index only reserves memory.
-        if not isinstance(index, int) or not 0 <= index <= len(self.memo):
+        # Picklers number memo entries in order (from 0; Python 2's cPickle from 1). The
+        # C unpickler sizes its memo by the largest index, so a larger one only reserves
+        # memory: 2**31 would be 16 GB.
+        if not isinstance(index, int) or not 0 <= index <= len(self.memo) + 1:
             raise PickleBudgetError(
                 f"pickle stores memo index {index!r} with {len(self.memo)} entries in use "
                 "(memo budget: indices are assigned in order)"
             )
-        node = self._top()
-        if index == len(self.memo):
-            self.memo.append(node)
-        else:
-            self.memo[index] = node
+        self.memo[index] = self._top()
 
     def _top(self) -> _Node:
         top = self.stack[-1] if self.stack else _MARK
