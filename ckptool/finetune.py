@@ -8,11 +8,12 @@ function: its features are computed once and the head trains on the cached featu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -617,47 +618,44 @@ def _write_outputs(
     weights: WeightOptions,
 ) -> FinetuneResult:
     """model.safetensors (with provenance) then report.json, each atomic."""
+    import dataclasses
+
+    from ckptool.formats.save import save_state_dict
+
+    with _removed_on_failure(out_dir):
+        model_path = os.path.join(out_dir, "model.safetensors")
+        metadata = {
+            "format": "pt",
+            "ckptool.version": __version__,
+            "ckptool.command": "finetune",
+            "ckptool.model": model,
+            "ckptool.weights": os.path.basename(weights.weights or ""),
+            "ckptool.classes": json.dumps(list(result.classes)),
+        }
+        save_state_dict(state, model_path, force=True, metadata=metadata)
+        curves = _write_curves(out_dir, result.epochs)
+        report_path = os.path.join(out_dir, "report.json")
+        result = dataclasses.replace(result, outputs=(model_path, report_path, *curves))
+        with atomic_output(report_path) as temp:
+            temp.file.write(json.dumps(result_json(result), indent=2).encode())
+    return result
+
+
+@contextlib.contextmanager
+def _removed_on_failure(out_dir: str) -> Iterator[None]:
+    """Create ``out_dir``; all or nothing: if this run created it, a failed or
+    interrupted write does not leave it behind, half-filled or empty."""
     created = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     try:
-        return _write_into(out_dir, state, result, model, weights)
+        yield
     except BaseException:
-        # All or nothing: an OUTDIR this run created does not survive a failed write.
         if created:
             shutil.rmtree(out_dir, ignore_errors=True)
             for path in committed_outputs():
                 if os.path.dirname(path) == out_dir:
                     forget_committed(path)
         raise
-
-
-def _write_into(
-    out_dir: str,
-    state: dict[str, torch.Tensor],
-    result: FinetuneResult,
-    model: str,
-    weights: WeightOptions,
-) -> FinetuneResult:
-    import dataclasses
-
-    from ckptool.formats.save import save_state_dict
-
-    model_path = os.path.join(out_dir, "model.safetensors")
-    metadata = {
-        "format": "pt",
-        "ckptool.version": __version__,
-        "ckptool.command": "finetune",
-        "ckptool.model": model,
-        "ckptool.weights": os.path.basename(weights.weights or ""),
-        "ckptool.classes": json.dumps(list(result.classes)),
-    }
-    save_state_dict(state, model_path, force=True, metadata=metadata)
-    curves = _write_curves(out_dir, result.epochs)
-    report_path = os.path.join(out_dir, "report.json")
-    result = dataclasses.replace(result, outputs=(model_path, report_path, *curves))
-    with atomic_output(report_path) as temp:
-        temp.file.write(json.dumps(result_json(result), indent=2).encode())
-    return result
 
 
 def _write_curves(out_dir: str, epochs: Sequence[EpochMetrics]) -> tuple[str, ...]:

@@ -302,3 +302,19 @@ def test_finetune_on_cuda_with_fp16_amp(run_cli, setup: dict[str, Path]) -> None
     )
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["guard"]["verdict"] == "ok"
+
+
+def test_full_disk_while_writing_leaves_no_outdir(
+    run_cli, setup: dict[str, Path], monkeypatch
+) -> None:
+    import errno
+
+    from ckptool.formats import write
+
+    def disk_full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(write, "_write_data", disk_full)
+    result = run_finetune(run_cli, setup)
+    assert result.exit_code == 5 and "no space left" in result.stderr, result.stderr
+    assert not setup["out"].exists()
