@@ -1,0 +1,56 @@
+"""ckptool.report: what reaches the terminal is plain text, bounded, and still useful."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from conftest import WriteCheckpoint
+from safetensors.torch import save_file
+
+from ckptool.compare import diff_checkpoint
+from ckptool.formats import read_metadata
+from ckptool.keys import fold_names
+from ckptool.report import fix_command, make_console, render_inspect, verdict
+
+
+def _rendered(meta) -> str:
+    console = make_console()
+    console.file = io.StringIO()
+    render_inspect(meta, console)
+    return console.file.getvalue()
+
+
+def test_names_print_as_text_not_markup_or_escapes(tmp_path: Path) -> None:
+    import torch
+
+    path = tmp_path / "m.safetensors"
+    save_file({"[/b]": torch.zeros(1), "\x1b]0;title\x07": torch.zeros(2)}, path)
+    shown = _rendered(read_metadata(path))
+    assert "[/b]" in shown  # printed, not parsed as a closing tag
+    assert "\x1b" not in shown and "\x07" not in shown
+    assert "\\x1b]0;title\\x07" in shown
+
+
+def test_flat_and_crafted_names_fold_without_recursing() -> None:
+    assert fold_names([f"w{i}" for i in range(5000)]) == ["w{0..4999}"]
+    crafted = ".".join(str(i) for i in range(2000))  # 2,000 numbers in one name
+    assert fold_names([crafted]) == [crafted]
+    assert fold_names(["fc.weight", "fc.bias", "blocks.0.w", "blocks.1.w"]) == [
+        "fc.{weight,bias}",
+        "blocks.{0,1}.w",
+    ]
+
+
+def test_verdict_and_fix_stay_one_readable_line(
+    tmp_path: Path, write_checkpoint: WriteCheckpoint
+) -> None:
+    import torch
+
+    many = write_checkpoint({f"w{i}": torch.zeros(1) for i in range(300)}, "many.safetensors")
+    other = write_checkpoint({"v": torch.zeros(1)}, "other.safetensors")
+    keys = diff_checkpoint(many, other).keys
+    line = verdict(keys)
+    assert len(line) < 1000 and line.endswith("more steps")
+    assert keys.fix is not None
+    assert "too many to print" in fix_command(keys.fix, str(many), [])
