@@ -171,3 +171,10 @@ def test_python_2_memo_numbering_from_one_passes() -> None:
     check_pickle_budgets(craft.PROTO2 + ops + craft.SETITEM + craft.STOP)
     with pytest.raises(PickleBudgetError, match="memo"):
         check_pickle_budgets(craft.PROTO2 + craft.EMPTY_DICT + craft.put(2) + craft.STOP)
+
+
+def test_a_container_filled_in_many_batches_is_not_deep() -> None:
+    """torch.save writes SETITEMS/APPENDS in batches of 1,000: a 300k-entry dict is 300
+    batches on one dict, one level deep, not 300 (a false positive of the first scan)."""
+    many = {f"k{i}": i for i in range(300_000)}
+    check_pickle_budgets(pickle.dumps({"state": many, "list": list(range(300_000))}, protocol=2))

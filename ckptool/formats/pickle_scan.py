@@ -10,6 +10,7 @@ exceeded and names it. torch.save's pickles are far inside every budget.
 
 from __future__ import annotations
 
+import functools
 import io
 import pickletools
 from dataclasses import dataclass
@@ -38,6 +39,12 @@ _CALL_OPS = frozenset({"REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST"})
 # Opcodes that modify the object below their arguments and leave it on the stack.
 _MUTATORS = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
 _GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+# Opcodes that take nothing from the stack and push one new object.
+_LEAVES = frozenset(
+    op.name
+    for op in pickletools.opcodes
+    if not op.stack_before and len(op.stack_after) == 1 and op.stack_after[0].name != "mark"
+) - {"GET", "BINGET", "LONG_BINGET", "GLOBAL", "PERSID", "EXT1", "EXT2", "EXT4"}
 _PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
 
 
@@ -45,7 +52,7 @@ class PickleBudgetError(CheckpointReadError):
     """A pickle exceeds one of the scan's budgets."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Node:
     """What the scan knows of one object: nodes it expands to, nesting depth."""
 
@@ -96,6 +103,15 @@ class _Capped:
         return self._stream.readline(MAX_LINE_BYTES)
 
 
+@functools.cache
+def _stack_effect(opcode: pickletools.OpcodeInfo) -> tuple[bool, int, bool]:
+    """(pops a MARK-delimited slice, objects popped below it, pushes a result)."""
+    before = [item.name for item in opcode.stack_before]
+    takes_slice = "mark" in before
+    below = before.index("mark") if takes_slice else len(before)
+    return takes_slice, below, bool(opcode.stack_after)
+
+
 class _Scan:
     def __init__(self) -> None:
         self.stack: list[_Node | None] = []
@@ -105,7 +121,13 @@ class _Scan:
 
     def step(self, opcode: pickletools.OpcodeInfo, arg: Any) -> None:
         name = opcode.name
-        if name in _GETS:
+        if name in _LEAVES:  # most opcodes: a new int, string, None or empty container
+            self.stack.append(_Node(1, 1))
+        elif name == "POP":
+            self._pop()
+        elif name == "APPEND":  # one item into the list below it, often a million times
+            self._grow(self._top_below(), (self._pop(),))
+        elif name in _GETS:
             self.stack.append(self._memo_get(arg))
         elif name in _PUTS:
             self._memo_put(arg)
@@ -119,11 +141,10 @@ class _Scan:
             self._apply(opcode)
 
     def _apply(self, opcode: pickletools.OpcodeInfo) -> None:
-        before = [item.name for item in opcode.stack_before]
-        args = self._pop_slice() if "mark" in before else []
-        below = before.index("mark") if "mark" in before else len(before)
-        popped = [self._pop() for _ in range(below)][::-1]
         name = opcode.name
+        takes_slice, below, pushes = _stack_effect(opcode)
+        args = self._pop_slice() if takes_slice else []
+        popped = [self._pop() for _ in range(below)][::-1]
         if name in _KEY_OPS:
             self._charge_keys(name, popped, args)
         if name in _CALL_OPS:
@@ -133,20 +154,38 @@ class _Scan:
                     f"pickle hands constructors over {MAX_CONSTRUCTOR_NODES} nodes "
                     "(budget); shared references expand it"
                 )
-        if not opcode.stack_after:
+        if not pushes:
+            return
+        if name in _MUTATORS and popped:
+            self._grow(popped[0], (*popped[1:], *args))
+            self.stack.append(popped[0])
             return
         parts = (*popped, *args)
-        size = min(_SATURATED, 1 + sum(node.size for node in parts))
-        depth = 1 + max((node.depth for node in parts), default=0)
+        node = _Node(
+            min(_SATURATED, 1 + sum(node.size for node in parts)),
+            1 + max((node.depth for node in parts), default=0),
+        )
+        self._check_depth(node.depth)
+        self.stack.append(node)
+
+    def _grow(self, target: _Node, added: tuple[_Node, ...]) -> None:
+        # The container keeps its identity, so memo references to it see it grow; it
+        # nests one deeper than what it holds, however many times it is added to.
+        target.size = min(_SATURATED, target.size + sum(node.size for node in added))
+        target.depth = max(target.depth, 1 + max((n.depth for n in added), default=0))
+        self._check_depth(target.depth)
+
+    def _top_below(self) -> _Node:
+        """The object under the top of the stack (the list APPEND adds to)."""
+        below = self.stack[-2] if len(self.stack) >= 2 else _MARK
+        if below is _MARK:
+            raise CheckpointReadError("corrupt pickle: APPEND needs a list on the stack")
+        return below
+
+    @staticmethod
+    def _check_depth(depth: int) -> None:
         if depth > MAX_NESTING:
             raise PickleBudgetError(f"pickle nests containers over {MAX_NESTING} deep (budget)")
-        if name in _MUTATORS and popped:
-            # The container keeps its identity, so memo references to it see it grow.
-            target = popped[0]
-            target.size, target.depth = size, depth
-            self.stack.append(target)
-        else:
-            self.stack.append(_Node(size, depth))
 
     def _charge_keys(self, name: str, popped: list[_Node], args: list[_Node]) -> None:
         if name == "SETITEM":
