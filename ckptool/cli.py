@@ -24,7 +24,6 @@ from ckptool.errors import (
     UnsafeCheckpointError,
     UsageError,
 )
-from ckptool.formats.bounded import visible
 
 # Exit codes, SPEC.md: 0 ok, 1 check failed, 2 usage, 3 unreadable input, 4 unsafe, 5 output.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREADABLE, EXIT_UNSAFE, EXIT_OUTPUT = range(6)
@@ -41,6 +40,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _fail(message: str, code: int) -> NoReturn:
+    # Imported here: the formats package is not needed for --help.
+    from ckptool.formats.bounded import visible
+
     click.echo(f"ckptool: error: {visible(message, one_line=True)}", err=True)
     sys.exit(code)
 

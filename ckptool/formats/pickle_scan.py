@@ -10,7 +10,6 @@ exceeded and names it. torch.save's pickles are far inside every budget.
 
 from __future__ import annotations
 
-import functools
 import io
 import pickletools
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ class PickleBudgetError(CheckpointReadError):
     """A pickle exceeds one of the scan's budgets."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: two equal-sized objects are still two
 class _Node:
     """What the scan knows of one object: nodes it expands to, nesting depth."""
 
@@ -103,7 +102,6 @@ class _Capped:
         return self._stream.readline(MAX_LINE_BYTES)
 
 
-@functools.cache
 def _stack_effect(opcode: pickletools.OpcodeInfo) -> tuple[bool, int, bool]:
     """(pops a MARK-delimited slice, objects popped below it, pushes a result)."""
     before = [item.name for item in opcode.stack_before]
@@ -112,9 +110,13 @@ def _stack_effect(opcode: pickletools.OpcodeInfo) -> tuple[bool, int, bool]:
     return takes_slice, below, bool(opcode.stack_after)
 
 
+_EFFECTS = {op.name: _stack_effect(op) for op in pickletools.opcodes}
+
+
 class _Scan:
     def __init__(self) -> None:
         self.stack: list[_Node | None] = []
+        self.marks: list[int] = []  # stack positions of the MARKs, innermost last
         self.memo: dict[int, _Node] = {}
         self.hashed = 0
         self.constructed = 0
@@ -124,7 +126,11 @@ class _Scan:
         if name in _LEAVES:  # most opcodes: a new int, string, None or empty container
             self.stack.append(_Node(1, 1))
         elif name == "POP":
-            self._pop()
+            if self.stack and self.stack[-1] is _MARK:  # as the C unpickler: POP drops a MARK
+                self.marks.pop()
+                self.stack.pop()
+            else:
+                self._pop()
         elif name == "APPEND":  # one item into the list below it, often a million times
             self._grow(self._top_below(), (self._pop(),))
         elif name in _GETS:
@@ -134,6 +140,7 @@ class _Scan:
         elif name == "MEMOIZE":
             self._memo_put(len(self.memo))
         elif name == "MARK":
+            self.marks.append(len(self.stack))
             self.stack.append(_MARK)
         elif name == "DUP":
             self.stack.append(self._top())
@@ -142,9 +149,9 @@ class _Scan:
 
     def _apply(self, opcode: pickletools.OpcodeInfo) -> None:
         name = opcode.name
-        takes_slice, below, pushes = _stack_effect(opcode)
+        takes_slice, below, pushes = _EFFECTS[name]
         args = self._pop_slice() if takes_slice else []
-        popped = [self._pop() for _ in range(below)][::-1]
+        popped = self._pop_many(below)
         if name in _KEY_OPS:
             self._charge_keys(name, popped, args)
         if name in _CALL_OPS:
@@ -229,11 +236,19 @@ class _Scan:
         self.stack.pop()
         return node
 
+    def _pop_many(self, count: int) -> list[_Node]:
+        if not count:
+            return []
+        popped = self.stack[-count:]
+        if len(popped) < count or _MARK in popped:
+            raise CheckpointReadError("corrupt pickle: an opcode needs an object on the stack")
+        del self.stack[-count:]
+        return popped  # type: ignore[return-value]  # no MARK among them, checked above
+
     def _pop_slice(self) -> list[_Node]:
-        items: list[_Node] = []
-        while self.stack and self.stack[-1] is not _MARK:
-            items.append(self._pop())
-        if not self.stack:
+        if not self.marks:
             raise CheckpointReadError("corrupt pickle: no MARK for a stack slice")
-        self.stack.pop()
-        return items[::-1]
+        start = self.marks.pop()
+        items = self.stack[start + 1 :]
+        del self.stack[start:]
+        return items  # type: ignore[return-value]  # MARKs above the last one were popped
