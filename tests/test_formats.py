@@ -307,3 +307,31 @@ def test_safetensors_whose_header_length_starts_like_a_pickle(
     path = tmp_path / "x.safetensors"
     path.write_bytes(struct.pack("<Q", header_len) + header + bytes(4))
     assert read_metadata(path).format is Format.SAFETENSORS
+
+
+def test_trainer_output_folder_picks_the_weights(tmp_path: Path) -> None:
+    """A Hugging Face Trainer checkpoint folder: one weight file among training state."""
+    import argparse
+
+    folder = tmp_path / "checkpoint-500"
+    folder.mkdir()
+    state = seeded_state(MLP)
+    torch.save(state, folder / "pytorch_model.bin")
+    torch.save(argparse.Namespace(lr=0.1), folder / "training_args.bin")  # unsafe to read
+    torch.save({"state": {}, "param_groups": []}, folder / "optimizer.pt")
+    torch.save({"last_epoch": 3}, folder / "scheduler.pt")
+    torch.save({"python": 1}, folder / "rng_state.pth")
+    (folder / "trainer_state.json").write_text("{}")
+    meta = read_metadata(folder)
+    assert meta.path == str(folder / "pytorch_model.bin") and set(meta.tensors) == set(state)
+    # transformers' own preference when both formats are there.
+    from safetensors.torch import save_file
+
+    save_file(dict(state), folder / "model.safetensors")
+    assert read_metadata(folder).path == str(folder / "model.safetensors")
+    # Two unrelated weight files are still ambiguous.
+    torch.save(state, folder / "other.pt")
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").rename(folder / "weights.bin")
+    with pytest.raises(CheckpointReadError, match="several checkpoints"):
+        read_metadata(folder)

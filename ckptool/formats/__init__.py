@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from typing import Any
 
 from ckptool.errors import CheckpointReadError
@@ -84,6 +85,23 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
+# What a Hugging Face Trainer or Lightning run writes beside the weights: never weights.
+_TRAINING_STATE = re.compile(
+    r"(training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth)$"
+)
+# The weight files transformers and diffusers look for, in their order of preference.
+_WEIGHT_FILE_NAMES = [
+    "model.safetensors",
+    "diffusion_pytorch_model.safetensors",
+    "pytorch_model.bin",
+    "diffusion_pytorch_model.bin",
+]
+
+
+def _is_training_state(name: str) -> bool:
+    return _TRAINING_STATE.fullmatch(name) is not None
+
+
 def _checkpoint_in_directory(folder: str) -> str:
     if is_dcp_directory(folder):
         return folder
@@ -94,9 +112,14 @@ def _checkpoint_in_directory(folder: str) -> str:
         p
         for pattern in ("*.safetensors", "*.pt", "*.pth", "*.bin", "*.ckpt")
         for p in sorted(glob.glob(os.path.join(folder, pattern)))
+        if not _is_training_state(os.path.basename(p))
     ]
     if not indexes and len(singles) == 1:
         return singles[0]
+    # transformers writes model.safetensors and, for old readers, pytorch_model.bin.
+    preferred = [p for p in singles if os.path.basename(p) in _WEIGHT_FILE_NAMES]
+    if not indexes and preferred:
+        return min(preferred, key=lambda p: _WEIGHT_FILE_NAMES.index(os.path.basename(p)))
     found = [os.path.basename(p) for p in indexes or singles]
     if not found:
         raise CheckpointReadError(f"{folder}: directory holds no checkpoint file")
