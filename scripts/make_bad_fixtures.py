@@ -501,6 +501,9 @@ def write_sharded_cases(outdir: str, manifest: dict[str, dict[str, Any]]) -> Non
 def write_directory_cases(outdir: str, manifest: dict[str, dict[str, Any]]) -> None:
     """Shard indexes beyond the basic ones, and torch.distributed.checkpoint folders."""
     os.makedirs(os.path.join(outdir, "a_directory.safetensors"))
+    # git keeps no empty folders: a file inside keeps this one in the repository.
+    with open(os.path.join(outdir, "a_directory.safetensors", "KEEP"), "w") as f:
+        f.write("a folder named like a shard\n")
     torch.save(
         {"c": torch.ones(3)},
         os.path.join(outdir, "shard-c.bin"),
