@@ -22,6 +22,7 @@ class CheckpointDiff:
     keys: KeyDiff
     values: ValueDiff | None = None
     target: CheckpointMeta | None = None
+    notes: tuple[str, ...] = ()  # how the comparison was made, when it matters
 
     @property
     def compatible(self) -> bool:
@@ -62,17 +63,16 @@ def diff_checkpoint(
         raise UsageError("--values compares two checkpoints; give a TARGET checkpoint")
     source_meta = read_metadata(source, key=key)
     if model is not None:
-        from ckptool.models import build_model, model_tensor_meta  # imports torch
+        from ckptool.models import build_for_shapes, model_tensor_meta  # imports torch
 
-        net = build_model(
-            model, model_args=model_args, num_classes=num_classes, head=head, device="meta"
-        )
+        built = build_for_shapes(model, model_args=model_args, num_classes=num_classes, head=head)
+        notes = (built.note,) if built.note else ()
         label = model + (f" --num-classes {num_classes}" if num_classes is not None else "")
-        target_tensors, target_meta = model_tensor_meta(net), None
+        target_tensors, target_meta = model_tensor_meta(built.module), None
     else:
         assert target is not None  # checked above: exactly one of target/model
         target_meta = read_metadata(target, key=target_key)
-        target_tensors, label = dict(target_meta.tensors), target_meta.path
+        target_tensors, label, notes = dict(target_meta.tensors), target_meta.path, ()
     keys = diff(source_meta.tensors, target_tensors, transforms or Transforms())
     value_diff = None
     if values and target_meta is not None:
@@ -80,5 +80,5 @@ def diff_checkpoint(
 
         value_diff = compare_values(source_meta, target_meta, keys)
     return CheckpointDiff(
-        source_meta, str(label), len(target_tensors), keys, value_diff, target_meta
+        source_meta, str(label), len(target_tensors), keys, value_diff, target_meta, notes
     )

@@ -110,6 +110,42 @@ def build_model(
     return model
 
 
+@dataclass(frozen=True)
+class ShapeModel:
+    """A model built to read its state_dict's names and shapes, and how it was built."""
+
+    module: nn.Module
+    note: str | None = None  # set when the meta device failed and the CPU was used
+
+
+def build_for_shapes(
+    spec: str,
+    *,
+    model_args: Sequence[str] = (),
+    num_classes: int | None = None,
+    head: str | None = None,
+) -> ShapeModel:
+    """Build on the meta device (no memory, no init), or on the CPU where that fails.
+
+    Some constructors cannot run on meta tensors (they call ``.item()``, copy numpy data
+    into a buffer, or ``.to()`` a device); ``model = Factory()`` works for them, so must
+    ckptool: it falls back to an ordinary build and says so in ``note``.
+
+    Raises:
+        ModelSpecError: the spec cannot be imported, or the CPU build fails too.
+    """
+    options: dict[str, Any] = {"model_args": model_args, "num_classes": num_classes, "head": head}
+    try:
+        return ShapeModel(build_model(spec, device="meta", **options))
+    except ModelSpecError as meta_error:
+        if not isinstance(meta_error.__cause__, Exception):
+            raise  # not a constructor failure (an import, a bad spec): the CPU fares no better
+        reason = str(meta_error.__cause__).strip().splitlines()[0][:120]
+        module = build_model(spec, device="cpu", **options)
+        note = f"{spec} cannot be built on the meta device ({reason}); built on the CPU instead"
+        return ShapeModel(module, note)
+
+
 @contextlib.contextmanager
 def _on_device(device: str) -> Iterator[None]:
     import torch

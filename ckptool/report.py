@@ -186,6 +186,7 @@ def diff_json(report: CheckpointDiff) -> dict[str, Any]:
         "source": report.source.path,
         "source_key": report.source.key,
         "target": report.target_label,
+        "notes": list(report.notes),
         "compatible": keys.compatible,
         "matched": list(keys.matched),
         "missing": list(keys.missing),
@@ -242,6 +243,8 @@ def render_diff(report: CheckpointDiff, console: Console) -> None:
     console.print(f"  target  {report.target_label}  ({report.target_count} tensors)", markup=False)
     if keys.transforms.flags():
         console.print(f"  with    {' '.join(keys.transforms.flags())}", markup=False)
+    for note in report.notes:
+        console.print(f"  note    {note}")
     console.print(_categories_table(keys, console))
     if keys.shape_mismatch:
         console.print(_mismatch_table(keys.shape_mismatch, console))
@@ -373,6 +376,7 @@ def surgery_json(log: SurgeryLog) -> dict[str, Any]:
     return {
         "command": log.command,
         "sources": list(log.sources),
+        "notes": list(log.notes),
         "output": log.output,
         "format": log.format,
         "dry_run": log.dry_run,
@@ -400,6 +404,8 @@ def render_surgery(log: SurgeryLog, console: Console) -> None:
     console.print(f"{log.command}: {', '.join(log.sources)}", markup=False)
     if log.transforms:
         console.print(f"  with        {' '.join(log.transforms)}", markup=False)
+    for note in log.notes:
+        console.print(f"  note        {note}")
     taken: dict[int, list[str]] = {}
     for name, index in log.taken.items():
         taken.setdefault(index, []).append(name)

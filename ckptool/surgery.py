@@ -8,6 +8,7 @@ Nothing here prints; results are :class:`SurgeryLog` objects rendered by the rep
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import os
@@ -15,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ckptool._version import __version__
 from ckptool.errors import CheckpointReadError, IncompatibleError, UsageError
@@ -77,6 +78,7 @@ class SurgeryLog:
     files: tuple[str, ...] = ()
     nbytes: int = 0
     verified: bool = False
+    notes: tuple[str, ...] = ()  # how the work was done, when it matters (a CPU build)
     dry_run: bool = False
     transforms: tuple[str, ...] = ()
     init_method: str = ""
@@ -155,22 +157,21 @@ def adapt(
             ``strict`` any missing/unexpected key no --drop/--reinit prefix names.
         UsageError: ambiguous ``auto``, bad flags; and the read/write errors.
     """
-    from ckptool.models import build_model, model_tensor_meta
+    from ckptool.models import build_for_shapes, model_tensor_meta
 
     policy = MismatchPolicy(on_mismatch)
     meta = read_metadata(source, key=key)
     if out is not None and not dry_run:  # fail before the expensive part
         check_output(out, inputs=meta.files, force=force)
-    net = build_model(
-        model, model_args=model_args, num_classes=num_classes, head=head, device="meta"
-    )
-    target = model_tensor_meta(net)
+    built = build_for_shapes(model, model_args=model_args, num_classes=num_classes, head=head)
+    target = model_tensor_meta(built.module)
     keys = plan_keys(meta, target, transforms, auto=auto, policy=policy, strict=strict)
     transforms = keys.transforms
     matched = set(keys.matched)
     to_fill = [name for name in target if name not in matched]
     fmt_out = output_format_for(out, fmt) if out else None
     log = _adapt_log(meta, keys, to_fill, out, fmt_out, dry_run=dry_run, dtype=dtype)
+    log = _replace(log, notes=(built.note,) if built.note else ())
     if dry_run or out is None or fmt_out is None:
         return log
     init, method = initial_values(model, model_args, num_classes, head, to_fill, target, seed=seed)
@@ -389,9 +390,7 @@ def _adapt_log(
 
 
 def _finished(log: SurgeryLog, files: Sequence[str], nbytes: int, **changes: object) -> SurgeryLog:
-    import dataclasses
-
-    return dataclasses.replace(log, files=tuple(files), nbytes=nbytes, verified=True, **changes)  # type: ignore[arg-type]
+    return _replace(log, files=tuple(files), nbytes=nbytes, verified=True, **changes)
 
 
 # --- initial values for filled tensors -----------------------------------------------
@@ -415,22 +414,23 @@ def initial_values(
     """
     import torch
 
-    from ckptool.models import build_model
+    from ckptool.models import build_for_shapes, build_model
 
     if not names:
         return {}, ""
     torch.manual_seed(seed)
     total = sum(t.nbytes for t in target.values())
+    options: dict[str, Any] = {"model_args": model_args, "num_classes": num_classes, "head": head}
     if total <= FULL_BUILD_LIMIT:
-        net = build_model(spec, model_args=model_args, num_classes=num_classes, head=head)
+        net = build_model(spec, **options)
         state = net.state_dict()
         return {n: state[n] for n in names}, "the model's own initialisation (built on CPU)"
-    net = build_model(
-        spec, model_args=model_args, num_classes=num_classes, head=head, device="meta"
-    )
+    built = build_for_shapes(spec, **options)
+    net = built.module
     owners = _owning_modules(net, names)
-    if any(not hasattr(module, "reset_parameters") for module in owners.values()):
-        net = build_model(spec, model_args=model_args, num_classes=num_classes, head=head)
+    if built.note or any(not hasattr(module, "reset_parameters") for module in owners.values()):
+        # Built on the CPU already when the meta device failed; otherwise build whole.
+        net = built.module if built.note else build_model(spec, **options)
         state = net.state_dict()
         return {n: state[n] for n in names}, "the model's own initialisation (built on CPU)"
     for module in owners.values():
@@ -609,8 +609,6 @@ def merge(
 
 
 def _replace(log: SurgeryLog, **changes: object) -> SurgeryLog:
-    import dataclasses
-
     return dataclasses.replace(log, **changes)  # type: ignore[arg-type]
 
 

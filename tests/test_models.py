@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import ckptool
 from ckptool import ModelSpecError, UsageError, build_model, replace_head
 from ckptool.models import Source, find_head, model_tensor_meta, parse_model_spec
 
@@ -177,3 +178,38 @@ def test_timm_specs_when_timm_is_installed() -> None:
         ModelSpecError, match="timm has no model 'resnet_18'; did you mean resnet18"
     ):
         build_model("timm:resnet_18")
+
+
+META_HOSTILE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """Reads a value while building: fine on the CPU, impossible on the meta device."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.scale = float(torch.ones(2).sum().item())
+        self.body = nn.Linear(2, 4)
+        self.fc = nn.Linear(4, num_classes)
+'''
+
+
+def test_model_that_cannot_be_built_on_meta_is_built_on_cpu(run_cli, tmp_path: Path) -> None:
+    import json
+
+    (tmp_path / "net.py").write_text(META_HOSTILE)
+    spec = f"{tmp_path / 'net.py'}:Net"
+    ckpt = tmp_path / "net.pt"
+    torch.save(ckptool.build_model(spec).state_dict(), ckpt)
+    result = run_cli("diff", ckpt, "--model", spec, "--num-classes", "5", "--json")
+    document = json.loads(result.stdout)
+    assert result.exit_code == 1 and document["shape_mismatch"], result.stderr
+    assert "cannot be built on the meta device" in document["notes"][0]
+    out = tmp_path / "net5.safetensors"
+    adapted = run_cli(
+        "adapt", ckpt, "--model", spec, "--num-classes", "5", "--drop", "fc.", "-o", out
+    )
+    assert adapted.exit_code == 0 and "built on the CPU instead" in adapted.stdout, adapted.stderr
+    assert set(ckptool.load_state_dict(out)) == {"body.weight", "body.bias", "fc.weight", "fc.bias"}
