@@ -531,6 +531,11 @@ def _emit_surgery(log: Any, as_json: bool) -> None:
 )
 @click.option("--key", metavar="PATH", help="Tensor dict inside SOURCE.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for filled tensors.")
+@click.option(
+    "--allow-mostly-init",
+    is_flag=True,
+    help="Write even if less than half of the model's values come from the checkpoint.",
+)
 @output_options
 @handle_errors
 def adapt(source: str, model: str | None, **options: Any) -> None:

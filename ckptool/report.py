@@ -377,6 +377,8 @@ def surgery_json(log: SurgeryLog) -> dict[str, Any]:
         "command": log.command,
         "sources": list(log.sources),
         "notes": list(log.notes),
+        "from_checkpoint": log.from_checkpoint,
+        "model_numel": log.model_numel,
         "output": log.output,
         "format": log.format,
         "dry_run": log.dry_run,
@@ -406,6 +408,11 @@ def render_surgery(log: SurgeryLog, console: Console) -> None:
         console.print(f"  with        {' '.join(log.transforms)}", markup=False)
     for note in log.notes:
         console.print(f"  note        {note}")
+    if log.model_numel:
+        share = log.from_checkpoint / log.model_numel
+        console.print(
+            f"  from ckpt   {share:.1%} of the model's {human_count(log.model_numel)} values"
+        )
     taken: dict[int, list[str]] = {}
     for name, index in log.taken.items():
         taken.setdefault(index, []).append(name)

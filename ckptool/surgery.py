@@ -79,6 +79,8 @@ class SurgeryLog:
     nbytes: int = 0
     verified: bool = False
     notes: tuple[str, ...] = ()  # how the work was done, when it matters (a CPU build)
+    from_checkpoint: int = 0  # adapt: the model's values (elements) taken from the checkpoint
+    model_numel: int = 0  # adapt: all of the model's values
     dry_run: bool = False
     transforms: tuple[str, ...] = ()
     init_method: str = ""
@@ -146,15 +148,19 @@ def adapt(
     dry_run: bool = False,
     force: bool = False,
     seed: int = 0,
+    allow_mostly_init: bool = False,
 ) -> SurgeryLog:
     """Write a checkpoint that loads with ``strict=True`` into the model.
 
     Keys the model needs and the checkpoint lacks are filled from the model's
     initialisation; keys the model lacks are left out; both are listed in the log.
+    The log states how much of the model (in values) comes from the checkpoint.
 
     Raises:
         IncompatibleError: shape mismatches with ``on_mismatch='error'``, or with
-            ``strict`` any missing/unexpected key no --drop/--reinit prefix names.
+            ``strict`` any missing/unexpected key no --drop/--reinit prefix names, or
+            less than half of the model's values would come from the checkpoint and
+            ``allow_mostly_init`` is false (a wrong model, or a fix that drops too much).
         UsageError: ambiguous ``auto``, bad flags; and the read/write errors.
     """
     from ckptool.models import build_for_shapes, model_tensor_meta
@@ -171,7 +177,14 @@ def adapt(
     to_fill = [name for name in target if name not in matched]
     fmt_out = output_format_for(out, fmt) if out else None
     log = _adapt_log(meta, keys, to_fill, out, fmt_out, dry_run=dry_run, dtype=dtype)
-    log = _replace(log, notes=(built.note,) if built.note else ())
+    log = _replace(
+        log,
+        notes=(built.note,) if built.note else (),
+        from_checkpoint=sum(target[n].numel for n in matched),
+        model_numel=sum(t.numel for t in target.values()),
+    )
+    if not allow_mostly_init:
+        _refuse_mostly_init(log)
     if dry_run or out is None or fmt_out is None:
         return log
     init, method = initial_values(model, model_args, num_classes, head, to_fill, target, seed=seed)
@@ -350,6 +363,21 @@ def _fix_hint(
         return ""
     extra = [f for f in fix.transforms.flags() if f not in given.flags()]
     return f"add {' '.join(extra)}" if extra else ""
+
+
+# Below this share of the model's values from the checkpoint, adapt asks for consent.
+MOSTLY_INIT_SHARE = 0.5
+
+
+def _refuse_mostly_init(log: SurgeryLog) -> None:
+    if not log.model_numel or log.from_checkpoint >= MOSTLY_INIT_SHARE * log.model_numel:
+        return
+    raise IncompatibleError(
+        f"only {log.from_checkpoint:,} of the model's {log.model_numel:,} values "
+        f"({log.from_checkpoint / log.model_numel:.0%}) would come from the checkpoint, the "
+        "rest from fresh initialisation: the checkpoint may be for another model, or the "
+        "transforms drop too much; add --allow-mostly-init if that is intended"
+    )
 
 
 def _adapt_log(

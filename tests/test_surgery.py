@@ -525,3 +525,22 @@ def test_strict_refuses_a_missing_key_that_no_flag_names(
     transforms = Transforms(reinit=("head.bias",))
     adapt(source, model=spec, strict=True, transforms=transforms, out=str(tmp_path / "ok.pt"))
     assert set(torch.load(tmp_path / "ok.pt", weights_only=True)) == set(seeded_state(MLP))
+
+
+def test_adapt_refuses_to_write_a_mostly_initialised_model(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    """The body (144 values) kept, a 300-class head (5,100) filled: 3% from the file."""
+    source = write_checkpoint(seeded_state(MLP), "mlp.safetensors")
+    spec = f"{Path(__file__).parent / 'conftest.py'}:MLP"
+    out = tmp_path / "out.safetensors"
+    flags = ("--model", spec, "--num-classes", "300", "--drop", "head.", "-o", out)
+    refused = run_cli("adapt", source, *flags)
+    assert refused.exit_code == 1 and "only 144 of the model's 5,244 values (3%)" in refused.stderr
+    assert "--allow-mostly-init" in refused.stderr and not out.exists()
+    allowed = run_cli("adapt", source, *flags, "--allow-mostly-init", "--json")
+    assert allowed.exit_code == 0, allowed.stderr
+    document = json.loads(allowed.stdout)
+    assert (document["from_checkpoint"], document["model_numel"]) == (144, 5244)
+    kept = run_cli("adapt", source, "--model", spec, "-o", tmp_path / "same.safetensors")
+    assert kept.exit_code == 0 and "100.0% of the model's" in kept.stdout
