@@ -61,6 +61,12 @@ def diff_checkpoint(
         raise UsageError("give either a TARGET checkpoint or --model SPEC, not both or neither")
     if values and target is None:
         raise UsageError("--values compares two checkpoints; give a TARGET checkpoint")
+    if target is not None and (num_classes is not None or head or model_args):
+        # They shape a model; against a second checkpoint they would silently do nothing.
+        raise UsageError(
+            "--num-classes, --head and --model-arg apply to --model SPEC, not to a TARGET "
+            "checkpoint; drop them or compare with --model"
+        )
     source_meta = read_metadata(source, key=key)
     if model is not None:
         from ckptool.models import build_for_shapes, model_tensor_meta  # imports torch

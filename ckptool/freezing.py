@@ -138,6 +138,11 @@ def _trainable_names(
     freeze_until: str | None,
     head: str | None,
 ) -> set[str]:
+    if freeze_until is not None and strategy not in (Strategy.PARTIAL, "partial"):
+        # Only the partial strategy freezes stages; anywhere else it would do nothing.
+        raise UsageError(
+            f"--freeze-until {freeze_until}: applies to --strategy partial only; add it"
+        )
     if train is not None:
         return set(_matching(names, train, "--train"))
     if freeze is not None:

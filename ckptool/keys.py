@@ -8,6 +8,7 @@ Words follow PyTorch: *missing* = the model has it, the checkpoint does not;
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import re
 from collections import Counter
@@ -219,9 +220,11 @@ def diff(
         suggest: also search prefix transforms and compose the fix.
 
     Raises:
-        TransformError: as :func:`apply_transforms`.
+        TransformError: as :func:`apply_transforms`; a --drop or --reinit prefix that
+            matches no key (a flag that would silently do nothing).
     """
     renaming = apply_transforms(source, transforms)
+    _check_prefixes_match(source, target, transforms)
     result = _compare(source, target, renaming, transforms)
     if not suggest:
         return result
@@ -238,6 +241,51 @@ def diff(
         fix=fix,
         ambiguous=tied if len(tied) > 1 else (),
     )
+
+
+def _check_prefixes_match(
+    source: Mapping[str, TensorMeta], target: Mapping[str, TensorMeta], transforms: Transforms
+) -> None:
+    """--drop must name a checkpoint key (after the renames) or a model key; --reinit a
+    model key. A flag that matches nothing is a typo or a misunderstanding, not a no-op."""
+    if not transforms.drop and not transforms.reinit:
+        return
+    renamed = list(apply_transforms(source, dataclasses.replace(transforms, drop=())).mapping)
+    checkpoint_or_model, model = [*renamed, *target], list(target)
+    checks = [("--drop", p, checkpoint_or_model) for p in transforms.drop]
+    checks += [("--reinit", p, model) for p in transforms.reinit]
+    for flag, prefix, names in checks:
+        index = PrefixIndex([prefix])
+        if not any(index.covering(name) is not None for name in names):
+            hint = _prefix_hint(prefix, source, target, transforms)
+            raise TransformError(f"{flag} {prefix}: matches no key; {hint}")
+
+
+def _prefix_hint(
+    prefix: str,
+    source: Mapping[str, TensorMeta],
+    target: Mapping[str, TensorMeta],
+    transforms: Transforms,
+) -> str:
+    renames = bool(transforms.strip or transforms.add_prefix or transforms.rename)
+    if renames and any(under_prefix(name, prefix) for name in source):
+        moved = _transformed_prefix(prefix, transforms)
+        return (
+            "it names checkpoint keys as they were before --strip/--add-prefix/--rename, "
+            f"but --drop and --reinit apply after them: use {moved!r}"
+        )
+    modules = {m for name in (*source, *target) for m in (*_ancestors(name), name)}
+    close = difflib.get_close_matches(prefix.rstrip("."), sorted(modules), n=1)
+    return f"did you mean {close[0] + '.'!r}?" if close else "list the keys with ckptool inspect"
+
+
+def _transformed_prefix(prefix: str, transforms: Transforms) -> str:
+    for strip in transforms.strip:
+        prefix = prefix.removeprefix(strip)
+    prefix = (transforms.add_prefix or "") + prefix
+    for pattern, repl in transforms.rename:
+        prefix = re.sub(pattern, repl, prefix)
+    return prefix
 
 
 def _compare(

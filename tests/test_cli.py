@@ -201,3 +201,10 @@ def test_json_stdout_is_one_document(dataparallel_resnet18: Path) -> None:
         check=True,
     )
     assert json.loads(out.stdout)["numel"] == 11_699_132  # parameters and buffers
+
+
+def test_model_flags_against_a_target_checkpoint_are_refused(
+    run_cli, dataparallel_resnet18: Path
+) -> None:
+    result = run_cli("diff", dataparallel_resnet18, dataparallel_resnet18, "--num-classes", "5")
+    assert result.exit_code == 2 and "apply to --model SPEC" in result.stderr, result.stderr

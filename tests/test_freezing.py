@@ -125,3 +125,9 @@ def test_frozen_batchnorm_of_every_rank_keeps_its_statistics(norm: type, shape: 
     model(torch.randn(*shape) * 5 + 3)
     assert not model[0].training
     assert torch.equal(model[0].running_mean, before)
+
+
+def test_freeze_until_without_partial_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="--freeze-until layer2: applies to --strategy partial"):
+        ckptool.freeze(resnet(), strategy="linear", freeze_until="layer2")
+    ckptool.freeze(resnet(), strategy="partial", freeze_until="layer2")  # the spelling that works

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import assume, given, settings
@@ -279,3 +280,31 @@ def test_given_prefix_fix_leaves_only_the_shape_step() -> None:
     result = diff(metas(source), metas(target), Transforms(strip=("module.",)))
     assert result.suggestions == ()
     assert result.fix is not None and [s.flag for s in result.fix.steps] == ["--drop fc."]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ("--strip", "module.", "--drop", "module.head."),
+            r"--drop module\.head\.: matches no key; .*apply after them: use 'head\.'",
+        ),
+        (("--strip", "module.", "--drop", "haed."), r"--drop haed\.: .*did you mean 'head\.'\?"),
+        (("--strip", "module.", "--reinit", "nothing."), r"--reinit nothing\.: matches no key"),
+    ],
+    ids=["drop-before-strip", "drop-typo", "reinit-nothing"],
+)
+def test_flags_that_match_nothing_are_usage_errors(
+    run_cli, write_checkpoint, flags: tuple[str, ...], message: str
+) -> None:
+    import re
+
+    from conftest import MLP, seeded_state, wrap
+
+    source = write_checkpoint(wrap(seeded_state(MLP), "module."), "dp.pt")
+    spec = f"{Path(__file__).parent / 'conftest.py'}:MLP"
+    result = run_cli("diff", source, "--model", spec, *flags)
+    assert result.exit_code == 2 and re.search(message, result.stderr), result.stderr
+    # The same flags, spelled as they apply, are accepted.
+    fine = run_cli("diff", source, "--model", spec, "--strip", "module.", "--drop", "head.")
+    assert fine.exit_code == 0, fine.stdout
