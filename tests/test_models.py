@@ -191,8 +191,8 @@ class Net(nn.Module):
     def __init__(self, num_classes: int = 3) -> None:
         super().__init__()
         self.scale = float(torch.ones(2).sum().item())
-        self.body = nn.Linear(2, 4)
-        self.fc = nn.Linear(4, num_classes)
+        self.body = nn.Linear(16, 32)
+        self.fc = nn.Linear(32, num_classes)
 '''
 
 
