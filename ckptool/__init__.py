@@ -15,6 +15,7 @@ from ckptool.errors import (
     CheckpointReadError,
     CkptError,
     DataError,
+    IncompatibleCheckpointError,
     IncompatibleError,
     ModelSpecError,
     OutputError,
@@ -24,7 +25,6 @@ from ckptool.errors import (
 )
 
 if TYPE_CHECKING:
-    from ckptool.check import check
     from ckptool.compare import diff_checkpoint as diff
     from ckptool.formats import read_metadata
     from ckptool.formats.load import load_state_dict
@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from ckptool.guard import FreezeGuard, FrozenParameterError, GuardReport
     from ckptool.keys import Transforms
     from ckptool.models import build_model, replace_head
-    from ckptool.surgery import adapt, convert, merge
+    from ckptool.sanity import check
+    from ckptool.surgery import adapt, convert, load_into, merge
 
 _LAZY = {
     "read_metadata": ("ckptool.formats", "read_metadata"),
@@ -44,9 +45,10 @@ _LAZY = {
     "replace_head": ("ckptool.models", "replace_head"),
     "save_state_dict": ("ckptool.formats.save", "save_state_dict"),
     "adapt": ("ckptool.surgery", "adapt"),
+    "load_into": ("ckptool.surgery", "load_into"),
     "convert": ("ckptool.surgery", "convert"),
     "merge": ("ckptool.surgery", "merge"),
-    "check": ("ckptool.check", "check"),
+    "check": ("ckptool.sanity", "check"),
     "freeze": ("ckptool.freezing", "freeze"),
     "summarize": ("ckptool.freezing", "summarize"),
     "FreezeGuard": ("ckptool.guard", "FreezeGuard"),
@@ -62,6 +64,7 @@ __all__ = [
     "FreezeGuard",
     "FrozenParameterError",
     "GuardReport",
+    "IncompatibleCheckpointError",
     "IncompatibleError",
     "ModelSpecError",
     "OutputError",
@@ -76,6 +79,7 @@ __all__ = [
     "convert",
     "diff",
     "freeze",
+    "load_into",
     "load_state_dict",
     "merge",
     "read_metadata",

@@ -303,9 +303,9 @@ def check(
     floating tensor is finite, frozen tensors stay bit-identical through one optimizer
     step on a synthetic batch, and every trainable parameter moves.
     """
-    from ckptool.check import check as run_check
     from ckptool.keys import Transforms
     from ckptool.report import check_json, render_check
+    from ckptool.sanity import check as run_check
 
     if model is None:
         raise UsageError("check needs --model SPEC, e.g. --model torchvision:resnet18")

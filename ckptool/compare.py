@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ckptool.errors import UsageError
 from ckptool.formats import CheckpointMeta, read_metadata
 from ckptool.keys import KeyDiff, Transforms, diff
 from ckptool.values import ValueDiff
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ def diff_checkpoint(
     source: str | os.PathLike[str],
     target: str | os.PathLike[str] | None = None,
     *,
-    model: str | None = None,
+    model: str | nn.Module | None = None,
     model_args: Sequence[str] = (),
     num_classes: int | None = None,
     head: str | None = None,
@@ -47,7 +51,8 @@ def diff_checkpoint(
     Args:
         source: the checkpoint to fit.
         target: a second checkpoint, or None when ``model`` is given.
-        model: a model spec such as ``torchvision:resnet18``; built on the meta device.
+        model: a model spec such as ``torchvision:resnet18`` (built on the meta device),
+            or a live ``nn.Module``.
         model_args, num_classes, head: as for :func:`ckptool.build_model`.
         key, target_key: container paths inside ``source`` / ``target``.
         transforms: applied to ``source`` names before comparing.
@@ -69,11 +74,12 @@ def diff_checkpoint(
         )
     source_meta = read_metadata(source, key=key)
     if model is not None:
-        from ckptool.models import build_for_shapes, model_tensor_meta  # imports torch
+        from ckptool.models import build_for_shapes, model_label, model_tensor_meta
 
         built = build_for_shapes(model, model_args=model_args, num_classes=num_classes, head=head)
         notes = (built.note,) if built.note else ()
-        label = model + (f" --num-classes {num_classes}" if num_classes is not None else "")
+        label = model_label(model)
+        label += f" --num-classes {num_classes}" if num_classes is not None else ""
         target_tensors, target_meta = model_tensor_meta(built.module), None
     else:
         assert target is not None  # checked above: exactly one of target/model

@@ -53,5 +53,14 @@ class IncompatibleError(CkptError):
     """A check ran and failed: the checkpoint cannot be made to fit as asked."""
 
 
+class IncompatibleCheckpointError(IncompatibleError):
+    """``load_into``: the checkpoint does not load strictly into the model; ``.diff`` is
+    the :class:`ckptool.keys.KeyDiff` with the missing/unexpected keys and the fix."""
+
+    def __init__(self, message: str, diff: object) -> None:
+        super().__init__(message)
+        self.diff = diff
+
+
 class OutputError(CkptError):
     """An output cannot be written: exists, same as an input, disk full, no permission."""

@@ -119,7 +119,7 @@ class ShapeModel:
 
 
 def build_for_shapes(
-    spec: str,
+    spec: str | nn.Module,
     *,
     model_args: Sequence[str] = (),
     num_classes: int | None = None,
@@ -129,11 +129,16 @@ def build_for_shapes(
 
     Some constructors cannot run on meta tensors (they call ``.item()``, copy numpy data
     into a buffer, or ``.to()`` a device); ``model = Factory()`` works for them, so must
-    ckptool: it falls back to an ordinary build and says so in ``note``.
+    ckptool: it falls back to an ordinary build and says so in ``note``. A live
+    ``nn.Module`` is used as it is.
 
     Raises:
         ModelSpecError: the spec cannot be imported, or the CPU build fails too.
+        UsageError: head or constructor options given with a live model.
     """
+    if not isinstance(spec, str):
+        _refuse_build_options(num_classes, head, model_args)
+        return ShapeModel(spec)
     options: dict[str, Any] = {"model_args": model_args, "num_classes": num_classes, "head": head}
     try:
         return ShapeModel(build_model(spec, device="meta", **options))
@@ -320,3 +325,36 @@ def model_tensor_meta(model: nn.Module) -> dict[str, TensorMeta]:
         name: TensorMeta(shape=tuple(t.shape), dtype=str(t.dtype).removeprefix("torch."))
         for name, t in model.state_dict().items()
     }
+
+
+def build_or_copy(
+    model: str | nn.Module,
+    *,
+    model_args: Sequence[str] = (),
+    num_classes: int | None = None,
+    head: str | None = None,
+) -> nn.Module:
+    """A model of one's own to change: built from a spec on the CPU, or a deep copy of a
+    live model (a check trains a step; the caller's model stays as it was)."""
+    import copy
+
+    if isinstance(model, str):
+        return build_model(model, model_args=model_args, num_classes=num_classes, head=head)
+    _refuse_build_options(num_classes, head, model_args)
+    return copy.deepcopy(model)
+
+
+def _refuse_build_options(
+    num_classes: int | None, head: str | None, model_args: Sequence[str]
+) -> None:
+    if num_classes is not None or head or model_args:
+        # Replacing the head of the caller's own model behind its back would be a surprise.
+        raise UsageError(
+            "num_classes, head and model_args build a model from a spec; with a live "
+            "model, call ckptool.replace_head(model, n) on it first"
+        )
+
+
+def model_label(model: str | nn.Module) -> str:
+    """How reports name a model: its spec, or the class of a live module."""
+    return model if isinstance(model, str) else f"{type(model).__name__} (a live nn.Module)"

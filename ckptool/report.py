@@ -11,7 +11,6 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ckptool.check import CheckResult
 from ckptool.compare import CheckpointDiff
 from ckptool.finetune import EpochMetrics, FinetuneResult
 from ckptool.formats.bounded import visible
@@ -28,6 +27,7 @@ from ckptool.keys import (
     fold_names,
     fold_rows,
 )
+from ckptool.sanity import CheckResult
 from ckptool.surgery import SurgeryLog
 from ckptool.values import ValueDiff
 

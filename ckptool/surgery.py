@@ -19,7 +19,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ckptool._version import __version__
-from ckptool.errors import CheckpointReadError, IncompatibleError, UsageError
+from ckptool.errors import (
+    CheckpointReadError,
+    IncompatibleCheckpointError,
+    IncompatibleError,
+    UsageError,
+)
 from ckptool.formats import CheckpointMeta, read_metadata
 from ckptool.formats.load import TensorReader, open_tensors, tensor_bytes
 from ckptool.formats.meta import TensorMeta
@@ -133,7 +138,7 @@ def _is_dense(tensor: torch.Tensor) -> bool:
 def adapt(
     source: str | os.PathLike[str],
     *,
-    model: str,
+    model: str | nn.Module,
     model_args: Sequence[str] = (),
     num_classes: int | None = None,
     head: str | None = None,
@@ -163,7 +168,7 @@ def adapt(
             ``allow_mostly_init`` is false (a wrong model, or a fix that drops too much).
         UsageError: ambiguous ``auto``, bad flags; and the read/write errors.
     """
-    from ckptool.models import build_for_shapes, model_tensor_meta
+    from ckptool.models import build_for_shapes, model_label, model_tensor_meta
 
     policy = MismatchPolicy(on_mismatch)
     meta = read_metadata(source, key=key)
@@ -199,7 +204,7 @@ def adapt(
                 out_dtype = dtype if dtype and wanted.dtype in FLOATING else wanted.dtype
                 data = tensor_bytes(init[name], out_dtype)
             plan.append(OutTensor(name, out_dtype, wanted.shape, data))
-        metadata = provenance("adapt", meta, transforms, model=model)
+        metadata = provenance("adapt", meta, transforms, model=model_label(model))
         saved = _save_hashed(out, plan, fmt_out, meta, metadata, force=force)
     return _finished(log, saved.paths, saved.nbytes, init_method=method)
 
@@ -278,6 +283,60 @@ def adapt_into(
     load_matched(model, meta, keys)
     to_fill = [name for name in model.state_dict() if name not in set(keys.matched)]
     return _adapt_log(meta, keys, to_fill, None, None, dry_run=False, dtype=None)
+
+
+def load_into(
+    model: nn.Module,
+    checkpoint: str | os.PathLike[str],
+    *,
+    key: str | None = None,
+    strip: Sequence[str] = (),
+    add_prefix: str | None = None,
+    rename: Sequence[str] = (),
+    drop: Sequence[str] = (),
+    reinit: Sequence[str] = (),
+) -> SurgeryLog:
+    """Load a checkpoint into a live model, in place, with ``diff``'s verdict.
+
+    The transforms are the CLI flags as keywords (``strip=["module."], drop=["fc."]``).
+    Every model key must come from the checkpoint unless a ``drop``/``reinit`` prefix
+    names it (those keep the model's own values); nothing unexpected, no shape mismatch:
+    what ``model.load_state_dict(..., strict=True)`` demands, with the renames applied.
+
+    Returns:
+        The log: kept, renamed, dropped, left out, and the names that kept their values.
+
+    Raises:
+        IncompatibleCheckpointError: it does not fit; ``.diff`` holds the key diff and
+            its suggested fix. The model is left untouched.
+    """
+    from ckptool.models import model_tensor_meta
+
+    transforms = Transforms.from_flags(
+        strip=strip, add_prefix=add_prefix, rename=rename, drop=drop, reinit=reinit
+    )
+    meta = read_metadata(checkpoint, key=key)
+    keys = diff(meta.tensors, model_tensor_meta(model), transforms)
+    if not keys.compatible:
+        raise IncompatibleCheckpointError(_not_strict(meta.path, model, keys), keys)
+    load_matched(model, meta, keys)
+    kept = set(keys.matched)
+    to_fill = [name for name in model.state_dict() if name not in kept]
+    return _adapt_log(meta, keys, to_fill, None, None, dry_run=False, dtype=None)
+
+
+def _not_strict(path: str, model: nn.Module, keys: KeyDiff) -> str:
+    problems = [
+        f"{len(found)} {what} ({', '.join(fold_names(found)[:3])})"
+        for what, found in (
+            ("missing", keys.unexplained_missing),
+            ("unexpected", keys.unexpected),
+            ("shape mismatches", [m.key for m in keys.shape_mismatch]),
+        )
+        if found
+    ]
+    fix = f"; fix: {' '.join(keys.fix.transforms.flags())}" if keys.fix else ""
+    return f"{path} does not load strictly into {type(model).__name__}: {'; '.join(problems)}{fix}"
 
 
 def load_matched(model: nn.Module, meta: CheckpointMeta, keys: KeyDiff) -> tuple[str, ...]:
@@ -425,7 +484,7 @@ def _finished(log: SurgeryLog, files: Sequence[str], nbytes: int, **changes: obj
 
 
 def initial_values(
-    spec: str,
+    spec: str | nn.Module,
     model_args: Sequence[str],
     num_classes: int | None,
     head: str | None,
@@ -446,6 +505,9 @@ def initial_values(
 
     if not names:
         return {}, ""
+    if not isinstance(spec, str):  # a live model: what the caller built is the init
+        state = spec.state_dict()
+        return {n: state[n].detach() for n in names}, "the live model's own values"
     torch.manual_seed(seed)
     total = sum(t.nbytes for t in target.values())
     options: dict[str, Any] = {"model_args": model_args, "num_classes": num_classes, "head": head}

@@ -10,6 +10,8 @@ import torch
 import torchvision
 from conftest import WriteCheckpoint, wrap
 
+import ckptool
+
 RESNET = ("--model", "torchvision:resnet18", "--num-classes", "5")
 
 
@@ -123,3 +125,22 @@ def test_check_needs_a_shape_it_cannot_infer(
         "check", ckpt, "--model", f"{model_file}:Net", "--strategy", "full", "--input-shape", "3"
     )
     assert ok.exit_code == 0, ok.stdout
+
+
+def test_check_takes_a_live_model_and_leaves_it_alone(write_checkpoint) -> None:
+    from torch import nn
+
+    def net() -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(), nn.Linear(4, 2),
+        )  # fmt: skip
+
+    torch.manual_seed(0)
+    source = write_checkpoint(net().state_dict(), "net.pt")
+    model = net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = ckptool.check(source, model=model, input_shape=(3, 8, 8))
+    assert result.ok and result.model == "Sequential (a live nn.Module)"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())  # not frozen by the check

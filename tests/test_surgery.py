@@ -544,3 +544,50 @@ def test_adapt_refuses_to_write_a_mostly_initialised_model(
     assert (document["from_checkpoint"], document["model_numel"]) == (144, 5244)
     kept = run_cli("adapt", source, "--model", spec, "-o", tmp_path / "same.safetensors")
     assert kept.exit_code == 0 and "100.0% of the model's" in kept.stdout
+
+
+def test_api_takes_a_live_model(write_checkpoint: WriteCheckpoint, tmp_path: Path) -> None:
+    """diff and adapt accept the user's nn.Module wherever they accept a spec."""
+    state = wrap(seeded_state(MLP), "module.")
+    source = write_checkpoint(state, "dp.pt")
+    model = MLP(num_classes=5)
+    report = ckptool.diff(source, model=model)
+    assert not report.compatible and report.keys.fix is not None
+    assert report.target_label == "MLP (a live nn.Module)"
+    assert report.keys.fix.transforms.flags() == ["--strip module.", "--drop head."]
+    fresh_head = model.head.weight.detach().clone()
+    out = tmp_path / "out.safetensors"
+    adapt(
+        source,
+        model=model,
+        transforms=Transforms(strip=("module.",), drop=("head.",)),
+        out=str(out),
+    )
+    written = ckptool.load_state_dict(out)
+    assert torch.equal(written["body.weight"], state["module.body.weight"])
+    assert torch.equal(written["head.weight"], fresh_head)  # the live model's own values
+    with pytest.raises(UsageError, match="replace_head"):
+        ckptool.diff(source, model=model, num_classes=3)
+
+
+def test_load_into_loads_in_place_or_raises_with_the_diff(
+    write_checkpoint: WriteCheckpoint,
+) -> None:
+    state = wrap(seeded_state(MLP), "module.")
+    source = write_checkpoint(state, "dp.pt")
+    model = MLP(num_classes=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ckptool.IncompatibleCheckpointError, match=r"fix: --strip module\. --drop head\."
+    ) as caught:
+        ckptool.load_into(model, source)
+    assert caught.value.diff.shape_mismatch == () and len(caught.value.diff.unexpected) == 4
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched
+    log = ckptool.load_into(model, source, strip=["module."], drop=["head."])
+    assert torch.equal(model.body.weight, state["module.body.weight"])
+    assert torch.equal(model.head.weight, before["head.weight"])
+    assert set(log.renamed.values()) == {"body.weight", "body.bias"}
+    # The verdict is torch's: what load_into accepts, load_state_dict(strict=True) accepts.
+    same = MLP(num_classes=3)
+    ckptool.load_into(same, source, strip=["module."])
+    same.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=True)

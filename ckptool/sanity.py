@@ -52,7 +52,7 @@ class CheckResult:
 def check(
     source: str | os.PathLike[str],
     *,
-    model: str,
+    model: str | nn.Module,
     model_args: Sequence[str] = (),
     num_classes: int | None = None,
     head: str | None = None,
@@ -68,7 +68,8 @@ def check(
     """Run the three checks; never raises for a failed check (see ``CheckResult.ok``).
 
     Without ``train``, ``freeze_names`` or ``strategy`` the ``linear`` strategy is used:
-    the head trains, everything else is frozen.
+    the head trains, everything else is frozen. ``model`` is a spec or a live
+    ``nn.Module``; a live one is copied, never changed.
 
     Raises:
         UsageError: the input shape cannot be inferred, bad freeze patterns; and the
@@ -76,14 +77,15 @@ def check(
     """
     import torch
 
-    from ckptool.models import build_model, model_tensor_meta
+    from ckptool.models import build_or_copy, model_label, model_tensor_meta
 
     meta = read_metadata(source, key=key)
     transforms = transforms or Transforms()
     torch.manual_seed(seed)
-    net = build_model(model, model_args=model_args, num_classes=num_classes, head=head)
+    net = build_or_copy(model, model_args=model_args, num_classes=num_classes, head=head)
     keys = diff(meta.tensors, model_tensor_meta(net), transforms)
-    label = model + (f" --num-classes {num_classes}" if num_classes is not None else "")
+    label = model_label(model)
+    label += f" --num-classes {num_classes}" if num_classes is not None else ""
     if not keys.compatible:
         return CheckResult(meta.path, label, keys)
     non_finite = load_matched(net, meta, keys)
