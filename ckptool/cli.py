@@ -263,7 +263,7 @@ def diff(
     else:
         console = make_console()
         render_diff(result, console)
-        if result.keys.fix is not None and model is not None:
+        if result.keys.fix is not None and model is not None and not result.compatible:
             target_flags = _model_flags(model, model_args, num_classes, head)
             console.print(
                 "  fix: " + fix_command(result.keys.fix, source, target_flags), markup=False

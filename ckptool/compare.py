@@ -27,10 +27,12 @@ class CheckpointDiff:
     values: ValueDiff | None = None
     target: CheckpointMeta | None = None
     notes: tuple[str, ...] = ()  # how the comparison was made, when it matters
+    torch_accepts: bool = False  # the model's own load_state_dict(strict=True) accepts it
 
     @property
     def compatible(self) -> bool:
-        return self.keys.compatible
+        """torch is the judge: its loading machinery overrules a name comparison."""
+        return self.keys.compatible or self.torch_accepts
 
 
 def diff_checkpoint(
@@ -85,12 +87,20 @@ def diff_checkpoint(
         assert target is not None  # checked above: exactly one of target/model
         target_meta = read_metadata(target, key=target_key)
         target_tensors, label, notes = dict(target_meta.tensors), target_meta.path, ()
+        built = None
     keys = diff(source_meta.tensors, target_tensors, transforms or Transforms())
+    accepted = False
+    if built is not None and not keys.compatible:
+        from ckptool.judge import judge_by_torch
+
+        verdict = judge_by_torch(built, source_meta, keys)
+        if verdict is not None:
+            accepted, notes = True, (*notes, verdict.note)
     value_diff = None
     if values and target_meta is not None:
         from ckptool.values import compare_values
 
         value_diff = compare_values(source_meta, target_meta, keys)
     return CheckpointDiff(
-        source_meta, str(label), len(target_tensors), keys, value_diff, target_meta, notes
+        source_meta, str(label), len(target_tensors), keys, value_diff, target_meta, notes, accepted
     )

@@ -269,7 +269,7 @@ def _prefix_hint(
 ) -> str:
     renames = bool(transforms.strip or transforms.add_prefix or transforms.rename)
     if renames and any(under_prefix(name, prefix) for name in source):
-        moved = _transformed_prefix(prefix, transforms)
+        moved = transform_prefix(prefix, transforms)
         return (
             "it names checkpoint keys as they were before --strip/--add-prefix/--rename, "
             f"but --drop and --reinit apply after them: use {moved!r}"
@@ -279,7 +279,9 @@ def _prefix_hint(
     return f"did you mean {close[0] + '.'!r}?" if close else "list the keys with ckptool inspect"
 
 
-def _transformed_prefix(prefix: str, transforms: Transforms) -> str:
+def transform_prefix(prefix: str, transforms: Transforms) -> str:
+    """Where names under ``prefix`` end up after the renames (best effort, for hints
+    and module paths)."""
     for strip in transforms.strip:
         prefix = prefix.removeprefix(strip)
     prefix = (transforms.add_prefix or "") + prefix

@@ -116,6 +116,7 @@ class ShapeModel:
 
     module: nn.Module
     note: str | None = None  # set when the meta device failed and the CPU was used
+    live: bool = False  # the caller's own model: read it, never load into it
 
 
 def build_for_shapes(
@@ -138,7 +139,7 @@ def build_for_shapes(
     """
     if not isinstance(spec, str):
         _refuse_build_options(num_classes, head, model_args)
-        return ShapeModel(spec)
+        return ShapeModel(spec, live=True)
     options: dict[str, Any] = {"model_args": model_args, "num_classes": num_classes, "head": head}
     try:
         return ShapeModel(build_model(spec, device="meta", **options))

@@ -187,7 +187,8 @@ def diff_json(report: CheckpointDiff) -> dict[str, Any]:
         "source_key": report.source.key,
         "target": report.target_label,
         "notes": list(report.notes),
-        "compatible": keys.compatible,
+        "compatible": report.compatible,
+        "torch_accepts": report.torch_accepts,
         "matched": list(keys.matched),
         "missing": list(keys.missing),
         "unexpected": list(keys.unexpected),
@@ -250,6 +251,11 @@ def render_diff(report: CheckpointDiff, console: Console) -> None:
         console.print(_mismatch_table(keys.shape_mismatch, console))
     if report.values is not None:
         _render_values(report.values, console)
+    if report.torch_accepts:
+        console.print(
+            "compatible: the model's own load_state_dict(strict=True) accepts it as it is"
+        )
+        return
     _render_suggestions(keys, console)
     console.print(verdict(keys), markup=False)
 

@@ -42,11 +42,21 @@ from ckptool.formats.write import (
     sha256_file,
     sha256_in_background,
 )
-from ckptool.keys import KeyDiff, ShapeMismatch, Transforms, diff, fold_names, under_prefix
+from ckptool.keys import (
+    KeyDiff,
+    ShapeMismatch,
+    Transforms,
+    apply_transforms,
+    diff,
+    fold_names,
+    under_prefix,
+)
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    from ckptool.models import ShapeModel
 
 FLOATING = frozenset({"float64", "float32", "float16", "bfloat16"})
 # Models up to this size are built whole on the CPU to fill missing tensors, so the
@@ -176,11 +186,18 @@ def adapt(
         check_output(out, inputs=meta.files, force=force)
     built = build_for_shapes(model, model_args=model_args, num_classes=num_classes, head=head)
     target = model_tensor_meta(built.module)
+    fmt_out = output_format_for(out, fmt) if out else None
+    as_is = _accepted_by_torch(built, meta, target, transforms, auto=auto)
+    if as_is is not None:  # the model's own loading takes the renamed checkpoint whole
+        keys, note = as_is
+        log = _as_is_log(meta, keys, note, out, fmt_out, dry_run=dry_run)
+        if dry_run or out is None or fmt_out is None:
+            return log
+        return _write_renamed(log, meta, keys, out, fmt_out, dtype=dtype, force=force)
     keys = plan_keys(meta, target, transforms, auto=auto, policy=policy, strict=strict)
     transforms = keys.transforms
     matched = set(keys.matched)
     to_fill = [name for name in target if name not in matched]
-    fmt_out = output_format_for(out, fmt) if out else None
     log = _adapt_log(meta, keys, to_fill, out, fmt_out, dry_run=dry_run, dtype=dtype)
     log = _replace(
         log,
@@ -207,6 +224,76 @@ def adapt(
         metadata = provenance("adapt", meta, transforms, model=model_label(model))
         saved = _save_hashed(out, plan, fmt_out, meta, metadata, force=force)
     return _finished(log, saved.paths, saved.nbytes, init_method=method)
+
+
+def _accepted_by_torch(
+    built: ShapeModel,
+    meta: CheckpointMeta,
+    target: Mapping[str, TensorMeta],
+    transforms: Transforms | None,
+    *,
+    auto: bool,
+) -> tuple[KeyDiff, str] | None:
+    """(the key diff, torch's note) when the names do not match but the model's own
+    ``load_state_dict(strict=True)`` takes the checkpoint as it is (after the renames)."""
+    from ckptool.judge import judge_by_torch
+
+    if auto:
+        return None  # --auto asks for the suggested renames; the plan handles it
+    keys = diff(meta.tensors, target, transforms or Transforms(), suggest=False)
+    if keys.compatible:
+        return None
+    verdict = judge_by_torch(built, meta, keys)
+    return (keys, verdict.note) if verdict is not None else None
+
+
+def _as_is_log(
+    meta: CheckpointMeta,
+    keys: KeyDiff,
+    note: str,
+    out: str | None,
+    fmt: OutputFormat | None,
+    *,
+    dry_run: bool,
+) -> SurgeryLog:
+    mapping = apply_transforms(meta.tensors, keys.transforms).mapping
+    return SurgeryLog(
+        command="adapt",
+        sources=(meta.path,),
+        output=out,
+        format=fmt.value if fmt else None,
+        kept=tuple(new for new, old in mapping.items() if new == old),
+        renamed={old: new for new, old in mapping.items() if new != old},
+        dropped=keys.dropped,
+        dry_run=dry_run,
+        transforms=tuple(keys.transforms.flags()),
+        notes=(note,),
+        from_checkpoint=meta.num_params,
+        model_numel=meta.num_params,
+    )
+
+
+def _write_renamed(
+    log: SurgeryLog,
+    meta: CheckpointMeta,
+    keys: KeyDiff,
+    out: str,
+    fmt: OutputFormat,
+    *,
+    dtype: str | None,
+    force: bool,
+) -> SurgeryLog:
+    """Every checkpoint tensor under its renamed name: what the model's hooks expect."""
+    mapping = apply_transforms(meta.tensors, keys.transforms).mapping
+    with ExitStack() as stack:
+        sources = SourceBytes(meta, stack)
+        plan = []
+        for name, old in mapping.items():
+            data, out_dtype = sources.data(old, dtype)
+            plan.append(OutTensor(name, out_dtype, meta.tensors[old].shape, data))
+        metadata = provenance("adapt", meta, keys.transforms)
+        saved = _save_hashed(out, plan, fmt, meta, metadata, force=force)
+    return _finished(log, saved.paths, saved.nbytes)
 
 
 def _save_hashed(

@@ -69,6 +69,20 @@ def select_tensor_dict(
     return chosen_key, tensors, _other_entries(obj, chosen_key, is_tensor)
 
 
+def module_versions(obj: Any, key: str | None, path: str) -> dict[str, int] | None:
+    """The ``_metadata`` versions torch.save kept on the chosen state dict, if any."""
+    container = obj if key is None else _follow_key(obj, key, path)
+    raw = getattr(container, "__dict__", {}).get("_metadata")
+    if not isinstance(raw, Mapping) or len(raw) > MAX_ENTRIES_LISTED * 1000:
+        return None
+    versions = {}
+    for prefix, entry in raw.items():
+        version = entry.get("version") if isinstance(entry, Mapping) else None
+        if isinstance(prefix, str) and isinstance(version, int) and not isinstance(version, bool):
+            versions[prefix] = version
+    return versions
+
+
 def _is_tensor_dict(
     obj: Any, is_tensor: Callable[[Any], bool], budget: _WalkBudget | None = None
 ) -> bool:

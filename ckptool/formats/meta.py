@@ -107,6 +107,9 @@ class CheckpointMeta:
     metadata: Mapping[str, str] = field(default_factory=dict)
     file_size: int = 0
     files: tuple[str, ...] = ()
+    # torch.save of a state_dict() keeps each module's version (``_metadata``); loading
+    # hooks read it (BatchNorm fills num_batches_tracked only for old versions).
+    module_versions: Mapping[str, int] | None = None
 
     @property
     def num_params(self) -> int:

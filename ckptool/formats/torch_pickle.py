@@ -13,7 +13,7 @@ import zipfile
 from typing import Any, BinaryIO
 
 from ckptool.errors import CheckpointReadError
-from ckptool.formats.containers import select_tensor_dict
+from ckptool.formats.containers import module_versions, select_tensor_dict
 from ckptool.formats.meta import DTYPE_SIZES, CheckpointMeta, Format, TensorMeta
 from ckptool.formats.restricted_pickle import StorageRef, load_restricted
 
@@ -265,6 +265,7 @@ def _build_meta(
         containers=containers,
         file_size=file_size,
         files=(path,),
+        module_versions=module_versions(obj, chosen, path),
     )
 
 

@@ -1,0 +1,115 @@
+"""torch is the judge: ckptool's verdict equals ``load_state_dict(strict=True)``'s.
+
+A zoo of models whose loading does more than match names (weight-norm load hooks,
+BatchNorm filling ``num_batches_tracked`` by module version), each against checkpoints
+in both formats, with and without the keys the hooks supply.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import ckptool
+
+ZOO = '''
+import torch
+from torch import nn
+from torch.nn.utils import weight_norm as old_weight_norm
+from torch.nn.utils.parametrizations import weight_norm
+
+
+class Old(nn.Module):
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.conv = old_weight_norm(nn.Conv1d(2, 4, 3))
+        self.bn = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(4, num_classes)
+
+
+class New(nn.Module):
+    """The same network with the weight-norm parametrization: its load hook renames
+    weight_g/weight_v to parametrizations.weight.original0/1."""
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.conv = weight_norm(nn.Conv1d(2, 4, 3))
+        self.bn = nn.BatchNorm1d(4)
+        self.fc = nn.Linear(4, num_classes)
+'''
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    folder = tmp_path_factory.mktemp("zoo")
+    (folder / "zoo.py").write_text(ZOO)
+    spec = f"{folder / 'zoo.py'}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.nn.utils.weight_norm is deprecated
+        import importlib.util
+
+        module_spec = importlib.util.spec_from_file_location("zoo_models", folder / "zoo.py")
+        assert module_spec and module_spec.loader
+        models = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(models)
+        torch.manual_seed(0)
+        state = models.Old().state_dict()
+    return {"folder": folder, "spec": spec, "models": models, "state": state}
+
+
+def _files(zoo: dict, name: str, drop: tuple[str, ...]) -> list[Path]:
+    folder: Path = zoo["folder"]  # type: ignore[assignment]
+    state = {k: v for k, v in zoo["state"].items() if k not in drop}  # type: ignore[attr-defined]
+    pt, st = folder / f"{name}.pt", folder / f"{name}.safetensors"
+    torch.save(zoo["state"] if not drop else _with_metadata(zoo, state), pt)
+    save_file({k: v.contiguous() for k, v in state.items()}, st)
+    return [pt, st]
+
+
+def _with_metadata(zoo: dict, state: dict) -> dict:
+    """A state dict as state_dict() returns it, module versions included, minus keys."""
+    kept = type(zoo["state"])(state)
+    kept._metadata = zoo["state"]._metadata  # type: ignore[attr-defined]
+    return kept
+
+
+def _torch_accepts(zoo: dict, model_name: str, path: Path) -> bool:
+    model = getattr(zoo["models"], model_name)()
+    loaded = (
+        load_file(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    )
+    try:
+        model.load_state_dict(loaded, strict=True)
+    except RuntimeError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("model_name", ["Old", "New"])
+@pytest.mark.parametrize(
+    "drop",
+    [(), ("bn.num_batches_tracked",), ("fc.bias",), ("conv.weight_g",)],
+    ids=["whole", "no-num-batches-tracked", "no-fc-bias", "no-weight-g"],
+)
+def test_verdict_equals_torchs(run_cli, zoo: dict, model_name: str, drop: tuple) -> None:
+    for path in _files(zoo, "-".join(drop) or "whole", drop):
+        expected = _torch_accepts(zoo, model_name, path)
+        result = run_cli("diff", path, "--model", f"{zoo['spec']}:{model_name}")
+        assert (result.exit_code == 0) == expected, (path.name, model_name, result.stdout)
+        assert ckptool.diff(path, model=f"{zoo['spec']}:{model_name}").compatible == expected
+
+
+def test_adapt_keeps_what_the_hooks_load(zoo: dict, tmp_path: Path) -> None:
+    """Where torch accepts the names as they are, adapt writes them as they are: plain
+    torch loads OUT strictly and every tensor is the checkpoint's, bit for bit."""
+    source = _files(zoo, "whole", ())[0]
+    out = tmp_path / "new.safetensors"
+    log = ckptool.adapt(source, model=f"{zoo['spec']}:New", out=str(out))
+    assert "load hooks" in log.notes[0] and log.from_checkpoint == log.model_numel
+    written = load_file(out)
+    zoo["models"].New().load_state_dict(written, strict=True)  # type: ignore[attr-defined]
+    assert all(torch.equal(written[k], v) for k, v in zoo["state"].items())  # type: ignore[attr-defined]
