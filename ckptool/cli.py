@@ -263,11 +263,10 @@ def diff(
     else:
         console = make_console()
         render_diff(result, console)
-        if result.keys.fix is not None and model is not None and not result.compatible:
+        fix = result.keys.fix
+        if fix is not None and model is not None and not result.compatible and not fix.keeps_little:
             target_flags = _model_flags(model, model_args, num_classes, head)
-            console.print(
-                "  fix: " + fix_command(result.keys.fix, source, target_flags), markup=False
-            )
+            console.print("  fix: " + fix_command(fix, source, target_flags), markup=False)
     sys.exit(EXIT_OK if result.compatible else EXIT_FAILED)
 
 

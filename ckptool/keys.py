@@ -418,6 +418,18 @@ class Fix:
 
     transforms: Transforms
     steps: tuple[FixStep, ...]
+    kept_numel: int = 0  # the model's values the checkpoint still provides after the fix
+    model_numel: int = 0
+
+    @property
+    def keeps_little(self) -> bool:
+        """The fix would leave most of the model at its fresh initialisation: no fix at all."""
+        return self.kept_numel < MOSTLY_INIT_SHARE * self.model_numel
+
+
+# Below this share of the model's values from the checkpoint, a "fix" is no fix: the file
+# is likely for another model; adapt refuses to write it unless told.
+MOSTLY_INIT_SHARE = 0.5
 
 
 def _compose_fix(
@@ -444,7 +456,10 @@ def _compose_fix(
     drop, reinit = _cover_remaining(after)
     steps += _steps("--drop", drop, after) + _steps("--reinit", reinit, after)
     fix = dataclasses.replace(base, drop=base.drop + drop, reinit=base.reinit + reinit)
-    return None if fix == given else Fix(fix, tuple(steps))
+    if fix == given:
+        return None
+    kept = sum(target[name].numel for name in after.matched)
+    return Fix(fix, tuple(steps), kept, sum(t.numel for t in target.values()))
 
 
 def _steps(flag: str, prefixes: Sequence[str], after: KeyDiff) -> list[FixStep]:

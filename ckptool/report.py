@@ -189,6 +189,7 @@ def diff_json(report: CheckpointDiff) -> dict[str, Any]:
         "notes": list(report.notes),
         "compatible": report.compatible,
         "torch_accepts": report.torch_accepts,
+        "fix_keeps_little": bool(keys.fix and keys.fix.keeps_little),
         "matched": list(keys.matched),
         "missing": list(keys.missing),
         "unexpected": list(keys.unexpected),
@@ -204,7 +205,7 @@ def diff_json(report: CheckpointDiff) -> dict[str, Any]:
             {"flags": s.flags, "matched": s.matched, "total": s.total} for s in keys.suggestions
         ],
         "ambiguous": [s.flags for s in keys.ambiguous],
-        "fix": keys.fix.transforms.flags() if keys.fix else None,
+        "fix": offered_fix_flags(keys),
         "values": _values_json(report.values),
     }
 
@@ -314,6 +315,11 @@ def _render_suggestions(keys: KeyDiff, console: Console) -> None:
         )
 
 
+def offered_fix_flags(keys: KeyDiff) -> list[str] | None:
+    """The fix's flags, unless there is none or it would keep too little to be a fix."""
+    return keys.fix.transforms.flags() if keys.fix and not keys.fix.keeps_little else None
+
+
 def verdict(keys: KeyDiff) -> str:
     """One line: compatible or not, and the fix with its reasons."""
     if keys.compatible:
@@ -329,6 +335,14 @@ def verdict(keys: KeyDiff) -> str:
         )
     if keys.fix is None:
         return "incompatible: " + _problems(keys)
+    if keys.fix.keeps_little:
+        fix = keys.fix
+        share = fix.kept_numel / fix.model_numel if fix.model_numel else 0.0
+        return (
+            f"incompatible: even under the best renames only {share:.0%} of the model's "
+            f"values would come from this checkpoint ({_problems(keys)}); it is probably "
+            "not a checkpoint of this model, so no fix is offered"
+        )
     steps = keys.fix.steps
     shown = "; ".join(_describe_step(step) for step in steps[:MAX_LABELS])
     more = f"; ... and {len(steps) - MAX_LABELS} more steps" if len(steps) > MAX_LABELS else ""
@@ -553,7 +567,7 @@ def check_json(result: CheckResult) -> dict[str, Any]:
             "missing": list(result.keys.unexplained_missing),
             "unexpected": list(result.keys.unexpected),
             "shape_mismatch": _mismatches_json(result.keys.shape_mismatch),
-            "fix": result.keys.fix.transforms.flags() if result.keys.fix else None,
+            "fix": offered_fix_flags(result.keys),
         },
         "non_finite": list(result.non_finite),
         "input_shape": list(result.input_shape) if result.input_shape else None,

@@ -43,6 +43,7 @@ from ckptool.formats.write import (
     sha256_in_background,
 )
 from ckptool.keys import (
+    MOSTLY_INIT_SHARE,
     KeyDiff,
     ShapeMismatch,
     Transforms,
@@ -509,10 +510,6 @@ def _fix_hint(
         return ""
     extra = [f for f in fix.transforms.flags() if f not in given.flags()]
     return f"add {' '.join(extra)}" if extra else ""
-
-
-# Below this share of the model's values from the checkpoint, adapt asks for consent.
-MOSTLY_INIT_SHARE = 0.5
 
 
 def _refuse_mostly_init(log: SurgeryLog) -> None:

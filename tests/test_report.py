@@ -47,10 +47,31 @@ def test_verdict_and_fix_stay_one_readable_line(
 ) -> None:
     import torch
 
-    many = write_checkpoint({f"w{i}": torch.zeros(1) for i in range(300)}, "many.safetensors")
-    other = write_checkpoint({"v": torch.zeros(1)}, "other.safetensors")
+    # 300 extra flat names to drop one by one; the shared ones keep the fix worth giving.
+    shared = {f"w{i}": torch.zeros(1) for i in range(300)}
+    extra = {f"u{i}": torch.zeros(1) for i in range(300)}
+    many = write_checkpoint({**shared, **extra}, "many.safetensors")
+    other = write_checkpoint(shared, "other.safetensors")
     keys = diff_checkpoint(many, other).keys
     line = verdict(keys)
     assert len(line) < 1000 and line.endswith("more steps")
     assert keys.fix is not None
     assert "too many to print" in fix_command(keys.fix, str(many), [])
+
+
+def test_a_fix_that_keeps_little_is_not_offered(
+    run_cli, tmp_path: Path, write_checkpoint: WriteCheckpoint
+) -> None:
+    """A checkpoint of another model: dropping and re-initialising everything is no fix."""
+    import json
+
+    import torch
+
+    state = {"conv.kernel": torch.zeros(8, 3, 3, 3), "conv.offset": torch.zeros(8)}
+    source = write_checkpoint(state, "cnn.safetensors")
+    spec = f"{Path(__file__).parent / 'conftest.py'}:MLP"
+    result = run_cli("diff", source, "--model", spec)
+    assert result.exit_code == 1 and "probably not a checkpoint of this model" in result.stdout
+    assert "fix:" not in result.stdout
+    document = json.loads(run_cli("diff", source, "--model", spec, "--json").stdout)
+    assert document["fix"] is None and document["fix_keeps_little"] is True
