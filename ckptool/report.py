@@ -585,9 +585,9 @@ def render_check(result: CheckResult, console: Console) -> None:
         f"  load       {'ok' if keys.compatible else 'FAILED'}: {verdict(keys)}", markup=False
     )
     if result.guard is None:
-        console.print(
-            "check failed: the checkpoint does not load strictly; see the fix above", markup=False
-        )
+        flags = offered_fix_flags(keys)
+        hint = f"rerun with {' '.join(flags)}" if flags else "no renames make it fit"
+        console.print(f"check failed: the checkpoint does not load strictly; {hint}")
         return
     finite = (
         "ok"

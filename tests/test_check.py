@@ -40,6 +40,8 @@ def test_check_fails_when_not_loadable(run_cli, dp_resnet: Path) -> None:
         "load       FAILED: incompatible: fc.{weight,bias} differ in shape: add --drop fc."
         in result.stdout
     )
+    # The flags to rerun with, not a pointer to a fix printed nowhere.
+    assert "rerun with --strip module. --drop fc." in result.stdout
 
 
 def test_check_fails_on_non_finite_values(run_cli, write_checkpoint: WriteCheckpoint) -> None:
