@@ -351,7 +351,7 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     "--weights", metavar="CKPT", help="Starting weights, adapted with the transform flags."
 )
 @transform_options
-@click.option("--auto", is_flag=True, help="Apply the suggested prefix fix to --weights.")
+@click.option("--auto", is_flag=True, help="Apply the whole suggested fix to --weights.")
 @click.option(
     "--on-mismatch", type=click.Choice(["error", "drop"]), default="error", show_default=True
 )
@@ -523,7 +523,7 @@ def _emit_surgery(log: Any, as_json: bool) -> None:
     help="Shape mismatches left after the transforms: fail, or fill from the model's init.",
 )
 @click.option(
-    "--auto", is_flag=True, help="Apply the suggested prefix fix (refused when ambiguous)."
+    "--auto", is_flag=True, help="Apply the whole fix diff suggests (refused when ambiguous)."
 )
 @click.option(
     "--strict", is_flag=True, help="Refuse missing/unexpected keys no --drop/--reinit names."

@@ -331,14 +331,14 @@ def plan_keys(
     policy: MismatchPolicy = MismatchPolicy.ERROR,
     strict: bool = False,
 ) -> KeyDiff:
-    """The key plan of an adapt: transforms (plus the --auto prefix), refusals included.
+    """The key plan of an adapt: transforms (plus, with --auto, the fix), refusals included.
 
     Raises:
         IncompatibleError, UsageError: as :func:`adapt`.
     """
     transforms = transforms or Transforms()
     if auto:
-        transforms = _with_suggested_prefix(meta.tensors, target, transforms)
+        transforms = _with_suggested_fix(meta.tensors, target, transforms)
     keys = diff(meta.tensors, target, transforms, suggest=False)
     _refuse_incompatible(meta.tensors, target, keys, policy=policy, strict=strict)
     return keys
@@ -443,25 +443,24 @@ def load_matched(model: nn.Module, meta: CheckpointMeta, keys: KeyDiff) -> tuple
     return tuple(non_finite)
 
 
-def _with_suggested_prefix(
+def _with_suggested_fix(
     source: Mapping[str, TensorMeta], target: Mapping[str, TensorMeta], given: Transforms
 ) -> Transforms:
+    """--auto: the whole fix ``diff`` prints (renames, drops, re-inits), not a part of it."""
     found = diff(source, target, given)
     if found.ambiguous:
         options = " or ".join(" ".join(s.flags) for s in found.ambiguous)
         raise UsageError(
             f"--auto: ambiguous, {options} match equally many keys; pass one explicitly"
         )
-    if not found.suggestions:
+    if found.fix is None:
         return given
-    best = found.suggestions[0].transforms
-    return Transforms(
-        strip=given.strip + best.strip,
-        add_prefix=best.add_prefix or given.add_prefix,
-        rename=given.rename,
-        drop=given.drop,
-        reinit=given.reinit,
-    )
+    if found.fix.keeps_little:
+        raise IncompatibleError(
+            "--auto: no renames make this checkpoint fit; most of the model would be fresh "
+            "initialisation (see ckptool diff)"
+        )
+    return found.fix.transforms
 
 
 def _refuse_incompatible(

@@ -129,7 +129,7 @@ def test_large_models_fill_only_the_owning_modules(
             "shape mismatch: fc.weight \\[1000, 512\\] -> \\[5, 512\\].*add --drop fc.",
         ),
         (
-            ("--auto", "--on-mismatch", "drop", "--strict", "--drop", "layer4"),
+            ("--strip", "module.", "--on-mismatch", "drop", "--strict"),
             "--strict: shape mismatch fc.\\{weight,bias\\}; add --drop fc.",
         ),
     ],
@@ -159,8 +159,9 @@ def test_adapt_auto_and_dry_run(run_cli, dataparallel_resnet18: Path, tmp_path: 
     )
     doc = json.loads(result.stdout)
     assert result.exit_code == 0 and doc["dry_run"] and doc["files"] == []
-    assert doc["transforms"] == ["--strip module."] and len(doc["renamed"]) == 120
-    assert [m["key"] for m in doc["shape_mismatch_dropped"]] == ["fc.weight", "fc.bias"]
+    # --auto applies the whole fix diff prints: the prefix and the head's --drop.
+    assert doc["transforms"] == ["--strip module.", "--drop fc."] and len(doc["renamed"]) == 120
+    assert set(doc["dropped"]) == {"module.fc.weight", "module.fc.bias"}
     assert list(tmp_path.iterdir()) == [dataparallel_resnet18]
 
 
