@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -28,9 +29,12 @@ def install(event: int, signum: int) -> None:
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         def counted(*args: Any, **kwargs: Any) -> Any:
             nonlocal count
-            count += 1
-            if count == event:
-                os.kill(os.getpid(), signum)
+            # Only the command's own steps count: not a library's cache file written by a
+            # helper thread, so event N is the same write step on every run.
+            if threading.current_thread() is threading.main_thread():
+                count += 1
+                if count == event:
+                    os.kill(os.getpid(), signum)
             return original(*args, **kwargs)
 
         return counted
@@ -42,9 +46,14 @@ def install(event: int, signum: int) -> None:
 def main() -> None:
     event, signame = int(sys.argv[1]), sys.argv[2]
     args = sys.argv[sys.argv.index("--") + 1 :]
-    install(event, getattr(signal, f"SIG{signame}"))
     sys.argv = ["ckptool", *args]
+    # Imported first, so that nothing an import does on disk is counted as an event.
+    import ckptool.formats.load
+    import ckptool.formats.save
+    import ckptool.surgery  # noqa: F401
     from ckptool.cli import main as ckptool_main
+
+    install(event, getattr(signal, f"SIG{signame}"))
 
     try:
         ckptool_main()
