@@ -87,7 +87,6 @@ def judge_by_torch(built: ShapeModel, meta: CheckpointMeta, keys: KeyDiff) -> To
     Only a model ckptool built on the meta device is loaded into (a live model is the
     caller's, and a CPU-built one cannot take meta tensors); otherwise None.
     """
-
     if built.live or any(not t.is_meta for t in built.module.state_dict().values()):
         return None
     mapping = apply_transforms(meta.tensors, keys.transforms).mapping
