@@ -84,18 +84,41 @@ def torch_accepts(
 def judge_by_torch(built: ShapeModel, meta: CheckpointMeta, keys: KeyDiff) -> TorchVerdict | None:
     """Ask the model's own ``load_state_dict`` where the key diff said no.
 
-    Only a model ckptool built on the meta device is loaded into (a live model is the
-    caller's, and a CPU-built one cannot take meta tensors); otherwise None.
+    Only a meta model is loaded into: the one ckptool built, or a meta copy of the
+    caller's live model (which itself is never touched). A model ckptool had to build on
+    the CPU is not judged (None).
     """
-    if built.live or any(not t.is_meta for t in built.module.state_dict().values()):
+    module = meta_copy(built.module) if built.live else built.module
+    if module is None or any(not t.is_meta for t in module.state_dict().values()):
         return None
     mapping = apply_transforms(meta.tensors, keys.transforms).mapping
     renamed = {new: meta.tensors[old] for new, old in mapping.items()}
     unplaced = (*keys.unexpected, *(m.key for m in keys.shape_mismatch))
     return torch_accepts(
-        built.module,
+        module,
         renamed,
         unplaced,
         versions=meta.module_versions,
         transforms=keys.transforms,
     )
+
+
+def meta_copy(model: nn.Module) -> nn.Module | None:
+    """A copy of ``model`` whose parameters and buffers are meta tensors, made without
+    copying a byte of them (deepcopy with every tensor pre-mapped); None if it fails."""
+    import copy
+    import itertools
+
+    import torch
+
+    memo: dict[int, object] = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        fake = torch.empty_like(tensor, device="meta")
+        is_parameter = isinstance(tensor, torch.nn.Parameter)
+        memo[id(tensor)] = (
+            torch.nn.Parameter(fake, requires_grad=tensor.requires_grad) if is_parameter else fake
+        )
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception:  # a module that cannot be copied cannot be judged; say nothing
+        return None

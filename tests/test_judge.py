@@ -113,3 +113,16 @@ def test_adapt_keeps_what_the_hooks_load(zoo: dict, tmp_path: Path) -> None:
     written = load_file(out)
     zoo["models"].New().load_state_dict(written, strict=True)  # type: ignore[attr-defined]
     assert all(torch.equal(written[k], v) for k, v in zoo["state"].items())  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "drop", [(), ("bn.num_batches_tracked",), ("fc.bias",)], ids=["whole", "no-nbt", "no-bias"]
+)
+def test_live_model_is_judged_on_a_meta_copy(zoo: dict, drop: tuple) -> None:
+    model = zoo["models"].New()  # type: ignore[attr-defined]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for path in _files(zoo, "live-" + ("-".join(drop) or "whole"), drop):
+        expected = _torch_accepts(zoo, "New", path)
+        assert ckptool.diff(path, model=model).compatible == expected, path.name
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model.fc.weight.device.type == "cpu"  # the caller's model never went to meta
