@@ -13,7 +13,7 @@ import pytest
 import torch
 import torchvision
 from conftest import MLP, ConvBN, Tied, WriteCheckpoint, seeded_state, wrap
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import ckptool
@@ -352,6 +352,13 @@ def assert_bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
         assert torch.equal(_bits(tensor), _bits(other)), name
 
 
+# dtypes with a typed storage class, which is what the legacy format can record.
+LEGACY_DTYPES = frozenset(
+    {torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+     torch.int16, torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128}
+)  # fmt: skip
+
+
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().reshape(-1).view(torch.uint8)
 
@@ -363,6 +370,9 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 def test_pt_safetensors_pt_round_trip_is_bit_exact(
     tmp_path_factory, state: dict[str, torch.Tensor], legacy: bool
 ) -> None:
+    # Legacy torch.save writes dtypes without a typed storage (float8, uint16...) that
+    # torch.load itself cannot read back: there is no reference to compare with.
+    assume(not legacy or all(t.dtype in LEGACY_DTYPES for t in state.values()))
     folder = tmp_path_factory.mktemp("rt")
     source = folder / "in.pt"
     torch.save(state, source, _use_new_zipfile_serialization=not legacy)
