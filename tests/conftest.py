@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 # Tests must not write into the working tree: no example database, and hypothesis's
 # other caches (.hypothesis/constants) go to a temp directory.
 set_hypothesis_home_dir(tempfile.mkdtemp(prefix="ckptool-hypothesis-"))
-settings.register_profile("ckptool", database=None)
+# derandomize: CI sees the same examples on every run; a new failure is a new bug, not a draw.
+settings.register_profile("ckptool", database=None, derandomize=True)
 settings.load_profile("ckptool")
 
 
