@@ -424,12 +424,17 @@ class Fix:
     @property
     def keeps_little(self) -> bool:
         """The fix would leave most of the model at its fresh initialisation: no fix at all."""
-        return self.kept_numel < MOSTLY_INIT_SHARE * self.model_numel
+        return mostly_init(self.kept_numel, self.model_numel)
 
 
 # Below this share of the model's values from the checkpoint, a "fix" is no fix: the file
 # is likely for another model; adapt refuses to write it unless told.
 MOSTLY_INIT_SHARE = 0.5
+
+
+def mostly_init(from_checkpoint: int, model_numel: int) -> bool:
+    """Less than MOSTLY_INIT_SHARE of the model's values would come from the checkpoint."""
+    return model_numel > 0 and from_checkpoint < MOSTLY_INIT_SHARE * model_numel
 
 
 def _compose_fix(

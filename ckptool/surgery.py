@@ -43,13 +43,13 @@ from ckptool.formats.write import (
     sha256_in_background,
 )
 from ckptool.keys import (
-    MOSTLY_INIT_SHARE,
     KeyDiff,
     ShapeMismatch,
     Transforms,
     apply_transforms,
     diff,
     fold_names,
+    mostly_init,
     under_prefix,
 )
 
@@ -191,10 +191,11 @@ def adapt(
     as_is = _accepted_by_torch(built, meta, target, transforms, auto=auto)
     if as_is is not None:  # the model's own loading takes the renamed checkpoint whole
         keys, note = as_is
-        log = _as_is_log(meta, keys, note, out, fmt_out, dry_run=dry_run)
+        mapping = apply_transforms(meta.tensors, keys.transforms).mapping
+        log = _as_is_log(meta, keys, mapping, note, out, fmt_out, dry_run=dry_run)
         if dry_run or out is None or fmt_out is None:
             return log
-        return _write_renamed(log, meta, keys, out, fmt_out, dtype=dtype, force=force)
+        return _write_renamed(log, meta, keys, mapping, out, fmt_out, dtype=dtype, force=force)
     keys = plan_keys(meta, target, transforms, auto=auto, policy=policy, strict=strict)
     transforms = keys.transforms
     matched = set(keys.matched)
@@ -251,13 +252,13 @@ def _accepted_by_torch(
 def _as_is_log(
     meta: CheckpointMeta,
     keys: KeyDiff,
+    mapping: Mapping[str, str],
     note: str,
     out: str | None,
     fmt: OutputFormat | None,
     *,
     dry_run: bool,
 ) -> SurgeryLog:
-    mapping = apply_transforms(meta.tensors, keys.transforms).mapping
     return SurgeryLog(
         command="adapt",
         sources=(meta.path,),
@@ -278,14 +279,15 @@ def _write_renamed(
     log: SurgeryLog,
     meta: CheckpointMeta,
     keys: KeyDiff,
+    mapping: Mapping[str, str],
     out: str,
     fmt: OutputFormat,
     *,
     dtype: str | None,
     force: bool,
 ) -> SurgeryLog:
-    """Every checkpoint tensor under its renamed name: what the model's hooks expect."""
-    mapping = apply_transforms(meta.tensors, keys.transforms).mapping
+    """Every checkpoint tensor under its renamed name (``mapping``: new -> original):
+    what the model's hooks expect."""
     with ExitStack() as stack:
         sources = SourceBytes(meta, stack)
         plan = []
@@ -368,8 +370,14 @@ def adapt_into(
         policy=MismatchPolicy(on_mismatch),
         strict=strict,
     )
+    return _load_and_log(model, meta, keys)
+
+
+def _load_and_log(model: nn.Module, meta: CheckpointMeta, keys: KeyDiff) -> SurgeryLog:
+    """Copy the matched tensors into ``model``; the log lists what kept its own values."""
     load_matched(model, meta, keys)
-    to_fill = [name for name in model.state_dict() if name not in set(keys.matched)]
+    matched = set(keys.matched)
+    to_fill = [name for name in model.state_dict() if name not in matched]
     return _adapt_log(meta, keys, to_fill, None, None, dry_run=False, dtype=None)
 
 
@@ -407,24 +415,12 @@ def load_into(
     keys = diff(meta.tensors, model_tensor_meta(model), transforms)
     if not keys.compatible:
         raise IncompatibleCheckpointError(_not_strict(meta.path, model, keys), keys)
-    load_matched(model, meta, keys)
-    kept = set(keys.matched)
-    to_fill = [name for name in model.state_dict() if name not in kept]
-    return _adapt_log(meta, keys, to_fill, None, None, dry_run=False, dtype=None)
+    return _load_and_log(model, meta, keys)
 
 
 def _not_strict(path: str, model: nn.Module, keys: KeyDiff) -> str:
-    problems = [
-        f"{len(found)} {what} ({', '.join(fold_names(found)[:3])})"
-        for what, found in (
-            ("missing", keys.unexplained_missing),
-            ("unexpected", keys.unexpected),
-            ("shape mismatches", [m.key for m in keys.shape_mismatch]),
-        )
-        if found
-    ]
     fix = f"; fix: {' '.join(keys.fix.transforms.flags())}" if keys.fix else ""
-    return f"{path} does not load strictly into {type(model).__name__}: {'; '.join(problems)}{fix}"
+    return f"{path} does not load strictly into {type(model).__name__}: {_misfits(keys)}{fix}"
 
 
 def load_matched(model: nn.Module, meta: CheckpointMeta, keys: KeyDiff) -> tuple[str, ...]:
@@ -487,18 +483,19 @@ def _refuse_incompatible(
             f"shape mismatch: {shown}{more}; {hint or 'add --on-mismatch drop'}"
         )
     if strict and (keys.unexpected or keys.unexplained_missing or keys.shape_mismatch):
-        parts = []
-        if keys.shape_mismatch:
-            parts.append(
-                f"shape mismatch {', '.join(fold_names([m.key for m in keys.shape_mismatch])[:3])}"
-            )
-        if keys.unexplained_missing:
-            parts.append(f"missing {', '.join(fold_names(keys.unexplained_missing)[:3])}")
-        if keys.unexpected:
-            parts.append(f"unexpected {', '.join(fold_names(keys.unexpected)[:3])}")
         raise IncompatibleError(
-            f"--strict: {'; '.join(parts)}; {hint or 'name them with --drop/--reinit'}"
+            f"--strict: {_misfits(keys)}; {hint or 'name them with --drop/--reinit'}"
         )
+
+
+def _misfits(keys: KeyDiff) -> str:
+    """'shape mismatch fc.{weight,bias}; missing ...; unexpected ...' (three names each)."""
+    found = (
+        ("shape mismatch", [m.key for m in keys.shape_mismatch]),
+        ("missing", list(keys.unexplained_missing)),
+        ("unexpected", list(keys.unexpected)),
+    )
+    return "; ".join(f"{what} {', '.join(fold_names(names)[:3])}" for what, names in found if names)
 
 
 def _fix_hint(
@@ -512,7 +509,7 @@ def _fix_hint(
 
 
 def _refuse_mostly_init(log: SurgeryLog) -> None:
-    if not log.model_numel or log.from_checkpoint >= MOSTLY_INIT_SHARE * log.model_numel:
+    if not mostly_init(log.from_checkpoint, log.model_numel):
         return
     raise IncompatibleError(
         f"only {log.from_checkpoint:,} of the model's {log.model_numel:,} values "
