@@ -142,7 +142,7 @@ def render_inspect(meta: CheckpointMeta, console: Console) -> None:
     for key, value in meta.metadata.items():
         console.print(f"  metadata    {key} = {value[:100]}", markup=False)
     for group in meta.shared_groups():
-        console.print(f"  shared      {' = '.join(group)}", markup=False)
+        console.print(f"  tied        {' = '.join(group)}", markup=False)
     console.print(_modules_table(meta, console))
     console.print(_tensors_table(meta, console))
 

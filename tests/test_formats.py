@@ -105,6 +105,60 @@ def test_shared_storage_is_reported(write_checkpoint: WriteCheckpoint) -> None:
     assert meta.shared_groups() == [["embed.weight", "out.weight"]]
     assert meta.nbytes == 10 * 6 * 4  # counted once
 
+def _flat_lstm_state() -> dict[str, torch.Tensor]:
+    """An LSTM's weights as cuDNN's flatten_parameters() leaves them: slices of one buffer."""
+    lstm = torch.nn.LSTM(8, 16, num_layers=2)
+    params = dict(lstm.named_parameters())
+    flat = torch.empty(sum(p.numel() for p in params.values()))
+    state, offset = {}, 0
+    for name, p in params.items():
+        state[f"lstm.{name}"] = flat[offset : offset + p.numel()].view_as(p).copy_(p.detach())
+        offset += p.numel()
+    return state
+
+
+def distinct_bytes(state: dict[str, torch.Tensor]) -> int:
+    """What torch says the tensors occupy: the union of their byte ranges per storage."""
+    covered: dict[int, set[int]] = {}
+    for t in state.values():
+        start = t.storage_offset() * t.element_size()
+        covered.setdefault(t.untyped_storage().data_ptr(), set()).update(
+            range(start, start + t.nbytes)
+        )
+    return sum(len(c) for c in covered.values())
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_flat_lstm_views_are_not_tied(write_checkpoint: WriteCheckpoint, suffix: str) -> None:
+    state = {**_flat_lstm_state(), "head.weight": torch.zeros(2, 16)}
+    if suffix == ".pt":
+        state["head.alias"] = state["head.weight"]  # a real tie beside the slices
+    else:  # safetensors stores no views: each slice becomes its own range of the file
+        state = {k: v.clone() for k, v in state.items()}
+    path = write_checkpoint(state, "lstm" + suffix)
+    meta = read_metadata(path)
+    assert meta.shared_groups() == ([["head.weight", "head.alias"]] if suffix == ".pt" else [])
+    # Exactly the bytes the slices cover: a half-used buffer would make the storage
+    # size (or a sum that counts the tie twice) wrong.
+    half = {k: v for k, v in state.items() if "l1" not in k}
+    assert meta.nbytes == distinct_bytes(state)
+    assert read_metadata(write_checkpoint(half, "half" + suffix)).nbytes == distinct_bytes(half)
+
+
+def test_occupied_bytes_of_strided_and_broadcast_views(write_checkpoint: WriteCheckpoint) -> None:
+    base = torch.arange(48.0).reshape(6, 8)
+    state = {
+        "every_other": base[:, ::2],  # gaps between runs
+        "transposed": base.t(),  # all of base, permuted
+        "row": base[5],
+        "broadcast": base[0].expand(4, 8),  # one row's bytes, seen 4 times
+    }
+    path = write_checkpoint(state, "views.pt")
+    meta = read_metadata(path)
+    assert meta.nbytes == distinct_bytes(state) == 48 * 4
+    assert sorted(meta.tensors["every_other"].occupied_spans())[:2] == [(0, 4), (8, 12)]
+    assert sum(e - s for s, e in meta.tensors["broadcast"].occupied_spans()) == 8 * 4
+
 
 def test_views_keep_offset_and_stride(write_checkpoint: WriteCheckpoint) -> None:
     base = torch.arange(12.0).reshape(3, 4)

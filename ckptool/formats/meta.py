@@ -29,6 +29,22 @@ class Format(str, enum.Enum):
     DCP = "torch-dcp"
 
 
+# Separate runs of one strided view counted exactly by ``occupied_spans`` (beyond it,
+# the view's extent): a crafted stride must not make inspect enumerate 2**40 runs.
+MAX_EXACT_SPANS = 65536
+
+
+def union_length(spans: list[tuple[int, int]]) -> int:
+    """Bytes covered by the union of [start, end) spans."""
+    total, reach = 0, None
+    for start, end in sorted(spans):
+        if reach is None or start > reach:
+            total, reach = total + end - start, end
+        elif end > reach:
+            total, reach = total + end - reach, end
+    return total
+
+
 @dataclass(frozen=True)
 class TensorMeta:
     """Shape, dtype and storage of one tensor, read from a header.
@@ -75,6 +91,52 @@ class TensorMeta:
         return self.file, self.file_offset + start, self.nbytes
 
     @property
+    def strides(self) -> tuple[int, ...]:
+        """The strides, with None (as a header says it) spelled out as C-contiguous."""
+        if self.stride is not None:
+            return self.stride
+        out, step = [], 1
+        for size in reversed(self.shape):
+            out.append(step)
+            step *= size
+        return tuple(reversed(out))
+
+    @property
+    def view_identity(self) -> tuple[object, ...]:
+        """Equal for two names that are the same tensor (tied), different otherwise."""
+        return (self.storage, self.storage_offset, self.shape, self.strides, self.dtype)
+
+    def occupied_spans(self) -> list[tuple[int, int]]:
+        """[start, end) byte ranges of the storage this tensor's elements cover.
+
+        Exact for dense, permuted and broadcast views; a view with more than
+        MAX_EXACT_SPANS separate runs is given as its whole extent (an upper bound).
+        """
+        if self.numel == 0:
+            return []
+        # Size-1 and stride-0 (broadcast) dims reach no new bytes; innermost first.
+        dims = sorted(
+            (
+                (size, step)
+                for size, step in zip(self.shape, self.strides, strict=True)
+                if size != 1 and step != 0
+            ),
+            key=lambda d: d[1],
+        )
+        run = 1  # elements in one contiguous run
+        while dims and dims[0][1] == run:
+            run *= dims.pop(0)[0]
+        start = self.storage_offset * self.itemsize
+        if math.prod(size for size, _ in dims) > MAX_EXACT_SPANS:
+            last = sum((size - 1) * step for size, step in dims) + run
+            return [(start, start + last * self.itemsize)]
+        offsets = [0]
+        for size, step in dims:
+            offsets = [o + i * step for o in offsets for i in range(size)]
+        length = run * self.itemsize
+        return [(start + o * self.itemsize, start + o * self.itemsize + length) for o in offsets]
+
+    @property
     def is_contiguous(self) -> bool:
         if self.stride is None or self.numel == 0:  # no elements: any strides will do
             return True
@@ -117,23 +179,31 @@ class CheckpointMeta:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of tensor data, counting shared storage once."""
-        seen: dict[str, int] = {}
+        """Distinct bytes of tensor data: what the tensors occupy, each byte counted once.
+
+        Tensors that view one storage (tied names, or LSTM weights sliced from one flat
+        buffer) are counted by the union of the bytes they cover, not by the storage.
+        """
+        spans: dict[str, list[tuple[int, int]]] = {}
         total = 0
         for tensor in self.tensors.values():
             if tensor.storage is None:
                 total += tensor.nbytes
             else:
-                seen[tensor.storage] = max(seen.get(tensor.storage, 0), tensor.nbytes)
-        return total + sum(seen.values())
+                spans.setdefault(tensor.storage, []).extend(tensor.occupied_spans())
+        return total + sum(union_length(s) for s in spans.values())
 
     def shared_groups(self) -> list[list[str]]:
-        """Names of tensors that view the same storage, one list per storage."""
-        by_storage: dict[str, list[str]] = {}
+        """Names that are one tensor (tied): the same view of the same storage.
+
+        Different slices of one storage (``flatten_parameters()`` LSTM weights) are
+        separate tensors and are not grouped.
+        """
+        by_view: dict[tuple[object, ...], list[str]] = {}
         for name, tensor in self.tensors.items():
             if tensor.storage is not None:
-                by_storage.setdefault(tensor.storage, []).append(name)
-        return [names for names in by_storage.values() if len(names) > 1]
+                by_view.setdefault(tensor.view_identity, []).append(name)
+        return [names for names in by_view.values() if len(names) > 1]
 
     def dtype_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
