@@ -193,15 +193,28 @@ class KeyDiff:
     suggestions: tuple[Suggestion, ...] = ()
     fix: Fix | None = None
     ambiguous: tuple[Suggestion, ...] = field(default=())
+    # Missing names that are one tensor in the model with a name the checkpoint provides
+    # (tied weights, a module under two paths): missing name -> the provided name.
+    through_tie: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def unexplained_missing(self) -> tuple[str, ...]:
-        return tuple(k for k in self.missing if not self.transforms.explains(k))
+        """Missing keys that neither --drop/--reinit nor a tie accounts for."""
+        return tuple(
+            k for k in self.missing if not self.transforms.explains(k) and k not in self.through_tie
+        )
+
+    @property
+    def fits_after_adapt(self) -> bool:
+        """``adapt`` with these transforms writes a file that loads strictly: nothing
+        unexpected or mismatched, every missing key re-initialised or written via its tie."""
+        return not self.unexpected and not self.shape_mismatch and not self.unexplained_missing
 
     @property
     def compatible(self) -> bool:
-        """No unexpected key, no shape mismatch, every missing key under --drop/--reinit."""
-        return not self.unexpected and not self.shape_mismatch and not self.unexplained_missing
+        """As torch's ``load_state_dict(strict=True)`` rules on the renamed names: a tied
+        name the file lacks is missing to torch too, though adapt can write it."""
+        return self.fits_after_adapt and not self.through_tie
 
 
 def diff(
@@ -311,9 +324,12 @@ def _compare(
         if src.dtype != tgt.dtype:
             dtype_mismatch.append(DtypeMismatch(name, src.dtype, tgt.dtype))
     present = set(compared)
+    missing = tuple(k for k in target if k not in present)
+    through_tie = _through_ties(target, matched, missing)
+    _refuse_reinit_of_ties(target, matched, transforms)
     return KeyDiff(
         matched=tuple(matched),
-        missing=tuple(k for k in target if k not in present),
+        missing=missing,
         unexpected=tuple(k for k in compared if k not in target),
         shape_mismatch=tuple(shape_mismatch),
         dtype_mismatch=tuple(dtype_mismatch),
@@ -323,7 +339,51 @@ def _compare(
         transforms=transforms,
         source_total=len(source),
         target_total=len(target),
+        through_tie=through_tie,
     )
+
+
+def tie_groups(target: Mapping[str, TensorMeta]) -> dict[object, list[str]]:
+    """Names of one tensor, by its identity: ``TensorMeta.storage`` marks ties (a model's
+    tied parameters, a checkpoint's aliased names). Singletons are left out."""
+    groups: dict[object, list[str]] = {}
+    for name, meta in target.items():
+        if meta.storage is not None:
+            groups.setdefault(meta.view_identity, []).append(name)
+    return {identity: names for identity, names in groups.items() if len(names) > 1}
+
+
+def _through_ties(
+    target: Mapping[str, TensorMeta], matched: Sequence[str], missing: Sequence[str]
+) -> dict[str, str]:
+    """Missing names whose tensor the checkpoint provides under a tied name."""
+    provided = set(matched)
+    found: dict[str, str] = {}
+    lacking = set(missing)
+    for names in tie_groups(target).values():
+        source = next((n for n in names if n in provided), None)
+        if source is not None:
+            found.update({n: source for n in names if n in lacking})
+    return found
+
+
+def _refuse_reinit_of_ties(
+    target: Mapping[str, TensorMeta], matched: Sequence[str], transforms: Transforms
+) -> None:
+    """Re-initialising one name of a tie overwrites the trained values that the
+    checkpoint provides under the other name: loading makes the last write win."""
+    if not transforms.reinit:
+        return
+    provided = set(matched)
+    for names in tie_groups(target).values():
+        kept = [n for n in names if n in provided]
+        hit = [n for n in names if _under_any(n, transforms.reinit)]
+        if kept and hit:
+            raise TransformError(
+                f"--reinit would re-initialise {hit[0]!r}, which the model ties to "
+                f"{kept[0]!r} (one tensor under both names) that the checkpoint provides: "
+                "its trained values would be overwritten; re-initialise both names or neither"
+            )
 
 
 def _under_any(name: str, prefixes: Iterable[str]) -> bool:
@@ -399,6 +459,7 @@ class Reason(str, enum.Enum):
     SHAPE_MISMATCH = "shape mismatch"
     UNEXPECTED = "unexpected"
     MISSING = "missing"
+    TIED = "tied"  # no flag: adapt writes the name from its tie partner
 
 
 @dataclass(frozen=True)
@@ -460,10 +521,12 @@ def _compose_fix(
         return None
     drop, reinit = _cover_remaining(after)
     steps += _steps("--drop", drop, after) + _steps("--reinit", reinit, after)
+    if after.through_tie:
+        steps.append(FixStep("", Reason.TIED, tuple(after.through_tie)))
     fix = dataclasses.replace(base, drop=base.drop + drop, reinit=base.reinit + reinit)
-    if fix == given:
+    if fix == given and not after.through_tie:
         return None
-    kept = sum(target[name].numel for name in after.matched)
+    kept = sum(target[name].numel for name in (*after.matched, *after.through_tie))
     return Fix(fix, tuple(steps), kept, sum(t.numel for t in target.values()))
 
 

@@ -321,10 +321,24 @@ def replace_head(model: nn.Module, num_classes: int, *, head: str | None = None)
 
 
 def model_tensor_meta(model: nn.Module) -> dict[str, TensorMeta]:
-    """The model's ``state_dict()`` keys as metadata (works on the meta device)."""
+    """The model's ``state_dict()`` keys as metadata (works on the meta device).
+
+    Names that are one tensor in the model (a weight tied to another, a module reachable
+    under two paths) get the first such name as ``storage``, so the key logic sees ties.
+    """
+    state = model.state_dict(keep_vars=True)  # the Parameter objects: identity is a tie
+    first_name: dict[int, str] = {}
+    counts: dict[int, int] = {}
+    for name, tensor in state.items():
+        first_name.setdefault(id(tensor), name)
+        counts[id(tensor)] = counts.get(id(tensor), 0) + 1
     return {
-        name: TensorMeta(shape=tuple(t.shape), dtype=str(t.dtype).removeprefix("torch."))
-        for name, t in model.state_dict().items()
+        name: TensorMeta(
+            shape=tuple(t.shape),
+            dtype=str(t.dtype).removeprefix("torch."),
+            storage=first_name[id(t)] if counts[id(t)] > 1 else None,
+        )
+        for name, t in state.items()
     }
 
 

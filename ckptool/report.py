@@ -192,6 +192,7 @@ def diff_json(report: CheckpointDiff) -> dict[str, Any]:
         "fix_keeps_little": bool(keys.fix and keys.fix.keeps_little),
         "matched": list(keys.matched),
         "missing": list(keys.missing),
+        "tied": dict(keys.through_tie),
         "unexpected": list(keys.unexpected),
         "shape_mismatch": _mismatches_json(keys.shape_mismatch),
         "dtype_mismatch": [
@@ -267,6 +268,7 @@ def _categories_table(keys: KeyDiff, console: Console) -> Table:
     rows = [
         ("matched", keys.matched),
         ("missing", keys.unexplained_missing),
+        ("missing, tied to a provided key", list(keys.through_tie)),
         ("filled from model init", explained),
         ("unexpected", keys.unexpected),
         ("shape mismatch", [m.key for m in keys.shape_mismatch]),
@@ -364,6 +366,11 @@ def _describe_step(step: FixStep) -> str:
     names = capped(fold_names(step.keys), 3)
     if step.reason is Reason.PREFIX:
         return f"{_prefix_words(step.flag)}: then {step.matched}/{step.total} keys match"
+    if step.reason is Reason.TIED:
+        return (
+            f"{names} missing, but tied in the model to names the checkpoint provides: "
+            "adapt writes them with those values"
+        )
     if step.reason is Reason.SHAPE_MISMATCH:
         return f"{names} differ in shape: add {step.flag}"
     if step.reason is Reason.UNEXPECTED:

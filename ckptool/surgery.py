@@ -198,13 +198,15 @@ def adapt(
         return _write_renamed(log, meta, keys, mapping, out, fmt_out, dtype=dtype, force=force)
     keys = plan_keys(meta, target, transforms, auto=auto, policy=policy, strict=strict)
     transforms = keys.transforms
-    matched = set(keys.matched)
-    to_fill = [name for name in target if name not in matched]
+    # A name tied to a provided one is written with the same bytes: loading either name
+    # then puts the trained values into the one tensor.
+    from_source = {name: name for name in keys.matched} | dict(keys.through_tie)
+    to_fill = [name for name in target if name not in from_source]
     log = _adapt_log(meta, keys, to_fill, out, fmt_out, dry_run=dry_run, dtype=dtype)
     log = _replace(
         log,
         notes=(built.note,) if built.note else (),
-        from_checkpoint=sum(target[n].numel for n in matched),
+        from_checkpoint=sum(target[n].numel for n in from_source),
         model_numel=sum(t.numel for t in target.values()),
     )
     if not allow_mostly_init:
@@ -217,8 +219,9 @@ def adapt(
         sources = SourceBytes(meta, stack)
         plan = []
         for name, wanted in target.items():
-            if name in matched:
-                data, out_dtype = sources.data(original.get(name, name), dtype)
+            if name in from_source:
+                provided = from_source[name]
+                data, out_dtype = sources.data(original.get(provided, provided), dtype)
             else:
                 out_dtype = dtype if dtype and wanted.dtype in FLOATING else wanted.dtype
                 data = tensor_bytes(init[name], out_dtype)
@@ -375,9 +378,9 @@ def adapt_into(
 
 def _load_and_log(model: nn.Module, meta: CheckpointMeta, keys: KeyDiff) -> SurgeryLog:
     """Copy the matched tensors into ``model``; the log lists what kept its own values."""
-    load_matched(model, meta, keys)
-    matched = set(keys.matched)
-    to_fill = [name for name in model.state_dict() if name not in matched]
+    load_matched(model, meta, keys)  # a tied name receives its partner's values with it
+    provided = {*keys.matched, *keys.through_tie}
+    to_fill = [name for name in model.state_dict() if name not in provided]
     return _adapt_log(meta, keys, to_fill, None, None, dry_run=False, dtype=None)
 
 
@@ -413,7 +416,7 @@ def load_into(
     )
     meta = read_metadata(checkpoint, key=key)
     keys = diff(meta.tensors, model_tensor_meta(model), transforms)
-    if not keys.compatible:
+    if not keys.fits_after_adapt:
         raise IncompatibleCheckpointError(_not_strict(meta.path, model, keys), keys)
     return _load_and_log(model, meta, keys)
 
@@ -544,6 +547,7 @@ def _adapt_log(
         mismatched=keys.shape_mismatch,
         reinit=tuple(n for n in to_fill if n in reinit),
         filled=tuple(n for n in to_fill if n not in reinit and n not in mismatched),
+        aliases=dict(keys.through_tie),
         cast=tuple(
             n
             for n in keys.matched

@@ -105,6 +105,7 @@ def test_shared_storage_is_reported(write_checkpoint: WriteCheckpoint) -> None:
     assert meta.shared_groups() == [["embed.weight", "out.weight"]]
     assert meta.nbytes == 10 * 6 * 4  # counted once
 
+
 def _flat_lstm_state() -> dict[str, torch.Tensor]:
     """An LSTM's weights as cuDNN's flatten_parameters() leaves them: slices of one buffer."""
     lstm = torch.nn.LSTM(8, 16, num_layers=2)
