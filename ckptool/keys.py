@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import functools
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -68,7 +69,12 @@ class Transforms:
 
     def explains(self, name: str) -> bool:
         """True if ``name`` lies under a --drop or --reinit prefix."""
-        return any(under_prefix(name, p) for p in (*self.drop, *self.reinit))
+        return self._drop_or_reinit.covering(name) is not None
+
+    @functools.cached_property
+    def _drop_or_reinit(self) -> PrefixIndex:
+        # A fix may carry thousands of flags: look names up, do not scan the flags.
+        return PrefixIndex((*self.drop, *self.reinit))
 
 
 def _parse_rename(item: str) -> tuple[str, str]:
@@ -113,9 +119,8 @@ def apply_transforms(names: Iterable[str], transforms: Transforms) -> Renaming:
         current = {transforms.add_prefix + k: v for k, v in current.items()}
     for pattern, repl in transforms.rename:
         current = _rename(current, pattern, repl)
-    kept = {
-        k: v for k, v in current.items() if not any(under_prefix(k, p) for p in transforms.drop)
-    }
+    dropping = PrefixIndex(transforms.drop)
+    kept = {k: v for k, v in current.items() if dropping.covering(k) is None}
     dropped = tuple(v for k, v in current.items() if k not in kept)
     return Renaming(kept, dropped)
 
@@ -243,11 +248,17 @@ def diff(
         return result
     # Candidates are scored by name matches, so the baseline counts mismatched shapes too.
     named = len(result.matched) + len(result.shape_mismatch)
-    suggestions = suggest_prefixes(list(renaming.mapping), list(target), baseline=named)
+    suggestions = [
+        s
+        for s in suggest_prefixes(list(renaming.mapping), list(target), baseline=named)
+        if _applies(source, with_suggestion(transforms, s))  # e.g. a rename onto a kept name
+    ]
     best = suggestions[0] if suggestions else None
     tied = tuple(s for s in suggestions if best and s.matched == best.matched)
     # With tied, different prefixes there is no single fix to recommend; the report lists them.
     fix = _compose_fix(source, target, transforms, best) if len(tied) <= 1 else None
+    if fix is not None and not _replays(source, target, fix.transforms):
+        fix = None
     return dataclasses.replace(
         result,
         suggestions=tuple(suggestions),
@@ -264,14 +275,28 @@ def _check_prefixes_match(
     if not transforms.drop and not transforms.reinit:
         return
     renamed = list(apply_transforms(source, dataclasses.replace(transforms, drop=())).mapping)
-    checkpoint_or_model, model = [*renamed, *target], list(target)
-    checks = [("--drop", p, checkpoint_or_model) for p in transforms.drop]
-    checks += [("--reinit", p, model) for p in transforms.reinit]
-    for flag, prefix, names in checks:
-        index = PrefixIndex([prefix])
-        if not any(index.covering(name) is not None for name in names):
+    checks = [
+        ("--drop", _unmatched(transforms.drop, [*renamed, *target])),
+        ("--reinit", _unmatched(transforms.reinit, list(target))),
+    ]
+    for flag, unmatched in checks:
+        for prefix in unmatched:
             hint = _prefix_hint(prefix, source, target, transforms)
             raise TransformError(f"{flag} {prefix}: matches no key; {hint}")
+
+
+def _unmatched(prefixes: Sequence[str], names: Iterable[str]) -> list[str]:
+    """The prefixes that cover none of ``names`` (as :func:`under_prefix` decides), in
+    one pass over the names: a fix may carry thousands of --drop flags."""
+    wanted, seen = set(prefixes), set[str]()
+    if not wanted:
+        return []
+    for name in names:
+        for module in _ancestors(name):
+            seen.update(p for p in (module + ".", module) if p in wanted)
+        if name in wanted:
+            seen.add(name)
+    return [p for p in prefixes if p not in seen]
 
 
 def _prefix_hint(
@@ -310,7 +335,8 @@ def _compare(
     transforms: Transforms,
 ) -> KeyDiff:
     mapping = renaming.mapping
-    reinit_names = {k for k in mapping if any(under_prefix(k, p) for p in transforms.reinit)}
+    reinit = PrefixIndex(transforms.reinit)
+    reinit_names = {k for k in mapping if reinit.covering(k) is not None}
     compared = [k for k in mapping if k not in reinit_names]
     shape_mismatch, dtype_mismatch, matched = [], [], []
     for name in compared:
@@ -334,7 +360,7 @@ def _compare(
         shape_mismatch=tuple(shape_mismatch),
         dtype_mismatch=tuple(dtype_mismatch),
         dropped=renaming.dropped,
-        reinit=tuple(k for k in target if k in reinit_names or _under_any(k, transforms.reinit)),
+        reinit=tuple(k for k in target if k in reinit_names or reinit.covering(k) is not None),
         renamed={old: new for new, old in mapping.items() if old != new},
         transforms=transforms,
         source_total=len(source),
@@ -374,10 +400,10 @@ def _refuse_reinit_of_ties(
     checkpoint provides under the other name: loading makes the last write win."""
     if not transforms.reinit:
         return
-    provided = set(matched)
+    provided, reinit = set(matched), PrefixIndex(transforms.reinit)
     for names in tie_groups(target).values():
         kept = [n for n in names if n in provided]
-        hit = [n for n in names if _under_any(n, transforms.reinit)]
+        hit = [n for n in names if reinit.covering(n) is not None]
         if kept and hit:
             raise TransformError(
                 f"--reinit would re-initialise {hit[0]!r}, which the model ties to "
@@ -386,48 +412,92 @@ def _refuse_reinit_of_ties(
             )
 
 
-def _under_any(name: str, prefixes: Iterable[str]) -> bool:
-    return any(under_prefix(name, p) for p in prefixes)
-
-
 def suggest_prefixes(
     source: Sequence[str], target: Sequence[str], *, baseline: int = 0
 ) -> list[Suggestion]:
-    """Prefix transforms (strip, add, or both) that make more names match, best first.
+    """Prefix transforms that make more names match, best first.
 
-    Candidates come from the data (prefixes all source keys share, leading modules of
-    the target) and from :data:`KNOWN_PREFIXES`; each is scored by exact name matches.
-    Candidates that rename every key identically are one suggestion (the simplest).
+    Candidates come from the data (prefixes all source keys share, prefixes many of them
+    share, leading modules of the target) and from :data:`KNOWN_PREFIXES`; each is
+    scored by exact name matches. A prefix every key has is stripped (``--strip``); one
+    only some keys have is renamed away where present (``--rename '^model\\.backbone\\.='``,
+    a Lightning module's sub-tree), and what stays unmatched is left to --drop.
+    Candidates that match the same names identically are one suggestion (the simplest).
     """
     target_set = set(target)
-    by_result: dict[tuple[str, ...], Suggestion] = {}
-    for strip in _strip_candidates(source):
+    by_result: dict[frozenset[tuple[str, str]], Suggestion] = {}
+    for strip, everywhere in _strip_candidates(source):
         for add in _add_candidates(target):
             if not strip and not add:
                 continue  # the names as given: that is the baseline, not a suggestion
-            renamed = tuple(add + s[len(strip) :] for s in source)
-            matched = sum(1 for name in renamed if name in target_set)
-            if matched <= baseline:
+            pairs = _matched_pairs(source, target_set, strip, add, everywhere)
+            if len(pairs) <= baseline:
                 continue
             candidate = Suggestion(
-                Transforms(strip=(strip,) if strip else (), add_prefix=add or None),
-                matched,
-                len(target),
+                _prefix_transforms(strip, add, everywhere), len(pairs), len(target)
             )
-            known = by_result.get(renamed)
-            if known is None or len(candidate.flags) < len(known.flags):
-                by_result[renamed] = candidate
-    return sorted(by_result.values(), key=lambda s: (-s.matched, len(s.flags), s.flags))
+            known = by_result.get(pairs)
+            if known is None or _simpler(candidate, known):
+                by_result[pairs] = candidate
+    return sorted(by_result.values(), key=lambda s: (-s.matched, *_complexity(s)))
 
 
-def _strip_candidates(names: Sequence[str]) -> list[str]:
-    """'' plus every dotted prefix that all names share (``module.``, ``module.model.``)."""
+def _matched_pairs(
+    source: Sequence[str], target: set[str], strip: str, add: str, everywhere: bool
+) -> frozenset[tuple[str, str]]:
+    """(source name, target name) pairs that match after the prefix change; a partial
+    prefix renames only the names that have it, the others keep theirs."""
+    pairs = []
+    for name in source:
+        if name.startswith(strip):
+            renamed = add + name[len(strip) :]
+        elif everywhere:
+            continue  # cannot happen: every name has the prefix
+        else:
+            renamed = name
+        if renamed in target:
+            pairs.append((name, renamed))
+    return frozenset(pairs)
+
+
+def _prefix_transforms(strip: str, add: str, everywhere: bool) -> Transforms:
+    if everywhere or not strip:
+        return Transforms(strip=(strip,) if strip else (), add_prefix=add or None)
+    return Transforms(rename=((f"^{re.escape(strip)}", add.replace("\\", "\\\\")),))
+
+
+def _complexity(s: Suggestion) -> tuple[int, bool, list[str]]:
+    """Fewer flags first; a --strip reads simpler than the equivalent --rename."""
+    return len(s.flags), bool(s.transforms.rename), s.flags
+
+
+def _simpler(a: Suggestion, b: Suggestion) -> bool:
+    return _complexity(a) < _complexity(b)
+
+
+# Prefixes shared by only some source keys that are tried (the most common ones).
+MAX_PARTIAL_CANDIDATES = 8
+# How deep a partial prefix may go (``model.backbone.body.`` is 3 segments).
+MAX_PARTIAL_DEPTH = 3
+
+
+def _strip_candidates(names: Sequence[str]) -> list[tuple[str, bool]]:
+    """(prefix, whether every name has it): '' and every dotted prefix all names share
+    (``module.``, ``module.model.``), then the prefixes most names share."""
     if not names:
-        return [""]
+        return [("", True)]
     common = common_dotted_prefix(names)
     parts = common.split(".")[:-1] if common else []
-    candidates = [""] + [".".join(parts[: i + 1]) + "." for i in range(len(parts))]
-    return candidates[:4]
+    shared = ["", *(".".join(parts[: i + 1]) + "." for i in range(len(parts)))][:4]
+    counts: Counter[str] = Counter()
+    for name in names:
+        segments = name.split(".")[:-1]  # the leaf itself is no prefix
+        for depth in range(len(parts) + 1, min(len(segments), MAX_PARTIAL_DEPTH) + 1):
+            if segments[depth - 1].isdigit():
+                break  # a list element (layers.3.) is not a wrapper or a sub-tree
+            counts[".".join(segments[:depth]) + "."] += 1
+    partial = [p for p, n in counts.most_common() if 1 < n < len(names)][:MAX_PARTIAL_CANDIDATES]
+    return [(p, True) for p in shared] + [(p, False) for p in partial]
 
 
 def common_dotted_prefix(names: Sequence[str]) -> str:
@@ -460,6 +530,7 @@ class Reason(str, enum.Enum):
     UNEXPECTED = "unexpected"
     MISSING = "missing"
     TIED = "tied"  # no flag: adapt writes the name from its tie partner
+    NESTING = "nesting"  # a rename moving layers one module level deeper or shallower
 
 
 @dataclass(frozen=True)
@@ -498,6 +569,36 @@ def mostly_init(from_checkpoint: int, model_numel: int) -> bool:
     return model_numel > 0 and from_checkpoint < MOSTLY_INIT_SHARE * model_numel
 
 
+def with_suggestion(given: Transforms, suggestion: Suggestion) -> Transforms:
+    """The given transforms plus a suggested prefix change."""
+    return dataclasses.replace(
+        given,
+        strip=given.strip + suggestion.transforms.strip,
+        add_prefix=suggestion.transforms.add_prefix or given.add_prefix,
+        rename=given.rename + suggestion.transforms.rename,
+    )
+
+
+def _applies(source: Iterable[str], transforms: Transforms) -> bool:
+    try:
+        apply_transforms(source, transforms)
+    except TransformError:
+        return False
+    return True
+
+
+def _replays(
+    source: Mapping[str, TensorMeta], target: Mapping[str, TensorMeta], transforms: Transforms
+) -> bool:
+    """A fix is printed only if running it works: the transforms apply, every flag
+    matches something, and adapt's output would load strictly with something kept."""
+    try:
+        replayed = diff(source, target, transforms, suggest=False)
+    except TransformError:
+        return False
+    return replayed.fits_after_adapt and bool(replayed.matched)
+
+
 def _compose_fix(
     source: Mapping[str, TensorMeta],
     target: Mapping[str, TensorMeta],
@@ -507,11 +608,7 @@ def _compose_fix(
     """The given transforms plus the best prefix fix plus --drop/--reinit for what remains."""
     base, steps = given, []
     if best is not None:
-        base = dataclasses.replace(
-            given,
-            strip=given.strip + best.transforms.strip,
-            add_prefix=best.transforms.add_prefix or given.add_prefix,
-        )
+        base = with_suggestion(given, best)
         steps = [
             FixStep(" ".join(best.flags), Reason.PREFIX, matched=best.matched, total=best.total)
         ]
@@ -519,6 +616,10 @@ def _compose_fix(
         after = _compare(source, target, apply_transforms(source, base), base)
     except TransformError:
         return None
+    nesting = _nesting_rename(source, target, base, after)
+    if nesting is not None:
+        base, after, step = nesting
+        steps.append(step)
     drop, reinit = _cover_remaining(after)
     steps += _steps("--drop", drop, after) + _steps("--reinit", reinit, after)
     if after.through_tie:
@@ -528,6 +629,84 @@ def _compose_fix(
         return None
     kept = sum(target[name].numel for name in (*after.matched, *after.through_tie))
     return Fix(fix, tuple(steps), kept, sum(t.numel for t in target.values()))
+
+
+def _nesting_rename(
+    source: Mapping[str, TensorMeta],
+    target: Mapping[str, TensorMeta],
+    base: Transforms,
+    after: KeyDiff,
+) -> tuple[Transforms, KeyDiff, FixStep] | None:
+    """A rename that moves checkpoint layers one module level deeper or shallower
+    (``prefilt_layers.0.weight`` for the model's ``prefilt_layers.0.0.weight``, code that
+    wrapped a layer in a Sequential): keeps those weights instead of re-initialising them.
+    Returns the transforms with it, the diff after it, and its fix step; None if no
+    rename of that kind makes more names match."""
+    if not after.unexpected or not after.missing:
+        return None
+    original = {new: old for old, new in after.renamed.items()}
+    missing_by_leaf: dict[tuple[str, tuple[int, ...]], list[str]] = {}
+    for name in after.missing:
+        missing_by_leaf.setdefault((name.rpartition(".")[2], target[name].shape), []).append(name)
+    rules: Counter[tuple[str, str]] = Counter()
+    for name in after.unexpected:
+        module, _, leaf = name.rpartition(".")
+        shape = source[original.get(name, name)].shape
+        for partner in missing_by_leaf.get((leaf, shape), ())[:MAX_NESTING_PARTNERS]:
+            rule = _nesting_rule(module, partner.rpartition(".")[0])
+            if rule is not None:
+                rules[rule] += 1
+    best: tuple[Transforms, KeyDiff, tuple[str, str]] | None = None
+    for rule, _ in rules.most_common(MAX_NESTING_RULES):
+        candidate = dataclasses.replace(base, rename=(*base.rename, rule))
+        try:
+            trial = _compare(source, target, apply_transforms(source, candidate), candidate)
+        except TransformError:
+            continue
+        if len(trial.matched) > len((best[1] if best else after).matched):
+            best = (candidate, trial, rule)
+    if best is None:
+        return None
+    transforms, trial, rule = best
+    moved = tuple(n for n in trial.matched if n not in set(after.matched))
+    flag = Transforms(rename=(rule,)).flags()[0]
+    return transforms, trial, FixStep(flag, Reason.NESTING, moved)
+
+
+# How many same-leaf, same-shape partners one unexpected key is paired with, and how
+# many candidate nesting renames are tried (each costs one comparison).
+MAX_NESTING_PARTNERS = 8
+MAX_NESTING_RULES = 4
+_SEGMENT_NUMBER = re.compile(r"^\d+$")
+
+
+def _nesting_rule(module: str, wanted: str) -> tuple[str, str] | None:
+    """(pattern, replacement) turning ``module.leaf`` into ``wanted.leaf`` where one is
+    the other plus one module level; numbered segments become groups, so one rule moves
+    every layer of a list (``prefilt_layers.{0..4}``)."""
+    if wanted.startswith(module + ".") and "." not in wanted[len(module) + 1 :]:
+        pattern, repl, groups = _module_pattern(module)
+        extra = wanted[len(module) + 1 :].replace("\\", "\\\\")
+        return f"^{pattern}\\.([^.]+)$", f"{repl}.{extra}.\\{groups + 1}"
+    if module.startswith(wanted + ".") and "." not in module[len(wanted) + 1 :]:
+        pattern, repl, groups = _module_pattern(wanted)
+        extra = re.escape(module[len(wanted) + 1 :])
+        return f"^{pattern}\\.{extra}\\.([^.]+)$", f"{repl}.\\{groups + 1}"
+    return None
+
+
+def _module_pattern(module: str) -> tuple[str, str, int]:
+    """'layers.3.conv' -> ('layers\\.(\\d+)\\.conv', 'layers.\\1.conv', 1 group)."""
+    pattern, repl, groups = [], [], 0
+    for segment in module.split("."):
+        if _SEGMENT_NUMBER.match(segment):
+            groups += 1
+            pattern.append(r"(\d+)")
+            repl.append(f"\\{groups}")
+        else:
+            pattern.append(re.escape(segment))
+            repl.append(segment.replace("\\", "\\\\"))
+    return r"\.".join(pattern), ".".join(repl), groups
 
 
 def _steps(flag: str, prefixes: Sequence[str], after: KeyDiff) -> list[FixStep]:

@@ -189,7 +189,10 @@ def diff_json(report: CheckpointDiff) -> dict[str, Any]:
         "notes": list(report.notes),
         "compatible": report.compatible,
         "torch_accepts": report.torch_accepts,
-        "fix_keeps_little": bool(keys.fix and keys.fix.keeps_little),
+        # Incompatible and no fix offered because none keeps a meaningful part of it.
+        "fix_keeps_little": not report.compatible
+        and not keys.ambiguous
+        and offered_fix_flags(keys) is None,
         "matched": list(keys.matched),
         "missing": list(keys.missing),
         "tied": dict(keys.through_tie),
@@ -311,7 +314,9 @@ def _render_values(values: ValueDiff, console: Console) -> None:
 
 
 def _render_suggestions(keys: KeyDiff, console: Console) -> None:
-    for s in keys.suggestions[:3]:
+    best = keys.suggestions[0].matched if keys.suggestions else 0
+    # Far weaker alternatives (one layer's sub-tree) are noise next to the best.
+    for s in [s for s in keys.suggestions if 2 * s.matched >= best][:3]:
         console.print(
             f"  suggest {' '.join(s.flags)}: then {s.matched}/{s.total} keys match", markup=False
         )
@@ -335,20 +340,30 @@ def verdict(keys: KeyDiff) -> str:
             f"incompatible: ambiguous prefix, {options} each make "
             f"{best.matched}/{best.total} keys match; choose one"
         )
-    if keys.fix is None:
-        return "incompatible: " + _problems(keys)
-    if keys.fix.keeps_little:
-        fix = keys.fix
-        share = fix.kept_numel / fix.model_numel if fix.model_numel else 0.0
-        return (
-            f"incompatible: even under the best renames only {share:.0%} of the model's "
-            f"values would come from this checkpoint ({_problems(keys)}); it is probably "
-            "not a checkpoint of this model, so no fix is offered"
-        )
+    if keys.fix is None or keys.fix.keeps_little:
+        return "incompatible: " + _not_for_this_model(keys)
     steps = keys.fix.steps
     shown = "; ".join(_describe_step(step) for step in steps[:MAX_LABELS])
     more = f"; ... and {len(steps) - MAX_LABELS} more steps" if len(steps) > MAX_LABELS else ""
     return f"incompatible: {shown}{more}"
+
+
+def _not_for_this_model(keys: KeyDiff) -> str:
+    """No transform keeps a meaningful part of the checkpoint: say so, offer no flags."""
+    nearest = keys.suggestions[0] if keys.suggestions else None
+    named = nearest.matched if nearest else len(keys.matched) + len(keys.shape_mismatch)
+    fix = keys.fix
+    values = (
+        f", {fix.kept_numel / fix.model_numel:.0%} of its values"
+        if fix is not None and fix.model_numel
+        else ""
+    )
+    where = f"; nearest: {' '.join(nearest.flags)}" if nearest else ""
+    return (
+        f"{named}/{keys.target_total} of the target's keys match under any prefix{values} "
+        f"({_problems(keys)}): this checkpoint is not for this model, so no fix is "
+        f"offered{where}"
+    )
 
 
 def _problems(keys: KeyDiff) -> str:
@@ -359,13 +374,15 @@ def _problems(keys: KeyDiff) -> str:
         parts.append(f"{len(keys.shape_mismatch)} shape mismatches")
     if keys.unexplained_missing:
         parts.append(f"{len(keys.unexplained_missing)} missing")
-    return ", ".join(parts) + " (no single transform explains them)"
+    return ", ".join(parts)
 
 
 def _describe_step(step: FixStep) -> str:
     names = capped(fold_names(step.keys), 3)
     if step.reason is Reason.PREFIX:
         return f"{_prefix_words(step.flag)}: then {step.matched}/{step.total} keys match"
+    if step.reason is Reason.NESTING:
+        return f"{names} sit one module level off the model's: add {step.flag}"
     if step.reason is Reason.TIED:
         return (
             f"{names} missing, but tied in the model to names the checkpoint provides: "
@@ -380,6 +397,8 @@ def _describe_step(step: FixStep) -> str:
 
 def _prefix_words(flags: str) -> str:
     """'--strip module. --add-prefix bert.' -> "strip 'module.', add prefix 'bert.'"."""
+    if flags.startswith("--rename "):  # a prefix only some keys have: shown as given
+        return flags.removeprefix("--")
     words = flags.split()
     pairs = zip(words[::2], words[1::2], strict=True)
     return ", ".join(

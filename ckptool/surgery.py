@@ -452,12 +452,13 @@ def _with_suggested_fix(
         raise UsageError(
             f"--auto: ambiguous, {options} match equally many keys; pass one explicitly"
         )
-    if found.fix is None:
+    if found.compatible:
         return given
-    if found.fix.keeps_little:
+    if found.fix is None or found.fix.keeps_little:
         raise IncompatibleError(
-            "--auto: no renames make this checkpoint fit; most of the model would be fresh "
-            "initialisation (see ckptool diff)"
+            "--auto: no transform keeps a meaningful part of this checkpoint, most of the "
+            "model would be fresh initialisation: it is probably not for this model (see "
+            "ckptool diff)"
         )
     return found.fix.transforms
 

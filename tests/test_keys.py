@@ -254,9 +254,16 @@ def test_wrapper_prefix_is_found_and_fix_is_compatible(target: dict, prefix: str
 @settings(max_examples=60)
 @given(key_sets, key_sets)
 def test_suggested_fix_always_makes_a_compatible_diff(source: dict, target: dict) -> None:
+    """A fix is offered only when it works; without one, the names fit already, two
+    prefixes tie, or no name matches under any transform (nothing worth keeping)."""
     result = diff(metas(source), metas(target))
-    transforms = result.fix.transforms if result.fix else Transforms()
-    assert diff(metas(source), metas(target), transforms).compatible or bool(result.ambiguous)
+    if result.fix is not None:
+        fixed = diff(metas(source), metas(target), result.fix.transforms)
+        assert fixed.compatible and fixed.matched
+    else:
+        best = result.suggestions[0].transforms if result.suggestions else Transforms()
+        nothing_kept = not diff(metas(source), metas(target), best, suggest=False).matched
+        assert result.compatible or bool(result.ambiguous) or nothing_kept
 
 
 @given(key_sets)
@@ -308,3 +315,63 @@ def test_flags_that_match_nothing_are_usage_errors(
     # The same flags, spelled as they apply, are accepted.
     fine = run_cli("diff", source, "--model", spec, "--strip", "module.", "--drop", "head.")
     assert fine.exit_code == 0, fine.stdout
+
+
+def test_a_sub_tree_is_renamed_out_and_the_rest_dropped() -> None:
+    """A Lightning module's checkpoint (model.backbone.*, model.head.*) into the backbone:
+    rename the sub-tree where present, drop the rest; not drop-everything advice."""
+    source = {f"model.backbone.{k}": v for k, v in RESNET_LIKE.items()}
+    source |= {"model.head.weight": (3, 1000), "model.head.bias": (3,)}
+    result = diff(metas(source), metas(RESNET_LIKE))
+    assert result.suggestions[0].flags == ["--rename '^model\\.backbone\\.='"]
+    assert result.fix is not None
+    assert result.fix.transforms.flags() == [
+        "--rename '^model\\.backbone\\.='",
+        "--drop model.",  # what is left under model. after the rename: the head
+    ]
+    fixed = diff(metas(source), metas(RESNET_LIKE), result.fix.transforms)
+    assert fixed.compatible and len(fixed.matched) == len(RESNET_LIKE)
+
+
+def test_a_prefix_most_keys_have_is_renamed_where_present() -> None:
+    """--strip is all-or-nothing; when a few keys lack the prefix the fix renames."""
+    source = {f"module.{k}": v for k, v in RESNET_LIKE.items() if k != "fc.bias"}
+    source["fc.bias"] = RESNET_LIKE["fc.bias"]  # saved beside the wrapper, unprefixed
+    result = diff(metas(source), metas(RESNET_LIKE))
+    assert result.fix is not None
+    assert result.fix.transforms.flags() == ["--rename '^module\\.='"]
+    assert diff(metas(source), metas(RESNET_LIKE), result.fix.transforms).compatible
+
+
+def test_a_fix_is_offered_only_if_it_replays() -> None:
+    """Renaming '0.weight' to 'weight' would collide with the checkpoint's own 'weight':
+    that suggestion cannot run, so it is neither suggested nor part of the fix."""
+    source = metas({"weight": (2,), "0.weight": (2,), "0.bias": (2,)})
+    target = metas({"weight": (2,), "bias": (2,)})
+    result = diff(source, target)
+    assert all("--rename" not in " ".join(s.flags) for s in result.suggestions)
+    assert result.fix is not None
+    assert diff(source, target, result.fix.transforms).compatible
+
+
+def test_nothing_kept_under_any_prefix_offers_no_fix() -> None:
+    source = metas({"encoder.conv.kernel": (8, 3), "encoder.conv.offset": (8,)})
+    result = diff(source, metas(RESNET_LIKE))
+    assert result.fix is None and not result.ambiguous and not result.compatible
+
+
+@pytest.mark.parametrize("deeper", [True, False], ids=["model-deeper", "model-shallower"])
+def test_a_layer_nested_one_level_off_is_renamed_not_reinitialised(deeper: bool) -> None:
+    """The model's code wraps each prefilter conv in a Sequential (or stopped doing so):
+    prefilt_layers.N.weight <-> prefilt_layers.N.0.weight. One rename keeps them all."""
+    flat = {f"prefilt_layers.{i}.{leaf}": (8, 4) for i in range(5) for leaf in ("weight", "bias")}
+    nested = {k.replace(f".{i}.", f".{i}.0."): v for i in range(5) for k, v in flat.items()
+              if k.startswith(f"prefilt_layers.{i}.")}  # fmt: skip
+    common = {"out.weight": (2, 8), "out.bias": (2,)}
+    source, target = (flat, nested) if deeper else (nested, flat)
+    result = diff(metas(source | common), metas(target | common))
+    assert result.fix is not None and not result.fix.transforms.reinit
+    assert [s.reason for s in result.fix.steps] == [Reason.NESTING]
+    assert len(result.fix.steps[0].keys) == 10
+    fixed = diff(metas(source | common), metas(target | common), result.fix.transforms)
+    assert fixed.compatible and len(fixed.matched) == 12

@@ -71,7 +71,7 @@ def test_a_fix_that_keeps_little_is_not_offered(
     source = write_checkpoint(state, "cnn.safetensors")
     spec = f"{Path(__file__).parent / 'conftest.py'}:MLP"
     result = run_cli("diff", source, "--model", spec)
-    assert result.exit_code == 1 and "probably not a checkpoint of this model" in result.stdout
+    assert result.exit_code == 1 and "this checkpoint is not for this model" in result.stdout
     assert "fix:" not in result.stdout
     document = json.loads(run_cli("diff", source, "--model", spec, "--json").stdout)
     assert document["fix"] is None and document["fix_keeps_little"] is True

@@ -602,3 +602,31 @@ def test_load_into_loads_in_place_or_raises_with_the_diff(
     same = MLP(num_classes=3)
     ckptool.load_into(same, source, strip=["module."])
     same.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=True)
+
+
+def test_lightning_sub_tree_into_the_backbone_alone(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    """A LightningModule (backbone + its own head + a loss buffer) into torchvision's
+    resnet18 with 5 classes: diff prints a rename of the sub-tree plus drops, the same
+    fix --auto applies, and plain torch loads OUT with every backbone tensor kept."""
+    torch.manual_seed(0)
+    backbone = torchvision.models.resnet18(weights=None).state_dict()
+    state = wrap(backbone, "model.backbone.") | {
+        "model.head.weight": torch.randn(3, 1000),
+        "model.head.bias": torch.randn(3),
+        "model.criterion.pos_weight": torch.ones(3),
+    }
+    source = write_checkpoint({"state_dict": state, "epoch": 3}, "lightning.ckpt")
+    shown = run_cli("diff", source, *RESNET)
+    fix_line = next(line for line in shown.stdout.splitlines() if "fix:" in line)
+    assert "--rename '^model\\.backbone\\.='" in fix_line and "--drop model." in fix_line
+    out = tmp_path / "backbone.safetensors"
+    result = run_cli("adapt", source, *RESNET, "--auto", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    from safetensors.torch import load_file
+
+    written = load_file(out)
+    torchvision.models.resnet18(weights=None, num_classes=5).load_state_dict(written, strict=True)
+    kept = {k: v for k, v in backbone.items() if not k.startswith("fc.")}
+    assert len(kept) == 120 and all(torch.equal(written[k], v) for k, v in kept.items())
