@@ -60,12 +60,7 @@ def torch_accepts(
     import torch
 
     fake: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
-    if versions is not None:
-        # As torch.load returns it: the OrderedDict carries {module path: {"version"}}.
-        fake._metadata = collections.OrderedDict(  # type: ignore[attr-defined]
-            (transform_prefix(f"{path}.", transforms).rstrip("."), {"version": version})
-            for path, version in versions.items()
-        )
+    with_versions(fake, versions, transforms)
     for name, meta in tensors.items():
         dtype = getattr(torch, meta.dtype, None)
         if not isinstance(dtype, torch.dtype):
@@ -79,6 +74,22 @@ def torch_accepts(
     except (RuntimeError, KeyError, ValueError, TypeError):  # torch says no (or a hook broke)
         return None
     return TorchVerdict(unplaced)
+
+
+def with_versions(
+    state: Mapping[str, object], versions: Mapping[str, int] | None, transforms: Transforms
+) -> None:
+    """Attach the module versions torch.save kept, renamed like the keys: as
+    ``torch.load`` returns a state dict, with ``_metadata`` {module path: {"version"}}
+    (BatchNorm's hook fills num_batches_tracked only for old versions)."""
+    import collections
+
+    if versions is None:
+        return
+    state._metadata = collections.OrderedDict(  # type: ignore[attr-defined]
+        (transform_prefix(f"{path}.", transforms).rstrip("."), {"version": version})
+        for path, version in versions.items()
+    )
 
 
 def judge_by_torch(built: ShapeModel, meta: CheckpointMeta, keys: KeyDiff) -> TorchVerdict | None:

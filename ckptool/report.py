@@ -588,7 +588,9 @@ def check_json(result: CheckResult) -> dict[str, Any]:
         "ok": result.ok,
         "source": result.source,
         "model": result.model,
-        "loadable": result.keys.compatible,
+        "loadable": result.loadable,
+        "torch_accepts": result.torch_accepts,
+        "notes": list(result.notes),
         "diff": {
             "missing": list(result.keys.unexplained_missing),
             "unexpected": list(result.keys.unexpected),
@@ -607,9 +609,18 @@ def render_check(result: CheckResult, console: Console) -> None:
     """One line per check, the freeze table, the guard's findings, then the verdict."""
     keys = result.keys
     console.print(f"check: {result.source} -> {result.model}", markup=False)
-    console.print(
-        f"  load       {'ok' if keys.compatible else 'FAILED'}: {verdict(keys)}", markup=False
-    )
+    if result.torch_accepts:
+        loaded = "ok: the model's own load_state_dict(strict=True) accepts it as it is"
+    elif result.loadable and keys.through_tie:
+        loaded = (
+            f"ok: {len(keys.matched)}/{keys.target_total} keys match, "
+            f"{len(keys.through_tie)} more take their values through ties in the model"
+        )
+    else:
+        loaded = f"{'ok' if result.loadable else 'FAILED'}: {verdict(keys)}"
+    console.print(f"  load       {loaded}", markup=False)
+    for note in result.notes:
+        console.print(f"  note       {note}", markup=False)
     if result.guard is None:
         flags = offered_fix_flags(keys)
         hint = f"rerun with {' '.join(flags)}" if flags else "no renames make it fit"

@@ -442,6 +442,31 @@ def load_matched(model: nn.Module, meta: CheckpointMeta, keys: KeyDiff) -> tuple
     return tuple(non_finite)
 
 
+def load_by_torch(model: nn.Module, meta: CheckpointMeta, keys: KeyDiff) -> tuple[str, ...]:
+    """Load through the model's own ``load_state_dict(strict=True)`` (its load hooks
+    rename or fill keys), for a checkpoint the judge accepted; return the non-finite
+    names. The renamed tensors carry the file's module versions, as ``torch.load`` would.
+    """
+    import collections
+
+    import torch
+
+    from ckptool.judge import with_versions
+
+    mapping = apply_transforms(meta.tensors, keys.transforms).mapping
+    state: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
+    with_versions(state, meta.module_versions, keys.transforms)
+    with open_tensors(meta) as reader:
+        for new, old in mapping.items():
+            state[new] = reader.get(old)
+    model.load_state_dict(state, strict=True)
+    return tuple(
+        name
+        for name, tensor in state.items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    )
+
+
 def _with_suggested_fix(
     source: Mapping[str, TensorMeta], target: Mapping[str, TensorMeta], given: Transforms
 ) -> Transforms:

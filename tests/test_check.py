@@ -146,3 +146,81 @@ def test_check_takes_a_live_model_and_leaves_it_alone(write_checkpoint) -> None:
     assert result.ok and result.model == "Sequential (a live nn.Module)"
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())  # not frozen by the check
+
+
+NETS = '''
+import torch
+from torch import nn
+
+
+class FaceNet(nn.Module):
+    """48x48 crops only (a Linear after the flatten), three outputs like MTCNN's ONet:
+    boxes, landmarks, face probabilities; the first output is not logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.PReLU(4), nn.MaxPool2d(2))
+        self.dense = nn.Linear(4 * 11 * 11, 16)
+        self.boxes = nn.Linear(16, 4)
+        self.landmarks = nn.Linear(16, 10)
+        self.faces = nn.Linear(16, 2)
+
+    def forward(self, x):
+        x = self.dense(self.features(x).flatten(1))
+        return self.boxes(x), self.landmarks(x), torch.softmax(self.faces(x), dim=1)
+
+
+class PitchNet(nn.Module):
+    """Raw 1024-sample audio frames, reshaped inside (as torchcrepe does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, (64, 1), stride=(16, 1))
+        self.out = nn.Linear(4 * 61, 8)
+
+    def forward(self, audio):
+        x = self.conv(audio[:, None, :, None])
+        return self.out(x.flatten(1))
+'''
+
+
+@pytest.fixture
+def nets(tmp_path: Path) -> Path:
+    path = tmp_path / "nets.py"
+    path.write_text(NETS)
+    return path
+
+
+@pytest.mark.parametrize(("name", "shape"), [("FaceNet", [3, 48, 48]), ("PitchNet", [1024])])
+def test_check_finds_the_input_shape_and_trains_every_output(
+    run_cli, write_checkpoint: WriteCheckpoint, nets: Path, name: str, shape: list[int]
+) -> None:
+    """The first layer's guess (3x224x224, 1x224x224) does not run; the shape that does is
+    found, and the loss uses every output, so every trainable parameter moves."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nets", nets)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ckpt = write_checkpoint(getattr(module, name)().state_dict(), f"{name}.pt")
+    result = run_cli("check", ckpt, "--model", f"{nets}:{name}", "--strategy", "full", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["input_shape"] == shape and doc["not_moved"] == [] and doc["ok"]
+
+
+def test_a_shape_that_does_not_run_is_explained(
+    run_cli, write_checkpoint: WriteCheckpoint, nets: Path
+) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nets", nets)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ckpt = write_checkpoint(module.FaceNet().state_dict(), "face.pt")
+    result = run_cli("check", ckpt, "--model", f"{nets}:FaceNet", "--input-shape", "3,64,64")
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "cannot run a batch of 2x3x64x64 (--input-shape)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

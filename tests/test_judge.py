@@ -30,6 +30,9 @@ class Old(nn.Module):
         self.bn = nn.BatchNorm1d(4)
         self.fc = nn.Linear(4, num_classes)
 
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).mean(dim=2))
+
 
 class New(nn.Module):
     """The same network with the weight-norm parametrization: its load hook renames
@@ -40,6 +43,8 @@ class New(nn.Module):
         self.conv = weight_norm(nn.Conv1d(2, 4, 3))
         self.bn = nn.BatchNorm1d(4)
         self.fc = nn.Linear(4, num_classes)
+
+    forward = Old.forward
 '''
 
 
@@ -126,3 +131,28 @@ def test_live_model_is_judged_on_a_meta_copy(zoo: dict, drop: tuple) -> None:
         assert ckptool.diff(path, model=model).compatible == expected, path.name
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert model.fc.weight.device.type == "cpu"  # the caller's model never went to meta
+
+
+@pytest.mark.parametrize(
+    "drop", [(), ("bn.num_batches_tracked",), ("fc.bias",)], ids=["whole", "no-nbt", "no-bias"]
+)
+def test_check_loads_through_the_hooks_as_torch_does(run_cli, zoo: dict, drop: tuple) -> None:
+    """check's load step is torch's verdict too, and the guarded step then runs on the
+    weights the hooks loaded."""
+    for path in _files(zoo, "check-" + ("-".join(drop) or "whole"), drop):
+        expected = _torch_accepts(zoo, "New", path)
+        result = run_cli("check", path, "--model", f"{zoo['spec']}:New", "--strategy", "full")
+        assert (result.exit_code == 0) == expected, (path.name, result.output)
+        if expected:
+            assert "accepts it as it is" in result.stdout
+
+
+def test_check_sees_values_loaded_through_a_hook(run_cli, zoo: dict) -> None:
+    """A NaN in weight_v, which only the parametrization's hook loads, fails the check."""
+    folder: Path = zoo["folder"]
+    state = dict(zoo["state"])  # type: ignore[call-overload]
+    state["conv.weight_v"] = torch.full_like(state["conv.weight_v"], float("nan"))
+    path = folder / "nan-weight-v.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    result = run_cli("check", path, "--model", f"{zoo['spec']}:New", "--strategy", "full")
+    assert result.exit_code == 1 and "NaN/inf in conv.weight_v" in result.stdout, result.output
