@@ -550,8 +550,8 @@ class Fix:
 
     transforms: Transforms
     steps: tuple[FixStep, ...]
-    kept_numel: int = 0  # the model's values the checkpoint still provides after the fix
-    model_numel: int = 0
+    kept_numel: int = 0  # the model's learned values the checkpoint provides after the fix
+    model_numel: int = 0  # all of its learned values (see learned_numel)
 
     @property
     def keeps_little(self) -> bool:
@@ -562,6 +562,12 @@ class Fix:
 # Below this share of the model's values from the checkpoint, a "fix" is no fix: the file
 # is likely for another model; adapt refuses to write it unless told.
 MOSTLY_INIT_SHARE = 0.5
+
+
+def learned_numel(target: Mapping[str, TensorMeta], names: Iterable[str]) -> int:
+    """Elements of the learned tensors among ``names``: a model's trainable parameters
+    (buffers and frozen parameters are computed, not trained), any checkpoint tensor."""
+    return sum(target[name].numel for name in names if target[name].learned)
 
 
 def mostly_init(from_checkpoint: int, model_numel: int) -> bool:
@@ -627,8 +633,8 @@ def _compose_fix(
     fix = dataclasses.replace(base, drop=base.drop + drop, reinit=base.reinit + reinit)
     if fix == given and not after.through_tie:
         return None
-    kept = sum(target[name].numel for name in (*after.matched, *after.through_tie))
-    return Fix(fix, tuple(steps), kept, sum(t.numel for t in target.values()))
+    kept = learned_numel(target, (*after.matched, *after.through_tie))
+    return Fix(fix, tuple(steps), kept, learned_numel(target, target))
 
 
 def _nesting_rename(

@@ -326,6 +326,8 @@ def model_tensor_meta(model: nn.Module) -> dict[str, TensorMeta]:
     Names that are one tensor in the model (a weight tied to another, a module reachable
     under two paths) get the first such name as ``storage``, so the key logic sees ties.
     """
+    from torch.nn import Parameter
+
     state = model.state_dict(keep_vars=True)  # the Parameter objects: identity is a tie
     first_name: dict[int, str] = {}
     counts: dict[int, int] = {}
@@ -337,6 +339,7 @@ def model_tensor_meta(model: nn.Module) -> dict[str, TensorMeta]:
             shape=tuple(t.shape),
             dtype=str(t.dtype).removeprefix("torch."),
             storage=first_name[id(t)] if counts[id(t)] > 1 else None,
+            learned=isinstance(t, Parameter) and t.requires_grad,
         )
         for name, t in state.items()
     }

@@ -354,7 +354,7 @@ def _not_for_this_model(keys: KeyDiff) -> str:
     named = nearest.matched if nearest else len(keys.matched) + len(keys.shape_mismatch)
     fix = keys.fix
     values = (
-        f", {fix.kept_numel / fix.model_numel:.0%} of its values"
+        f", {fix.kept_numel / fix.model_numel:.0%} of its trainable values"
         if fix is not None and fix.model_numel
         else ""
     )
@@ -457,7 +457,8 @@ def render_surgery(log: SurgeryLog, console: Console) -> None:
     if log.model_numel:
         share = log.from_checkpoint / log.model_numel
         console.print(
-            f"  from ckpt   {share:.1%} of the model's {human_count(log.model_numel)} values"
+            f"  from ckpt   {share:.1%} of the model's {human_count(log.model_numel)} trainable "
+            "values"
         )
     taken: dict[int, list[str]] = {}
     for name, index in log.taken.items():

@@ -49,6 +49,7 @@ from ckptool.keys import (
     apply_transforms,
     diff,
     fold_names,
+    learned_numel,
     mostly_init,
     under_prefix,
 )
@@ -95,8 +96,8 @@ class SurgeryLog:
     nbytes: int = 0
     verified: bool = False
     notes: tuple[str, ...] = ()  # how the work was done, when it matters (a CPU build)
-    from_checkpoint: int = 0  # adapt: the model's values (elements) taken from the checkpoint
-    model_numel: int = 0  # adapt: all of the model's values
+    from_checkpoint: int = 0  # adapt: elements of the model's learned tensors from the file
+    model_numel: int = 0  # adapt: all of the model's learned values (trainable parameters)
     dry_run: bool = False
     transforms: tuple[str, ...] = ()
     init_method: str = ""
@@ -206,8 +207,8 @@ def adapt(
     log = _replace(
         log,
         notes=(built.note,) if built.note else (),
-        from_checkpoint=sum(target[n].numel for n in from_source),
-        model_numel=sum(t.numel for t in target.values()),
+        from_checkpoint=learned_numel(target, from_source),
+        model_numel=learned_numel(target, target),
     )
     if not allow_mostly_init:
         _refuse_mostly_init(log)
@@ -541,7 +542,7 @@ def _refuse_mostly_init(log: SurgeryLog) -> None:
     if not mostly_init(log.from_checkpoint, log.model_numel):
         return
     raise IncompatibleError(
-        f"only {log.from_checkpoint:,} of the model's {log.model_numel:,} values "
+        f"only {log.from_checkpoint:,} of the model's {log.model_numel:,} trainable values "
         f"({log.from_checkpoint / log.model_numel:.0%}) would come from the checkpoint, the "
         "rest from fresh initialisation: the checkpoint may be for another model, or the "
         "transforms drop too much; add --allow-mostly-init if that is intended"

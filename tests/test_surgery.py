@@ -547,7 +547,10 @@ def test_adapt_refuses_to_write_a_mostly_initialised_model(
     out = tmp_path / "out.safetensors"
     flags = ("--model", spec, "--num-classes", "300", "--drop", "head.", "-o", out)
     refused = run_cli("adapt", source, *flags)
-    assert refused.exit_code == 1 and "only 144 of the model's 5,244 values (3%)" in refused.stderr
+    assert (
+        refused.exit_code == 1
+        and "only 144 of the model's 5,244 trainable values (3%)" in refused.stderr
+    )
     assert "--allow-mostly-init" in refused.stderr and not out.exists()
     allowed = run_cli("adapt", source, *flags, "--allow-mostly-init", "--json")
     assert allowed.exit_code == 0, allowed.stderr
@@ -630,3 +633,35 @@ def test_lightning_sub_tree_into_the_backbone_alone(
     torchvision.models.resnet18(weights=None, num_classes=5).load_state_dict(written, strict=True)
     kept = {k: v for k, v in backbone.items() if not k.startswith("fc.")}
     assert len(kept) == 120 and all(torch.equal(written[k], v) for k, v in kept.items())
+
+
+def test_the_share_counts_learned_values_not_computed_ones(
+    write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    """A pitch model's fixed CQT kernels (a frozen parameter, as pesto builds them) and a
+    window buffer dwarf its trained encoder; a checkpoint of the encoder alone is a
+    checkpoint of this model, not "mostly init"."""
+    from torch import nn
+
+    class WithFrontEnd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kernels = nn.Parameter(torch.randn(64, 1, 512), requires_grad=False)
+            self.register_buffer("window", torch.hann_window(4096))
+            self.encoder = nn.Sequential(nn.Conv1d(64, 8, 3), nn.Conv1d(8, 8, 3))
+
+    torch.manual_seed(0)
+    trained = WithFrontEnd()
+    source = write_checkpoint(
+        {k: v for k, v in trained.state_dict().items() if k.startswith("encoder.")}, "enc.pt"
+    )
+    report = ckptool.diff(source, model=WithFrontEnd())
+    assert report.keys.fix is not None and not report.keys.fix.keeps_little
+    assert report.keys.fix.transforms.flags() == ["--reinit kernels", "--reinit window"]
+    out = tmp_path / "out.safetensors"
+    log = adapt(source, model=WithFrontEnd(), transforms=report.keys.fix.transforms, out=str(out))
+    assert (
+        log.from_checkpoint
+        == log.model_numel
+        == sum(p.numel() for p in trained.encoder.parameters())
+    )

@@ -63,6 +63,9 @@ class TensorMeta:
     # How many bytes from ``file_offset`` the reader checked lie inside the storage record:
     # the only bytes ``byte_range`` may ever point at.
     storage_nbytes: int | None = None
+    # Only a model's metadata sets it: False for buffers and frozen parameters, whose
+    # values the model computes (CQT kernels, position tables) rather than learns.
+    learned: bool = True
 
     @property
     def numel(self) -> int:
