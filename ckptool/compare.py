@@ -90,12 +90,12 @@ def diff_checkpoint(
         built = None
     keys = diff(source_meta.tensors, target_tensors, transforms or Transforms())
     accepted = False
-    if built is not None and not keys.compatible:
-        from ckptool.judge import judge_by_torch
+    if built is not None:
+        from ckptool.judge import hooks_note, with_hooks
 
-        verdict = judge_by_torch(built, source_meta, keys)
-        if verdict is not None:
-            accepted, notes = True, (*notes, verdict.note)
+        keys, placement = with_hooks(built, source_meta, target_tensors, keys)
+        if placement is not None:
+            accepted, notes = keys.compatible, (*notes, hooks_note(keys))
     value_diff = None
     if values and target_meta is not None:
         from ckptool.values import compare_values

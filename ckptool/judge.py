@@ -4,19 +4,29 @@ A key comparison misses what models do while loading: ``weight_norm`` parametriz
 rename ``weight_g``/``weight_v`` in a load hook, BatchNorm fills a missing
 ``num_batches_tracked``, ``_load_from_state_dict`` overrides and pre-hooks rename or
 consume keys. Where the key diff says "incompatible", the checkpoint's tensors (as meta
-tensors: no bytes are read) are handed to ``load_state_dict`` of a throwaway meta copy
-of the model; if torch accepts them strictly, torch is right.
+tensors: no bytes are read) are handed to ``load_state_dict(strict=False)`` of a
+throwaway meta copy of the model. The keys torch does not call unexpected were consumed
+by its hooks, the model keys it does not call missing were filled by them: the diff is
+redone with those placed, so the verdict is torch's and the fix keeps them (a new head
+does not make adapt drop a weight-normed layer's trained weight_g/weight_v).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ckptool.formats.meta import CheckpointMeta, TensorMeta
-from ckptool.keys import KeyDiff, Transforms, apply_transforms, fold_names, transform_prefix
+from ckptool.keys import (
+    HookPlacement,
+    KeyDiff,
+    Transforms,
+    apply_transforms,
+    diff,
+    fold_names,
+    transform_prefix,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -24,37 +34,15 @@ if TYPE_CHECKING:
     from ckptool.models import ShapeModel
 
 
-@dataclass(frozen=True)
-class TorchVerdict:
-    """torch's own loading accepted names the key diff could not place."""
-
-    consumed: tuple[str, ...]  # checkpoint names the key diff did not match
-
-    @property
-    def note(self) -> str:
-        shown = ", ".join(fold_names(self.consumed)[:4])
-        return (
-            f"the model's own loading (its load hooks) accepts {len(self.consumed)} "
-            f"checkpoint keys a name comparison cannot place ({shown}): "
-            "torch loads this file with strict=True"
-        )
-
-
-def torch_accepts(
+def _load_on_meta(
     model: nn.Module,
     tensors: Mapping[str, TensorMeta],
-    unplaced: tuple[str, ...],
-    *,
     versions: Mapping[str, int] | None,
     transforms: Transforms,
-) -> TorchVerdict | None:
-    """Whether ``model.load_state_dict(tensors, strict=True)`` succeeds, judged on meta.
-
-    ``model`` must be on the meta device (it is loaded into, and so changed);
-    ``tensors`` are the checkpoint's names after the transforms; ``versions`` the
-    module versions torch.save kept (hooks depend on them), renamed the same way.
-    Returns None when torch refuses too, or for a dtype torch cannot put on meta.
-    """
+) -> tuple[list[str], list[str]] | None:
+    """torch's (missing, unexpected) keys after ``load_state_dict(strict=False)`` of meta
+    stand-ins on a meta model: what the model's hooks make of the names. None if torch
+    raises (a shape it refuses, a hook that breaks) or a dtype has no meta form."""
     import collections
 
     import torch
@@ -70,10 +58,42 @@ def torch_accepts(
         with warnings.catch_warnings():
             # BatchNorm's hook copies a CPU num_batches_tracked into the meta buffer.
             warnings.simplefilter("ignore")
-            model.load_state_dict(fake, strict=True)  # missing or unexpected keys raise
+            result = model.load_state_dict(fake, strict=False)
     except (RuntimeError, KeyError, ValueError, TypeError):  # torch says no (or a hook broke)
         return None
-    return TorchVerdict(unplaced)
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
+def hook_placement(built: ShapeModel, meta: CheckpointMeta, keys: KeyDiff) -> HookPlacement | None:
+    """Which names the model's own loading places that a name comparison cannot: the
+    checkpoint keys its hooks consume (``weight_g``/``weight_v``) and the model keys they
+    fill (``parametrizations.weight.original0/1``, ``num_batches_tracked``).
+
+    Judged on the keys the diff did not already rule out (shape mismatches and
+    --reinit names are left out, so a new head does not hide the hooks). None when the
+    hooks place nothing, torch refuses, or the model is not on meta.
+    """
+    module = _meta_module(built)
+    if module is None:
+        return None
+    mapping = apply_transforms(meta.tensors, keys.transforms).mapping
+    ruled_out = {m.key for m in keys.shape_mismatch}
+    compared = set(keys.matched) | set(keys.unexpected)
+    tensors = {
+        new: meta.tensors[old]
+        for new, old in mapping.items()
+        if new in compared and new not in ruled_out
+    }
+    placed = _load_on_meta(module, tensors, meta.module_versions, keys.transforms)
+    if placed is None:
+        return None
+    torch_missing, torch_unexpected = set(placed[0]), set(placed[1])
+    consumed = frozenset(k for k in keys.unexpected if k not in torch_unexpected)
+    reinit = set(keys.reinit)
+    filled = frozenset(
+        k for k in keys.missing if k not in torch_missing and k not in ruled_out | reinit
+    )
+    return HookPlacement(consumed, filled) if consumed or filled else None
 
 
 def with_versions(
@@ -92,26 +112,42 @@ def with_versions(
     )
 
 
-def judge_by_torch(built: ShapeModel, meta: CheckpointMeta, keys: KeyDiff) -> TorchVerdict | None:
-    """Ask the model's own ``load_state_dict`` where the key diff said no.
+def hooks_note(keys: KeyDiff) -> str:
+    """How the model's own loading placed names the comparison could not."""
+    placed = (*keys.hooked, *keys.hook_filled)
+    shown = ", ".join(fold_names(placed)[:4])
+    verdict = ": torch loads this file with strict=True" if keys.compatible else ""
+    return (
+        f"the model's own loading (its load hooks) places {len(placed)} keys a name "
+        f"comparison cannot ({shown}){verdict}"
+    )
 
-    Only a meta model is loaded into: the one ckptool built, or a meta copy of the
-    caller's live model (which itself is never touched). A model ckptool had to build on
-    the CPU is not judged (None).
+
+def with_hooks(
+    built: ShapeModel,
+    meta: CheckpointMeta,
+    target: Mapping[str, TensorMeta],
+    keys: KeyDiff,
+) -> tuple[KeyDiff, HookPlacement | None]:
+    """The diff again with what the model's hooks place (torch's verdict), or as it is.
+
+    Also returns the placement, for a later diff of the same names (--auto, replays).
     """
+    if keys.fits_after_adapt:
+        return keys, None
+    placement = hook_placement(built, meta, keys)
+    if placement is None:
+        return keys, None
+    return diff(meta.tensors, target, keys.transforms, hooks=placement), placement
+
+
+def _meta_module(built: ShapeModel) -> nn.Module | None:
+    """A meta model to load into: the one ckptool built, or a meta copy of the caller's
+    live model (never the live model itself); None for a model built on the CPU."""
     module = meta_copy(built.module) if built.live else built.module
     if module is None or any(not t.is_meta for t in module.state_dict().values()):
         return None
-    mapping = apply_transforms(meta.tensors, keys.transforms).mapping
-    renamed = {new: meta.tensors[old] for new, old in mapping.items()}
-    unplaced = (*keys.unexpected, *(m.key for m in keys.shape_mismatch))
-    return torch_accepts(
-        module,
-        renamed,
-        unplaced,
-        versions=meta.module_versions,
-        transforms=keys.transforms,
-    )
+    return module
 
 
 def meta_copy(model: nn.Module) -> nn.Module | None:

@@ -181,6 +181,16 @@ class Suggestion:
 
 
 @dataclass(frozen=True)
+class HookPlacement:
+    """Names the model's own loading places though they do not match by name (found by
+    :func:`ckptool.judge.hook_placement`): checkpoint keys its load hooks consume, and
+    model keys they fill. Names are as after the given transforms."""
+
+    consumed: frozenset[str]
+    filled: frozenset[str]
+
+
+@dataclass(frozen=True)
 class KeyDiff:
     """How a checkpoint's keys (after transforms) compare with a model's or another checkpoint's."""
 
@@ -201,6 +211,10 @@ class KeyDiff:
     # Missing names that are one tensor in the model with a name the checkpoint provides
     # (tied weights, a module under two paths): missing name -> the provided name.
     through_tie: Mapping[str, str] = field(default_factory=dict)
+    # Placed by the model's load hooks (torch's verdict): checkpoint keys they consume,
+    # written as they are; model keys they fill, not written.
+    hooked: tuple[str, ...] = ()
+    hook_filled: tuple[str, ...] = ()
 
     @property
     def unexplained_missing(self) -> tuple[str, ...]:
@@ -228,6 +242,7 @@ def diff(
     transforms: Transforms = Transforms(),
     *,
     suggest: bool = True,
+    hooks: HookPlacement | None = None,
 ) -> KeyDiff:
     """Compare ``source`` keys (after ``transforms``) with ``target`` keys.
 
@@ -236,6 +251,7 @@ def diff(
         target: the model's (or a second checkpoint's) tensors.
         transforms: applied to ``source`` names first.
         suggest: also search prefix transforms and compose the fix.
+        hooks: names the model's load hooks place (neither unexpected nor missing).
 
     Raises:
         TransformError: as :func:`apply_transforms`; a --drop or --reinit prefix that
@@ -243,7 +259,7 @@ def diff(
     """
     renaming = apply_transforms(source, transforms)
     _check_prefixes_match(source, target, transforms)
-    result = _compare(source, target, renaming, transforms)
+    result = _compare(source, target, renaming, transforms, hooks)
     if not suggest:
         return result
     # Candidates are scored by name matches, so the baseline counts mismatched shapes too.
@@ -256,8 +272,8 @@ def diff(
     best = suggestions[0] if suggestions else None
     tied = tuple(s for s in suggestions if best and s.matched == best.matched)
     # With tied, different prefixes there is no single fix to recommend; the report lists them.
-    fix = _compose_fix(source, target, transforms, best) if len(tied) <= 1 else None
-    if fix is not None and not _replays(source, target, fix.transforms):
+    fix = _compose_fix(source, target, transforms, best, hooks) if len(tied) <= 1 else None
+    if fix is not None and not _replays(source, target, fix.transforms, hooks):
         fix = None
     return dataclasses.replace(
         result,
@@ -333,6 +349,7 @@ def _compare(
     target: Mapping[str, TensorMeta],
     renaming: Renaming,
     transforms: Transforms,
+    hooks: HookPlacement | None = None,
 ) -> KeyDiff:
     mapping = renaming.mapping
     reinit = PrefixIndex(transforms.reinit)
@@ -350,13 +367,14 @@ def _compare(
         if src.dtype != tgt.dtype:
             dtype_mismatch.append(DtypeMismatch(name, src.dtype, tgt.dtype))
     present = set(compared)
-    missing = tuple(k for k in target if k not in present)
+    consumed, filled = (hooks.consumed, hooks.filled) if hooks else (frozenset(), frozenset())
+    missing = tuple(k for k in target if k not in present and k not in filled)
     through_tie = _through_ties(target, matched, missing)
     _refuse_reinit_of_ties(target, matched, transforms)
     return KeyDiff(
         matched=tuple(matched),
         missing=missing,
-        unexpected=tuple(k for k in compared if k not in target),
+        unexpected=tuple(k for k in compared if k not in target and k not in consumed),
         shape_mismatch=tuple(shape_mismatch),
         dtype_mismatch=tuple(dtype_mismatch),
         dropped=renaming.dropped,
@@ -366,6 +384,8 @@ def _compare(
         source_total=len(source),
         target_total=len(target),
         through_tie=through_tie,
+        hooked=tuple(k for k in compared if k not in target and k in consumed),
+        hook_filled=tuple(k for k in target if k not in present and k in filled),
     )
 
 
@@ -594,12 +614,15 @@ def _applies(source: Iterable[str], transforms: Transforms) -> bool:
 
 
 def _replays(
-    source: Mapping[str, TensorMeta], target: Mapping[str, TensorMeta], transforms: Transforms
+    source: Mapping[str, TensorMeta],
+    target: Mapping[str, TensorMeta],
+    transforms: Transforms,
+    hooks: HookPlacement | None,
 ) -> bool:
     """A fix is printed only if running it works: the transforms apply, every flag
     matches something, and adapt's output would load strictly with something kept."""
     try:
-        replayed = diff(source, target, transforms, suggest=False)
+        replayed = diff(source, target, transforms, suggest=False, hooks=hooks)
     except TransformError:
         return False
     return replayed.fits_after_adapt and bool(replayed.matched)
@@ -610,6 +633,7 @@ def _compose_fix(
     target: Mapping[str, TensorMeta],
     given: Transforms,
     best: Suggestion | None,
+    hooks: HookPlacement | None = None,
 ) -> Fix | None:
     """The given transforms plus the best prefix fix plus --drop/--reinit for what remains."""
     base, steps = given, []
@@ -619,10 +643,10 @@ def _compose_fix(
             FixStep(" ".join(best.flags), Reason.PREFIX, matched=best.matched, total=best.total)
         ]
     try:
-        after = _compare(source, target, apply_transforms(source, base), base)
+        after = _compare(source, target, apply_transforms(source, base), base, hooks)
     except TransformError:
         return None
-    nesting = _nesting_rename(source, target, base, after)
+    nesting = _nesting_rename(source, target, base, after, hooks)
     if nesting is not None:
         base, after, step = nesting
         steps.append(step)
@@ -633,7 +657,7 @@ def _compose_fix(
     fix = dataclasses.replace(base, drop=base.drop + drop, reinit=base.reinit + reinit)
     if fix == given and not after.through_tie:
         return None
-    kept = learned_numel(target, (*after.matched, *after.through_tie))
+    kept = learned_numel(target, (*after.matched, *after.through_tie, *after.hook_filled))
     return Fix(fix, tuple(steps), kept, learned_numel(target, target))
 
 
@@ -642,6 +666,7 @@ def _nesting_rename(
     target: Mapping[str, TensorMeta],
     base: Transforms,
     after: KeyDiff,
+    hooks: HookPlacement | None,
 ) -> tuple[Transforms, KeyDiff, FixStep] | None:
     """A rename that moves checkpoint layers one module level deeper or shallower
     (``prefilt_layers.0.weight`` for the model's ``prefilt_layers.0.0.weight``, code that
@@ -666,7 +691,7 @@ def _nesting_rename(
     for rule, _ in rules.most_common(MAX_NESTING_RULES):
         candidate = dataclasses.replace(base, rename=(*base.rename, rule))
         try:
-            trial = _compare(source, target, apply_transforms(source, candidate), candidate)
+            trial = _compare(source, target, apply_transforms(source, candidate), candidate, hooks)
         except TransformError:
             continue
         if len(trial.matched) > len((best[1] if best else after).matched):

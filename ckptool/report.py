@@ -196,6 +196,8 @@ def diff_json(report: CheckpointDiff) -> dict[str, Any]:
         "matched": list(keys.matched),
         "missing": list(keys.missing),
         "tied": dict(keys.through_tie),
+        "hooked": list(keys.hooked),
+        "hook_filled": list(keys.hook_filled),
         "unexpected": list(keys.unexpected),
         "shape_mismatch": _mismatches_json(keys.shape_mismatch),
         "dtype_mismatch": [
@@ -272,6 +274,7 @@ def _categories_table(keys: KeyDiff, console: Console) -> Table:
         ("matched", keys.matched),
         ("missing", keys.unexplained_missing),
         ("missing, tied to a provided key", list(keys.through_tie)),
+        ("placed by load hooks", [*keys.hooked, *keys.hook_filled]),
         ("filled from model init", explained),
         ("unexpected", keys.unexpected),
         ("shape mismatch", [m.key for m in keys.shape_mismatch]),

@@ -18,7 +18,7 @@ from ckptool.formats import read_metadata
 from ckptool.freezing import FreezeSummary, freeze_for_training
 from ckptool.guard import FreezeGuard, FrozenParameterError, GuardReport
 from ckptool.keys import KeyDiff, Transforms, diff
-from ckptool.surgery import load_by_torch, load_matched
+from ckptool.surgery import load_matched
 
 if TYPE_CHECKING:
     import torch
@@ -94,21 +94,21 @@ def check(
 
     import torch
 
-    from ckptool.judge import judge_by_torch
+    from ckptool.judge import hooks_note, with_hooks
     from ckptool.models import ShapeModel, build_or_copy, model_label, model_tensor_meta
 
     transforms = transforms or Transforms()
     torch.manual_seed(seed)
     net = build_or_copy(model, model_args=model_args, num_classes=num_classes, head=head)
-    keys = diff(meta.tensors, model_tensor_meta(net), transforms)
+    target = model_tensor_meta(net)
+    keys = diff(meta.tensors, target, transforms)
     label = model_label(model)
     label += f" --num-classes {num_classes}" if num_classes is not None else ""
-    verdict = None
+    # torch is the judge: names the model's load hooks place count as placed.
+    keys, placement = with_hooks(ShapeModel(net, None, live=True), meta, target, keys)
     if not keys.fits_after_adapt:
-        verdict = judge_by_torch(ShapeModel(net, None, live=True), meta, keys)
-        if verdict is None:
-            return CheckResult(meta.path, label, keys)
-    non_finite = load_by_torch(net, meta, keys) if verdict else load_matched(net, meta, keys)
+        return CheckResult(meta.path, label, keys)
+    non_finite = load_matched(net, meta, keys)
     summary = freeze_for_training(
         net,
         train=train,
@@ -119,9 +119,10 @@ def check(
     )
     shape = tuple(input_shape) if input_shape else runnable_input_shape(net)
     report, not_moved = _guarded_step(net, shape, seed, given=input_shape is not None)
-    notes = (verdict.note,) if verdict else ()
+    hooked = placement is not None and keys.compatible
+    notes = (hooks_note(keys),) if placement is not None else ()
     return CheckResult(
-        meta.path, label, keys, non_finite, report, summary, not_moved, shape, bool(verdict), notes
+        meta.path, label, keys, non_finite, report, summary, not_moved, shape, hooked, notes
     )
 
 

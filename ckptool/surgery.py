@@ -43,10 +43,10 @@ from ckptool.formats.write import (
     sha256_in_background,
 )
 from ckptool.keys import (
+    HookPlacement,
     KeyDiff,
     ShapeMismatch,
     Transforms,
-    apply_transforms,
     diff,
     fold_names,
     learned_numel,
@@ -180,6 +180,7 @@ def adapt(
             ``allow_mostly_init`` is false (a wrong model, or a fix that drops too much).
         UsageError: ambiguous ``auto``, bad flags; and the read/write errors.
     """
+    from ckptool.judge import hooks_note
     from ckptool.models import build_for_shapes, model_label, model_tensor_meta
 
     policy = MismatchPolicy(on_mismatch)
@@ -189,25 +190,21 @@ def adapt(
     built = build_for_shapes(model, model_args=model_args, num_classes=num_classes, head=head)
     target = model_tensor_meta(built.module)
     fmt_out = output_format_for(out, fmt) if out else None
-    as_is = _accepted_by_torch(built, meta, target, transforms, auto=auto)
-    if as_is is not None:  # the model's own loading takes the renamed checkpoint whole
-        keys, note = as_is
-        mapping = apply_transforms(meta.tensors, keys.transforms).mapping
-        log = _as_is_log(meta, keys, mapping, note, out, fmt_out, dry_run=dry_run)
-        if dry_run or out is None or fmt_out is None:
-            return log
-        return _write_renamed(log, meta, keys, mapping, out, fmt_out, dtype=dtype, force=force)
-    keys = plan_keys(meta, target, transforms, auto=auto, policy=policy, strict=strict)
+    keys = plan_keys(meta, target, transforms, auto=auto, policy=policy, strict=strict, built=built)
     transforms = keys.transforms
     # A name tied to a provided one is written with the same bytes: loading either name
     # then puts the trained values into the one tensor.
     from_source = {name: name for name in keys.matched} | dict(keys.through_tie)
-    to_fill = [name for name in target if name not in from_source]
+    # Names the model's load hooks fill come from the checkpoint too, through the keys
+    # the hooks consume (weight_g/weight_v), which are written under their own names.
+    to_fill = [n for n in target if n not in from_source and n not in keys.hook_filled]
     log = _adapt_log(meta, keys, to_fill, out, fmt_out, dry_run=dry_run, dtype=dtype)
+    hooked = keys.hooked or keys.hook_filled
+    notes = ((built.note,) if built.note else ()) + ((hooks_note(keys),) if hooked else ())
     log = _replace(
         log,
-        notes=(built.note,) if built.note else (),
-        from_checkpoint=learned_numel(target, from_source),
+        notes=notes,
+        from_checkpoint=learned_numel(target, [*from_source, *keys.hook_filled]),
         model_numel=learned_numel(target, target),
     )
     if not allow_mostly_init:
@@ -220,6 +217,8 @@ def adapt(
         sources = SourceBytes(meta, stack)
         plan = []
         for name, wanted in target.items():
+            if name in keys.hook_filled:
+                continue
             if name in from_source:
                 provided = from_source[name]
                 data, out_dtype = sources.data(original.get(provided, provided), dtype)
@@ -227,80 +226,13 @@ def adapt(
                 out_dtype = dtype if dtype and wanted.dtype in FLOATING else wanted.dtype
                 data = tensor_bytes(init[name], out_dtype)
             plan.append(OutTensor(name, out_dtype, wanted.shape, data))
+        for name in keys.hooked:
+            old = original.get(name, name)
+            data, out_dtype = sources.data(old, dtype)
+            plan.append(OutTensor(name, out_dtype, meta.tensors[old].shape, data))
         metadata = provenance("adapt", meta, transforms, model=model_label(model))
         saved = _save_hashed(out, plan, fmt_out, meta, metadata, force=force)
     return _finished(log, saved.paths, saved.nbytes, init_method=method)
-
-
-def _accepted_by_torch(
-    built: ShapeModel,
-    meta: CheckpointMeta,
-    target: Mapping[str, TensorMeta],
-    transforms: Transforms | None,
-    *,
-    auto: bool,
-) -> tuple[KeyDiff, str] | None:
-    """(the key diff, torch's note) when the names do not match but the model's own
-    ``load_state_dict(strict=True)`` takes the checkpoint as it is (after the renames)."""
-    from ckptool.judge import judge_by_torch
-
-    if auto:
-        return None  # --auto asks for the suggested renames; the plan handles it
-    keys = diff(meta.tensors, target, transforms or Transforms(), suggest=False)
-    if keys.compatible:
-        return None
-    verdict = judge_by_torch(built, meta, keys)
-    return (keys, verdict.note) if verdict is not None else None
-
-
-def _as_is_log(
-    meta: CheckpointMeta,
-    keys: KeyDiff,
-    mapping: Mapping[str, str],
-    note: str,
-    out: str | None,
-    fmt: OutputFormat | None,
-    *,
-    dry_run: bool,
-) -> SurgeryLog:
-    return SurgeryLog(
-        command="adapt",
-        sources=(meta.path,),
-        output=out,
-        format=fmt.value if fmt else None,
-        kept=tuple(new for new, old in mapping.items() if new == old),
-        renamed={old: new for new, old in mapping.items() if new != old},
-        dropped=keys.dropped,
-        dry_run=dry_run,
-        transforms=tuple(keys.transforms.flags()),
-        notes=(note,),
-        from_checkpoint=meta.num_params,
-        model_numel=meta.num_params,
-    )
-
-
-def _write_renamed(
-    log: SurgeryLog,
-    meta: CheckpointMeta,
-    keys: KeyDiff,
-    mapping: Mapping[str, str],
-    out: str,
-    fmt: OutputFormat,
-    *,
-    dtype: str | None,
-    force: bool,
-) -> SurgeryLog:
-    """Every checkpoint tensor under its renamed name (``mapping``: new -> original):
-    what the model's hooks expect."""
-    with ExitStack() as stack:
-        sources = SourceBytes(meta, stack)
-        plan = []
-        for name, old in mapping.items():
-            data, out_dtype = sources.data(old, dtype)
-            plan.append(OutTensor(name, out_dtype, meta.tensors[old].shape, data))
-        metadata = provenance("adapt", meta, keys.transforms)
-        saved = _save_hashed(out, plan, fmt, meta, metadata, force=force)
-    return _finished(log, saved.paths, saved.nbytes)
 
 
 def _save_hashed(
@@ -336,17 +268,29 @@ def plan_keys(
     auto: bool = False,
     policy: MismatchPolicy = MismatchPolicy.ERROR,
     strict: bool = False,
+    built: ShapeModel | None = None,
 ) -> KeyDiff:
     """The key plan of an adapt: transforms (plus, with --auto, the fix), refusals included.
+
+    With ``built``, torch is the judge: names the model's load hooks place (found under
+    the renames, before any drop) are kept, not dropped and re-initialised.
 
     Raises:
         IncompatibleError, UsageError: as :func:`adapt`.
     """
-    transforms = transforms or Transforms()
+    from ckptool.judge import with_hooks
+
+    given = transforms or Transforms()
+    keys = diff(meta.tensors, target, given)
+    if auto and keys.fix is not None:  # the fix's renames first: hooks see the model's names
+        renames = dataclasses.replace(keys.fix.transforms, drop=given.drop, reinit=given.reinit)
+        keys = diff(meta.tensors, target, renames)
+    hooks = None
+    if built is not None:
+        keys, hooks = with_hooks(built, meta, target, keys)
     if auto:
-        transforms = _with_suggested_fix(meta.tensors, target, transforms)
-    keys = diff(meta.tensors, target, transforms, suggest=False)
-    _refuse_incompatible(meta.tensors, target, keys, policy=policy, strict=strict)
+        keys = diff(meta.tensors, target, _whole_fix(keys), suggest=False, hooks=hooks)
+    _refuse_incompatible(meta.tensors, target, keys, policy=policy, strict=strict, hooks=hooks)
     return keys
 
 
@@ -363,7 +307,7 @@ def adapt_into(
     """``adapt`` into a model in memory: matched tensors are copied in, the rest keep
     the model's initialisation. Same plan and refusals as :func:`adapt`.
     """
-    from ckptool.models import model_tensor_meta
+    from ckptool.models import ShapeModel, model_tensor_meta
 
     meta = read_metadata(source, key=key)
     keys = plan_keys(
@@ -373,6 +317,7 @@ def adapt_into(
         auto=auto,
         policy=MismatchPolicy(on_mismatch),
         strict=strict,
+        built=ShapeModel(model, None, live=True),
     )
     return _load_and_log(model, meta, keys)
 
@@ -380,7 +325,7 @@ def adapt_into(
 def _load_and_log(model: nn.Module, meta: CheckpointMeta, keys: KeyDiff) -> SurgeryLog:
     """Copy the matched tensors into ``model``; the log lists what kept its own values."""
     load_matched(model, meta, keys)  # a tied name receives its partner's values with it
-    provided = {*keys.matched, *keys.through_tie}
+    provided = {*keys.matched, *keys.through_tie, *keys.hook_filled}
     to_fill = [name for name in model.state_dict() if name not in provided]
     return _adapt_log(meta, keys, to_fill, None, None, dry_run=False, dtype=None)
 
@@ -410,13 +355,17 @@ def load_into(
         IncompatibleCheckpointError: it does not fit; ``.diff`` holds the key diff and
             its suggested fix. The model is left untouched.
     """
-    from ckptool.models import model_tensor_meta
+    from ckptool.models import ShapeModel, model_tensor_meta
 
     transforms = Transforms.from_flags(
         strip=strip, add_prefix=add_prefix, rename=rename, drop=drop, reinit=reinit
     )
+    from ckptool.judge import with_hooks
+
     meta = read_metadata(checkpoint, key=key)
-    keys = diff(meta.tensors, model_tensor_meta(model), transforms)
+    target = model_tensor_meta(model)
+    keys = diff(meta.tensors, target, transforms)
+    keys, _ = with_hooks(ShapeModel(model, None, live=True), meta, target, keys)
     if not keys.fits_after_adapt:
         raise IncompatibleCheckpointError(_not_strict(meta.path, model, keys), keys)
     return _load_and_log(model, meta, keys)
@@ -432,6 +381,8 @@ def load_matched(model: nn.Module, meta: CheckpointMeta, keys: KeyDiff) -> tuple
     import torch
 
     original = {new: old for old, new in keys.renamed.items()}
+    if keys.hooked or keys.hook_filled:
+        return _load_through_hooks(model, meta, keys, original)
     state = model.state_dict()
     non_finite = []
     with open_tensors(meta) as reader, torch.no_grad():
@@ -443,24 +394,28 @@ def load_matched(model: nn.Module, meta: CheckpointMeta, keys: KeyDiff) -> tuple
     return tuple(non_finite)
 
 
-def load_by_torch(model: nn.Module, meta: CheckpointMeta, keys: KeyDiff) -> tuple[str, ...]:
-    """Load through the model's own ``load_state_dict(strict=True)`` (its load hooks
-    rename or fill keys), for a checkpoint the judge accepted; return the non-finite
-    names. The renamed tensors carry the file's module versions, as ``torch.load`` would.
-    """
+def _load_through_hooks(
+    model: nn.Module, meta: CheckpointMeta, keys: KeyDiff, original: Mapping[str, str]
+) -> tuple[str, ...]:
+    """Matched and hook-consumed tensors through ``load_state_dict`` (the hooks turn
+    weight_g/weight_v into the parametrization); the rest keeps the model's values."""
     import collections
 
     import torch
 
     from ckptool.judge import with_versions
 
-    mapping = apply_transforms(meta.tensors, keys.transforms).mapping
     state: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
-    with_versions(state, meta.module_versions, keys.transforms)
+    with_versions(state, meta.module_versions, keys.transforms)  # as torch.load gives it
     with open_tensors(meta) as reader:
-        for new, old in mapping.items():
-            state[new] = reader.get(old)
-    model.load_state_dict(state, strict=True)
+        for name in (*keys.matched, *keys.hooked):
+            state[name] = reader.get(original.get(name, name))
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:  # the judge said the hooks take them; they did not
+        raise IncompatibleError(
+            f"{meta.path}: the model's loading left {', '.join(result.unexpected_keys[:3])} "
+            "unused, though its hooks took them on the meta device"
+        )
     return tuple(
         name
         for name, tensor in state.items()
@@ -468,18 +423,15 @@ def load_by_torch(model: nn.Module, meta: CheckpointMeta, keys: KeyDiff) -> tupl
     )
 
 
-def _with_suggested_fix(
-    source: Mapping[str, TensorMeta], target: Mapping[str, TensorMeta], given: Transforms
-) -> Transforms:
+def _whole_fix(found: KeyDiff) -> Transforms:
     """--auto: the whole fix ``diff`` prints (renames, drops, re-inits), not a part of it."""
-    found = diff(source, target, given)
     if found.ambiguous:
         options = " or ".join(" ".join(s.flags) for s in found.ambiguous)
         raise UsageError(
             f"--auto: ambiguous, {options} match equally many keys; pass one explicitly"
         )
-    if found.compatible:
-        return given
+    if found.compatible or (found.fits_after_adapt and found.fix is None):
+        return found.transforms
     if found.fix is None or found.fix.keeps_little:
         raise IncompatibleError(
             "--auto: no transform keeps a meaningful part of this checkpoint, most of the "
@@ -496,8 +448,9 @@ def _refuse_incompatible(
     *,
     policy: MismatchPolicy,
     strict: bool,
+    hooks: HookPlacement | None = None,
 ) -> None:
-    hint = _fix_hint(source, target, keys.transforms)
+    hint = _fix_hint(source, target, keys.transforms, hooks)
     if not keys.matched:
         # Writing the model's init under a new name would look like success; it is not.
         raise IncompatibleError(
@@ -529,9 +482,12 @@ def _misfits(keys: KeyDiff) -> str:
 
 
 def _fix_hint(
-    source: Mapping[str, TensorMeta], target: Mapping[str, TensorMeta], given: Transforms
+    source: Mapping[str, TensorMeta],
+    target: Mapping[str, TensorMeta],
+    given: Transforms,
+    hooks: HookPlacement | None,
 ) -> str:
-    fix = diff(source, target, given).fix
+    fix = diff(source, target, given, hooks=hooks).fix
     if fix is None:
         return ""
     extra = [f for f in fix.transforms.flags() if f not in given.flags()]
@@ -567,8 +523,8 @@ def _adapt_log(
         sources=(meta.path,),
         output=out,
         format=fmt.value if fmt else None,
-        kept=tuple(n for n in keys.matched if n not in original),
-        renamed={original[n]: n for n in keys.matched if n in original},
+        kept=tuple(n for n in (*keys.matched, *keys.hooked) if n not in original),
+        renamed={original[n]: n for n in (*keys.matched, *keys.hooked) if n in original},
         dropped=keys.dropped,
         left_out=keys.unexpected,
         mismatched=keys.shape_mismatch,

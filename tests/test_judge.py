@@ -156,3 +156,29 @@ def test_check_sees_values_loaded_through_a_hook(run_cli, zoo: dict) -> None:
     save_file({k: v.contiguous() for k, v in state.items()}, path)
     result = run_cli("check", path, "--model", f"{zoo['spec']}:New", "--strategy", "full")
     assert result.exit_code == 1 and "NaN/inf in conv.weight_v" in result.stdout, result.output
+
+
+def test_a_new_head_keeps_the_weights_the_hooks_load(run_cli, zoo: dict, tmp_path: Path) -> None:
+    """Old weight-norm keys into the parametrized model with a new head: the fix drops
+    the head only (not weight_g/weight_v, not the parametrization), --auto applies it,
+    and plain torch loads OUT with the trained conv bit for bit."""
+    source = _files(zoo, "whole", ())[0]
+    spec = ("--model", f"{zoo['spec']}:New", "--model-arg", "num_classes=5")
+    shown = run_cli("diff", source, *spec)
+    fix = next(line for line in shown.stdout.splitlines() if "fix:" in line)
+    assert fix.endswith("--drop fc. -o OUT") and "weight_g" not in fix and "--reinit" not in fix
+    out = tmp_path / "new-head.safetensors"
+    result = run_cli("adapt", source, *spec, "--auto", "-o", out)
+    assert result.exit_code == 0, result.output
+    written = load_file(out)
+    model = zoo["models"].New(num_classes=5)  # type: ignore[attr-defined]
+    model.load_state_dict(written, strict=True)
+    state = zoo["state"]
+    conv = model.conv.parametrizations.weight
+    assert torch.equal(conv.original0, state["conv.weight_g"])  # type: ignore[index]
+    assert torch.equal(conv.original1, state["conv.weight_v"])  # type: ignore[index]
+    assert model.fc.weight.shape == (5, 4)
+    live = zoo["models"].New(num_classes=5)  # type: ignore[attr-defined]
+    log = ckptool.load_into(live, source, drop=["fc."])  # the same verdict in memory
+    assert torch.equal(live.conv.parametrizations.weight.original1, state["conv.weight_v"])
+    assert "fc.weight" in log.filled
