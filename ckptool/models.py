@@ -329,6 +329,9 @@ def model_tensor_meta(model: nn.Module) -> dict[str, TensorMeta]:
     from torch.nn import Parameter
 
     state = model.state_dict(keep_vars=True)  # the Parameter objects: identity is a tie
+    # A model built with every parameter frozen (a metric such as LPIPS) says nothing
+    # about which values are learned: then every parameter counts.
+    any_trainable = any(isinstance(t, Parameter) and t.requires_grad for t in state.values())
     first_name: dict[int, str] = {}
     counts: dict[int, int] = {}
     for name, tensor in state.items():
@@ -339,7 +342,7 @@ def model_tensor_meta(model: nn.Module) -> dict[str, TensorMeta]:
             shape=tuple(t.shape),
             dtype=str(t.dtype).removeprefix("torch."),
             storage=first_name[id(t)] if counts[id(t)] > 1 else None,
-            learned=isinstance(t, Parameter) and t.requires_grad,
+            learned=isinstance(t, Parameter) and (t.requires_grad or not any_trainable),
         )
         for name, t in state.items()
     }

@@ -665,3 +665,19 @@ def test_the_share_counts_learned_values_not_computed_ones(
         == log.model_numel
         == sum(p.numel() for p in trained.encoder.parameters())
     )
+
+
+def test_a_model_built_all_frozen_counts_every_parameter(write_checkpoint: WriteCheckpoint) -> None:
+    """With nothing trainable, requires_grad says nothing about what was learned."""
+    from torch import nn
+
+    def frozen() -> nn.Module:
+        net = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 2))
+        net.requires_grad_(False)
+        return net
+
+    source = write_checkpoint(
+        {k: v for k, v in frozen().state_dict().items() if k[0] == "1"}, "h.pt"
+    )
+    report = ckptool.diff(source, model=frozen())
+    assert report.keys.fix is not None and report.keys.fix.keeps_little
