@@ -13,6 +13,7 @@ does not make adapt drop a weight-normed layer's trained weight_g/weight_v).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -135,7 +136,14 @@ def with_hooks(
     """
     if keys.fits_after_adapt:
         return keys, None
-    placement = hook_placement(built, meta, keys)
+    given, judged = keys.transforms, keys
+    if keys.fix is not None:
+        # Under the fix's renames (--strip module.) the hooks see the model's names;
+        # under the names as given they would act on the wrong modules.
+        renamed = dataclasses.replace(keys.fix.transforms, drop=given.drop, reinit=given.reinit)
+        if renamed != given:
+            judged = diff(meta.tensors, target, renamed, suggest=False)
+    placement = hook_placement(built, meta, judged)
     if placement is None:
         return keys, None
     return diff(meta.tensors, target, keys.transforms, hooks=placement), placement

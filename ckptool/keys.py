@@ -766,7 +766,9 @@ def _cover_remaining(after: KeyDiff) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Module prefixes to --drop (unexpected/mismatched) and --reinit (missing only)."""
     conflicting = set(after.unexpected) | {m.key for m in after.shape_mismatch}
     missing = set(after.unexplained_missing)
+    # Names the hooks place belong to the universe: a prefix must not sweep them up.
     universe = set(after.matched) | set(after.missing) | conflicting
+    universe |= set(after.hooked) | set(after.hook_filled)
     drop = covering_prefixes(conflicting | (missing & _near(conflicting, missing)), universe)
     reinit = covering_prefixes(missing - _covered(missing, drop), universe)
     return tuple(drop), tuple(reinit)

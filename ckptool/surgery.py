@@ -282,9 +282,6 @@ def plan_keys(
 
     given = transforms or Transforms()
     keys = diff(meta.tensors, target, given)
-    if auto and keys.fix is not None:  # the fix's renames first: hooks see the model's names
-        renames = dataclasses.replace(keys.fix.transforms, drop=given.drop, reinit=given.reinit)
-        keys = diff(meta.tensors, target, renames)
     hooks = None
     if built is not None:
         keys, hooks = with_hooks(built, meta, target, keys)
