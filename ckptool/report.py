@@ -112,6 +112,7 @@ def inspect_json(meta: CheckpointMeta) -> dict[str, Any]:
         ],
         "metadata": dict(meta.metadata),
         "shared": meta.shared_groups(),
+        "opaque": list(meta.opaque),
         "tensors": [
             {
                 "name": n,
@@ -141,6 +142,11 @@ def render_inspect(meta: CheckpointMeta, console: Console) -> None:
         console.print(f"  container   {entry.name}: {entry.summary}{marker}", markup=False)
     for key, value in meta.metadata.items():
         console.print(f"  metadata    {key} = {value[:100]}", markup=False)
+    if meta.opaque:
+        console.print(
+            f"  objects     {capped(list(meta.opaque), 6)} (kept as data, not executed)",
+            markup=False,
+        )
     for group in meta.shared_groups():
         console.print(f"  tied        {' = '.join(group)}", markup=False)
     console.print(_modules_table(meta, console))

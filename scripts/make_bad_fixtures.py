@@ -148,8 +148,9 @@ def build_cases() -> dict[str, tuple[bytes, int, str]]:
         "zip_exec.pt": (torch_bytes({"w": state["weight"], "x": Payload(exec, "import os")}), UNSAFE, "builtins.exec"),
         "zip_subprocess.pt": (torch_bytes({"x": Payload(subprocess.Popen, ["touch", MARKER])}), UNSAFE, "subprocess.Popen"),
         "pickled_module.pt": (torch_bytes(nn.Linear(4, 3)), UNSAFE, "torch.nn.modules.linear.Linear"),
-        "argparse_namespace.pt": (torch_bytes({"state_dict": state, "args": argparse.Namespace(lr=0.1)}), UNSAFE, "argparse.Namespace"),
-        "numpy_array.pt": (torch_bytes({"w": state["weight"].numpy()}), UNSAFE, "numpy"),
+        # Harmless objects beside the weights are kept as data, never run (issue 10).
+        "argparse_namespace.pt": (torch_bytes({"state_dict": state, "args": argparse.Namespace(lr=0.1)}), OK, ""),
+        "numpy_array.pt": (torch_bytes({"w": state["weight"].numpy()}), UNREADABLE, "no dict of tensors"),
         "legacy_os_system.pt": (torch_bytes({"w": state["weight"], "x": system}, _use_new_zipfile_serialization=False), UNSAFE, "posix.system"),
         "raw_pickle_system.pt": (pickle.dumps(system, protocol=2), UNSAFE, "posix.system"),
         "raw_pickle_proto5_getattr.pt": (pickle.dumps(Payload(getattr, Payload(__import__, "os"), "system"), protocol=5), UNSAFE, "builtins.getattr.*builtins.__import__|builtins.__import__.*builtins.getattr"),

@@ -51,7 +51,7 @@ def test_real_training_checkpoint_passes_every_budget() -> None:
     model(torch.randn(2, 3, 64, 64)).sum().backward()
     optimizer.step()
     checkpoint = {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict()}
-    obj, storages = load_restricted(_data_pkl(checkpoint), path="resnet50.pt")
+    obj, storages, _ = load_restricted(_data_pkl(checkpoint), path="resnet50.pt")
     assert len(obj["state_dict"]) == len(model.state_dict())
     assert len(storages) > len(model.state_dict())  # momentum buffers too
 
@@ -95,7 +95,7 @@ def test_stand_ins_refuse_build() -> None:
             stand_in.__setstate__({"file": "/etc/passwd"})
     # The unpickled stand-in becomes a plain TensorMeta: the reader sets its location.
     meta_pkl = _data_pkl({"w": torch.zeros(2)})
-    obj, _ = load_restricted(meta_pkl, path="x.pt")
+    obj = load_restricted(meta_pkl, path="x.pt").obj
     assert type(obj["w"]) is PickledTensor and obj["w"].file is None
 
 

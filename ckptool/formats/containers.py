@@ -188,6 +188,9 @@ def _describe(value: Any, is_tensor: Callable[[Any], bool]) -> str:
         return repr(value if len(value) <= 40 else value[:37] + "...")
     if isinstance(value, int | float | bool) or value is None:
         return repr(value)
+    name = getattr(value, "record_name", "")
+    if name:  # an OpaqueObject: the pickle's global, kept as data
+        return f"{name} (not executed)"
     return type(value).__name__
 
 

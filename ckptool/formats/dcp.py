@@ -64,7 +64,7 @@ class Chunk:
 def _read_records(folder: str) -> Record:
     path = os.path.join(folder, METADATA_FILE)
     with open(path, "rb") as f:
-        obj, _ = load_restricted(f, path=path, records=DCP_RECORDS)
+        obj = load_restricted(f, path=path, records=DCP_RECORDS).obj
     if not isinstance(obj, Record) or "state_dict_metadata" not in obj.state:
         raise CheckpointReadError(f"{path}: not torch.distributed.checkpoint metadata")
     return obj

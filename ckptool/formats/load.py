@@ -119,6 +119,10 @@ class TensorReader:
     def _open(self, path: str) -> Any:
         if self._peek_safetensors(path):
             return self._stack.enter_context(_safe_open(path))
+        if self._meta.opaque and self._weight_map is None:
+            # torch.load(weights_only=True) refuses the objects beside the weights; the
+            # tensors are rebuilt from the storage bytes the reader located instead.
+            return _StorageBytesHandle(self._meta)
         # torch memory-maps only zip files; a sharded index may name legacy .bin shards.
         obj = torch_load_safely(path, mmap=detect_format(path) is Format.TORCH_ZIP)
         key = self._meta.key if self._weight_map is None else None
@@ -141,6 +145,47 @@ def _safe_open(path: str) -> Iterator[Any]:
         raise CheckpointReadError(f"{path}: cannot read tensors ({_first_line(e)})") from e
     with handle:
         yield handle
+
+
+class _StorageBytesHandle:
+    """Tensors rebuilt from their storages' bytes in the file (offsets and extents the
+    metadata reader checked), for torch files ``torch.load(weights_only=True)`` refuses.
+    Each storage is read once; views of one storage share it, as with torch.load."""
+
+    def __init__(self, meta: CheckpointMeta) -> None:
+        self._meta = meta
+        self._storages: dict[str, torch.Tensor] = {}
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        import torch
+
+        meta = self._meta.tensors[name]
+        if meta.numel == 0:
+            return torch.empty(meta.shape, dtype=getattr(torch, meta.dtype))
+        if meta.storage is None or meta.file is None or meta.file_offset is None:
+            raise CheckpointReadError(
+                f"{self._meta.path}: tensor {name!r} has no located storage to read "
+                "(a big-endian or meta-device file); re-save it with torch.save"
+            )
+        storage = self._storage(meta.storage, meta.file, meta.file_offset, meta.storage_nbytes)
+        flat = storage.view(getattr(torch, meta.dtype))
+        return torch.as_strided(flat, meta.shape, meta.strides, meta.storage_offset)
+
+    def _storage(self, key: str, file: str, offset: int, nbytes: int | None) -> torch.Tensor:
+        import torch
+
+        if key not in self._storages:
+            with open(file, "rb") as f:
+                f.seek(offset)
+                data = bytearray(f.read(nbytes or 0))
+            if len(data) != (nbytes or 0):
+                raise CheckpointReadError(f"{file}: storage {key!r} is cut short")
+            self._storages[key] = (
+                torch.frombuffer(data, dtype=torch.uint8)
+                if data
+                else (torch.empty(0, dtype=torch.uint8))
+            )
+        return self._storages[key]
 
 
 class _DictHandle:

@@ -175,6 +175,9 @@ class CheckpointMeta:
     # torch.save of a state_dict() keeps each module's version (``_metadata``); loading
     # hooks read it (BatchNorm fills num_batches_tracked only for old versions).
     module_versions: Mapping[str, int] | None = None
+    # Globals the pickle names that ckptool kept as inert data (never imported, never
+    # called): a training checkpoint's argparse.Namespace, numpy scalars, configs.
+    opaque: tuple[str, ...] = ()
 
     @property
     def num_params(self) -> int:

@@ -3,9 +3,19 @@
 ``find_class`` never imports anything. Globals that ``torch.load(weights_only=True)``
 allows and that describe plain tensors map to local stand-ins that build
 :class:`TensorMeta`; globals torch allows but we cannot describe (sparse, quantized,
-tensor subclasses) ask for the torch fallback; every other global is recorded and
-replaced by an inert placeholder so the whole pickle can be scanned and every
-unsafe name reported at once. Nothing from the file is ever called.
+tensor subclasses) ask for the torch fallback.
+
+Every other global is one of two kinds (the rule, in README "Training checkpoints"):
+
+- a code-execution primitive or anything in torch's own namespace off the allowlist
+  (:func:`is_refused_global`): recorded as unsafe, the file is refused (exit 4), every
+  such name reported at once;
+- anything else (``argparse.Namespace``, numpy scalars, ``pathlib`` paths, a training
+  script's config classes): an :class:`OpaqueObject` that keeps its arguments and state
+  as data. It is never imported and never called; where a tensor needs a real value
+  from it (a size, a dtype, a storage), the file is refused as unsafe too.
+
+Nothing from the file is ever called.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ import io
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from ckptool.errors import CheckpointReadError, UnsafeCheckpointError
 from ckptool.formats.bounded import is_count, short_repr
@@ -166,7 +176,119 @@ def _record_class(qualified_name: str) -> type[Record]:
     return type(qualified_name, (Record,), {"record_name": qualified_name})
 
 
+# Modules whose globals can run code, touch files, processes or the network, or load
+# more pickles: a file naming one is hostile, whatever it does with it.
+_REFUSED_MODULES = frozenset({
+    "os", "posix", "nt", "posixpath", "ntpath", "subprocess", "builtins", "__builtin__",
+    "importlib", "imp", "runpy", "pickle", "_pickle", "cPickle", "copyreg", "copy_reg",
+    "marshal", "shelve", "dill", "cloudpickle", "joblib", "shutil", "socket", "ssl", "sys",
+    "codecs", "_codecs", "functools", "operator", "_operator", "types", "ctypes", "io",
+    "_io", "tempfile", "signal", "multiprocessing", "threading", "_thread", "asyncio",
+    "concurrent", "code", "codeop", "pdb", "bdb", "inspect", "gc", "platform", "pty",
+    "commands", "webbrowser", "urllib", "http", "ftplib", "smtplib", "telnetlib", "requests",
+    "glob", "zipfile", "tarfile", "zipimport", "pkgutil", "site", "sysconfig",
+    "distutils", "setuptools", "pip", "yaml", "timeit", "trace", "atexit", "weakref",
+    "contextlib", "logging", "sqlite3", "dbm", "mmap", "resource", "fcntl", "termios",
+    "select", "selectors", "xmlrpc", "venv", "ensurepip", "numpy.f2py", "numpy.distutils",
+    "numpy.ctypeslib", "numpy.testing", "numpy.lib.npyio", "numpy.load",
+})  # fmt: skip
+
+
+# Builtin types that configs name as data (``defaultdict(list)``, omegaconf's type
+# hints); every other builtin (eval, getattr, __import__, open, ...) is refused.
+_DATA_BUILTINS = frozenset(
+    {"list", "dict", "tuple", "int", "float", "str", "bool", "bytes", "object", "slice",
+     "range", "NoneType", "Ellipsis", "NotImplemented"}
+)  # fmt: skip
+
+
+def is_refused_global(module: str, name: str) -> bool:
+    """A global no checkpoint needs as data: a code-execution primitive (os, subprocess,
+    builtins, importlib, pickle, functools.partial, operator.attrgetter, ...) or anything
+    in torch's own namespace off the allowlist (torch.load, torch.hub, a pickled Module,
+    lookalikes such as torch_evil). Everything else may become an inert OpaqueObject."""
+    top = module.split(".", 1)[0]
+    if top.startswith("torch"):
+        return True
+    if module == "builtins" and name in _DATA_BUILTINS:
+        return False  # a type named as data (defaultdict(list)), never called here
+    parts = module.split(".")
+    prefixes = {".".join(parts[: i + 1]) for i in range(len(parts))}
+    return bool(prefixes & _REFUSED_MODULES) or f"{module}.{name}" in _REFUSED_MODULES
+
+
+class OpaqueObject(Record):
+    """An object of a class (or the result of a function) the file names but ckptool
+    never imports or calls: its constructor arguments, state and items kept as data.
+
+    ``torch.load`` would rebuild an ``argparse.Namespace`` or a numpy scalar here;
+    ckptool keeps what the pickle says about it, which is enough to list it and to find
+    the tensors next to it.
+    """
+
+    items: dict[Any, Any]
+    values: list[Any]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> OpaqueObject:
+        obj = super().__new__(cls, *args)
+        assert isinstance(obj, OpaqueObject)
+        obj.items, obj.values = {}, []
+        return obj
+
+    def __call__(self, *args: Any, **kwargs: Any) -> OpaqueObject:
+        # REDUCE with this object as the callable: its result is just as opaque.
+        return _opaque_class(f"{self.record_name}(...)")(*args)
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # SETITEM(S): a dict subclass
+        self.items[key] = value
+
+    def append(self, item: Any) -> None:  # APPEND(S): a list subclass
+        self.values.append(item)
+
+    def extend(self, items: Any) -> None:
+        self.values.extend(items)
+
+    def __repr__(self) -> str:
+        return f"{self.record_name} (not executed)"
+
+
+def _opaque_class(qualified_name: str) -> type[OpaqueObject]:
+    return type(qualified_name, (OpaqueObject,), {"record_name": qualified_name})
+
+
+def _needs_data(value: Any, what: str) -> None:
+    """A tensor needs a real value here (a storage, size, dtype): an opaque object's
+    would only exist by running code, so a file that puts one there is refused."""
+    opaque = _find_opaque(value)
+    if opaque is not None:
+        raise UnsafeCheckpointError(
+            f"the pickle builds a tensor's {what} from {opaque.record_name}, which would "
+            "have to be executed (nothing was)",
+            [opaque.record_name],
+        )
+
+
+def _find_opaque(value: Any, depth: int = 0) -> OpaqueObject | type[OpaqueObject] | None:
+    if isinstance(value, OpaqueObject):
+        return value
+    if isinstance(value, type) and issubclass(value, OpaqueObject):
+        return value  # a class named where a dtype or storage type belongs
+    if isinstance(value, tuple | list) and depth < 2:  # sizes and strides: small tuples
+        for item in value[:64]:
+            found = _find_opaque(item, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
 def _meta_from_storage(storage: Any, offset: Any, size: Any, stride: Any, dtype: str) -> TensorMeta:
+    for value, what in (
+        (storage, "storage"),
+        (offset, "offset"),
+        (size, "size"),
+        (stride, "stride"),
+    ):
+        _needs_data(value, what)
     if not isinstance(storage, StorageRef):
         raise CheckpointReadError(f"tensor rebuilt from {type(storage).__name__}, not a storage")
     if not _int_tuple(size) or not _int_tuple(stride) or not is_count(offset):
@@ -190,12 +312,14 @@ def _int_tuple(value: Any) -> bool:
 
 
 def _size(dims: Any = ()) -> tuple[int, ...]:
+    _needs_data(dims, "torch.Size")
     if not _int_tuple(dims):
         raise CheckpointReadError(f"torch.Size of {short_repr(dims)}; expected non-negative ints")
     return tuple(dims)
 
 
 def _device(*parts: Any) -> str:
+    _needs_data(parts, "torch.device")
     if not all(isinstance(p, str | int) and not isinstance(p, bool) for p in parts):
         raise CheckpointReadError(f"torch.device of {short_repr(parts)}; expected a name and index")
     return ":".join(str(p) for p in parts)[:64]
@@ -209,12 +333,14 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_: Any) 
 def _rebuild_tensor_v3(
     storage: Any, offset: Any, size: Any, stride: Any, grad: Any, hooks: Any, dtype: Any, *_: Any
 ) -> TensorMeta:
+    _needs_data(dtype, "dtype")
     if not isinstance(dtype, _Token) or dtype.name not in DTYPE_SIZES:
         raise CheckpointReadError(f"tensor has unknown dtype {short_repr(dtype)}")
     return _meta_from_storage(storage, offset, size, stride, dtype.name)
 
 
 def _rebuild_meta_no_storage(dtype: Any, size: Any, stride: Any, *_: Any) -> TensorMeta:
+    _needs_data((dtype, size, stride), "dtype or size")
     if not isinstance(dtype, _Token) or not _int_tuple(size) or not _int_tuple(stride):
         raise CheckpointReadError(
             f"meta tensor has malformed dtype {short_repr(dtype)} or size {short_repr(size)}"
@@ -227,6 +353,7 @@ def _first_arg(data: Any, *_: Any) -> Any:
 
 
 def _rebuild_from_type(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+    _needs_data((func, new_type), "type")
     # Parameter and plain Tensor subclasses describe the same bytes as the tensor.
     if isinstance(new_type, _Token) and new_type.name in {
         "torch.Tensor",
@@ -299,6 +426,7 @@ class MetaUnpickler(pickle.Unpickler):
         self.storage_scope = storage_scope
         self.records = records
         self.unsafe: set[str] = set()
+        self.opaque: set[str] = set()  # kept as data, never imported or called
         self.torch_only: set[str] = set()
         self.storages: dict[str, StorageRef] = {}
 
@@ -321,14 +449,24 @@ class MetaUnpickler(pickle.Unpickler):
         if qualified in _TORCH_ONLY_GLOBALS:
             self.torch_only.add(qualified)
             return _inert_class(qualified)
-        self.unsafe.add(qualified)
-        return _inert_class(qualified)
+        if is_refused_global(module, name):
+            self.unsafe.add(qualified)
+            return _inert_class(qualified)
+        self.opaque.add(qualified)
+        return _opaque_class(qualified)
 
     def persistent_load(self, pid: Any) -> StorageRef:
         # ('storage', storage_type, key, location, numel[, view_metadata (legacy)])
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
             raise CheckpointReadError(f"unsupported persistent id {short_repr(pid)}")
         storage_type, key, location, numel = pid[1:5]
+        _needs_data(storage_type, "storage type")
+        if isinstance(storage_type, type) and issubclass(storage_type, OpaqueObject):
+            raise UnsafeCheckpointError(
+                f"the pickle's storage type is {storage_type.record_name}, which would have "
+                "to be executed (nothing was)",
+                [storage_type.record_name],
+            )
         if isinstance(storage_type, type) and issubclass(storage_type, _Inert):
             # An unsafe storage type, already recorded by find_class: keep scanning.
             return StorageRef(key="?", dtype="?", location="?", numel=0)
@@ -360,14 +498,21 @@ def _python3_name(module: str, name: str) -> tuple[str, str]:
     return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
+class Unpickled(NamedTuple):
+    obj: Any
+    storages: dict[str, StorageRef]
+    opaque: frozenset[str]  # globals kept as inert OpaqueObjects (never imported or called)
+
+
 def load_restricted(
     data: bytes | BinaryIO,
     *,
     path: str,
     storage_scope: str = "",
     records: frozenset[str] = frozenset(),
-) -> tuple[Any, dict[str, StorageRef]]:
-    """Unpickle ``data`` into metadata; return (object, storages it referenced).
+) -> Unpickled:
+    """Unpickle ``data`` into metadata; return (object, storages it referenced, the
+    names of the globals kept as opaque objects).
 
     ``records`` names further globals (dataclasses such as DCP's metadata) that are
     rebuilt as inert :class:`Record` objects holding their arguments and state.
@@ -398,7 +543,7 @@ def load_restricted(
     _raise_if_unsafe(unpickler, path)
     if unpickler.torch_only:
         raise NeedsTorchError(unpickler.torch_only)
-    return obj, unpickler.storages
+    return Unpickled(obj, unpickler.storages, frozenset(unpickler.opaque))
 
 
 def _raise_if_unsafe(unpickler: MetaUnpickler, path: str) -> None:

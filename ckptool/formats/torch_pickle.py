@@ -6,6 +6,7 @@ touched, so cost grows with the number of tensors, not with the file size.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import struct
@@ -51,12 +52,13 @@ def read_zip_meta(path: str, *, key: str | None) -> CheckpointMeta:
         raise CheckpointReadError(f"{path}: corrupt zip archive ({type(e).__name__}: {e})") from e
     except OSError as e:
         raise CheckpointReadError(f"{path}: cannot read zip archive ({e})") from e
-    obj, storages = load_restricted(pickle_bytes, path=path, storage_scope=f"{prefix}data/")
+    obj, storages, opaque = load_restricted(pickle_bytes, path=path, storage_scope=f"{prefix}data/")
     record_sizes = {info.filename: info.file_size for info in records.values()}
     _check_storages(path, storages, record_sizes)
-    return _build_meta(
+    meta = _build_meta(
         path, Format.TORCH_ZIP, obj, storages, key=key, file_size=file_size, offsets=offsets
     )
+    return dataclasses.replace(meta, opaque=tuple(sorted(opaque)))
 
 
 # What zipfile raises on hostile bytes besides BadZipFile: names that do not decode,
@@ -195,21 +197,22 @@ def read_legacy_meta(path: str, *, key: str | None) -> CheckpointMeta:
     """Describe a pre-1.6 torch.save file: magic, protocol, sys info, object, storages."""
     file_size = os.path.getsize(path)
     with open(path, "rb") as f:
-        magic, _ = load_restricted(f, path=path)
+        magic = load_restricted(f, path=path).obj
         if magic != LEGACY_MAGIC:
             raise CheckpointReadError(
                 f"{path}: a pickle but not a torch.save checkpoint (no torch magic number)"
             )
-        protocol, _ = load_restricted(f, path=path)
+        protocol = load_restricted(f, path=path).obj
         if protocol != LEGACY_PROTOCOL:
             raise CheckpointReadError(f"{path}: unsupported legacy torch protocol {protocol!r}")
         load_restricted(f, path=path)  # sys_info
-        obj, storages = load_restricted(f, path=path)
-        keys, _ = load_restricted(f, path=path)
+        obj, storages, opaque = load_restricted(f, path=path)
+        keys = load_restricted(f, path=path).obj
         offsets = _check_legacy_storages(path, f, keys, storages, file_size)
-    return _build_meta(
+    meta = _build_meta(
         path, Format.TORCH_LEGACY, obj, storages, key=key, file_size=file_size, offsets=offsets
     )
+    return dataclasses.replace(meta, opaque=tuple(sorted(opaque)))
 
 
 def _check_legacy_storages(
