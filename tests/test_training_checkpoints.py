@@ -75,7 +75,8 @@ def _write(training_code: Path, name: str, folder: Path) -> Path:
                 "callbacks": {{"ModelCheckpoint{{'monitor': 'val_loss'}}": {{
                     "best_model_score": torch.tensor(0.25),
                     "best_model_path": pathlib.PurePosixPath("/runs/7/epoch=3.ckpt"),
-                }}}},
+                }}, "EMA": {{"decay": 0.999, "ema_state_dict": {{"model." + k: v * 0.5
+                    for k, v in state.items() if v.is_floating_point()}}}}}},
                 "optimizer_states": [optimizer.state_dict()],
                 "loops": {{"fit_loop": collections.defaultdict(list, {{"epochs": [1, 2]}})}},
                 "hparams_name": "kwargs",
@@ -103,8 +104,9 @@ def _reference(training_code: Path, path: Path, key: str, out: Path) -> dict[str
         import sys, torch
         from safetensors.torch import save_file
         sys.path.insert(0, {str(training_code)!r})
-        ckpt = torch.load({str(path)!r}, weights_only=False)
-        state = ckpt[{key!r}]
+        state = torch.load({str(path)!r}, weights_only=False)
+        for part in {key.split(".")!r}:
+            state = state[part]
         save_file({{k: v.contiguous() for k, v in state.items()}}, {str(out)!r})
     """)
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -115,6 +117,7 @@ def _reference(training_code: Path, path: Path, key: str, out: Path) -> dict[str
     ("name", "key"),
     [
         ("lightning.ckpt", "state_dict"),
+        ("lightning.ckpt", "callbacks.EMA.ema_state_dict"),
         ("timm.pth.tar", "state_dict"),
         ("timm.pth.tar", "state_dict_ema"),
     ],
@@ -144,11 +147,13 @@ def test_inspect_lists_the_objects_it_did_not_run(
     run_cli, training_code: Path, tmp_path: Path
 ) -> None:
     path = _write(training_code, "lightning.ckpt", tmp_path)
-    result = run_cli("inspect", path)
+    both = run_cli("inspect", path)  # the weights and the EMA callback's copy
+    assert both.exit_code == 2 and "callbacks.EMA.ema_state_dict" in both.stderr
+    result = run_cli("inspect", path, "--key", "state_dict")
     assert result.exit_code == 0, result.output
     assert "hyper_parameters: trainlib.AttributeDict (not executed)" in result.stdout
     assert "objects" in result.stdout and "trainlib.RunConfig" in result.stdout
-    doc = json.loads(run_cli("inspect", path, "--json").stdout)
+    doc = json.loads(run_cli("inspect", path, "--key", "state_dict", "--json").stdout)
     assert "pathlib.PurePosixPath" in doc["opaque"] and doc["key"] == "state_dict"
     assert "builtins.list" in doc["opaque"]  # defaultdict(list): a type named as data
 
