@@ -481,7 +481,7 @@ DTYPES = click.Choice(["float32", "float16", "bfloat16", "float64"])
 
 
 def output_options(command: F) -> F:
-    """-o/--output, --format, --dtype, --force, --dry-run, --json for writing commands."""
+    """-o/--output, --format, --dtype, --keep-dtype, --force, --dry-run, --json."""
     options = [
         click.option("-o", "--output", "out", metavar="OUT", help="The file to write."),
         click.option(
@@ -491,6 +491,13 @@ def output_options(command: F) -> F:
             help="Output format (default: from OUT's suffix).",
         ),
         click.option("--dtype", type=DTYPES, help="Cast floating tensors to this dtype."),
+        click.option(
+            "--keep-dtype",
+            "keep_dtype",
+            multiple=True,
+            metavar="GLOB",
+            help="With --dtype: tensors whose name matches keep their dtype ('*norm*').",
+        ),
         click.option("--force", is_flag=True, help="Replace OUT if it exists."),
         click.option(
             "--dry-run", is_flag=True, help="Report what would be written; write nothing."

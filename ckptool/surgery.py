@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import fnmatch
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -71,6 +72,40 @@ class MismatchPolicy(str, enum.Enum):
 
     ERROR = "error"
     DROP = "drop"
+
+
+@dataclass(frozen=True)
+class Cast:
+    """``--dtype D --keep-dtype PATTERN...``: the dtype each tensor is written in.
+
+    Floating tensors go to ``dtype`` unless their (output) name matches a glob in
+    ``keep`` (``'*norm*'``, ``'*.bias'``): exports that keep norms in float32.
+    """
+
+    dtype: str | None = None
+    keep: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, dtype: str | None, keep: Sequence[str], names: Iterable[str]) -> Cast:
+        """Raises UsageError: --keep-dtype without --dtype, or a pattern matching no name."""
+        if keep and dtype is None:
+            raise UsageError("--keep-dtype keeps some tensors out of a --dtype cast; add --dtype")
+        listed = list(names)
+        for pattern in keep:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in listed):
+                raise UsageError(
+                    f"--keep-dtype {pattern!r} matches no tensor name (a glob over whole "
+                    "names: '*norm*', '*.bias')"
+                )
+        return cls(dtype, tuple(keep))
+
+    def target(self, name: str, current: str) -> str:
+        if self.dtype is None or current not in FLOATING or self.keeps(name):
+            return current
+        return self.dtype
+
+    def keeps(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.keep)
 
 
 @dataclass(frozen=True)
@@ -160,6 +195,7 @@ def adapt(
     auto: bool = False,
     strict: bool = False,
     dtype: str | None = None,
+    keep_dtype: Sequence[str] = (),
     out: str | None = None,
     fmt: str | None = None,
     dry_run: bool = False,
@@ -198,7 +234,8 @@ def adapt(
     # Names the model's load hooks fill come from the checkpoint too, through the keys
     # the hooks consume (weight_g/weight_v), which are written under their own names.
     to_fill = [n for n in target if n not in from_source and n not in keys.hook_filled]
-    log = _adapt_log(meta, keys, to_fill, out, fmt_out, dry_run=dry_run, dtype=dtype)
+    cast = Cast.of(dtype, keep_dtype, target)
+    log = _adapt_log(meta, keys, to_fill, out, fmt_out, dry_run=dry_run, cast=cast)
     hooked = keys.hooked or keys.hook_filled
     notes = ((built.note,) if built.note else ()) + ((hooks_note(keys),) if hooked else ())
     log = _replace(
@@ -220,15 +257,16 @@ def adapt(
             if name in keys.hook_filled:
                 continue
             if name in from_source:
-                provided = from_source[name]
-                data, out_dtype = sources.data(original.get(provided, provided), dtype)
+                provided = original.get(from_source[name], from_source[name])
+                wanted_dtype = cast.target(name, meta.tensors[provided].dtype)
+                data, out_dtype = sources.data(provided, wanted_dtype)
             else:
-                out_dtype = dtype if dtype and wanted.dtype in FLOATING else wanted.dtype
+                out_dtype = cast.target(name, wanted.dtype)
                 data = tensor_bytes(init[name], out_dtype)
             plan.append(OutTensor(name, out_dtype, wanted.shape, data))
         for name in keys.hooked:
             old = original.get(name, name)
-            data, out_dtype = sources.data(old, dtype)
+            data, out_dtype = sources.data(old, cast.target(name, meta.tensors[old].dtype))
             plan.append(OutTensor(name, out_dtype, meta.tensors[old].shape, data))
         metadata = provenance("adapt", meta, transforms, model=model_label(model))
         saved = _save_hashed(out, plan, fmt_out, meta, metadata, force=force)
@@ -324,7 +362,7 @@ def _load_and_log(model: nn.Module, meta: CheckpointMeta, keys: KeyDiff) -> Surg
     load_matched(model, meta, keys)  # a tied name receives its partner's values with it
     provided = {*keys.matched, *keys.through_tie, *keys.hook_filled}
     to_fill = [name for name in model.state_dict() if name not in provided]
-    return _adapt_log(meta, keys, to_fill, None, None, dry_run=False, dtype=None)
+    return _adapt_log(meta, keys, to_fill, None, None, dry_run=False, cast=Cast())
 
 
 def load_into(
@@ -510,7 +548,7 @@ def _adapt_log(
     fmt: OutputFormat | None,
     *,
     dry_run: bool,
-    dtype: str | None,
+    cast: Cast,
 ) -> SurgeryLog:
     original = {new: old for old, new in keys.renamed.items()}
     mismatched = {m.key for m in keys.shape_mismatch}
@@ -531,9 +569,8 @@ def _adapt_log(
         cast=tuple(
             n
             for n in keys.matched
-            if dtype
-            and meta.tensors[original.get(n, n)].dtype in FLOATING
-            and meta.tensors[original.get(n, n)].dtype != dtype
+            if cast.target(n, meta.tensors[original.get(n, n)].dtype)
+            != meta.tensors[original.get(n, n)].dtype
         ),
         dry_run=dry_run,
         transforms=tuple(keys.transforms.flags()),
@@ -643,6 +680,7 @@ def convert(
     key: str | None = None,
     fmt: str | None = None,
     dtype: str | None = None,
+    keep_dtype: Sequence[str] = (),
     shard_size: int | None = None,
     force: bool = False,
     dry_run: bool = False,
@@ -663,19 +701,20 @@ def convert(
         raise UsageError(
             "--shard-size writes safetensors shards; use an OUT ending in .safetensors"
         )
+    cast = Cast.of(dtype, keep_dtype, meta.tensors)
     log = SurgeryLog(
         command="convert",
         sources=(meta.path,),
         output=out,
         format=fmt_out.value,
         kept=tuple(meta.tensors),
-        cast=_casts(meta, dtype),
+        cast=_casts(meta, cast),
         dry_run=dry_run,
     )
     if dry_run:
         return log
     with ExitStack() as stack:
-        plan = _plan_all(SourceBytes(meta, stack), dtype)
+        plan = _plan_all(SourceBytes(meta, stack), cast)
         metadata = provenance("convert", meta)
         if shard_size is not None:
             # Shards are written one by one, so the hash is needed before the first.
@@ -688,18 +727,12 @@ def convert(
     return _finished(log, saved.paths, saved.nbytes, aliases=saved.aliases)
 
 
-def _plan_all(sources: SourceBytes, dtype: str | None) -> list[OutTensor]:
-    plan = []
-    for name, tensor in sources.meta.tensors.items():
-        data, out_dtype = sources.data(name, dtype)
-        plan.append(OutTensor(name, out_dtype, tensor.shape, data))
-    return plan
+def _plan_all(sources: SourceBytes, cast: Cast) -> list[OutTensor]:
+    return [_planned(sources, name, cast) for name in sources.meta.tensors]
 
 
-def _casts(meta: CheckpointMeta, dtype: str | None) -> tuple[str, ...]:
-    if dtype is None:
-        return ()
-    return tuple(n for n, t in meta.tensors.items() if t.dtype in FLOATING and t.dtype != dtype)
+def _casts(meta: CheckpointMeta, cast: Cast) -> tuple[str, ...]:
+    return tuple(n for n, t in meta.tensors.items() if cast.target(n, t.dtype) != t.dtype)
 
 
 # --- merge ---------------------------------------------------------------------------
@@ -713,6 +746,7 @@ def merge(
     average: bool = False,
     fmt: str | None = None,
     dtype: str | None = None,
+    keep_dtype: Sequence[str] = (),
     force: bool = False,
     dry_run: bool = False,
 ) -> SurgeryLog:
@@ -735,11 +769,12 @@ def merge(
     files = tuple(f for m in metas for f in m.files)
     if not dry_run:
         check_output(out, inputs=files, force=force)
+    cast = Cast.of(dtype, keep_dtype, (n for m in metas for n in m.tensors))
     with ExitStack() as stack:
         sources = [SourceBytes(m, stack) for m in metas]
         if average:
             _check_same_keys(metas)
-            plan, log = _plan_average(sources, dtype), _merge_log(metas, out, fmt_out, dry_run)
+            plan, log = _plan_average(sources, cast), _merge_log(metas, out, fmt_out, dry_run)
             log = _replace(
                 log, averaged=tuple(n for n, t in metas[0].tensors.items() if t.dtype in FLOATING)
             )
@@ -748,7 +783,7 @@ def merge(
             log = _replace(_merge_log(metas, out, fmt_out, dry_run), taken=origin)
             if dry_run:
                 return log
-            plan = [_planned(sources[i], name, dtype) for name, i in origin.items()]
+            plan = [_planned(sources[i], name, cast) for name, i in origin.items()]
         if dry_run:
             return log
         saved = save_tensors(
@@ -778,9 +813,10 @@ def _merge_log(
     )
 
 
-def _planned(source: SourceBytes, name: str, dtype: str | None) -> OutTensor:
-    data, out_dtype = source.data(name, dtype)
-    return OutTensor(name, out_dtype, source.meta.tensors[name].shape, data)
+def _planned(source: SourceBytes, name: str, cast: Cast) -> OutTensor:
+    tensor = source.meta.tensors[name]
+    data, out_dtype = source.data(name, cast.target(name, tensor.dtype))
+    return OutTensor(name, out_dtype, tensor.shape, data)
 
 
 def _take_origins(
@@ -830,18 +866,18 @@ def _check_same_keys(metas: Sequence[CheckpointMeta]) -> None:
             )
 
 
-def _plan_average(sources: Sequence[SourceBytes], dtype: str | None) -> list[OutTensor]:
+def _plan_average(sources: Sequence[SourceBytes], cast: Cast) -> list[OutTensor]:
     import torch
 
     plan = []
     for name, meta in sources[0].meta.tensors.items():
         if meta.dtype not in FLOATING:
-            plan.append(_planned(sources[0], name, dtype))
+            plan.append(_planned(sources[0], name, cast))
             continue
         total = torch.zeros(meta.shape, dtype=torch.float64)
         for source in sources:
             total += source.tensor(name).to(torch.float64)
-        out_dtype = dtype or meta.dtype
+        out_dtype = cast.target(name, meta.dtype)
         plan.append(
             OutTensor(name, out_dtype, meta.shape, tensor_bytes(total / len(sources), out_dtype))
         )

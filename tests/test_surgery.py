@@ -681,3 +681,59 @@ def test_a_model_built_all_frozen_counts_every_parameter(write_checkpoint: Write
     )
     report = ckptool.diff(source, model=frozen())
     assert report.keys.fix is not None and report.keys.fix.keeps_little
+
+
+def test_keep_dtype_keeps_norms_in_float32(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    """--dtype bfloat16 --keep-dtype '*bn*' --keep-dtype '*.bias': an export with the
+    norms and biases left in float32, the rest cast; integers untouched."""
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    source = write_checkpoint(state, "r18.pt")
+    out = tmp_path / "mixed.safetensors"
+    flags = ("--dtype", "bfloat16", "--keep-dtype", "*bn*", "--keep-dtype", "*.bias")
+    result = run_cli("convert", source, "-o", out, *flags, "--json")
+    assert result.exit_code == 0, result.output
+    written = load_file(out)
+    for name, value in state.items():
+        kept = "bn" in name or name.endswith(".bias") or not value.is_floating_point()
+        if kept:
+            assert written[name].dtype == value.dtype and torch.equal(written[name], value), name
+        else:
+            assert written[name].dtype == torch.bfloat16, name
+            assert torch.equal(written[name], value.to(torch.bfloat16)), name
+    doc = json.loads(result.stdout)
+    assert "conv1.weight" in doc["cast"] and "bn1.weight" not in doc["cast"]
+    assert "fc.bias" not in doc["cast"] and "layer1.0.bn1.num_batches_tracked" not in doc["cast"]
+
+    adapted = tmp_path / "adapted.safetensors"
+    result = run_cli("adapt", source, *RESNET, "--drop", "fc.", "-o", adapted, *flags)
+    assert result.exit_code == 0, result.output
+    written = load_file(adapted)
+    assert (
+        written["bn1.weight"].dtype == torch.float32 and written["fc.bias"].dtype == torch.float32
+    )
+    assert written["fc.weight"].dtype == written["conv1.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--keep-dtype", "*bn*"), "add --dtype"),
+        (("--dtype", "float16", "--keep-dtype", "*norm*"), "'\\*norm\\*' matches no tensor"),
+    ],
+    ids=["without-dtype", "matches-nothing"],
+)
+def test_keep_dtype_usage_errors(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path, flags: tuple, message: str
+) -> None:
+    import re
+
+    source = write_checkpoint(torchvision.models.resnet18(weights=None).state_dict(), "r.pt")
+    out = tmp_path / "out.safetensors"
+    result = run_cli("convert", source, "-o", out, *flags)
+    assert result.exit_code == 2 and re.search(message, result.stderr), result.output
+    assert not out.exists()

@@ -177,7 +177,10 @@ def _opcodes(*parts: bytes) -> bytes:
 
 def _tensor_pickle(size_ops: bytes) -> bytes:
     """{'w': _rebuild_tensor_v2(storage, 0, SIZE, (1,), False, OrderedDict())}."""
-    storage = b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ"
+    storage = (  # persistent id ('storage', FloatStorage, '0', 'cpu', 4)
+        b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\n"
+        b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ"
+    )
     return _opcodes(
         b"}X\x01\x00\x00\x00w",
         b"ctorch._utils\n_rebuild_tensor_v2\n(",
