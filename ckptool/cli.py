@@ -542,6 +542,11 @@ def _emit_surgery(log: Any, as_json: bool) -> None:
     is_flag=True,
     help="Write even if less than half of the model's values come from the checkpoint.",
 )
+@click.option(
+    "--remap",
+    is_flag=True,
+    help="Match names by structure (modules in order, same shapes): another implementation.",
+)
 @output_options
 @handle_errors
 def adapt(source: str, model: str | None, **options: Any) -> None:

@@ -28,7 +28,7 @@ from ckptool.errors import (
 )
 from ckptool.formats import CheckpointMeta, read_metadata
 from ckptool.formats.load import TensorReader, open_tensors, tensor_bytes
-from ckptool.formats.meta import TensorMeta
+from ckptool.formats.meta import Format, TensorMeta
 from ckptool.formats.save import (
     OutputFormat,
     SavedFile,
@@ -202,8 +202,13 @@ def adapt(
     force: bool = False,
     seed: int = 0,
     allow_mostly_init: bool = False,
+    remap: bool = False,
 ) -> SurgeryLog:
     """Write a checkpoint that loads with ``strict=True`` into the model.
+
+    With ``remap``, checkpoint names are matched to the model's by structure (modules in
+    order, same parameter names and shapes; see :mod:`ckptool.remap`): a checkpoint of
+    another implementation of the same network.
 
     Keys the model needs and the checkpoint lacks are filled from the model's
     initialisation; keys the model lacks are left out; both are listed in the log.
@@ -226,6 +231,9 @@ def adapt(
     built = build_for_shapes(model, model_args=model_args, num_classes=num_classes, head=head)
     target = model_tensor_meta(built.module)
     fmt_out = output_format_for(out, fmt) if out else None
+    remap_note = ""
+    if remap:
+        transforms, remap_note = _structural_transforms(meta, target, transforms, auto=auto)
     keys = plan_keys(meta, target, transforms, auto=auto, policy=policy, strict=strict, built=built)
     transforms = keys.transforms
     # A name tied to a provided one is written with the same bytes: loading either name
@@ -238,6 +246,10 @@ def adapt(
     log = _adapt_log(meta, keys, to_fill, out, fmt_out, dry_run=dry_run, cast=cast)
     hooked = keys.hooked or keys.hook_filled
     notes = ((built.note,) if built.note else ()) + ((hooks_note(keys),) if hooked else ())
+    notes += (remap_note,) if remap_note else ()
+    if remap:  # the exact renames are in the provenance; the report names the flag
+        shown = tuple(f for f in transforms.flags() if not f.startswith("--rename "))
+        log = _replace(log, transforms=("--remap", *shown))
     log = _replace(
         log,
         notes=notes,
@@ -271,6 +283,31 @@ def adapt(
         metadata = provenance("adapt", meta, transforms, model=model_label(model))
         saved = _save_hashed(out, plan, fmt_out, meta, metadata, force=force)
     return _finished(log, saved.paths, saved.nbytes, init_method=method)
+
+
+def _structural_transforms(
+    meta: CheckpointMeta,
+    target: Mapping[str, TensorMeta],
+    given: Transforms | None,
+    *,
+    auto: bool,
+) -> tuple[Transforms, str]:
+    """--remap as exact renames, and a note that shows the module mapping."""
+    from ckptool.remap import module_pairs, remap_transforms, structural_remap
+
+    given = given or Transforms()
+    if auto or given.strip or given.add_prefix or given.rename:
+        raise UsageError("--remap matches names by structure; it takes no --auto or renames")
+    if meta.format is Format.SAFETENSORS:
+        raise UsageError(
+            "--remap needs the checkpoint's module order, which safetensors does not keep "
+            "(its names are sorted); use the torch.save file"
+        )
+    mapping = structural_remap(meta.tensors, target)
+    pairs = [f"{old or '.'} -> {new or '.'}" for old, new in module_pairs(mapping)]
+    shown = "; ".join(pairs[:6]) + (f"; ... {len(pairs) - 6} more" if len(pairs) > 6 else "")
+    note = f"remap: {len(pairs)} modules matched in order by names and shapes ({shown})"
+    return dataclasses.replace(given, rename=remap_transforms(mapping)), note
 
 
 def _save_hashed(
