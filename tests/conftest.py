@@ -98,3 +98,21 @@ def run_cli() -> Callable[..., Result]:
         return runner.invoke(cli, [str(a) for a in args], env=env, catch_exceptions=False)
 
     return run
+
+
+def plain_load(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint as plain torch/safetensors read it, without ckptool."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, weights_only=True)  # type: ignore[no-any-return]
+
+
+def torch_accepts(model: nn.Module, state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``model.load_state_dict(state, strict=True)`` succeeds: torch's verdict."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError:
+        return False
+    return True

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import plain_load, torch_accepts
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
@@ -125,18 +126,6 @@ def _save(state: dict[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
-def _plain_load(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
-
-
-def _torch_accepts(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError:
-        return False
-    return True
-
-
 def _with_new_head(factory: Callable[..., nn.Module], head: str) -> nn.Module:
     model = factory()
     old = model.get_submodule(head)
@@ -171,7 +160,7 @@ def test_verdict_is_torchs_and_adapt_keeps_what_it_says(
         return _with_new_head(loader, head) if headed else loader()
 
     report = ckptool.diff(source, model=target())
-    assert report.compatible == _torch_accepts(target(), _plain_load(source)), report.keys
+    assert report.compatible == torch_accepts(target(), plain_load(source)), report.keys
 
     fix = report.keys.fix
     if report.compatible:
@@ -184,7 +173,7 @@ def test_verdict_is_torchs_and_adapt_keeps_what_it_says(
     log = ckptool.adapt(source, model=target(), auto=True, out=str(out))
     model = target()
     model.load_state_dict(load_file(out), strict=True)  # plain tools, strict
-    reference = _plain_load(source)
+    reference = plain_load(source)
     loaded = model.state_dict()
     kept = {n: n for n in log.kept} | {new: old for old, new in log.renamed.items()}
     by_new = {new: old for old, new in log.renamed.items()}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import plain_load, torch_accepts
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -93,27 +94,13 @@ def _one_name_per_tie(model: nn.Module, left_out: dict[str, str], folder: Path) 
     return [pt, st]
 
 
-def _plain_load(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return load_file(path)
-    return torch.load(path, weights_only=True)
-
-
-def _torch_accepts(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_verdict_is_torchs_and_adapt_keeps_tied_values(models, name: str, tmp_path: Path) -> None:
     trained = _trained(models, name)
     for source in _one_name_per_tie(trained, CASES[name], tmp_path):
         fresh = getattr(models[0], name)()
         report = ckptool.diff(source, model=fresh)
-        assert report.compatible == _torch_accepts(fresh, _plain_load(source)) is False
+        assert report.compatible == torch_accepts(fresh, plain_load(source)) is False
         assert dict(report.keys.through_tie) == CASES[name]
         fix = report.keys.fix
         assert fix is not None and not fix.keeps_little
