@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from ckptool.errors import UsageError
 from ckptool.formats import CheckpointMeta, read_metadata
+from ckptool.formats.adapters import describe_adapter
 from ckptool.keys import KeyDiff, Transforms, diff
 from ckptool.values import ValueDiff
 
@@ -75,6 +76,15 @@ def diff_checkpoint(
             "checkpoint; drop them or compare with --model"
         )
     source_meta = read_metadata(source, key=key)
+    adapter = describe_adapter(source_meta.path, source_meta.tensors)
+    adapter_notes = (
+        (
+            f"{source_meta.path} is an adapter ({adapter.summary}): it holds low-rank "
+            "updates, not the model's weights; merge it into its base model first",
+        )
+        if adapter is not None
+        else ()
+    )
     if model is not None:
         from ckptool.models import build_for_shapes, model_label, model_tensor_meta
 
@@ -101,6 +111,7 @@ def diff_checkpoint(
         from ckptool.values import compare_values
 
         value_diff = compare_values(source_meta, target_meta, keys)
+    notes = (*adapter_notes, *notes)
     return CheckpointDiff(
         source_meta, str(label), len(target_tensors), keys, value_diff, target_meta, notes, accepted
     )

@@ -113,6 +113,7 @@ def inspect_json(meta: CheckpointMeta) -> dict[str, Any]:
         "metadata": dict(meta.metadata),
         "shared": meta.shared_groups(),
         "opaque": list(meta.opaque),
+        "adapter": _adapter_json(meta),
         "tensors": [
             {
                 "name": n,
@@ -123,6 +124,22 @@ def inspect_json(meta: CheckpointMeta) -> dict[str, Any]:
             }
             for n, t in meta.tensors.items()
         ],
+    }
+
+
+def _adapter_json(meta: CheckpointMeta) -> dict[str, Any] | None:
+    from ckptool.formats.adapters import describe_adapter
+
+    info = describe_adapter(meta.path, meta.tensors)
+    if info is None:
+        return None
+    return {
+        "kind": "lora",
+        "modules": list(info.modules),
+        "ranks": list(info.ranks),
+        "modules_to_save": list(info.saved),
+        "config": dict(info.config) if info.config is not None else None,
+        "summary": info.summary,
     }
 
 
@@ -142,6 +159,10 @@ def render_inspect(meta: CheckpointMeta, console: Console) -> None:
         console.print(f"  container   {entry.name}: {entry.summary}{marker}", markup=False)
     for key, value in meta.metadata.items():
         console.print(f"  metadata    {key} = {value[:100]}", markup=False)
+    adapter = _adapter_json(meta)
+    if adapter is not None:
+        console.print(f"  adapter     {adapter['summary']}", markup=False)
+        console.print(f"  adapts      {capped(fold_names(adapter['modules']), 6)}", markup=False)
     if meta.opaque:
         console.print(
             f"  objects     {capped(list(meta.opaque), 6)} (kept as data, not executed)",
