@@ -609,6 +609,26 @@ def merge(base: str, others: tuple[str, ...], take: tuple[str, ...], **options: 
     _emit_surgery(run_merge([base, *others], out, take=rules, **options), as_json)
 
 
+@cli.command("merge-lora")
+@click.argument("base", type=click.Path())
+@click.argument("adapter", type=click.Path())
+@output_options
+@handle_errors
+def merge_lora(base: str, adapter: str, **options: Any) -> None:
+    """Merge a PEFT LoRA adapter (file or folder with adapter_config.json) into BASE.
+
+    Streamed: one tensor at a time; the result equals peft's merge_and_unload().
+    """
+    from ckptool.lora import merge_lora as run_merge_lora
+
+    _require_output(options["out"], options["dry_run"])
+    if options.pop("keep_dtype"):
+        raise UsageError("--keep-dtype is not supported by merge-lora")
+    as_json = options.pop("as_json")
+    out = options.pop("out") or ""
+    _emit_surgery(run_merge_lora(base, adapter, out, **options), as_json)
+
+
 def _parse_take(item: str) -> tuple[str, int]:
     prefix, sep, index = item.rpartition("=")
     if not sep or not prefix or not index.isdigit():

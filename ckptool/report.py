@@ -473,6 +473,7 @@ def surgery_json(log: SurgeryLog) -> dict[str, Any]:
         "cast": list(log.cast),
         "taken": dict(log.taken),
         "averaged": list(log.averaged),
+        "merged": list(log.merged),
         "aliases": dict(log.aliases),
     }
 
@@ -507,6 +508,7 @@ def render_surgery(log: SurgeryLog, console: Console) -> None:
         ("filled", len(log.filled), fold_names(log.filled), "(missing from the checkpoint)"),
         ("cast", len(log.cast), fold_names(log.cast), "(--dtype)"),
         ("averaged", len(log.averaged), fold_names(log.averaged), ""),
+        ("merged", len(log.merged), fold_names(log.merged), "(+ the adapter's update)"),
         *((f"from input {i}", len(n), fold_names(n), "") for i, n in sorted(taken.items())),
         ("aliases", len(log.aliases), [f"{a} = {t}" for a, t in log.aliases.items()], "(tied)"),
     ]

@@ -126,6 +126,7 @@ class SurgeryLog:
     cast: tuple[str, ...] = ()
     taken: Mapping[str, int] = field(default_factory=dict)  # output name -> input index
     averaged: tuple[str, ...] = ()
+    merged: tuple[str, ...] = ()  # merge-lora: weights with the adapter's update added
     aliases: Mapping[str, str] = field(default_factory=dict)
     files: tuple[str, ...] = ()
     nbytes: int = 0

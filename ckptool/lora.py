@@ -1,0 +1,283 @@
+"""``ckptool merge-lora``: fold a PEFT LoRA adapter into its base checkpoint, from files.
+
+For each adapted module the merged weight is peft's ``merge_and_unload`` result,
+``W + transpose(B @ A) * scale`` (``scale = alpha / r``, or ``alpha / sqrt(r)`` with
+rsLoRA; per-module ``rank_pattern``/``alpha_pattern``; ``fan_in_fan_out`` for GPT-2's
+Conv1D; ``lora_embedding_A/B`` for embeddings; a conv's update as peft builds it), and
+``modules_to_save`` copies replace the base's tensors. One tensor is in memory at a
+time; every other base tensor is copied as bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ckptool.errors import CheckpointReadError, IncompatibleError, UsageError
+from ckptool.formats import CheckpointMeta, read_metadata
+from ckptool.formats.adapters import CONFIG_NAME, PEFT_PREFIX, describe_adapter
+from ckptool.formats.load import tensor_bytes
+from ckptool.formats.save import output_format_for
+from ckptool.formats.write import OutTensor, check_output
+from ckptool.surgery import (
+    Cast,
+    SourceBytes,
+    SurgeryLog,
+    _finished,
+    _save_hashed,
+    provenance,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """What adapter_config.json says about scaling, read strictly."""
+
+    r: int
+    alpha: float
+    rslora: bool
+    fan_in_fan_out: bool
+    rank_pattern: Mapping[str, int]
+    alpha_pattern: Mapping[str, float]
+
+    def scale(self, module: str) -> float:
+        r = _pattern_value(self.rank_pattern, module, self.r)
+        alpha = _pattern_value(self.alpha_pattern, module, self.alpha)
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: float) -> float:
+    """peft's rule: a pattern key matches a module name that ends with it (as a regex
+    after a dot); the longest matching key wins."""
+    matches = [key for key in patterns if re.fullmatch(rf"(?:.*\.)?(?:{key})", module) is not None]
+    return float(patterns[max(matches, key=len)]) if matches else default
+
+
+def read_settings(config: Mapping[str, Any] | None, path: str) -> LoraSettings:
+    """Raises: CheckpointReadError (no config, wrong types); UsageError (a LoRA variant
+    ckptool does not merge: DoRA, LoRA biases, other PEFT types)."""
+    if config is None:
+        raise CheckpointReadError(
+            f"{path}: no {CONFIG_NAME} beside the adapter; its lora_alpha and r set the scale"
+        )
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UsageError(f"{path}: a {config.get('peft_type')!r} adapter; merge-lora merges LoRA")
+    for option in ("use_dora", "lora_bias"):
+        if config.get(option):
+            raise UsageError(f"{path}: {option} adapters are not supported by merge-lora")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    valid = (
+        _count(r)
+        and _number(alpha)
+        and isinstance(ranks, dict)
+        and all(_count(v) for v in ranks.values())
+        and isinstance(alphas, dict)
+        and all(_number(v) for v in alphas.values())
+    )
+    if not valid or not isinstance(r, int) or not isinstance(alpha, int | float):
+        raise CheckpointReadError(
+            f"{path}: {CONFIG_NAME} needs a positive integer r, a number lora_alpha and "
+            "rank/alpha patterns of those"
+        )
+    for key in (*ranks, *alphas):
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise CheckpointReadError(f"{path}: pattern {key!r} is not a regex ({e})") from e
+    return LoraSettings(
+        r,
+        float(alpha),
+        bool(config.get("use_rslora")),
+        bool(config.get("fan_in_fan_out")),
+        ranks,
+        alphas,
+    )
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    module: str  # base-model module path
+    a: str  # adapter tensor names
+    b: str
+    embedding: bool
+
+
+def lora_pairs(adapter: CheckpointMeta) -> tuple[list[LoraPair], dict[str, str]]:
+    """(the A/B pairs, {base name: adapter name} of tensors saved whole)."""
+    parts: dict[str, dict[str, str]] = {}
+    saved = {}
+    for name in adapter.tensors:
+        match = _LORA_KEY.match(name)
+        if match is None:
+            saved[name.removeprefix(PEFT_PREFIX)] = name
+            continue
+        module = match["module"].removeprefix(PEFT_PREFIX)
+        parts.setdefault(module, {})[match["part"]] = name
+    pairs = []
+    for module, found in parts.items():
+        embedding = "lora_embedding_A" in found or "lora_embedding_B" in found
+        a, b = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
+        if a not in found or b not in found:
+            raise CheckpointReadError(
+                f"{adapter.path}: {module} has {', '.join(sorted(found))} but not both "
+                f"{a} and {b}; the adapter is incomplete"
+            )
+        pairs.append(LoraPair(module, found[a], found[b], embedding))
+    return pairs, saved
+
+
+def merge_lora(
+    base: str | os.PathLike[str],
+    adapter: str | os.PathLike[str],
+    out: str,
+    *,
+    fmt: str | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+) -> SurgeryLog:
+    """Write BASE with the adapter merged in, as peft's ``merge_and_unload`` would.
+
+    Raises:
+        CheckpointReadError: unreadable inputs, no or a broken adapter_config.json, an
+            incomplete adapter (an A without its B).
+        IncompatibleError: the adapter adapts a module the base lacks, or shapes that do
+            not fit the base's weight.
+        UsageError: a LoRA variant not supported (DoRA, LoRA biases).
+    """
+    base_meta = read_metadata(base)
+    adapter_meta = read_metadata(adapter)
+    info = describe_adapter(adapter_meta.path, adapter_meta.tensors)
+    if info is None:
+        raise UsageError(f"{adapter_meta.path}: holds no lora_A/lora_B tensors; not an adapter")
+    settings = read_settings(info.config, adapter_meta.path)
+    pairs, saved = lora_pairs(adapter_meta)
+    by_weight = {f"{pair.module}.weight": pair for pair in pairs}
+    _check_fits(base_meta, adapter_meta, pairs, saved, settings)
+    fmt_out = output_format_for(out, fmt)
+    if not dry_run:
+        check_output(out, inputs=(*base_meta.files, *adapter_meta.files), force=force)
+    cast = Cast.of(dtype, (), base_meta.tensors)
+    log = SurgeryLog(
+        command="merge-lora",
+        sources=(base_meta.path, adapter_meta.path),
+        output=out,
+        format=fmt_out.value,
+        kept=tuple(n for n in base_meta.tensors if n not in by_weight and n not in saved),
+        merged=tuple(by_weight),
+        taken={name: 1 for name in saved},
+        dry_run=dry_run,
+        notes=(f"adapter: {info.summary}",),
+    )
+    if dry_run:
+        return log
+    with ExitStack() as stack:
+        base_bytes, adapter_bytes = SourceBytes(base_meta, stack), SourceBytes(adapter_meta, stack)
+        plan = []
+        for name, meta in base_meta.tensors.items():
+            out_dtype = cast.target(name, meta.dtype)
+            if name in by_weight:
+                pair = by_weight[name]
+                merged = _merged(base_bytes.tensor(name), adapter_bytes, pair, settings)
+                plan.append(OutTensor(name, out_dtype, meta.shape, tensor_bytes(merged, out_dtype)))
+                continue
+            source, source_name = (
+                (adapter_bytes, saved[name]) if name in saved else (base_bytes, name)
+            )
+            data, written = source.data(source_name, out_dtype)
+            plan.append(OutTensor(name, written, meta.shape, data))
+        metadata = provenance("merge-lora", base_meta, adapter=os.path.basename(adapter_meta.path))
+        saved_file = _save_hashed(out, plan, fmt_out, base_meta, metadata, force=force)
+    return _finished(log, saved_file.paths, saved_file.nbytes)
+
+
+def _check_fits(
+    base: CheckpointMeta,
+    adapter: CheckpointMeta,
+    pairs: list[LoraPair],
+    saved: Mapping[str, str],
+    settings: LoraSettings,
+) -> None:
+    for pair in pairs:
+        weight = base.tensors.get(f"{pair.module}.weight")
+        if weight is None:
+            raise IncompatibleError(
+                f"{adapter.path} adapts {pair.module}, which {base.path} lacks "
+                f"(no {pair.module}.weight); is this the adapter's base model?"
+            )
+        a, b = adapter.tensors[pair.a].shape, adapter.tensors[pair.b].shape
+        expected = _update_shape(a, b, pair, settings)
+        if expected != weight.shape:
+            raise IncompatibleError(
+                f"{adapter.path}: the update for {pair.module} is {list(expected)}, the base's "
+                f"weight {list(weight.shape)}; is this the adapter's base model?"
+            )
+    for name, adapter_name in saved.items():
+        if (
+            name not in base.tensors
+            or base.tensors[name].shape != adapter.tensors[adapter_name].shape
+        ):
+            raise IncompatibleError(
+                f"{adapter.path} saves {name} whole (modules_to_save), which {base.path} "
+                "lacks or has in another shape"
+            )
+
+
+def _update_shape(
+    a: tuple[int, ...], b: tuple[int, ...], pair: LoraPair, settings: LoraSettings
+) -> tuple[int, ...]:
+    if len(a) < 2 or len(b) < 2 or a[0] != b[1]:
+        return (*b[:1], *a[1:])  # rank mismatch: any shape that cannot fit
+    if pair.embedding:
+        return (a[1], b[0])  # [num_embeddings, dim]: transpose(B @ A)
+    if len(a) == 4:
+        return (b[0], a[1], a[2], a[3])
+    return (a[1], b[0]) if settings.fan_in_fan_out else (b[0], a[1])
+
+
+def _merged(
+    weight: torch.Tensor, adapter: SourceBytes, pair: LoraPair, settings: LoraSettings
+) -> torch.Tensor:
+    """W + delta, with delta computed as peft's get_delta_weight does (float32 on CPU
+    for half-precision factors, then back to their dtype)."""
+    import torch
+
+    a, b = adapter.tensor(pair.a), adapter.tensor(pair.b)
+    low_precision = b.dtype in (torch.float16, torch.bfloat16)
+    if low_precision:
+        a, b = a.float(), b.float()
+    scale = settings.scale(pair.module)
+    if pair.embedding:
+        delta = (b @ a).T * scale
+    elif a.dim() == 4 and weight.shape[2:4] == (1, 1):
+        delta = (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
+        delta = delta * scale
+    elif a.dim() == 4:
+        delta = torch.nn.functional.conv2d(a.permute(1, 0, 2, 3), b).permute(1, 0, 2, 3) * scale
+    else:
+        product = b @ a
+        delta = (product.T if settings.fan_in_fan_out else product) * scale
+    if low_precision:
+        delta = delta.to(adapter.tensor(pair.b).dtype)
+    return weight + delta.to(weight.dtype)

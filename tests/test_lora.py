@@ -1,0 +1,141 @@
+"""merge-lora against peft's own merge_and_unload, over the config variants that change
+the arithmetic; and one clear line for broken inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import ckptool
+
+peft = pytest.importorskip("peft")
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(12, 8)
+        self.q = nn.Linear(8, 8)
+        self.v = nn.Linear(8, 16)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.point = nn.Conv2d(4, 6, 1)
+        self.head = nn.Linear(16, 2)
+
+
+class GptLike(nn.Module):
+    """GPT-2 keeps its projections as Conv1D ([in, out] weights): fan_in_fan_out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.c_attn = Conv1D(24, 8)
+        self.c_proj = Conv1D(8, 8)
+
+
+VARIANTS = {
+    "default": (Net, {"target_modules": ["q", "v"]}),
+    "embedding and convs": (Net, {"target_modules": ["emb", "conv", "point", "q"]}),
+    "rslora": (Net, {"target_modules": ["q", "v"], "use_rslora": True}),
+    "rank and alpha patterns": (
+        Net,
+        {"target_modules": ["q", "v", "conv"], "rank_pattern": {"v": 2, "conv": 6},
+         "alpha_pattern": {"q": 3.0, "conv": 12}},
+    ),
+    "modules_to_save": (Net, {"target_modules": ["q"], "modules_to_save": ["head"]}),
+    "fan_in_fan_out": (GptLike, {"target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True}),
+}  # fmt: skip
+
+
+def _adapter(model_cls: type[nn.Module], options: dict, folder: Path) -> tuple[Path, Path, dict]:
+    """Base weights, a trained-looking adapter (random A and B), and peft's merge."""
+    torch.manual_seed(0)
+    base = model_cls()
+    base_path = folder / "base.pt"
+    torch.save(base.state_dict(), base_path)
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **options)
+    model = peft.get_peft_model(base, config)
+    model.save_pretrained(folder / "adapter")
+    merged = model.merge_and_unload().state_dict()
+    return base_path, folder / "adapter", merged
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_merge_equals_peft(run_cli, tmp_path: Path, variant: str) -> None:
+    model_cls, options = VARIANTS[variant]
+    base, adapter, expected = _adapter(model_cls, options, tmp_path)
+    out = tmp_path / "merged.safetensors"
+    result = run_cli("merge-lora", base, adapter, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    merged = load_file(out)
+    assert merged.keys() == expected.keys()
+    for name, value in expected.items():
+        scale = value.abs().max().clamp_min(1e-12)
+        assert (merged[name] - value).abs().max() / scale <= 1e-6, name
+    doc = json.loads(result.stdout)
+    changed = [k for k, v in expected.items() if not torch.equal(v, torch.load(base)[k])]
+    # Everything that differs from the base is reported as merged or taken from the
+    # adapter (modules_to_save copies may equal the base: they were not trained here).
+    assert set(changed) <= set(doc["merged"]) | set(doc["taken"]) and doc["merged"]
+
+
+def test_merge_streams_one_tensor_at_a_time_and_keeps_the_rest_as_bytes(tmp_path: Path) -> None:
+    base, adapter, _ = _adapter(Net, {"target_modules": ["q"]}, tmp_path)
+    out = tmp_path / "merged.safetensors"
+    log = ckptool.merge_lora(base, adapter, str(out))
+    untouched = load_file(out)
+    original = torch.load(base)
+    assert log.kept and all(torch.equal(untouched[k], original[k]) for k in log.kept)
+
+
+def _broken(tmp_path: Path, case: str) -> tuple[Path, Path]:
+    base, adapter, _ = _adapter(Net, {"target_modules": ["q", "v"]}, tmp_path)
+    weights = adapter / "adapter_model.safetensors"
+    if case == "truncated adapter":
+        weights.write_bytes(weights.read_bytes()[:-10])
+    elif case == "config missing":
+        (adapter / "adapter_config.json").unlink()
+    elif case == "config not json":
+        (adapter / "adapter_config.json").write_text("{")
+    elif case == "module the base lacks":
+        tensors = load_file(weights)
+        tensors["base_model.model.k.lora_A.weight"] = torch.zeros(4, 8)
+        tensors["base_model.model.k.lora_B.weight"] = torch.zeros(8, 4)
+        save_file(tensors, weights)
+    elif case == "A without B":
+        tensors = load_file(weights)
+        del tensors["base_model.model.v.lora_B.weight"]
+        save_file(tensors, weights)
+    elif case == "dora":
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
+    return base, adapter
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "message"),
+    [
+        ("truncated adapter", 3, "adapter_model.safetensors"),
+        ("config missing", 3, "no adapter_config.json"),
+        ("config not json", 3, "not valid JSON"),
+        ("module the base lacks", 1, "adapts k, which .* lacks"),
+        ("A without B", 3, "not both lora_A and lora_B"),
+        ("dora", 2, "use_dora adapters are not supported"),
+    ],
+)
+def test_broken_inputs_get_one_line(
+    run_cli, tmp_path: Path, case: str, code: int, message: str
+) -> None:
+    import re
+
+    base, adapter = _broken(tmp_path, case)
+    out = tmp_path / "merged.safetensors"
+    result = run_cli("merge-lora", base, adapter, "-o", out)
+    assert result.exit_code == code, result.output
+    assert re.search(message, result.stderr) and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
