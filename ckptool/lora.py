@@ -10,6 +10,7 @@ time; every other base tensor is copied as bytes.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -22,8 +23,9 @@ from ckptool.errors import CheckpointReadError, IncompatibleError, UsageError
 from ckptool.formats import CheckpointMeta, read_metadata
 from ckptool.formats.adapters import CONFIG_NAME, PEFT_PREFIX, describe_adapter
 from ckptool.formats.load import tensor_bytes
+from ckptool.formats.meta import DTYPE_SIZES
 from ckptool.formats.save import output_format_for
-from ckptool.formats.write import OutTensor, check_output
+from ckptool.formats.write import ComputedBytes, OutTensor, check_output
 from ckptool.surgery import (
     Cast,
     SourceBytes,
@@ -198,9 +200,20 @@ def merge_lora(
         for name, meta in base_meta.tensors.items():
             out_dtype = cast.target(name, meta.dtype)
             if name in by_weight:
-                pair = by_weight[name]
-                merged = _merged(base_bytes.tensor(name), adapter_bytes, pair, settings)
-                plan.append(OutTensor(name, out_dtype, meta.shape, tensor_bytes(merged, out_dtype)))
+                merge_one = functools.partial(
+                    _merged_bytes,
+                    base_bytes,
+                    adapter_bytes,
+                    name,
+                    by_weight[name],
+                    settings,
+                    out_dtype,
+                )
+                length = meta.numel * DTYPE_SIZES[out_dtype]
+                # Computed when written: one merged tensor in memory at a time.
+                plan.append(
+                    OutTensor(name, out_dtype, meta.shape, ComputedBytes(length, merge_one))
+                )
                 continue
             source, source_name = (
                 (adapter_bytes, saved[name]) if name in saved else (base_bytes, name)
@@ -254,6 +267,17 @@ def _update_shape(
     if len(a) == 4:
         return (b[0], a[1], a[2], a[3])
     return (a[1], b[0]) if settings.fan_in_fan_out else (b[0], a[1])
+
+
+def _merged_bytes(
+    base: SourceBytes,
+    adapter: SourceBytes,
+    name: str,
+    pair: LoraPair,
+    settings: LoraSettings,
+    dtype: str,
+) -> bytes:
+    return tensor_bytes(_merged(base.tensor(name), adapter, pair, settings), dtype)
 
 
 def _merged(

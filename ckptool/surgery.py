@@ -28,7 +28,7 @@ from ckptool.errors import (
 )
 from ckptool.formats import CheckpointMeta, read_metadata
 from ckptool.formats.load import TensorReader, open_tensors, tensor_bytes
-from ckptool.formats.meta import Format, TensorMeta
+from ckptool.formats.meta import DTYPE_SIZES, Format, TensorMeta
 from ckptool.formats.save import (
     OutputFormat,
     SavedFile,
@@ -38,7 +38,9 @@ from ckptool.formats.save import (
 )
 from ckptool.formats.write import (
     ByteSource,
+    ComputedBytes,
     OutTensor,
+    TensorData,
     check_output,
     sha256_file,
     sha256_in_background,
@@ -150,15 +152,18 @@ class SourceBytes:
         self._stack = stack
         self._reader: TensorReader | None = None
 
-    def data(self, name: str, dtype: str | None = None) -> tuple[ByteSource | bytes, str]:
-        """(bytes or their location, the dtype they are in) for source tensor ``name``."""
+    def data(self, name: str, dtype: str | None = None) -> tuple[TensorData, str]:
+        """(where the bytes are, the dtype they are in) for source tensor ``name``: a
+        range of the file to copy, or bytes computed (cast, made contiguous) only when
+        they are written, so a plan never holds more than one tensor's."""
         tensor = self.meta.tensors[name]
         out_dtype = dtype if dtype and tensor.dtype in FLOATING else tensor.dtype
         located = tensor.byte_range
         # Copies come only from the files this checkpoint was read from.
         if out_dtype == tensor.dtype and located is not None and located[0] in self.meta.files:
             return ByteSource(*located), out_dtype
-        return tensor_bytes(self.tensor(name), out_dtype), out_dtype
+        length = tensor.numel * DTYPE_SIZES[out_dtype]
+        return ComputedBytes(length, lambda: tensor_bytes(self.tensor(name), out_dtype)), out_dtype
 
     def tensor(self, name: str) -> torch.Tensor:
         if self._reader is None:

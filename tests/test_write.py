@@ -216,6 +216,8 @@ def test_bytes_that_differ_after_writing_fail_verification_with_exit_5(
 
     monkeypatch.setattr(write, "_write_data", corrupting)
     out = tmp_path / "out.safetensors"
-    result = run_cli("convert", source, "-o", out)
-    assert result.exit_code == 5 and "differ from the source" in result.stderr, result.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["source.safetensors"]
+    # Copied bytes, and bytes computed at write time (a cast), checked by their hash.
+    for cast in ((), ("--dtype", "float16")):
+        result = run_cli("convert", source, "-o", out, *cast)
+        assert result.exit_code == 5 and "differ from the source" in result.stderr, result.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["source.safetensors"]

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from ckptool.formats.restricted_pickle import STORAGE_DTYPES
-from ckptool.formats.write import CHUNK, ByteSource, OutTensor, _write_data
+from ckptool.formats.write import (
+    CHUNK,
+    ByteSource,
+    ComputedBytes,
+    OutTensor,
+    TensorData,
+    _write_data,
+)
 
 ARCHIVE = "archive"
 ALIGNMENT = 64
@@ -182,12 +189,18 @@ class _ZipWriter:
     def add_bytes(self, name: str, data: bytes) -> None:
         self._add(name, len(data), data, zlib.crc32(data))
 
-    def add_data(self, name: str, data: ByteSource | bytes, pool: ThreadPoolExecutor) -> None:
+    def add_data(self, name: str, data: TensorData, pool: ThreadPoolExecutor) -> None:
+        if isinstance(data, ComputedBytes):  # its CRC exists once it has been written
+            known: Future[int] = Future()
+            self._add(name, data.length, data, known)
+            assert data.crc32 is not None  # set by the write
+            known.set_result(data.crc32)
+            return
         size = data.length if isinstance(data, ByteSource) else len(data)
         crc = pool.submit(_crc32, data) if isinstance(data, ByteSource) else zlib.crc32(data)
         self._add(name, size, data, crc)
 
-    def _add(self, name: str, size: int, data: ByteSource | bytes, crc: Future[int] | int) -> None:
+    def _add(self, name: str, size: int, data: TensorData, crc: Future[int] | int) -> None:
         import os
 
         header = self._local_header(name, size)

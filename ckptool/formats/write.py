@@ -15,6 +15,7 @@ import os
 import signal
 import tempfile
 import threading
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -47,6 +48,28 @@ class ByteSource:
     length: int
 
 
+class ComputedBytes:
+    """Bytes made only when they are written (a merged or cast tensor), so a plan of
+    many holds none of them: one tensor's bytes are in memory at a time. Writing one
+    records its sha256 and CRC-32, which verification and zip records use later."""
+
+    def __init__(self, length: int, produce: Callable[[], bytes]) -> None:
+        self.length = length
+        self._produce = produce
+        self.sha256: bytes | None = None
+        self.crc32: int | None = None
+
+    def materialize(self) -> bytes:
+        data = self._produce()
+        if len(data) != self.length:
+            raise OutputError(f"a computed tensor has {len(data)} bytes, {self.length} planned")
+        self.sha256, self.crc32 = hashlib.sha256(data).digest(), zlib.crc32(data)
+        return data
+
+
+TensorData = ByteSource | bytes | ComputedBytes
+
+
 @dataclass(frozen=True)
 class OutTensor:
     """One tensor to write: its name, dtype, shape and where its bytes come from."""
@@ -54,7 +77,7 @@ class OutTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    data: ByteSource | bytes
+    data: TensorData
     tie: object = None  # tensors with equal non-None ties are one tensor (tied weights)
 
     @property
@@ -66,7 +89,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.data.length if isinstance(self.data, ByteSource) else len(self.data)
+        return len(self.data) if isinstance(self.data, bytes) else self.data.length
 
 
 # --- output paths --------------------------------------------------------------------
@@ -303,7 +326,9 @@ def _patch_placeholder(out_fd: int, encoded: bytes, key: str, value: str) -> Non
     os.pwrite(out_fd, value.encode(), 8 + offset)
 
 
-def _write_data(out_fd: int, data: ByteSource | bytes, position: int) -> None:
+def _write_data(out_fd: int, data: TensorData, position: int) -> None:
+    if isinstance(data, ComputedBytes):
+        data = data.materialize()  # freed when this call returns
     if isinstance(data, bytes):
         written = 0
         while written < len(data):
@@ -383,13 +408,15 @@ def verify_output(
             )
 
 
-def _same_bytes(meta: TensorMeta, data: ByteSource | bytes) -> bool:
+def _same_bytes(meta: TensorMeta, data: TensorData) -> bool:
     located = meta.byte_range
     if located is None:
         return False
     file, offset, length = located
-    if length != (data.length if isinstance(data, ByteSource) else len(data)):
+    if length != (len(data) if isinstance(data, bytes) else data.length):
         return False
+    if isinstance(data, ComputedBytes):  # gone after the write: compare its hash
+        return data.sha256 is not None and _sha256_range(file, offset, length) == data.sha256
     with ExitStack() as stack:
         out_fd = stack.enter_context(open(file, "rb", buffering=0)).fileno()
         expected = _expected_bytes(data, stack)
@@ -398,6 +425,14 @@ def _same_bytes(meta: TensorMeta, data: ByteSource | bytes) -> bool:
             if os.pread(out_fd, size, offset + start) != expected(start, size):
                 return False
     return True
+
+
+def _sha256_range(file: str, offset: int, length: int) -> bytes:
+    digest = hashlib.sha256()
+    with open(file, "rb", buffering=0) as f:
+        for start in range(0, length, CHUNK):
+            digest.update(os.pread(f.fileno(), min(CHUNK, length - start), offset + start))
+    return digest.digest()
 
 
 def _expected_bytes(data: ByteSource | bytes, stack: ExitStack) -> Callable[[int, int], bytes]:
