@@ -12,7 +12,7 @@ from ckptool.errors import CheckpointReadError
 from ckptool.formats import detect_format
 from ckptool.formats.containers import select_tensor_dict
 from ckptool.formats.dcp import load_dcp_tensor
-from ckptool.formats.meta import CheckpointMeta, Format
+from ckptool.formats.meta import CheckpointMeta, Format, TensorMeta
 from ckptool.formats.safetensors_header import ALIASES_KEY
 from ckptool.formats.sharded import read_index
 
@@ -157,35 +157,58 @@ class _StorageBytesHandle:
         self._storages: dict[str, torch.Tensor] = {}
 
     def get_tensor(self, name: str) -> torch.Tensor:
-        import torch
-
         meta = self._meta.tensors[name]
-        if meta.numel == 0:
-            return torch.empty(meta.shape, dtype=getattr(torch, meta.dtype))
-        if meta.storage is None or meta.file is None or meta.file_offset is None:
-            raise CheckpointReadError(
-                f"{self._meta.path}: tensor {name!r} has no located storage to read "
-                "(a big-endian or meta-device file); re-save it with torch.save"
-            )
-        storage = self._storage(meta.storage, meta.file, meta.file_offset, meta.storage_nbytes)
-        flat = storage.view(getattr(torch, meta.dtype))
-        return torch.as_strided(flat, meta.shape, meta.strides, meta.storage_offset)
-
-    def _storage(self, key: str, file: str, offset: int, nbytes: int | None) -> torch.Tensor:
-        import torch
-
+        key = meta.storage or ""
         if key not in self._storages:
-            with open(file, "rb") as f:
-                f.seek(offset)
-                data = bytearray(f.read(nbytes or 0))
-            if len(data) != (nbytes or 0):
-                raise CheckpointReadError(f"{file}: storage {key!r} is cut short")
-            self._storages[key] = (
-                torch.frombuffer(data, dtype=torch.uint8)
-                if data
-                else (torch.empty(0, dtype=torch.uint8))
-            )
-        return self._storages[key]
+            self._storages[key] = read_storage(meta, self._meta.path, name)
+        return view_of_storage(meta, self._storages[key])
+
+
+def read_located_tensor(meta: TensorMeta, path: str, name: str) -> torch.Tensor:
+    """One tensor read from its storage's bytes in the file, nothing kept mapped or
+    cached: what a streamed writer needs to hold one tensor at a time."""
+    return view_of_storage(meta, read_storage(meta, path, name))
+
+
+def read_storage(meta: TensorMeta, path: str, name: str) -> torch.Tensor:
+    """The bytes of ``meta``'s storage (offset and extent as the reader checked them).
+
+    Raises:
+        CheckpointReadError: the storage was not located (big-endian, meta device) or
+            the file is cut short.
+    """
+    import torch
+
+    if meta.numel == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    if (
+        meta.storage is None
+        or meta.file is None
+        or meta.file_offset is None
+        or meta.storage_nbytes is None
+    ):
+        raise CheckpointReadError(
+            f"{path}: tensor {name!r} has no located storage to read (a big-endian or "
+            "meta-device file); re-save it with torch.save"
+        )
+    with open(meta.file, "rb") as f:
+        f.seek(meta.file_offset)
+        data = bytearray(f.read(meta.storage_nbytes))
+    if len(data) != meta.storage_nbytes:
+        raise CheckpointReadError(f"{meta.file}: the storage of {name!r} is cut short")
+    if not data:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(data, dtype=torch.uint8)
+
+
+def view_of_storage(meta: TensorMeta, storage: torch.Tensor) -> torch.Tensor:
+    """``meta``'s view (shape, strides, offset) of a storage's bytes."""
+    import torch
+
+    dtype = getattr(torch, meta.dtype)
+    if meta.numel == 0:
+        return torch.empty(meta.shape, dtype=dtype)
+    return torch.as_strided(storage.view(dtype), meta.shape, meta.strides, meta.storage_offset)
 
 
 class _DictHandle:
