@@ -264,8 +264,8 @@ def _update_shape(
         return (*b[:1], *a[1:])  # rank mismatch: any shape that cannot fit
     if pair.embedding:
         return (a[1], b[0])  # [num_embeddings, dim]: transpose(B @ A)
-    if len(a) == 4:
-        return (b[0], a[1], a[2], a[3])
+    if len(a) in (3, 4, 5):  # Conv1d/2d/3d: [out, in, *kernel]
+        return (b[0], *a[1:])
     return (a[1], b[0]) if settings.fan_in_fan_out else (b[0], a[1])
 
 
@@ -299,11 +299,14 @@ def _merged(
     scale = settings.scale(pair.module)
     if pair.embedding:
         delta = (b @ a).T * scale
-    elif a.dim() == 4 and weight.shape[2:4] == (1, 1):
-        delta = (b.squeeze(3).squeeze(2) @ a.squeeze(3).squeeze(2)).unsqueeze(2).unsqueeze(3)
-        delta = delta * scale
-    elif a.dim() == 4:
-        delta = torch.nn.functional.conv2d(a.permute(1, 0, 2, 3), b).permute(1, 0, 2, 3) * scale
+    elif a.dim() > 2 and all(size == 1 for size in weight.shape[2:]):  # 1x1 convs
+        product = b.flatten(1) @ a.flatten(1)  # [out, r] @ [r, in]
+        delta = product.reshape(*product.shape, *weight.shape[2:]) * scale
+    elif a.dim() > 2:  # a kernel: the update is A convolved with B, as peft builds it
+        conv = {3: torch.nn.functional.conv1d, 4: torch.nn.functional.conv2d}.get(
+            a.dim(), torch.nn.functional.conv3d
+        )
+        delta = conv(a.transpose(0, 1), b).transpose(0, 1) * scale
     else:
         product = b @ a
         delta = (product.T if settings.fan_in_fan_out else product) * scale

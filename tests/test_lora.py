@@ -24,6 +24,8 @@ class Net(nn.Module):
         self.v = nn.Linear(8, 16)
         self.conv = nn.Conv2d(3, 4, 3)
         self.point = nn.Conv2d(4, 6, 1)
+        self.signal = nn.Conv1d(3, 5, 4)
+        self.taps = nn.Conv1d(5, 7, 1)
         self.head = nn.Linear(16, 2)
 
 
@@ -40,7 +42,9 @@ class GptLike(nn.Module):
 
 VARIANTS = {
     "default": (Net, {"target_modules": ["q", "v"]}),
-    "embedding and convs": (Net, {"target_modules": ["emb", "conv", "point", "q"]}),
+    "embedding and convs": (
+        Net, {"target_modules": ["emb", "conv", "point", "signal", "taps", "q"]}
+    ),
     "rslora": (Net, {"target_modules": ["q", "v"], "use_rslora": True}),
     "rank and alpha patterns": (
         Net,
