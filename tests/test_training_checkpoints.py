@@ -175,11 +175,12 @@ def _opcodes(*parts: bytes) -> bytes:
     return b"\x80\x02" + b"".join(parts) + b"."
 
 
-def _tensor_pickle(size_ops: bytes) -> bytes:
+def _tensor_pickle(size_ops: bytes, key_ops: bytes = b"X\x01\x00\x00\x000") -> bytes:
     """{'w': _rebuild_tensor_v2(storage, 0, SIZE, (1,), False, OrderedDict())}."""
-    storage = (  # persistent id ('storage', FloatStorage, '0', 'cpu', 4)
+    storage = (  # persistent id ('storage', FloatStorage, KEY, 'cpu', 4)
         b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\n"
-        b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQ"
+        + key_ops
+        + b"X\x03\x00\x00\x00cpuK\x04tQ"
     )
     return _opcodes(
         b"}X\x01\x00\x00\x00w",
@@ -199,5 +200,7 @@ def test_a_tensor_that_needs_an_opaque_result_is_refused() -> None:
     assert ok.obj["w"].shape == (4,) and not ok.opaque
     with pytest.raises(ckptool.UnsafeCheckpointError, match=r"size from mylib\.make_size"):
         load_restricted(_tensor_pickle(b"cmylib\nmake_size\n)R"), path="evil.pt")
+    with pytest.raises(ckptool.UnsafeCheckpointError, match=r"storage reference from mylib\.key"):
+        load_restricted(_tensor_pickle(b"K\x04\x85", b"cmylib\nkey\n)R"), path="evil.pt")
     kept = load_restricted(_opcodes(b"}X\x01\x00\x00\x00acmylib\nConfig\n)Rs"), path="x.pt")
     assert kept.opaque == frozenset({"mylib.Config"})  # the same global as plain data: kept
