@@ -30,9 +30,9 @@ from ckptool.surgery import (
     Cast,
     SourceBytes,
     SurgeryLog,
-    _finished,
-    _save_hashed,
+    finished,
     provenance,
+    save_hashed,
 )
 
 if TYPE_CHECKING:
@@ -221,8 +221,8 @@ def merge_lora(
             data, written = source.data(source_name, out_dtype)
             plan.append(OutTensor(name, written, meta.shape, data))
         metadata = provenance("merge-lora", base_meta, adapter=os.path.basename(adapter_meta.path))
-        saved_file = _save_hashed(out, plan, fmt_out, base_meta, metadata, force=force)
-    return _finished(log, saved_file.paths, saved_file.nbytes)
+        saved_file = save_hashed(out, plan, fmt_out, base_meta, metadata, force=force)
+    return finished(log, saved_file.paths, saved_file.nbytes)
 
 
 def _check_fits(

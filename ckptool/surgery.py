@@ -287,8 +287,8 @@ def adapt(
             data, out_dtype = sources.data(old, cast.target(name, meta.tensors[old].dtype))
             plan.append(OutTensor(name, out_dtype, meta.tensors[old].shape, data))
         metadata = provenance("adapt", meta, transforms, model=model_label(model))
-        saved = _save_hashed(out, plan, fmt_out, meta, metadata, force=force)
-    return _finished(log, saved.paths, saved.nbytes, init_method=method)
+        saved = save_hashed(out, plan, fmt_out, meta, metadata, force=force)
+    return finished(log, saved.paths, saved.nbytes, init_method=method)
 
 
 def _structural_transforms(
@@ -316,7 +316,7 @@ def _structural_transforms(
     return dataclasses.replace(given, rename=remap_transforms(mapping)), note
 
 
-def _save_hashed(
+def save_hashed(
     out: str,
     plan: Sequence[OutTensor],
     fmt: OutputFormat,
@@ -620,7 +620,8 @@ def _adapt_log(
     )
 
 
-def _finished(log: SurgeryLog, files: Sequence[str], nbytes: int, **changes: object) -> SurgeryLog:
+def finished(log: SurgeryLog, files: Sequence[str], nbytes: int, **changes: object) -> SurgeryLog:
+    """The log of a write that completed and was verified by reading it back."""
     return _replace(log, files=tuple(files), nbytes=nbytes, verified=True, **changes)
 
 
@@ -766,8 +767,8 @@ def convert(
                 out, plan, max_bytes=shard_size, inputs=meta.files, force=force, metadata=metadata
             )
         else:
-            saved = _save_hashed(out, plan, fmt_out, meta, metadata, force=force, dedupe_tied=True)
-    return _finished(log, saved.paths, saved.nbytes, aliases=saved.aliases)
+            saved = save_hashed(out, plan, fmt_out, meta, metadata, force=force, dedupe_tied=True)
+    return finished(log, saved.paths, saved.nbytes, aliases=saved.aliases)
 
 
 def _plan_all(sources: SourceBytes, cast: Cast) -> list[OutTensor]:
@@ -837,7 +838,7 @@ def merge(
             force=force,
             metadata=provenance("merge", metas[0]),
         )
-    return _finished(log, saved.paths, saved.nbytes)
+    return finished(log, saved.paths, saved.nbytes)
 
 
 def _replace(log: SurgeryLog, **changes: object) -> SurgeryLog:
