@@ -64,3 +64,11 @@ class IncompatibleCheckpointError(IncompatibleError):
 
 class OutputError(CkptError):
     """An output cannot be written: exists, same as an input, disk full, no permission."""
+
+
+def first_line(error: BaseException) -> str:
+    """``TypeName: the first line of its message`` (at most 200 characters): a foreign
+    exception named in one of ckptool's one-line errors."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {line[:200]}" if line else type(error).__name__

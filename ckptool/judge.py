@@ -23,7 +23,6 @@ from ckptool.keys import (
     HookPlacement,
     KeyDiff,
     Transforms,
-    apply_transforms,
     diff,
     fold_names,
     transform_prefix,
@@ -77,14 +76,13 @@ def hook_placement(built: ShapeModel, meta: CheckpointMeta, keys: KeyDiff) -> Ho
     module = _meta_module(built)
     if module is None:
         return None
-    mapping = apply_transforms(meta.tensors, keys.transforms).mapping
-    ruled_out = {m.key for m in keys.shape_mismatch}
-    compared = set(keys.matched) | set(keys.unexpected)
+    # The names the comparison matched or could not place; shape mismatches and --reinit
+    # names are in neither, so a new head does not hide the hooks.
+    original = keys.original
     tensors = {
-        new: meta.tensors[old]
-        for new, old in mapping.items()
-        if new in compared and new not in ruled_out
+        name: meta.tensors[original.get(name, name)] for name in (*keys.matched, *keys.unexpected)
     }
+    ruled_out = {m.key for m in keys.shape_mismatch}
     placed = _load_on_meta(module, tensors, meta.module_versions, keys.transforms)
     if placed is None:
         return None

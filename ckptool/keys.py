@@ -217,6 +217,11 @@ class KeyDiff:
     hook_filled: tuple[str, ...] = ()
 
     @property
+    def original(self) -> dict[str, str]:
+        """New name -> the checkpoint's own name, for the names the transforms changed."""
+        return {new: old for old, new in self.renamed.items()}
+
+    @property
     def unexplained_missing(self) -> tuple[str, ...]:
         """Missing keys that neither --drop/--reinit nor a tie accounts for."""
         return tuple(
@@ -369,8 +374,9 @@ def _compare(
     present = set(compared)
     consumed, filled = (hooks.consumed, hooks.filled) if hooks else (frozenset(), frozenset())
     missing = tuple(k for k in target if k not in present and k not in filled)
-    through_tie = _through_ties(target, matched, missing)
-    _refuse_reinit_of_ties(target, matched, transforms)
+    ties = tie_groups(target)
+    through_tie = _through_ties(ties, matched, missing)
+    _refuse_reinit_of_ties(ties, matched, transforms)
     return KeyDiff(
         matched=tuple(matched),
         missing=missing,
@@ -400,13 +406,13 @@ def tie_groups(target: Mapping[str, TensorMeta]) -> dict[object, list[str]]:
 
 
 def _through_ties(
-    target: Mapping[str, TensorMeta], matched: Sequence[str], missing: Sequence[str]
+    ties: Mapping[object, list[str]], matched: Sequence[str], missing: Sequence[str]
 ) -> dict[str, str]:
     """Missing names whose tensor the checkpoint provides under a tied name."""
     provided = set(matched)
     found: dict[str, str] = {}
     lacking = set(missing)
-    for names in tie_groups(target).values():
+    for names in ties.values():
         source = next((n for n in names if n in provided), None)
         if source is not None:
             found.update({n: source for n in names if n in lacking})
@@ -414,14 +420,14 @@ def _through_ties(
 
 
 def _refuse_reinit_of_ties(
-    target: Mapping[str, TensorMeta], matched: Sequence[str], transforms: Transforms
+    ties: Mapping[object, list[str]], matched: Sequence[str], transforms: Transforms
 ) -> None:
     """Re-initialising one name of a tie overwrites the trained values that the
     checkpoint provides under the other name: loading makes the last write win."""
     if not transforms.reinit:
         return
     provided, reinit = set(matched), PrefixIndex(transforms.reinit)
-    for names in tie_groups(target).values():
+    for names in ties.values():
         kept = [n for n in names if n in provided]
         hit = [n for n in names if reinit.covering(n) is not None]
         if kept and hit:
@@ -675,7 +681,7 @@ def _nesting_rename(
     rename of that kind makes more names match."""
     if not after.unexpected or not after.missing:
         return None
-    original = {new: old for old, new in after.renamed.items()}
+    original = after.original
     missing_by_leaf: dict[tuple[str, tuple[int, ...]], list[str]] = {}
     for name in after.missing:
         missing_by_leaf.setdefault((name.rpartition(".")[2], target[name].shape), []).append(name)
@@ -699,7 +705,8 @@ def _nesting_rename(
     if best is None:
         return None
     transforms, trial, rule = best
-    moved = tuple(n for n in trial.matched if n not in set(after.matched))
+    before = set(after.matched)
+    moved = tuple(n for n in trial.matched if n not in before)
     flag = Transforms(rename=(rule,)).flags()[0]
     return transforms, trial, FixStep(flag, Reason.NESTING, moved)
 
@@ -708,7 +715,6 @@ def _nesting_rename(
 # many candidate nesting renames are tried (each costs one comparison).
 MAX_NESTING_PARTNERS = 8
 MAX_NESTING_RULES = 4
-_SEGMENT_NUMBER = re.compile(r"^\d+$")
 
 
 def _nesting_rule(module: str, wanted: str) -> tuple[str, str] | None:
@@ -730,7 +736,7 @@ def _module_pattern(module: str) -> tuple[str, str, int]:
     """'layers.3.conv' -> ('layers\\.(\\d+)\\.conv', 'layers.\\1.conv', 1 group)."""
     pattern, repl, groups = [], [], 0
     for segment in module.split("."):
-        if _SEGMENT_NUMBER.match(segment):
+        if segment.isdigit():  # as _strip_candidates tells list elements
             groups += 1
             pattern.append(r"(\d+)")
             repl.append(f"\\{groups}")

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ckptool.errors import UsageError
+from ckptool.errors import UsageError, first_line
 from ckptool.formats import read_metadata
 from ckptool.freezing import FreezeSummary, freeze_for_training
 from ckptool.guard import FreezeGuard, FrozenParameterError, GuardReport
@@ -53,8 +53,8 @@ class CheckResult:
     @property
     def loadable(self) -> bool:
         """adapt with these transforms would write a strictly loadable file (tied names
-        included), or the model's own load_state_dict takes the file as it is."""
-        return self.keys.fits_after_adapt or self.torch_accepts
+        and names the model's load hooks place included)."""
+        return self.keys.fits_after_adapt
 
     @property
     def ok(self) -> bool:
@@ -170,7 +170,7 @@ def runnable_input_shape(net: nn.Module) -> tuple[int, ...]:
                 with torch.no_grad():
                     _output_tensors(net(_synthetic_batch(net, shape)))
             except Exception as e:  # a wrong shape fails in whatever way the model fails
-                first_error = first_error or _first_line(e)
+                first_error = first_error or first_line(e)
                 continue
             return shape
     finally:
@@ -180,11 +180,6 @@ def runnable_input_shape(net: nn.Module) -> tuple[int, ...]:
         f"cannot find an input shape {type(net).__name__} accepts (tried {tried}; first "
         f"error: {first_error}); add --input-shape, e.g. --input-shape 3,224,224"
     )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
 
 
 def _synthetic_batch(net: nn.Module, shape: tuple[int, ...]) -> torch.Tensor:
@@ -275,5 +270,5 @@ def _forward(net: nn.Module, batch: torch.Tensor, shape: tuple[int, ...], *, giv
         where = "--input-shape" if given else "the inferred input shape"
         raise UsageError(
             f"{type(net).__name__} cannot run a batch of {BATCH}x{'x'.join(map(str, shape))} "
-            f"({where}): {_first_line(e)}; pass the sample shape with --input-shape"
+            f"({where}): {first_line(e)}; pass the sample shape with --input-shape"
         ) from e

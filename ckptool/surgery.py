@@ -46,7 +46,6 @@ from ckptool.formats.write import (
     sha256_in_background,
 )
 from ckptool.keys import (
-    HookPlacement,
     KeyDiff,
     ShapeMismatch,
     Transforms,
@@ -267,7 +266,7 @@ def adapt(
     if dry_run or out is None or fmt_out is None:
         return log
     init, method = initial_values(model, model_args, num_classes, head, to_fill, target, seed=seed)
-    original = {new: old for old, new in keys.renamed.items()}
+    original = keys.original
     with ExitStack() as stack:
         sources = SourceBytes(meta, stack)
         plan = []
@@ -366,9 +365,9 @@ def plan_keys(
     hooks = None
     if built is not None:
         keys, hooks = with_hooks(built, meta, target, keys)
-    if auto:
-        keys = diff(meta.tensors, target, _whole_fix(keys), suggest=False, hooks=hooks)
-    _refuse_incompatible(meta.tensors, target, keys, policy=policy, strict=strict, hooks=hooks)
+    if auto:  # with its own suggestions: a refusal below names what would still help
+        keys = diff(meta.tensors, target, _whole_fix(keys), hooks=hooks)
+    _refuse_incompatible(keys, policy=policy, strict=strict)
     return keys
 
 
@@ -433,13 +432,12 @@ def load_into(
         IncompatibleCheckpointError: it does not fit; ``.diff`` holds the key diff and
             its suggested fix. The model is left untouched.
     """
+    from ckptool.judge import with_hooks
     from ckptool.models import ShapeModel, model_tensor_meta
 
     transforms = Transforms.from_flags(
         strip=strip, add_prefix=add_prefix, rename=rename, drop=drop, reinit=reinit
     )
-    from ckptool.judge import with_hooks
-
     meta = read_metadata(checkpoint, key=key)
     target = model_tensor_meta(model)
     keys = diff(meta.tensors, target, transforms)
@@ -458,7 +456,7 @@ def load_matched(model: nn.Module, meta: CheckpointMeta, keys: KeyDiff) -> tuple
     """Copy the matched checkpoint tensors into ``model``; return the non-finite ones."""
     import torch
 
-    original = {new: old for old, new in keys.renamed.items()}
+    original = keys.original
     if keys.hooked or keys.hook_filled:
         return _load_through_hooks(model, meta, keys, original)
     state = model.state_dict()
@@ -466,7 +464,7 @@ def load_matched(model: nn.Module, meta: CheckpointMeta, keys: KeyDiff) -> tuple
     with open_tensors(meta) as reader, torch.no_grad():
         for name in keys.matched:
             tensor = reader.get(original.get(name, name))
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if _non_finite(tensor):
                 non_finite.append(name)
             state[name].copy_(tensor)
     return tuple(non_finite)
@@ -478,8 +476,6 @@ def _load_through_hooks(
     """Matched and hook-consumed tensors through ``load_state_dict`` (the hooks turn
     weight_g/weight_v into the parametrization); the rest keeps the model's values."""
     import collections
-
-    import torch
 
     from ckptool.judge import with_versions
 
@@ -494,11 +490,14 @@ def _load_through_hooks(
             f"{meta.path}: the model's loading left {', '.join(result.unexpected_keys[:3])} "
             "unused, though its hooks took them on the meta device"
         )
-    return tuple(
-        name
-        for name, tensor in state.items()
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
-    )
+    return tuple(name for name, tensor in state.items() if _non_finite(tensor))
+
+
+def _non_finite(tensor: torch.Tensor) -> bool:
+    """A floating tensor holding NaN or inf (what check reports and load warns of)."""
+    import torch
+
+    return tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
 
 
 def _whole_fix(found: KeyDiff) -> Transforms:
@@ -519,16 +518,9 @@ def _whole_fix(found: KeyDiff) -> Transforms:
     return found.fix.transforms
 
 
-def _refuse_incompatible(
-    source: Mapping[str, TensorMeta],
-    target: Mapping[str, TensorMeta],
-    keys: KeyDiff,
-    *,
-    policy: MismatchPolicy,
-    strict: bool,
-    hooks: HookPlacement | None = None,
-) -> None:
-    hint = _fix_hint(source, target, keys.transforms, hooks)
+def _refuse_incompatible(keys: KeyDiff, *, policy: MismatchPolicy, strict: bool) -> None:
+    """``keys`` must come with its suggestions (``diff(suggest=True)``): the hint."""
+    hint = _fix_hint(keys)
     if not keys.matched:
         # Writing the model's init under a new name would look like success; it is not.
         raise IncompatibleError(
@@ -559,16 +551,12 @@ def _misfits(keys: KeyDiff) -> str:
     return "; ".join(f"{what} {', '.join(fold_names(names)[:3])}" for what, names in found if names)
 
 
-def _fix_hint(
-    source: Mapping[str, TensorMeta],
-    target: Mapping[str, TensorMeta],
-    given: Transforms,
-    hooks: HookPlacement | None,
-) -> str:
-    fix = diff(source, target, given, hooks=hooks).fix
-    if fix is None:
+def _fix_hint(keys: KeyDiff) -> str:
+    """The flags the fix adds to those given, as 'add ...' ('' if none)."""
+    if keys.fix is None:
         return ""
-    extra = [f for f in fix.transforms.flags() if f not in given.flags()]
+    given = keys.transforms.flags()
+    extra = [f for f in keys.fix.transforms.flags() if f not in given]
     return f"add {' '.join(extra)}" if extra else ""
 
 
@@ -593,7 +581,7 @@ def _adapt_log(
     dry_run: bool,
     cast: Cast,
 ) -> SurgeryLog:
-    original = {new: old for old, new in keys.renamed.items()}
+    original = keys.original
     mismatched = {m.key for m in keys.shape_mismatch}
     reinit = set(keys.reinit)
     return SurgeryLog(

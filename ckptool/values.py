@@ -42,7 +42,7 @@ def compare_values(source: CheckpointMeta, target: CheckpointMeta, keys: KeyDiff
     Only tensors matched by name and shape are compared; renames from the diff's
     transforms are honoured. Peak memory is about one tensor pair in float64.
     """
-    original = {new: old for old, new in keys.renamed.items()}
+    original = keys.original
     changed, unchanged = [], []
     with open_tensors(source) as src, open_tensors(target) as tgt:
         for name in keys.matched:

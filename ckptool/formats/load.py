@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
-from ckptool.errors import CheckpointReadError
+from ckptool.errors import CheckpointReadError, first_line
 from ckptool.formats import detect_format
 from ckptool.formats.containers import select_tensor_dict
 from ckptool.formats.dcp import load_dcp_tensor
@@ -34,17 +34,11 @@ def torch_load_safely(path: str, *, mmap: bool) -> Any:
         return torch.load(path, weights_only=True, mmap=mmap, map_location="cpu")
     except pickle.UnpicklingError as e:
         # weights_only refusals land here; our own scan runs first, so this is rare.
-        raise CheckpointReadError(f"{path}: torch refused to load it: {_first_line(e)}") from e
+        raise CheckpointReadError(f"{path}: torch refused to load it: {first_line(e)}") from e
     except Exception as e:
         # torch's loader answers hostile bytes with whatever it hits first (TypeError,
         # AssertionError, KeyError, ...): all of them mean the file is unreadable.
-        raise CheckpointReadError(f"{path}: torch cannot read it ({_first_line(e)})") from e
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else ""
-    return f"{type(error).__name__}: {line[:200]}" if line else type(error).__name__
+        raise CheckpointReadError(f"{path}: torch cannot read it ({first_line(e)})") from e
 
 
 def load_state_dict(
@@ -109,7 +103,7 @@ class TensorReader:
         try:
             tensor = self._handles[path].get_tensor(name)
         except Exception as e:  # safetensors raises its own SafetensorError on bad bytes
-            raise CheckpointReadError(f"{path}: cannot read {name!r} ({_first_line(e)})") from e
+            raise CheckpointReadError(f"{path}: cannot read {name!r} ({first_line(e)})") from e
         if tensor.is_meta:
             raise CheckpointReadError(
                 f"{path}: tensor {name!r} was saved from the meta device and holds no values"
@@ -142,7 +136,7 @@ def _safe_open(path: str) -> Iterator[Any]:
     try:
         handle = safe_open(path, framework="pt", device="cpu")
     except Exception as e:  # SafetensorError is not an OSError or ValueError
-        raise CheckpointReadError(f"{path}: cannot read tensors ({_first_line(e)})") from e
+        raise CheckpointReadError(f"{path}: cannot read tensors ({first_line(e)})") from e
     with handle:
         yield handle
 
