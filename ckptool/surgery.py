@@ -28,7 +28,7 @@ from ckptool.errors import (
 )
 from ckptool.formats import CheckpointMeta, read_metadata
 from ckptool.formats.load import TensorReader, open_tensors, tensor_bytes
-from ckptool.formats.meta import DTYPE_SIZES, Format, TensorMeta
+from ckptool.formats.meta import DTYPE_SIZES, Assembly, Format, TensorMeta
 from ckptool.formats.save import (
     OutputFormat,
     SavedFile,
@@ -45,6 +45,7 @@ from ckptool.formats.write import (
     sha256_file,
     sha256_in_background,
 )
+from ckptool.formats.zero import read_assembly
 from ckptool.keys import (
     KeyDiff,
     ShapeMismatch,
@@ -150,6 +151,7 @@ class SourceBytes:
         self.meta = meta
         self._stack = stack
         self._reader: TensorReader | None = None
+        self._assembled: dict[tuple[Assembly, str], ComputedBytes] = {}
 
     def data(self, name: str, dtype: str | None = None) -> tuple[TensorData, str]:
         """(where the bytes are, the dtype they are in) for source tensor ``name``: a
@@ -162,7 +164,22 @@ class SourceBytes:
         if out_dtype == tensor.dtype and located is not None and located[0] in self.meta.files:
             return ByteSource(*located), out_dtype
         length = tensor.numel * DTYPE_SIZES[out_dtype]
-        return ComputedBytes(length, lambda: tensor_bytes(self.tensor(name), out_dtype)), out_dtype
+        assembly = self.meta.assembled.get(name)
+        if assembly is None:
+            return ComputedBytes(
+                length, lambda: tensor_bytes(self.tensor(name), out_dtype)
+            ), out_dtype
+        # ZeRO: tied names share one Assembly and get one ComputedBytes, so a writer
+        # stores and verifies it once; uncast, its pieces are joined without torch.
+        key = (assembly, out_dtype)
+        if key not in self._assembled:
+            if out_dtype == assembly.stored_dtype:
+                self._assembled[key] = ComputedBytes(length, lambda: read_assembly(assembly, name))
+            else:
+                self._assembled[key] = ComputedBytes(
+                    length, lambda: tensor_bytes(self.tensor(name), out_dtype)
+                )
+        return self._assembled[key], out_dtype
 
     def tensor(self, name: str) -> torch.Tensor:
         if self._reader is None:
@@ -696,7 +713,10 @@ def provenance(
 
 
 def _hashed_file(meta: CheckpointMeta) -> str:
-    """The file whose sha256 identifies the source: the file itself, an index, DCP metadata."""
+    """The file whose sha256 identifies the source: the file itself, an index, DCP
+    metadata, ZeRO's rank-0 model states (its files are listed model states first)."""
+    if meta.format is Format.ZERO:
+        return meta.files[0]
     if os.path.isdir(meta.path):
         return os.path.join(meta.path, ".metadata")
     return meta.path
@@ -848,7 +868,8 @@ def _merge_log(
 def _planned(source: SourceBytes, name: str, cast: Cast) -> OutTensor:
     tensor = source.meta.tensors[name]
     data, out_dtype = source.data(name, cast.target(name, tensor.dtype))
-    return OutTensor(name, out_dtype, tensor.shape, data)
+    # Tied names of an assembled (ZeRO) checkpoint share one Assembly: stored once.
+    return OutTensor(name, out_dtype, tensor.shape, data, tie=source.meta.assembled.get(name))
 
 
 def _take_origins(

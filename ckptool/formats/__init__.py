@@ -19,6 +19,7 @@ from ckptool.formats.torch_pickle import (
     read_legacy_meta,
     read_zip_meta,
 )
+from ckptool.formats.zero import is_zero_directory, latest_zero_directory, read_zero_meta
 
 __all__ = [
     "CheckpointMeta",
@@ -38,7 +39,8 @@ def read_metadata(path: str | os.PathLike[str], *, key: str | None = None) -> Ch
 
     Args:
         path: a ``.safetensors``, torch.save (zip or legacy) file, ``*.index.json``,
-            or a directory holding exactly one of those.
+            a torch.distributed.checkpoint or DeepSpeed ZeRO folder (or the folder of
+            DeepSpeed's ``latest`` file), or a directory holding exactly one file.
         key: dotted path of the tensor dict inside nested containers (``model.ema``).
 
     Returns:
@@ -55,6 +57,12 @@ def read_metadata(path: str | os.PathLike[str], *, key: str | None = None) -> Ch
         return read_sharded_meta(resolved, read_shard=_read_file_meta)
     if file_format is Format.DCP:
         return read_dcp_meta(resolved, key=key)
+    if file_format is Format.ZERO:
+        if key is not None:
+            raise CheckpointReadError(
+                f"{resolved}: a ZeRO folder is one state dict; --key does not apply"
+            )
+        return read_zero_meta(resolved)
     return _read_file_meta(resolved, key=key, file_format=file_format)
 
 
@@ -103,8 +111,11 @@ def _is_training_state(name: str) -> bool:
 
 
 def _checkpoint_in_directory(folder: str) -> str:
-    if is_dcp_directory(folder):
+    if is_dcp_directory(folder) or is_zero_directory(folder):
         return folder
+    tagged = latest_zero_directory(folder)
+    if tagged is not None:
+        return tagged
     indexes = sorted(glob.glob(os.path.join(folder, "*.index.json")))
     if len(indexes) == 1:
         return indexes[0]
@@ -138,6 +149,8 @@ def detect_format(path: str) -> Format:
         return Format.SHARDED
     if is_dcp_directory(path):
         return Format.DCP
+    if is_zero_directory(path):
+        return Format.ZERO
     require_regular_file(path)
     with open(path, "rb") as f:
         head = f.read(9)

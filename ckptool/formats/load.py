@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ from ckptool.formats.dcp import load_dcp_tensor
 from ckptool.formats.meta import CheckpointMeta, Format, TensorMeta
 from ckptool.formats.safetensors_header import ALIASES_KEY
 from ckptool.formats.sharded import read_index
+from ckptool.formats.zero import read_assembly
 
 if TYPE_CHECKING:
     import torch
@@ -82,12 +84,16 @@ class TensorReader:
         self._handles: dict[str, Any] = {}
         self._weight_map = read_index(meta.path) if meta.format is Format.SHARDED else None
         self._aliases = _aliases(meta)
-        self._tied: dict[str, torch.Tensor] = {}
+        self._tied: dict[Any, torch.Tensor] = {}
+        uses = Counter(meta.assembled.values())
+        self._shared_assemblies = {a for a, n in uses.items() if n > 1}
 
     def get(self, name: str) -> torch.Tensor:
         if self._meta.format is Format.DCP:
             fqn = f"{self._meta.key}.{name}" if self._meta.key else name
             return load_dcp_tensor(self._meta.path, fqn, self._meta.tensors[name])
+        if name in self._meta.assembled:
+            return self._assembled(name)
         if name in self._aliases or name in self._aliases.values():
             # Tied tensors come back as one object, as torch.load would give them.
             target = self._aliases.get(name, name)
@@ -95,6 +101,22 @@ class TensorReader:
                 self._tied[target] = self._get_stored(target)
             return self._tied[target]
         return self._get_stored(name)
+
+    def _assembled(self, name: str) -> torch.Tensor:
+        """A tensor joined from pieces of several files (ZeRO); tied names share one."""
+        import torch
+
+        assembly = self._meta.assembled[name]
+        if assembly in self._tied:
+            return self._tied[assembly]
+        data = read_assembly(assembly, name)
+        stored = getattr(torch, assembly.stored_dtype)
+        flat = torch.frombuffer(data, dtype=stored) if data else torch.empty(0, dtype=stored)
+        meta = self._meta.tensors[name]
+        tensor = flat.reshape(meta.shape).to(getattr(torch, meta.dtype))
+        if assembly in self._shared_assemblies:  # kept only for the names tied to it
+            self._tied[assembly] = tensor
+        return tensor
 
     def _get_stored(self, name: str) -> torch.Tensor:
         path = self._weight_map[name] if self._weight_map is not None else self._meta.path

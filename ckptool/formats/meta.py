@@ -27,6 +27,7 @@ class Format(str, enum.Enum):
     TORCH_LEGACY = "torch-legacy"
     SHARDED = "sharded"
     DCP = "torch-dcp"
+    ZERO = "deepspeed-zero"
 
 
 # Separate runs of one strided view counted exactly by ``occupied_spans`` (beyond it,
@@ -152,6 +153,25 @@ class TensorMeta:
 
 
 @dataclass(frozen=True)
+class Piece:
+    """``length`` bytes at ``offset`` in ``file``: part of one assembled tensor."""
+
+    file: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Assembly:
+    """A tensor put together from several files (a ZeRO parameter from each rank's
+    partition): its pieces joined in order are its bytes in ``stored_dtype``, which
+    may differ from the tensor's dtype (a float16 buffer comes out as float32)."""
+
+    pieces: tuple[Piece, ...]
+    stored_dtype: str
+
+
+@dataclass(frozen=True)
 class ContainerEntry:
     """A top-level entry of a checkpoint file that is not the chosen tensor dict."""
 
@@ -178,6 +198,8 @@ class CheckpointMeta:
     # Globals the pickle names that ckptool kept as inert data (never imported, never
     # called): a training checkpoint's argparse.Namespace, numpy scalars, configs.
     opaque: tuple[str, ...] = ()
+    # Tensors that no single file holds whole, by name: where their bytes are.
+    assembled: Mapping[str, Assembly] = field(default_factory=dict)
 
     @property
     def num_params(self) -> int:

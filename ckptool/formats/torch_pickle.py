@@ -37,6 +37,45 @@ def is_tensor_meta(value: Any) -> bool:
 
 def read_zip_meta(path: str, *, key: str | None) -> CheckpointMeta:
     """Describe a torch.save zip archive from its central directory and data.pkl."""
+    archive = read_zip_archive(path)
+    meta = _build_meta(
+        path,
+        Format.TORCH_ZIP,
+        archive.obj,
+        archive.storages,
+        key=key,
+        file_size=archive.file_size,
+        offsets=archive.offsets,
+    )
+    return dataclasses.replace(meta, opaque=tuple(sorted(archive.opaque)))
+
+
+@dataclasses.dataclass(frozen=True)
+class ZipArchive:
+    """A torch.save zip read as structure: the unpickled object (tensors as unlocated
+    TensorMeta stand-ins), its storages, and where each storage's bytes start."""
+
+    path: str
+    obj: Any
+    storages: dict[str, StorageRef]
+    offsets: dict[str, int]
+    opaque: frozenset[str]
+    file_size: int
+
+    def locate(self, name: str, tensor: TensorMeta) -> TensorMeta:
+        """``tensor`` checked against its storage and given the file location of its
+        bytes (``name`` is for messages)."""
+        _check_view(self.path, name, tensor, self.storages)
+        return _plain_meta(tensor, self.path, self.storages, self.offsets)
+
+
+def read_zip_archive(path: str) -> ZipArchive:
+    """Read a torch.save zip's data.pkl with the restricted unpickler; check the records.
+
+    Raises:
+        CheckpointReadError: corrupt, crafted or not a torch.save zip.
+        UnsafeCheckpointError: the pickle names a refused global.
+    """
     file_size = os.path.getsize(path)
     try:
         with zipfile.ZipFile(path) as archive:
@@ -55,10 +94,7 @@ def read_zip_meta(path: str, *, key: str | None) -> CheckpointMeta:
     obj, storages, opaque = load_restricted(pickle_bytes, path=path, storage_scope=f"{prefix}data/")
     record_sizes = {info.filename: info.file_size for info in records.values()}
     _check_storages(path, storages, record_sizes)
-    meta = _build_meta(
-        path, Format.TORCH_ZIP, obj, storages, key=key, file_size=file_size, offsets=offsets
-    )
-    return dataclasses.replace(meta, opaque=tuple(sorted(opaque)))
+    return ZipArchive(path, obj, storages, offsets, opaque, file_size)
 
 
 # What zipfile raises on hostile bytes besides BadZipFile: names that do not decode,

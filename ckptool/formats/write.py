@@ -53,13 +53,13 @@ class ComputedBytes:
     many holds none of them: one tensor's bytes are in memory at a time. Writing one
     records its sha256 and CRC-32, which verification and zip records use later."""
 
-    def __init__(self, length: int, produce: Callable[[], bytes]) -> None:
+    def __init__(self, length: int, produce: Callable[[], bytes | bytearray]) -> None:
         self.length = length
         self._produce = produce
         self.sha256: bytes | None = None
         self.crc32: int | None = None
 
-    def materialize(self) -> bytes:
+    def materialize(self) -> bytes | bytearray:
         data = self._produce()
         if len(data) != self.length:
             raise OutputError(f"a computed tensor has {len(data)} bytes, {self.length} planned")
@@ -327,12 +327,12 @@ def _patch_placeholder(out_fd: int, encoded: bytes, key: str, value: str) -> Non
 
 
 def _write_data(out_fd: int, data: TensorData, position: int) -> None:
-    if isinstance(data, ComputedBytes):
-        data = data.materialize()  # freed when this call returns
-    if isinstance(data, bytes):
+    if not isinstance(data, ByteSource):
+        # Computed bytes are made here and freed when this call returns.
+        view = memoryview(data.materialize() if isinstance(data, ComputedBytes) else data)
         written = 0
-        while written < len(data):
-            written += os.pwrite(out_fd, data[written : written + CHUNK], position + written)
+        while written < len(view):
+            written += os.pwrite(out_fd, view[written : written + CHUNK], position + written)
         return
     with open(data.file, "rb") as source:
         copy_range(source.fileno(), out_fd, data.offset, position, data.length)
