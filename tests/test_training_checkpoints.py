@@ -2,13 +2,15 @@
 
 Files as Lightning and timm write them: hyper-parameters in an ``argparse.Namespace`` or
 a dict subclass from the training code, numpy scalars for the best metric, ``pathlib``
-paths in callback states, an EMA copy of the weights. ckptool keeps those objects as
-inert data (never imported, never called) and extracts the tensors; the reference is
+paths in callback states, an EMA copy of the weights, an omegaconf config (Hydra).
+ckptool keeps those objects as inert data (never imported, never called) and extracts
+the tensors; the reference is
 ``torch.load(weights_only=False)`` run in a throwaway subprocess on these generated files.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pickle
 import subprocess
@@ -81,6 +83,13 @@ def _write(training_code: Path, name: str, folder: Path) -> Path:
                 "loops": {{"fit_loop": collections.defaultdict(list, {{"epochs": [1, 2]}})}},
                 "hparams_name": "kwargs",
             }}
+        elif kind == "hydra.ckpt":  # Lightning + Hydra: an omegaconf config as hparams
+            from omegaconf import OmegaConf
+            config = OmegaConf.create({{"model": {{"lr": 0.1, "layers": [64, 64]}},
+                                       "run": "${{model.lr}}", "seed": 7}})
+            ckpt = {{"state_dict": {{"model." + k: v for k, v in state.items()}},
+                    "hyper_parameters": config, "datamodule_hyper_parameters":
+                    OmegaConf.create([1, 2]), "epoch": 1}}
         else:  # timm's train.py: args namespace, numpy metric, an EMA copy
             ckpt = {{
                 "epoch": 9, "arch": "tiny", "version": 2,
@@ -120,11 +129,14 @@ def _reference(training_code: Path, path: Path, key: str, out: Path) -> dict[str
         ("lightning.ckpt", "callbacks.EMA.ema_state_dict"),
         ("timm.pth.tar", "state_dict"),
         ("timm.pth.tar", "state_dict_ema"),
+        ("hydra.ckpt", "state_dict"),
     ],
 )
 def test_weights_come_out_bit_for_bit_without_running_anything(
     run_cli, training_code: Path, tmp_path: Path, name: str, key: str
 ) -> None:
+    if name == "hydra.ckpt" and importlib.util.find_spec("omegaconf") is None:
+        pytest.skip("omegaconf is not installed")  # found, not imported: see the end
     path = _write(training_code, name, tmp_path)
     with pytest.raises(pickle.UnpicklingError):  # what torch itself says by default
         torch.load(path, weights_only=True)
@@ -140,7 +152,8 @@ def test_weights_come_out_bit_for_bit_without_running_anything(
     )
     extracted = ckptool.load_state_dict(path, key=key)  # the API, values via the storages
     assert all(torch.equal(extracted[k], v) for k, v in reference.items())
-    assert "trainlib" not in sys.modules  # ckptool imported none of the file's globals
+    # ckptool imported none of the file's globals
+    assert "trainlib" not in sys.modules and "omegaconf" not in sys.modules
 
 
 def test_inspect_lists_the_objects_it_did_not_run(
