@@ -27,6 +27,8 @@ from ckptool.errors import (
     UsageError,
 )
 from ckptool.formats import CheckpointMeta, read_metadata
+from ckptool.formats.dcp import chunk_assembly, dcp_name
+from ckptool.formats.files import read_assembly
 from ckptool.formats.load import TensorReader, open_tensors, tensor_bytes
 from ckptool.formats.meta import DTYPE_SIZES, Assembly, Format, TensorMeta
 from ckptool.formats.save import (
@@ -45,7 +47,6 @@ from ckptool.formats.write import (
     sha256_file,
     sha256_in_background,
 )
-from ckptool.formats.zero import read_assembly
 from ckptool.keys import (
     KeyDiff,
     ShapeMismatch,
@@ -164,13 +165,13 @@ class SourceBytes:
         if out_dtype == tensor.dtype and located is not None and located[0] in self.meta.files:
             return ByteSource(*located), out_dtype
         length = tensor.numel * DTYPE_SIZES[out_dtype]
-        assembly = self.meta.assembled.get(name)
+        assembly = self.meta.assembled.get(name) or self._dcp_assembly(name)
         if assembly is None:
             return ComputedBytes(
                 length, lambda: tensor_bytes(self.tensor(name), out_dtype)
             ), out_dtype
-        # ZeRO: tied names share one Assembly and get one ComputedBytes, so a writer
-        # stores and verifies it once; uncast, its pieces are joined without torch.
+        # ZeRO and DCP: uncast, the pieces are joined without torch. Tied names share
+        # one Assembly and get one ComputedBytes, so a writer stores and verifies it once.
         key = (assembly, out_dtype)
         if key not in self._assembled:
             if out_dtype == assembly.stored_dtype:
@@ -181,10 +182,19 @@ class SourceBytes:
                 )
         return self._assembled[key], out_dtype
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def _dcp_assembly(self, name: str) -> Assembly | None:
+        if self.meta.format is not Format.DCP:
+            return None
+        fqn = dcp_name(self.meta, name)
+        return chunk_assembly(self.meta.path, fqn, self.meta.tensors[name], self.reader().chunks)
+
+    def reader(self) -> TensorReader:
         if self._reader is None:
             self._reader = self._stack.enter_context(open_tensors(self.meta))
-        tensor = self._reader.get(name)
+        return self._reader
+
+    def tensor(self, name: str) -> torch.Tensor:
+        tensor = self.reader().get(name)
         if not _is_dense(tensor):
             # Sparse and other layouts have no flat bytes to write; densifying silently
             # would change what the output loads as.

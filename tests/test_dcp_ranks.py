@@ -8,14 +8,20 @@ the full tensors the ranks started from, and diff --values agrees.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
+
+import ckptool
+from ckptool.formats.dcp import chunk_assembly, chunk_index, dcp_name
+from ckptool.formats.files import read_assembly
 
 WRITER = textwrap.dedent(
     """
@@ -50,11 +56,20 @@ WRITER = textwrap.dedent(
 )
 
 
-def test_two_rank_checkpoint_is_reassembled(run_cli, tmp_path: Path) -> None:
-    script = tmp_path / "write_dcp.py"
+@pytest.fixture(scope="module")
+def two_rank_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("dcp")
+    script = folder / "write_dcp.py"
     script.write_text(WRITER)
-    checkpoint = tmp_path / "ckpt"
+    checkpoint = folder / "ckpt"
     subprocess.run([sys.executable, str(script), str(checkpoint)], check=True, timeout=120)
+    return checkpoint
+
+
+def test_two_rank_checkpoint_is_reassembled(
+    run_cli, two_rank_checkpoint: Path, tmp_path: Path
+) -> None:
+    checkpoint = two_rank_checkpoint
     assert sorted(p.name for p in checkpoint.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     full = torch.load(f"{checkpoint}.full.pt", weights_only=True)
 
@@ -71,3 +86,32 @@ def test_two_rank_checkpoint_is_reassembled(run_cli, tmp_path: Path) -> None:
     assert all(torch.equal(written[k], v) for k, v in full.items())
     values = run_cli("diff", checkpoint, f"{checkpoint}.full.pt", "--values")
     assert values.exit_code == 0 and "3 bit-identical" in values.stdout
+
+
+def test_row_shards_are_copied_as_byte_ranges(two_rank_checkpoint: Path) -> None:
+    """Shard(0) chunks are whole rows: the tensor is their storages' bytes in row order,
+    copied without torch; Shard(1) chunks are not, and torch assembles them."""
+    meta = ckptool.read_metadata(two_rank_checkpoint)
+    index = chunk_index(meta.path)
+    full = torch.load(f"{two_rank_checkpoint}.full.pt", weights_only=True)
+    for name in ("layer.weight", "layer.bias"):
+        fqn = dcp_name(meta, name)
+        assembly = chunk_assembly(meta.path, fqn, meta.tensors[name], index)
+        assert assembly is not None and len(assembly.pieces) == 2
+        data = read_assembly(assembly, name)
+        assert torch.equal(torch.frombuffer(data, dtype=torch.float32), full[name].flatten())
+        reversed_index = {fqn: index[fqn][::-1]}  # ranks listed in any order
+        again = chunk_assembly(meta.path, fqn, meta.tensors[name], reversed_index)
+        assert again == assembly
+        first, second = sorted(index[fqn], key=lambda c: c.offsets)
+        wanted = meta.tensors[name]
+        # Chunks that do not tile the rows exactly are left to torch, which checks them.
+        for chunks in ([second], [first], [second, second], [first, first]):
+            assert chunk_assembly(meta.path, fqn, wanted, {fqn: chunks}) is None
+        if name == "layer.weight":  # a chunk placed off the first column is no row block
+            moved = dataclasses.replace(second, offsets=(5, 1))
+            assert chunk_assembly(meta.path, fqn, wanted, {fqn: [first, moved]}) is None
+        double = dataclasses.replace(wanted, dtype="float64")  # bytes of another dtype
+        assert chunk_assembly(meta.path, fqn, double, index) is None
+    emb = dcp_name(meta, "emb")
+    assert chunk_assembly(meta.path, emb, meta.tensors["emb"], index) is None

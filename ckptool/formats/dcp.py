@@ -17,8 +17,16 @@ from ckptool.errors import CheckpointReadError
 from ckptool.formats.bounded import is_count, short_repr, short_str
 from ckptool.formats.containers import select_tensor_dict
 from ckptool.formats.files import require_regular_file
-from ckptool.formats.meta import DTYPE_SIZES, CheckpointMeta, Format, TensorMeta
+from ckptool.formats.meta import (
+    DTYPE_SIZES,
+    Assembly,
+    CheckpointMeta,
+    Format,
+    Piece,
+    TensorMeta,
+)
 from ckptool.formats.restricted_pickle import Record, load_restricted
+from ckptool.formats.torch_pickle import read_zip_archive
 
 if TYPE_CHECKING:
     import torch
@@ -134,23 +142,23 @@ def _nest_containers(tensors: Mapping[str, TensorMeta]) -> dict[str, Any]:
     return nested
 
 
-def tensor_chunks(folder: str, fqn: str) -> list[Chunk]:
-    """The chunks that make up tensor ``fqn`` (one per rank that saved a shard)."""
+def chunk_index(folder: str) -> dict[str, list[Chunk]]:
+    """Every tensor's chunks (one per rank that saved a shard), from one read of
+    ``.metadata``: a reader keeps it rather than unpickling the metadata per tensor."""
     storage = _read_records(folder).state.get("storage_data", {})
     if not isinstance(storage, dict):
         raise CheckpointReadError(f"{folder}: DCP storage_data is not a dict")
-    chunks = []
-    for index, info in storage.items():
-        if not isinstance(index, Record) or index.state.get("fqn") != fqn:
+    index: dict[str, list[Chunk]] = {}
+    for key, info in storage.items():
+        fqn = key.state.get("fqn") if isinstance(key, Record) else None
+        if not isinstance(fqn, str):
             continue
         if not isinstance(info, Record):
             raise CheckpointReadError(f"{folder}: DCP storage entry for {fqn!r} is malformed")
         if info.state.get("transform_descriptors"):
             raise CheckpointReadError(f"{folder}: {fqn!r} is stored with transforms (compression)")
-        chunks.append(_chunk(folder, fqn, index, info))
-    if not chunks:
-        raise CheckpointReadError(f"{folder}: no stored data for {fqn!r}")
-    return chunks
+        index.setdefault(fqn, []).append(_chunk(folder, fqn, key, info))
+    return index
 
 
 def _chunk(folder: str, fqn: str, index: Record, info: Record) -> Chunk:
@@ -172,12 +180,60 @@ def _chunk(folder: str, fqn: str, index: Record, info: Record) -> Chunk:
     )
 
 
-def load_dcp_tensor(folder: str, fqn: str, meta: TensorMeta) -> torch.Tensor:
-    """Assemble tensor ``fqn`` from its chunks; each chunk is a weights_only torch.load."""
+def dcp_name(meta: CheckpointMeta, name: str) -> str:
+    """The fully qualified name DCP stores tensor ``name`` of ``meta`` under."""
+    return f"{meta.key}.{name}" if meta.key else name
+
+
+def chunk_assembly(
+    folder: str, fqn: str, meta: TensorMeta, index: Mapping[str, list[Chunk]]
+) -> Assembly | None:
+    """The tensor as byte ranges of the ``.distcp`` files, when its chunks are blocks of
+    whole rows (``Shard(0)``, or a single chunk) stored contiguously: then it is copied
+    without torch. None otherwise (column shards, strided views): torch assembles those.
+
+    Each chunk is a torch.save blob; its storage record is located by the zip reader,
+    so every byte copied lies in a record that reader checked.
+    """
+    placed = []
+    for chunk in index.get(fqn, []):
+        if chunk.offset + chunk.length > require_regular_file(chunk.file):
+            raise CheckpointReadError(f"{chunk.file}: truncated inside {fqn!r}")
+        archive = read_zip_archive(chunk.file, (chunk.offset, chunk.length))
+        if not isinstance(archive.obj, TensorMeta):
+            raise CheckpointReadError(f"{chunk.file}: chunk of {fqn!r} holds no tensor")
+        part = archive.locate(fqn, archive.obj)
+        whole_rows = (
+            len(part.shape) == len(meta.shape)
+            and part.shape[1:] == meta.shape[1:]
+            and not any(chunk.offsets[1:])
+        )
+        if part.dtype != meta.dtype or part.byte_range is None or not whole_rows:
+            return None
+        placed.append((chunk.offsets[0] if chunk.offsets else 0, part))
+    row = 0
+    for start, part in sorted(placed, key=lambda p: p[0]):
+        if start != row:
+            return None  # a gap or an overlap: torch's assembly reports it
+        row += part.shape[0] if part.shape else 1
+    if not placed or row != (meta.shape[0] if meta.shape else 1):
+        return None
+    ordered = sorted(placed, key=lambda p: p[0])
+    return Assembly(tuple(Piece(*p.byte_range) for _, p in ordered if p.byte_range), meta.dtype)
+
+
+def load_dcp_tensor(
+    folder: str, fqn: str, meta: TensorMeta, index: Mapping[str, list[Chunk]]
+) -> torch.Tensor:
+    """Assemble tensor ``fqn`` from its chunks (``index``: :func:`chunk_index`); each
+    chunk is a weights_only torch.load."""
     import torch
 
+    chunks = index.get(fqn)
+    if not chunks:
+        raise CheckpointReadError(f"{folder}: no stored data for {fqn!r}")
     result = torch.empty(meta.shape, dtype=getattr(torch, meta.dtype))
-    for chunk in tensor_chunks(folder, fqn):
+    for chunk in chunks:
         part = _load_chunk(chunk, fqn)
         region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, part.shape, strict=False))
         try:

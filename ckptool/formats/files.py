@@ -1,4 +1,5 @@
-"""Checks on input files: before one is opened, and on the JSON read from it."""
+"""Input files: checks before one is opened and on the JSON read from it; tensors
+assembled from byte ranges of several files."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ckptool.errors import CheckpointReadError
+from ckptool.formats.meta import Assembly
 
 
 def require_regular_file(path: str) -> int:
@@ -55,3 +57,18 @@ def parse_json(
         raise CheckpointReadError(f"{path}: {what} is not valid UTF-8") from e
     except json.JSONDecodeError as e:
         raise CheckpointReadError(f"{path}: {what} is not valid JSON ({e.msg})") from e
+
+
+def read_assembly(assembly: Assembly, name: str) -> bytearray:
+    """The stored bytes of one consolidated tensor, read piece by piece."""
+    data = bytearray(sum(p.length for p in assembly.pieces))
+    view = memoryview(data)
+    position = 0
+    for piece in assembly.pieces:
+        with open(piece.file, "rb") as f:
+            f.seek(piece.offset)
+            got = f.readinto(view[position : position + piece.length])
+        if got != piece.length:
+            raise CheckpointReadError(f"{piece.file}: cut short inside {name!r}")
+        position += piece.length
+    return data

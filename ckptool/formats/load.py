@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 from ckptool.errors import CheckpointReadError, first_line
 from ckptool.formats import detect_format
 from ckptool.formats.containers import select_tensor_dict
-from ckptool.formats.dcp import load_dcp_tensor
+from ckptool.formats.dcp import Chunk, chunk_index, dcp_name, load_dcp_tensor
+from ckptool.formats.files import read_assembly
 from ckptool.formats.meta import CheckpointMeta, Format, TensorMeta
 from ckptool.formats.safetensors_header import ALIASES_KEY
 from ckptool.formats.sharded import read_index
-from ckptool.formats.zero import read_assembly
 
 if TYPE_CHECKING:
     import torch
@@ -85,13 +85,14 @@ class TensorReader:
         self._weight_map = read_index(meta.path) if meta.format is Format.SHARDED else None
         self._aliases = _aliases(meta)
         self._tied: dict[Any, torch.Tensor] = {}
+        self._chunks: dict[str, list[Chunk]] | None = None  # DCP: read on first use
         uses = Counter(meta.assembled.values())
         self._shared_assemblies = {a for a, n in uses.items() if n > 1}
 
     def get(self, name: str) -> torch.Tensor:
         if self._meta.format is Format.DCP:
-            fqn = f"{self._meta.key}.{name}" if self._meta.key else name
-            return load_dcp_tensor(self._meta.path, fqn, self._meta.tensors[name])
+            fqn = dcp_name(self._meta, name)
+            return load_dcp_tensor(self._meta.path, fqn, self._meta.tensors[name], self.chunks)
         if name in self._meta.assembled:
             return self._assembled(name)
         if name in self._aliases or name in self._aliases.values():
@@ -101,6 +102,13 @@ class TensorReader:
                 self._tied[target] = self._get_stored(target)
             return self._tied[target]
         return self._get_stored(name)
+
+    @property
+    def chunks(self) -> dict[str, list[Chunk]]:
+        """A DCP folder's chunk index, read from ``.metadata`` once."""
+        if self._chunks is None:
+            self._chunks = chunk_index(self._meta.path)
+        return self._chunks
 
     def _assembled(self, name: str) -> torch.Tensor:
         """A tensor joined from pieces of several files (ZeRO); tied names share one."""

@@ -7,6 +7,7 @@ touched, so cost grows with the number of tensors, not with the file size.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import pickle
 import struct
@@ -69,24 +70,33 @@ class ZipArchive:
         return _plain_meta(tensor, self.path, self.storages, self.offsets)
 
 
-def read_zip_archive(path: str) -> ZipArchive:
+def read_zip_archive(path: str, window: tuple[int, int] | None = None) -> ZipArchive:
     """Read a torch.save zip's data.pkl with the restricted unpickler; check the records.
+
+    Args:
+        window: (offset, length) of the archive inside ``path``, for a torch.save blob
+            embedded in a larger file (a DCP ``.distcp`` chunk); offsets come back
+            absolute in ``path``.
 
     Raises:
         CheckpointReadError: corrupt, crafted or not a torch.save zip.
         UnsafeCheckpointError: the pickle names a refused global.
     """
-    file_size = os.path.getsize(path)
+    start, size = window if window is not None else (0, os.path.getsize(path))
     try:
-        with zipfile.ZipFile(path) as archive:
-            records = _check_archive(path, archive, file_size)
-            prefix = _archive_prefix(path, records)
-            pickle_bytes = read_bounded(archive, f"{prefix}data.pkl", path=path)
-            little_endian = _is_little_endian(archive, prefix)
-            # Big-endian archives (rare) need torch to swap bytes; leave offsets unknown.
-            offsets = (
-                _record_data_offsets(path, records, archive.start_dir) if little_endian else {}
-            )
+        with open(path, "rb") as raw:
+            stream: Any = _Window(raw, start, size) if window is not None else raw
+            with zipfile.ZipFile(stream) as archive:
+                records = _check_archive(path, archive, size)
+                prefix = _archive_prefix(path, records)
+                pickle_bytes = read_bounded(archive, f"{prefix}data.pkl", path=path)
+                little_endian = _is_little_endian(archive, prefix)
+                # Big-endian archives (rare) need torch to swap bytes; leave offsets unknown.
+                relative = (
+                    _record_data_offsets(path, stream, records, archive.start_dir)
+                    if little_endian
+                    else {}
+                )
     except _ZIP_ERRORS as e:
         raise CheckpointReadError(f"{path}: corrupt zip archive ({type(e).__name__}: {e})") from e
     except OSError as e:
@@ -94,7 +104,37 @@ def read_zip_archive(path: str) -> ZipArchive:
     obj, storages, opaque = load_restricted(pickle_bytes, path=path, storage_scope=f"{prefix}data/")
     record_sizes = {info.filename: info.file_size for info in records.values()}
     _check_storages(path, storages, record_sizes)
-    return ZipArchive(path, obj, storages, offsets, opaque, file_size)
+    offsets = {name: start + offset for name, offset in relative.items()}
+    return ZipArchive(path, obj, storages, offsets, opaque, size)
+
+
+class _Window(io.RawIOBase):
+    """Bytes [start, start + size) of an open file, as a file of their own."""
+
+    def __init__(self, raw: BinaryIO, start: int, size: int) -> None:
+        self._raw, self._start, self._size, self._position = raw, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        wanted = max(0, min(len(buffer), self._size - self._position))
+        self._raw.seek(self._start + self._position)
+        data = self._raw.read(wanted)
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
 
 
 # What zipfile raises on hostile bytes besides BadZipFile: names that do not decode,
@@ -128,7 +168,7 @@ def _is_little_endian(archive: zipfile.ZipFile, prefix: str) -> bool:
 
 
 def _record_data_offsets(
-    path: str, records: dict[str, zipfile.ZipInfo], central_directory: int
+    path: str, f: Any, records: dict[str, zipfile.ZipInfo], central_directory: int
 ) -> dict[str, int]:
     """Absolute offset of each record's bytes, after its local header (30 bytes, name,
     extra field: torch pads the extra field to align data to 64 bytes).
@@ -139,10 +179,9 @@ def _record_data_offsets(
     """
     offsets = {}
     spans = []
-    with open(path, "rb") as f:
-        for name, info in records.items():
-            offsets[name] = _local_data_offset(path, f, info)
-            spans.append((info.header_offset, offsets[name] + info.file_size, name))
+    for name, info in records.items():
+        offsets[name] = _local_data_offset(path, f, info)
+        spans.append((info.header_offset, offsets[name] + info.file_size, name))
     end_of_previous = 0
     for begin, end, name in sorted(spans):
         if begin < end_of_previous or end > central_directory:
@@ -154,7 +193,7 @@ def _record_data_offsets(
     return offsets
 
 
-def _local_data_offset(path: str, f: BinaryIO, info: zipfile.ZipInfo) -> int:
+def _local_data_offset(path: str, f: Any, info: zipfile.ZipInfo) -> int:
     f.seek(info.header_offset)
     header = f.read(30)
     if len(header) < 30 or header[:4] != b"PK\x03\x04":

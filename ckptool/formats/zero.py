@@ -470,18 +470,3 @@ def _stage3_frozen(
         pieces = _span(folder, segments, 0, math.prod(shape), name)
         out[name] = (TensorMeta(shape, dtype, storage=f"zero:{name}"), Assembly(pieces, dtype))
     return out
-
-
-def read_assembly(assembly: Assembly, name: str) -> bytearray:
-    """The stored bytes of one consolidated tensor, read piece by piece."""
-    data = bytearray(sum(p.length for p in assembly.pieces))
-    view = memoryview(data)
-    position = 0
-    for piece in assembly.pieces:
-        with open(piece.file, "rb") as f:
-            f.seek(piece.offset)
-            got = f.readinto(view[position : position + piece.length])
-        if got != piece.length:
-            raise CheckpointReadError(f"{piece.file}: cut short inside {name!r}")
-        position += piece.length
-    return data
