@@ -26,6 +26,8 @@ class Net(nn.Module):
         self.point = nn.Conv2d(4, 6, 1)
         self.signal = nn.Conv1d(3, 5, 4)
         self.taps = nn.Conv1d(5, 7, 1)
+        # peft 0.21 cannot merge a 1x1x1 Conv3d (its 1x1 shortcut squeezes 2 dims, not 3).
+        self.volume = nn.Conv3d(2, 3, (2, 3, 3))
         self.head = nn.Linear(16, 2)
 
 
@@ -43,7 +45,8 @@ class GptLike(nn.Module):
 VARIANTS = {
     "default": (Net, {"target_modules": ["q", "v"]}),
     "embedding and convs": (
-        Net, {"target_modules": ["emb", "conv", "point", "signal", "taps", "q"]}
+        Net,
+        {"target_modules": ["emb", "conv", "point", "signal", "taps", "volume", "q"]},
     ),
     "rslora": (Net, {"target_modules": ["q", "v"], "use_rslora": True}),
     "rank and alpha patterns": (
