@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -319,3 +320,24 @@ def test_fresh_deepspeed_checkpoints_match_zero_to_fp32(tmp_path: Path) -> None:
         state = ckptool.load_state_dict(tmp_path / case)
         want = load_file(tmp_path / f"{case}.expected.safetensors")
         assert all(same_bits(state[n], t) for n, t in want.items()), case
+
+
+def test_mutated_rank_files_load_or_raise_ckpt_errors(tmp_path: Path) -> None:
+    """scripts/fuzz_readers.py's mutations, applied to each file of a stage-3 folder
+    (inside data.pkl with valid CRCs, and to the raw bytes): success or a CkptError."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import fuzz_readers
+
+    step = copy_case("stage3", tmp_path)
+    outcomes = []
+    for path in sorted(step.iterdir()):
+        original = path.read_bytes()
+        rng = random.Random(path.name)
+        for number in range(24):
+            inner = number % 2 == 0
+            mutate = fuzz_readers.mutate_inner_pickle if inner else fuzz_readers.mutate
+            path.write_bytes(mutate(original, rng))
+            outcomes.append(fuzz_readers.outcome(str(step)))
+        path.write_bytes(original)
+    assert not [o for o in outcomes if o.startswith("BUG")]
+    assert "ok" in outcomes and "CheckpointReadError" in outcomes
