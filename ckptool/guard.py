@@ -180,6 +180,7 @@ class FreezeGuard:
         self.on_violation = on_violation
         self.snapshot = snapshot
         self._watched: list[_Watched] = []
+        self._rows: dict[Any, list[int]] = {}
         self._baseline: dict[Any, torch.Tensor] = {}
         self._handles: list[Any] = []
         self._context = _StepContext()
@@ -199,6 +200,7 @@ class FreezeGuard:
     def start(self) -> None:
         """Record what is frozen and its fingerprints; hook every optimizer's step."""
         self._watched = _collect_watched(self.model, self.optimizers, self.buffer_policy)
+        self._rows = rows_by_device(self._watched)
         for item in self._watched:
             if self.snapshot:
                 item.snapshot = item.tensor.detach().to("cpu", copy=True)
@@ -246,7 +248,7 @@ class FreezeGuard:
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._steps += 1
         current = self._fingerprints()
-        changed = _changed_indices(self._baseline, current)
+        changed = _changed_indices(self._baseline, current, self._rows)
         if not changed:
             return
         violations = [self._explain(self._watched[i]) for i in changed]
@@ -263,13 +265,14 @@ class FreezeGuard:
     # --- internals -------------------------------------------------------------------
 
     def _fingerprints(self) -> dict[Any, torch.Tensor]:
-        """Per device: a (tensors, 3) int64 tensor of fingerprints, computed there."""
+        """Per device: a (tensors, 3) int64 tensor of fingerprints, computed there, one
+        row per index of ``self._rows[device]``."""
         import torch
 
-        by_device: dict[Any, list[torch.Tensor]] = {}
-        for item in self._watched:
-            by_device.setdefault(item.tensor.device, []).append(fingerprint(item.tensor))
-        return {device: torch.stack(prints) for device, prints in by_device.items()}
+        return {
+            device: torch.stack([fingerprint(self._watched[i].tensor) for i in rows])
+            for device, rows in self._rows.items()
+        }
 
     def _explain(self, item: _Watched) -> Violation:
         key = id(item.tensor)
@@ -333,18 +336,28 @@ def fingerprint(tensor: torch.Tensor) -> torch.Tensor:
     return torch.stack([words.sum() + tail, words[::2].sum(), words[::3].sum()])
 
 
+def rows_by_device(watched: Sequence[_Watched]) -> dict[Any, list[int]]:
+    """Indices into ``watched`` per device, in order: the fingerprints of one device are
+    stacked there, so row r of a device's stack is watched[rows[device][r]] (frozen
+    tensors may alternate between devices; rows are not a running offset)."""
+    rows: dict[Any, list[int]] = {}
+    for index, item in enumerate(watched):
+        rows.setdefault(item.tensor.device, []).append(index)
+    return rows
+
+
 def _changed_indices(
-    before: Mapping[Any, torch.Tensor], after: Mapping[Any, torch.Tensor]
+    before: Mapping[Any, torch.Tensor],
+    after: Mapping[Any, torch.Tensor],
+    rows: Mapping[Any, list[int]],
 ) -> list[int]:
     """Indices (into the watched list) whose fingerprint differs: one host sync per device."""
     changed: list[int] = []
-    offset = 0
     for device, prints in after.items():
         differs = (prints != before[device]).any(dim=1)
         if bool(differs.any()):
-            changed.extend(offset + int(i) for i in differs.nonzero().flatten().tolist())
-        offset += prints.shape[0]
-    return changed
+            changed.extend(rows[device][int(r)] for r in differs.nonzero().flatten().tolist())
+    return sorted(changed)
 
 
 def _collect_watched(

@@ -300,3 +300,31 @@ def test_guard_on_cuda_catches_bn_train_mode() -> None:
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
+
+
+class Elsewhere(torch.Tensor):
+    """A CPU tensor that reports another device: a second device where no GPU exists."""
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return torch.device("meta")
+
+
+def test_frozen_tensors_on_alternating_devices_are_named_right() -> None:
+    """Fingerprints are stacked per device; a change must be reported under the name of
+    the tensor that changed, however the devices alternate in the model."""
+    model = nn.Sequential(*(nn.Linear(3, 3) for _ in range(4)), nn.Linear(3, 2))
+    for layer in (model[1], model[3]):
+        layer.weight = nn.Parameter(layer.weight.detach().as_subclass(Elsewhere))
+        layer.bias = nn.Parameter(layer.bias.detach().as_subclass(Elsewhere))
+    assert model[1].weight.device != model[0].weight.device
+    ckptool.freeze(model, train=["4"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for layer, name in ((model[1], "1.weight"), (model[2], "2.bias"), (model[3], "3.bias")):
+        target = layer.weight if name.endswith("weight") else layer.bias
+        with FreezeGuard(model, optimizer, on_violation="record") as guard:
+            with torch.no_grad():
+                target.add_(1.0)  # a write the optimizer step does not explain
+            model(torch.randn(2, 3)).sum().backward()
+            optimizer.step()
+        assert [v.names for v in guard.report().violations] == [(name,)]
