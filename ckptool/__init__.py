@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ckptool.formats import read_metadata
     from ckptool.formats.load import load_state_dict
     from ckptool.formats.save import save_state_dict
-    from ckptool.freezing import freeze, summarize
+    from ckptool.freezing import freeze, hold_frozen, summarize
     from ckptool.guard import FreezeGuard, FrozenParameterError, GuardReport
     from ckptool.keys import Transforms
     from ckptool.models import build_model, replace_head
@@ -52,6 +52,7 @@ _LAZY = {
     "check": ("ckptool.sanity", "check"),
     "freeze": ("ckptool.freezing", "freeze"),
     "summarize": ("ckptool.freezing", "summarize"),
+    "hold_frozen": ("ckptool.freezing", "hold_frozen"),
     "FreezeGuard": ("ckptool.guard", "FreezeGuard"),
     "FrozenParameterError": ("ckptool.guard", "FrozenParameterError"),
     "GuardReport": ("ckptool.guard", "GuardReport"),
@@ -80,6 +81,7 @@ __all__ = [
     "convert",
     "diff",
     "freeze",
+    "hold_frozen",
     "load_into",
     "load_state_dict",
     "merge",

@@ -29,7 +29,7 @@ from ckptool.distributed import (
 )
 from ckptool.errors import OutputError, UsageError
 from ckptool.formats.write import atomic_output, committed_outputs, forget_committed
-from ckptool.freezing import FreezeSummary, freeze_for_training
+from ckptool.freezing import FreezeSummary, freeze_for_training, hold_frozen
 from ckptool.guard import FreezeGuard, FrozenParameterError, GuardReport, violation_error
 from ckptool.keys import Transforms
 from ckptool.surgery import SurgeryLog, adapt_into
@@ -344,6 +344,9 @@ class _Run:
     def train(self) -> tuple[list[EpochMetrics], dict[str, torch.Tensor], GuardReport]:
 
         optimizer = self._optimizer()
+        # Gradients left on frozen parameters (by whatever loaded or built the model)
+        # would otherwise ride along: the freeze holds from the first step.
+        hold_frozen(self.net, optimizer)
         train_batches, val_batches = self._batches()
         epochs: list[EpochMetrics] = []
         best: dict[str, torch.Tensor] = {}

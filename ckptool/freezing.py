@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import fnmatch
 from collections.abc import Sequence
@@ -49,6 +50,7 @@ class FreezeSummary:
     trainable_names: tuple[str, ...]
     frozen_names: tuple[str, ...]
     conflicts: tuple[tuple[str, ...], ...] = ()  # names of one tensor, some meant frozen
+    held: HoldReport | None = None  # with freeze(..., optimizer=): what left the optimizer
 
     @property
     def trainable(self) -> int:
@@ -76,8 +78,12 @@ def freeze(
     freeze_until: str | None = None,
     head: str | None = None,
     bn_eval: bool = True,
+    optimizer: Any = None,
 ) -> FreezeSummary:
     """Set ``requires_grad`` by strategy or by name, and return a summary.
+
+    With ``optimizer`` (one or a list), the freeze also holds against it: see
+    :func:`hold_frozen`.
 
     Args:
         train: only parameters under these prefixes (or matching these globs) train.
@@ -88,6 +94,8 @@ def freeze(
         head: the head module for ``linear`` (default: the last nn.Linear).
         bn_eval: keep fully frozen BatchNorm modules in eval mode even after
             ``model.train()``, so their running statistics stay put.
+        optimizer: an optimizer already built over the model (or several): frozen
+            parameters leave it, with their gradients and optimizer state.
 
     Raises:
         UsageError: more than one way to choose was given, a pattern matches nothing,
@@ -104,7 +112,53 @@ def freeze(
     _INTENDED_FROZEN[model] = frozenset(n for n in names if n not in trainable)
     if bn_eval:
         keep_frozen_bn_in_eval(model)
-    return summarize(model, conflicts=conflicts)
+    held = hold_frozen(model, optimizer) if optimizer is not None else None
+    return dataclasses.replace(summarize(model, conflicts=conflicts), held=held)
+
+
+@dataclass(frozen=True)
+class HoldReport:
+    """What :func:`hold_frozen` took away from frozen parameters (names, first name of
+    each tensor)."""
+
+    removed_from_optimizer: tuple[str, ...]
+    gradients_cleared: tuple[str, ...]
+    states_dropped: tuple[str, ...]
+
+
+def hold_frozen(model: nn.Module, optimizers: Any) -> HoldReport:
+    """Make a freeze hold against optimizers built before it, or over all parameters.
+
+    ``requires_grad=False`` alone does not stop an optimizer: a gradient computed
+    before the freeze is applied again at every step (with momentum and weight decay),
+    and momentum or Adam moments from earlier steps keep moving a parameter whose
+    gradient is zero. So every parameter with ``requires_grad=False`` loses its
+    ``.grad``, its optimizer state (momentum buffers, moments, step counts), and its
+    place in every param group; the groups themselves stay, so LR schedulers keep
+    their per-group settings. Parameters frozen by name but trainable through a tie
+    keep ``requires_grad=True`` and are left alone (the guard reports them). Save the
+    optimizer's state dict after this, not before: its parameter indices change.
+    """
+    frozen = {
+        id(p): name
+        for name, p in reversed(list(model.named_parameters(remove_duplicate=False)))
+        if not p.requires_grad
+    }  # reversed: the first name of a tied tensor wins
+    cleared = []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad and parameter.grad is not None:
+            parameter.grad = None
+            cleared.append(name)
+    removed: list[str] = []
+    dropped: list[str] = []
+    for optimizer in optimizers if isinstance(optimizers, list | tuple) else [optimizers]:
+        for group in optimizer.param_groups:
+            removed += [frozen[id(p)] for p in group["params"] if id(p) in frozen]
+            group["params"] = [p for p in group["params"] if id(p) not in frozen]
+        for parameter in [p for p in optimizer.state if id(p) in frozen]:
+            del optimizer.state[parameter]
+            dropped.append(frozen[id(parameter)])
+    return HoldReport(tuple(removed), tuple(cleared), tuple(dropped))
 
 
 def freeze_for_training(
