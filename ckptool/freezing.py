@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ckptool.errors import UsageError
-from ckptool.guard import _INTENDED_FROZEN
+from ckptool.guard import _INTENDED_FROZEN, user_model
 from ckptool.keys import under_prefix
 
 if TYPE_CHECKING:
@@ -101,6 +101,7 @@ def freeze(
         UsageError: more than one way to choose was given, a pattern matches nothing,
             or ``freeze_until`` names no top-level module.
     """
+    model = user_model(model)  # names without torch.compile's or DDP's prefixes
     chosen = [x for x in (train, freeze, strategy) if x is not None]
     if len(chosen) > 1:
         raise UsageError("choose one of --strategy, --train or --freeze")
@@ -139,6 +140,7 @@ def hold_frozen(model: nn.Module, optimizers: Any) -> HoldReport:
     keep ``requires_grad=True`` and are left alone (the guard reports them). Save the
     optimizer's state dict after this, not before: its parameter indices change.
     """
+    model = user_model(model)
     frozen = {
         id(p): name
         for name, p in reversed(list(model.named_parameters(remove_duplicate=False)))
@@ -323,6 +325,7 @@ def _stay_in_eval(module: Any, args: Any) -> None:
 
 def summarize(model: nn.Module, *, conflicts: tuple[tuple[str, ...], ...] = ()) -> FreezeSummary:
     """Total, trainable and frozen parameters and frozen buffers per top-level module."""
+    model = user_model(model)
     rows: dict[str, list[int]] = {}
     trainable_names: list[str] = []
     frozen_names: list[str] = []

@@ -31,6 +31,25 @@ if TYPE_CHECKING:
 _INTENDED_FROZEN: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
 
 
+def user_model(model: Any) -> Any:
+    """The module the user wrote, under torch.compile (``_orig_mod.``) and DDP or
+    DataParallel (``module.``) wrappers: names in freezes and reports are its names."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) if _is_compiled(model) else None
+        if inner is None and type(model).__name__ in _DATA_PARALLEL:
+            inner = getattr(model, "module", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+_DATA_PARALLEL = frozenset({"DistributedDataParallel", "DataParallel"})
+
+
+def _is_compiled(model: Any) -> bool:
+    return type(model).__name__ == "OptimizedModule"
+
+
 class BufferPolicy(str, enum.Enum):
     """Which buffers the guard watches."""
 
@@ -174,7 +193,7 @@ class FreezeGuard:
             raise ValueError(
                 f"on_violation must be 'raise', 'warn' or 'record', got {on_violation!r}"
             )
-        self.model = model
+        self.model = user_model(model)
         self.optimizers = list(optimizers) if isinstance(optimizers, list | tuple) else [optimizers]
         self.buffer_policy = BufferPolicy(buffers)
         self.on_violation = on_violation

@@ -328,3 +328,28 @@ def test_frozen_tensors_on_alternating_devices_are_named_right() -> None:
             model(torch.randn(2, 3)).sum().backward()
             optimizer.step()
         assert [v.names for v in guard.report().violations] == [(name,)]
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data-parallel", "both"])
+def test_wrapped_models_are_frozen_and_reported_by_the_users_names(wrap: str) -> None:
+    """torch.compile adds ``_orig_mod.``, DDP/DataParallel ``module.``: specs and reports
+    speak the names of the module the user wrote."""
+    torch.manual_seed(0)
+    model = SmallNet()
+    wrapped: nn.Module = model
+    if wrap in ("data-parallel", "both"):
+        wrapped = nn.DataParallel(wrapped)
+    if wrap in ("compile", "both"):
+        wrapped = torch.compile(wrapped, backend="eager")  # type: ignore[assignment]
+    assert any(n.startswith(("_orig_mod.", "module.")) for n, _ in wrapped.named_parameters())
+    optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1)
+    summary = ckptool.freeze(wrapped, train=["head"], optimizer=optimizer)
+    assert summary.trainable_names == ("head.weight", "head.bias")
+    assert summary.held is not None and "backbone.0.weight" in summary.held.removed_from_optimizer
+
+    def write() -> None:
+        model.backbone[0].weight.data.mul_(1.5)
+
+    with pytest.raises(FrozenParameterError) as info, FreezeGuard(wrapped, optimizer):
+        train_steps(wrapped, optimizer, after=write)
+    assert info.value.violations[0].names == ("backbone.0.weight",)
