@@ -85,7 +85,7 @@ def test_lightning_run_keeps_the_frozen_backbone() -> None:
     from ckptool.integrations.lightning import FreezeGuardCallback
 
     callback = FreezeGuardCallback(train=["head"])
-    pl, Classifier = lightning_module()
+    _, Classifier = lightning_module()
     torch.manual_seed(0)
     initial = snapshot(Classifier())
     trainer, model = lightning_fit([callback])
