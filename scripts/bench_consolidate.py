@@ -24,14 +24,13 @@ import argparse
 import importlib.util
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_read import run
+from bench_read import interleaved
 
 HIDDEN = 4096
 
@@ -128,17 +127,9 @@ def write_script(workdir: str, name: str, text: str) -> str:
     return path
 
 
-def measure(contenders: dict[str, list[str]], repeats: int) -> None:
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, argv in contenders.items():
-            subprocess.run(["sync"], check=True)
-            wall, rss, _ = run(argv)
-            results[name].append((wall, rss))
-    for name, samples in results.items():
-        wall = statistics.median(s[0] for s in samples)
-        rss = statistics.median(s[1] for s in samples)
-        print(f"  {name:52} {wall:7.2f} s  {rss:8.0f} MiB peak RSS")
+def print_same(outputs: list[str]) -> None:
+    done = subprocess.run([sys.executable, "-c", SAME, *outputs], capture_output=True, text=True)
+    print("  outputs identical:", done.stdout.strip())
 
 
 def folder_gib(folder: str) -> float:
@@ -169,7 +160,7 @@ def main() -> None:
     make_dcp = write_script(workdir, "make_dcp.py", MAKE_DCP)
     subprocess.run([py, make_dcp, str(args.layers), dcp], check=True)
     print(f"DCP: {folder_gib(dcp):.2f} GiB in {len(os.listdir(dcp)) - 1} .distcp files (2 ranks)")
-    measure(
+    interleaved(
         {
             "ckptool convert DCP -> .safetensors": [*ck, dcp, "-o", out("dcp.safetensors"),
                                                     "--force"],
@@ -177,10 +168,9 @@ def main() -> None:
             "torch dcp_to_torch_save -> .pt": [py, "-c", DCP_TO_TORCH, dcp, out("dcp_torch.pt")],
         },
         args.repeats,
+        width=52,
     )  # fmt: skip
-    same = [out("dcp.safetensors"), out("dcp.pt"), out("dcp_torch.pt")]
-    print("  outputs identical:", subprocess.run([py, "-c", SAME, *same], capture_output=True,
-                                                 text=True).stdout.strip())  # fmt: skip
+    print_same([out("dcp.safetensors"), out("dcp.pt"), out("dcp_torch.pt")])
 
     zero = make_zero(workdir, args.layers)
     if zero is not None:
@@ -190,17 +180,16 @@ def main() -> None:
             "-c",
             f"import os; os.environ['DS_ACCELERATOR'] = 'cpu'; exec({ZERO_TO_FP32!r})",
         ]
-        measure(
+        interleaved(
             {
                 "ckptool convert ZeRO -> .safetensors": [*ck, zero, "-o",
                                                          out("zero.safetensors"), "--force"],
                 "deepspeed zero_to_fp32 -> safetensors": [*ds_env, zero, out("zero_ds")],
             },
             args.repeats,
+            width=52,
         )  # fmt: skip
-        same = [out("zero.safetensors"), out("zero_ds")]
-        print("  outputs identical:", subprocess.run([py, "-c", SAME, *same], capture_output=True,
-                                                     text=True).stdout.strip())  # fmt: skip
+        print_same([out("zero.safetensors"), out("zero_ds")])
     if not args.workdir:
         shutil.rmtree(workdir)
 

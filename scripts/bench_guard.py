@@ -1,11 +1,12 @@
 """Benchmark: FreezeGuard overhead per optimizer step, guarded vs unguarded in one process.
 
-ResNet-18 (torchvision, weights=None, 10 classes), SGD with momentum and weight decay,
+ResNet-18 and ResNet-50 (torchvision, weights=None, 10 classes), SGD with momentum and weight decay,
 synthetic 224x224 batches. For each strategy, blocks of unguarded and guarded steps
 alternate on the same model, so drift hits both alike; per-step medians and the
 overhead ratio are printed. The guard checks every step.
 
-    python scripts/bench_guard.py [--device cpu|cuda] [--batch 16] [--steps 8] [--rounds 4]
+    python scripts/bench_guard.py [--device cpu|cuda] [--models resnet18,resnet50]
+                                  [--batch 16] [--steps 8] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -41,9 +42,12 @@ def timed_steps(
     return times
 
 
-def measure(strategy: str, args: argparse.Namespace) -> tuple[float, float, int, float]:
+def measure(
+    architecture: str, strategy: str, args: argparse.Namespace
+) -> tuple[float, float, int, float]:
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None, num_classes=10).to(args.device)
+    build = getattr(torchvision.models, architecture)
+    model = build(weights=None, num_classes=10).to(args.device)
     ckptool.freeze(
         model, strategy=strategy, freeze_until="layer3" if strategy == "partial" else None
     )
@@ -91,26 +95,30 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", default="resnet18,resnet50")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     print(
-        f"resnet18, batch {args.batch}x3x224x224 on {args.device}, torch {torch.__version__}, "
+        f"batch {args.batch}x3x224x224 on {args.device}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; medians of {args.steps * args.rounds} steps each"
     )
     print(
-        "| strategy | frozen values watched | step unguarded (ms) | step guarded (ms) "
+        "| model | strategy | frozen values watched | step unguarded (ms) | step guarded (ms) "
         "| overhead | one check (ms) | check / step |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for strategy in ("partial", "linear"):
-        plain, guarded, watched, check = measure(strategy, args)
-        overhead = 100 * (guarded / plain - 1)
-        print(
-            f"| {strategy} | {watched:,} | {plain * 1000:.1f} | {guarded * 1000:.1f} "
-            f"| {overhead:+.2f}% | {check * 1000:.2f} | {100 * check / plain:.2f}% |"
-        )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for architecture in args.models.split(","):
+        for strategy in ("partial", "linear"):
+            plain, guarded, watched, check = measure(architecture, strategy, args)
+            overhead = 100 * (guarded / plain - 1)
+            print(
+                f"| {architecture} | {strategy} | {watched:,} | {plain * 1000:.1f} "
+                f"| {guarded * 1000:.1f} | {overhead:+.2f}% | {check * 1000:.2f} "
+                f"| {100 * check / plain:.2f}% |",
+                flush=True,
+            )
     return 0
 
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_read import run
+from bench_read import interleaved
 
 HIDDEN = 4096
 
@@ -87,16 +86,7 @@ def main() -> None:
         "peft merge_and_unload + save_file": [py, "-c", PEFT_MERGE, str(args.layers), base,
                                               adapter, theirs],
     }  # fmt: skip
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
-    for _ in range(args.repeats):
-        for name, argv in contenders.items():
-            subprocess.run(["sync"], check=True)
-            wall, rss, _ = run(argv)
-            results[name].append((wall, rss))
-    for name, samples in results.items():
-        wall = statistics.median(s[0] for s in samples)
-        rss = statistics.median(s[1] for s in samples)
-        print(f"{name:40} {wall:7.2f} s  {rss:8.0f} MiB peak RSS")
+    interleaved(contenders, args.repeats)
     check = (
         "import sys, torch; from safetensors.torch import load_file; a, b = map(load_file, "
         "sys.argv[1:]); print(max(((a[k] - b[k]).abs().max() / b[k].abs().max()).item() "

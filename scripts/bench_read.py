@@ -79,6 +79,21 @@ def write_checkpoints(pt: str, st: str, gigabytes: float) -> None:
     save_file(state, st)
 
 
+def interleaved(contenders: dict[str, list[str]], repeats: int, *, width: int = 40) -> None:
+    """Run each contender ``repeats`` times, interleaved, ``sync`` first; print medians
+    of wall time and peak RSS (fresh processes, so each pays its own imports)."""
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, argv in contenders.items():
+            subprocess.run(["sync"], check=True)
+            wall, rss, _ = run(argv)
+            results[name].append((wall, rss))
+    for name, samples in results.items():
+        wall = statistics.median(s[0] for s in samples)
+        rss = statistics.median(s[1] for s in samples)
+        print(f"  {name:{width}} {wall:7.2f} s  {rss:8.0f} MiB peak RSS", flush=True)
+
+
 def run(argv: list[str]) -> tuple[float, float, float | None]:
     """(wall seconds, peak RSS MiB, in-process seconds or None) of one child process."""
     start = time.perf_counter()

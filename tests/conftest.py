@@ -56,6 +56,20 @@ class Tied(nn.Module):
         self.out.weight = self.embed.weight
 
 
+class SmallNet(nn.Module):
+    """A CNN with BatchNorm in the backbone and a Linear head: the transfer-learning shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
 def seeded_state(model_cls: type[nn.Module], **kwargs: Any) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     return model_cls(**kwargs).state_dict()

@@ -7,26 +7,12 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ConvBN, Tied
+from conftest import ConvBN, SmallNet, Tied
 from torch import nn
 
 import ckptool
 from ckptool import FreezeGuard, FrozenParameterError
 from ckptool.guard import Cause, fingerprint
-
-
-class SmallNet(nn.Module):
-    """A CNN with BatchNorm in the backbone and a Linear head: the transfer-learning shape."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = nn.Sequential(
-            nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
-        )
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:

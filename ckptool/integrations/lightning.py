@@ -10,12 +10,9 @@ installed (``lightning`` first).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-from ckptool.freezing import Strategy
-from ckptool.guard import GuardReport
-from ckptool.integrations.session import FreezeSpec, GuardSession
+from ckptool.integrations.session import GuardCallbackMixin
 
 try:
     from lightning.pytorch import Callback  # type: ignore[import-not-found, unused-ignore]
@@ -23,31 +20,12 @@ except ImportError:  # the older package name
     from pytorch_lightning import Callback
 
 
-class FreezeGuardCallback(Callback):  # type: ignore[misc, unused-ignore]
+class FreezeGuardCallback(GuardCallbackMixin, Callback):  # type: ignore[misc, unused-ignore]
     """Freeze at the start of fit (after ``configure_optimizers``), guard every step.
 
-    Args:
-        train, freeze, strategy, freeze_until, head, bn_eval: as :func:`ckptool.freeze`
-            (none: nothing is frozen here, what is already frozen is guarded).
-        on_violation: ``"raise"`` (``trainer.fit`` ends with FrozenParameterError and
-            its report) or ``"stop"`` (the trainer stops after the step; see
-            :attr:`report`).
+    Arguments as :class:`~ckptool.integrations.session.GuardCallbackMixin`; with
+    ``on_violation="raise"``, ``trainer.fit`` ends with the FrozenParameterError.
     """
-
-    def __init__(
-        self,
-        *,
-        train: Sequence[str] | None = None,
-        freeze: Sequence[str] | None = None,
-        strategy: Strategy | str | None = None,
-        freeze_until: str | None = None,
-        head: str | None = None,
-        bn_eval: bool = True,
-        on_violation: str = "raise",
-    ) -> None:
-        super().__init__()
-        spec = FreezeSpec(train, freeze, strategy, freeze_until, head, bn_eval)
-        self.session = GuardSession(spec, on_violation=on_violation)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self.session.begin(pl_module, trainer.optimizers)
@@ -61,7 +39,3 @@ class FreezeGuardCallback(Callback):  # type: ignore[misc, unused-ignore]
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self.session.end()
-
-    @property
-    def report(self) -> GuardReport | None:
-        return self.session.report()

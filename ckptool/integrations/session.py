@@ -87,3 +87,32 @@ def _unwrapped_optimizer(optimizer: Any) -> Any:
         if inner is not None and hasattr(inner, "register_step_post_hook"):
             return _unwrapped_optimizer(inner)
     return optimizer
+
+
+class GuardCallbackMixin:
+    """The constructor and report both trainer callbacks share.
+
+    Args:
+        train, freeze, strategy, freeze_until, head, bn_eval: as :func:`ckptool.freeze`
+            (none: nothing is frozen here, what is already frozen is guarded).
+        on_violation: ``"raise"`` (training ends with FrozenParameterError and its
+            report) or ``"stop"`` (the trainer stops after the step; see :attr:`report`).
+    """
+
+    def __init__(
+        self,
+        *,
+        train: Sequence[str] | None = None,
+        freeze: Sequence[str] | None = None,
+        strategy: Strategy | str | None = None,
+        freeze_until: str | None = None,
+        head: str | None = None,
+        bn_eval: bool = True,
+        on_violation: str = "raise",
+    ) -> None:
+        spec = FreezeSpec(train, freeze, strategy, freeze_until, head, bn_eval)
+        self.session = GuardSession(spec, on_violation=on_violation)
+
+    @property
+    def report(self) -> GuardReport | None:
+        return self.session.report()
