@@ -24,6 +24,7 @@ from ckptool.errors import (
     UnsafeCheckpointError,
     UsageError,
 )
+from ckptool.threads import configure_threads, prefer_sleeping_workers
 
 # Exit codes, SPEC.md: 0 ok, 1 check failed, 2 usage, 3 unreadable input, 4 unsafe, 5 output.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREADABLE, EXIT_UNSAFE, EXIT_OUTPUT = range(6)
@@ -279,11 +280,20 @@ def _model_flags(
     return flags
 
 
+threads_option = click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch threads (default: the CPUs this process may use, by affinity and cgroup quota).",
+)
+
+
 @cli.command()
 @click.argument("checkpoint", type=click.Path())
 @model_options
 @transform_options
 @freeze_options
+@threads_option
 @click.option(
     "--input-shape",
     metavar="C,H,W",
@@ -294,7 +304,12 @@ def _model_flags(
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @handle_errors
 def check(
-    checkpoint: str, model: str | None, input_shape: str | None, as_json: bool, **options: Any
+    checkpoint: str,
+    model: str | None,
+    input_shape: str | None,
+    as_json: bool,
+    threads: int | None,
+    **options: Any,
 ) -> None:
     """Pre-training sanity check: strict load, finite values, one guarded training step.
 
@@ -308,6 +323,7 @@ def check(
 
     if model is None:
         raise UsageError("check needs --model SPEC, e.g. --model torchvision:resnet18")
+    configure_threads(threads)
     transforms = Transforms.from_flags(**{k: options.pop(k) for k in _TRANSFORM_FLAGS})
     train, freeze_names = options.pop("train") or None, options.pop("freeze_names") or None
     shape = _parse_shape(input_shape) if input_shape else None
@@ -381,9 +397,12 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     "--workers", type=int, default=0, show_default=True, help="DataLoader worker processes."
 )
 @click.option("--force", is_flag=True, help="Replace the outputs of an earlier run in OUTDIR.")
+@threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print report.json's document.")
 @handle_errors
-def finetune(model: str | None, data: str, out_dir: str, as_json: bool, **o: Any) -> None:
+def finetune(
+    model: str | None, data: str, out_dir: str, as_json: bool, threads: int | None, **o: Any
+) -> None:
     """Transfer learning in one command: adapt weights, replace the head, freeze, train.
 
     After every optimizer step the frozen parameters and buffers are checked bit for
@@ -396,6 +415,7 @@ def finetune(model: str | None, data: str, out_dir: str, as_json: bool, **o: Any
 
     if model is None:
         raise UsageError("finetune needs --model SPEC, e.g. --model torchvision:resnet18")
+    configure_threads(threads)
     transforms = Transforms.from_flags(**{k: o.pop(k) for k in _TRANSFORM_FLAGS})
     weights = WeightOptions(
         o.pop("weights"), o.pop("key"), transforms, o.pop("auto"), o.pop("on_mismatch")
@@ -452,8 +472,9 @@ def finetune(model: str | None, data: str, out_dir: str, as_json: bool, **o: Any
 @cli.command()
 @click.argument("folder", required=False, type=click.Path(), default="ckptool-demo")
 @click.option("--seed", type=int, default=0, show_default=True)
+@threads_option
 @handle_errors
-def demo(folder: str, seed: int) -> None:
+def demo(folder: str, seed: int, threads: int | None) -> None:
     """The whole workflow on data shipped with ckptool, on CPU, in about a minute.
 
     A small CNN pretrained on handwritten digits 0-5 (a DataParallel checkpoint with a
@@ -466,6 +487,7 @@ def demo(folder: str, seed: int) -> None:
     from ckptool.demo.workflow import Comparison, run
     from ckptool.report import make_console, render_demo_step
 
+    configure_threads(threads)
     console = make_console()
     start = time.perf_counter()
     for number, step in enumerate(run(folder, seed=seed), start=1):
@@ -666,6 +688,7 @@ def parse_size(text: str) -> int:
 def main() -> None:
     """Console-script entry point."""
     signal.signal(signal.SIGTERM, _terminate)
+    prefer_sleeping_workers()  # before anything imports torch
     if os.environ.get("CKPTOOL_DEBUG"):
         cli()
         return
