@@ -40,7 +40,7 @@ def cgroup_cpu_quota() -> float | None:
             return _ratio(parts[0], parts[1])
         return None
     quota, period = _read(CGROUP_V1_QUOTA), _read(CGROUP_V1_PERIOD)
-    if quota is not None and period is not None and quota.strip() != "-1":
+    if quota is not None and period is not None:  # a quota of -1: unlimited
         return _ratio(quota, period)
     return None
 
