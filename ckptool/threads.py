@@ -35,10 +35,8 @@ def cgroup_cpu_quota() -> float | None:
     """CPUs' worth of time the cgroup grants per period (``2.5`` = 250%), or None."""
     v2 = _read(CGROUP_V2_MAX)
     if v2 is not None:
-        parts = v2.split()
-        if len(parts) == 2 and parts[0] != "max":
-            return _ratio(parts[0], parts[1])
-        return None
+        parts = v2.split()  # "max 100000" (no limit; not a number) or "200000 100000"
+        return _ratio(parts[0], parts[1]) if len(parts) == 2 else None
     quota, period = _read(CGROUP_V1_QUOTA), _read(CGROUP_V1_PERIOD)
     if quota is not None and period is not None:  # a quota of -1: unlimited
         return _ratio(quota, period)
