@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import fnmatch
+import functools
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from ckptool.formats import CheckpointMeta, read_metadata
 from ckptool.formats.dcp import chunk_assembly, dcp_name
 from ckptool.formats.files import read_assembly
 from ckptool.formats.load import TensorReader, open_tensors, tensor_bytes
-from ckptool.formats.meta import DTYPE_SIZES, Assembly, Format, TensorMeta
+from ckptool.formats.meta import DTYPE_SIZES, FLOATING, Assembly, Format, TensorMeta
 from ckptool.formats.save import (
     OutputFormat,
     SavedFile,
@@ -64,7 +65,6 @@ if TYPE_CHECKING:
 
     from ckptool.models import ShapeModel
 
-FLOATING = frozenset({"float64", "float32", "float16", "bfloat16"})
 # Models up to this size are built whole on the CPU to fill missing tensors, so the
 # model's own initialisation (e.g. a zero-initialised ViT head) is what gets written.
 FULL_BUILD_LIMIT = 512 * 1024 * 1024
@@ -165,22 +165,24 @@ class SourceBytes:
         if out_dtype == tensor.dtype and located is not None and located[0] in self.meta.files:
             return ByteSource(*located), out_dtype
         length = tensor.numel * DTYPE_SIZES[out_dtype]
-        assembly = self.meta.assembled.get(name) or self._dcp_assembly(name)
+        assembly = self.meta.assembled.get(name)
+        if assembly is None and out_dtype == tensor.dtype:
+            assembly = self._dcp_assembly(name)  # a cast goes through torch anyway
+        produce: Callable[[], bytes | bytearray]
+        if assembly is not None and out_dtype == assembly.stored_dtype:
+            produce = functools.partial(read_assembly, assembly, name)  # joined without torch
+        else:
+            produce = functools.partial(self._tensor_bytes, name, out_dtype)
         if assembly is None:
-            return ComputedBytes(
-                length, lambda: tensor_bytes(self.tensor(name), out_dtype)
-            ), out_dtype
-        # ZeRO and DCP: uncast, the pieces are joined without torch. Tied names share
-        # one Assembly and get one ComputedBytes, so a writer stores and verifies it once.
+            return ComputedBytes(length, produce), out_dtype
+        # Tied names share one Assembly and so one ComputedBytes: stored and verified once.
         key = (assembly, out_dtype)
         if key not in self._assembled:
-            if out_dtype == assembly.stored_dtype:
-                self._assembled[key] = ComputedBytes(length, lambda: read_assembly(assembly, name))
-            else:
-                self._assembled[key] = ComputedBytes(
-                    length, lambda: tensor_bytes(self.tensor(name), out_dtype)
-                )
+            self._assembled[key] = ComputedBytes(length, produce)
         return self._assembled[key], out_dtype
+
+    def _tensor_bytes(self, name: str, dtype: str) -> bytes:
+        return tensor_bytes(self.tensor(name), dtype)
 
     def _dcp_assembly(self, name: str) -> Assembly | None:
         if self.meta.format is not Format.DCP:

@@ -115,3 +115,30 @@ def test_row_shards_are_copied_as_byte_ranges(two_rank_checkpoint: Path) -> None
         assert chunk_assembly(meta.path, fqn, double, index) is None
     emb = dcp_name(meta, "emb")
     assert chunk_assembly(meta.path, emb, meta.tensors["emb"], index) is None
+
+
+def test_convert_copies_row_shards_without_loading_them(
+    two_rank_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """convert's bytes for a Shard(0) tensor come from the chunk records, not torch;
+    a cast still goes through torch."""
+    from contextlib import ExitStack
+
+    from ckptool.surgery import SourceBytes
+
+    meta = ckptool.read_metadata(two_rank_checkpoint)
+    full = torch.load(f"{two_rank_checkpoint}.full.pt", weights_only=True)
+    with ExitStack() as stack:
+        sources = SourceBytes(meta, stack)
+
+        def no_torch(name: str) -> torch.Tensor:
+            raise AssertionError(f"{name} was loaded through torch")
+
+        monkeypatch.setattr(sources, "tensor", no_torch)
+        data, dtype = sources.data("layer.weight")
+        assert dtype == "float32"
+        written = torch.frombuffer(bytearray(data.materialize()), dtype=torch.float32)
+        assert torch.equal(written, full["layer.weight"].flatten())
+        cast, _ = sources.data("layer.weight", "bfloat16")
+        with pytest.raises(AssertionError, match="loaded through torch"):
+            cast.materialize()

@@ -211,14 +211,14 @@ def chunk_assembly(
         if part.dtype != meta.dtype or part.byte_range is None or not whole_rows:
             return None
         placed.append((chunk.offsets[0] if chunk.offsets else 0, part))
+    ordered = sorted(placed, key=lambda p: p[0])
     row = 0
-    for start, part in sorted(placed, key=lambda p: p[0]):
+    for start, part in ordered:
         if start != row:
             return None  # a gap or an overlap: torch's assembly reports it
         row += part.shape[0] if part.shape else 1
     if not placed or row != (meta.shape[0] if meta.shape else 1):
         return None
-    ordered = sorted(placed, key=lambda p: p[0])
     return Assembly(tuple(Piece(*p.byte_range) for _, p in ordered if p.byte_range), meta.dtype)
 
 

@@ -17,6 +17,8 @@ DTYPE_SIZES: Mapping[str, int] = {
     "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1,
     "qint8": 1, "quint8": 1, "qint32": 4, "quint4x2": 1, "quint2x4": 1,
 }  # fmt: skip
+# The dtypes a --dtype cast applies to, and that consolidated ZeRO buffers widen from.
+FLOATING = frozenset({"float64", "float32", "float16", "bfloat16"})
 
 
 class Format(str, enum.Enum):

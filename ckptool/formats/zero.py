@@ -44,6 +44,7 @@ from ckptool.errors import CheckpointReadError
 from ckptool.formats.bounded import is_count, short_repr, short_str
 from ckptool.formats.meta import (
     DTYPE_SIZES,
+    FLOATING,
     Assembly,
     CheckpointMeta,
     ContainerEntry,
@@ -58,7 +59,6 @@ LATEST_FILE = "latest"
 _OPTIM = re.compile(r"(?:[a-z0-9]+_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt")
 _MODEL = re.compile(r"(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt")
 _EXPERT = re.compile(r".*expp_rank_\d+.*\.pt")
-FLOATING = frozenset({"float64", "float32", "float16", "bfloat16"})
 
 
 def is_zero_directory(path: str) -> bool:
@@ -96,7 +96,7 @@ def read_zero_meta(folder: str) -> CheckpointMeta:
             files that do not agree with one another.
     """
     layout = _Layout.of(folder)
-    model = _ModelStates.of(read_zip_archive(layout.model_files[0]), folder)
+    model = _ModelStates.of(read_zip_archive(layout.model_files[0]))
     optim = [_OptimStates.of(read_zip_archive(f)) for f in layout.optim_files]
     stage, world = optim[0].stage, optim[0].world
     for states in optim[1:]:
@@ -112,7 +112,8 @@ def read_zero_meta(folder: str) -> CheckpointMeta:
         parts.update(model.frozen_whole(stage))
         parts.update(_stage2_params(folder, model.param_shapes, optim))
     else:
-        ranks = [_ModelStates.of(read_zip_archive(f), folder) for f in layout.model_files]
+        others = [_ModelStates.of(read_zip_archive(f)) for f in layout.model_files[1:]]
+        ranks = [model, *others]  # rank 0's file is read once
         parts.update(_stage3_frozen(folder, ranks))
         parts.update(_stage3_params(folder, model.param_shapes, optim))
     for alias, name in model.shared.items():
@@ -201,7 +202,7 @@ class _ModelStates:
     version: str
 
     @classmethod
-    def of(cls, archive: ZipArchive, folder: str) -> _ModelStates:
+    def of(cls, archive: ZipArchive) -> _ModelStates:
         state = archive.obj
         path = archive.path
         if not isinstance(state, dict) or not {"module", "buffer_names", "param_shapes"} <= set(
@@ -459,8 +460,9 @@ def _stage3_frozen(
     folder: str, ranks: list[_ModelStates]
 ) -> dict[str, tuple[TensorMeta, Assembly]]:
     """Stage 3 frozen parameters: each rank's fragment, joined and cut to size."""
-    shapes, _ = ranks[0].frozen_fragments()
-    fragments = [r.frozen_fragments()[1] for r in ranks]
+    per_rank = [r.frozen_fragments() for r in ranks]
+    shapes = per_rank[0][0]
+    fragments = [located for _, located in per_rank]
     out = {}
     for name, shape in shapes.items():
         segments = [f[name] for f in fragments if name in f]
