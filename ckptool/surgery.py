@@ -15,7 +15,6 @@ import functools
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -40,13 +39,13 @@ from ckptool.formats.save import (
     save_tensors,
 )
 from ckptool.formats.write import (
+    SOURCE_SHA256,
     ByteSource,
     ComputedBytes,
     OutTensor,
     TensorData,
     check_output,
     sha256_file,
-    sha256_in_background,
 )
 from ckptool.keys import (
     KeyDiff,
@@ -355,18 +354,16 @@ def save_hashed(
     dedupe_tied: bool = False,
 ) -> SavedFile:
     """Save with the source's sha256 in the metadata, hashed while the bytes are copied."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        deferred = {"ckptool.source_sha256": sha256_in_background(_hashed_file(meta), pool)}
-        return save_tensors(
-            out,
-            plan,
-            fmt=fmt,
-            inputs=meta.files,
-            force=force,
-            metadata=metadata,
-            deferred=deferred,
-            dedupe_tied=dedupe_tied,
-        )
+    return save_tensors(
+        out,
+        plan,
+        fmt=fmt,
+        inputs=meta.files,
+        force=force,
+        metadata=metadata,
+        hashed=_hashed_file(meta),
+        dedupe_tied=dedupe_tied,
+    )
 
 
 def plan_keys(
@@ -782,7 +779,7 @@ def convert(
         metadata = provenance("convert", meta)
         if shard_size is not None:
             # Shards are written one by one, so the hash is needed before the first.
-            metadata["ckptool.source_sha256"] = sha256_file(_hashed_file(meta))
+            metadata[SOURCE_SHA256] = sha256_file(_hashed_file(meta))
             saved = save_sharded(
                 out, plan, max_bytes=shard_size, inputs=meta.files, force=force, metadata=metadata
             )

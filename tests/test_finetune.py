@@ -314,7 +314,7 @@ def test_full_disk_while_writing_leaves_no_outdir(
     def disk_full(*args: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(write, "_write_data", disk_full)
+    monkeypatch.setattr(write, "_write", disk_full)
     result = run_finetune(run_cli, setup)
     assert result.exit_code == 5 and "no space left" in result.stderr, result.stderr
     assert not setup["out"].exists()

@@ -414,7 +414,7 @@ def test_tied_weights_convert(run_cli, write_checkpoint: WriteCheckpoint, tmp_pa
 
 def test_convert_dtype_and_zip64_archive_loads_in_torch(tmp_path: Path) -> None:
     from ckptool.formats.torch_zip_writer import write_torch_zip
-    from ckptool.formats.write import OutTensor
+    from ckptool.formats.write import OutTensor, Payload
 
     state = seeded_state(ConvBN)
     torch.save(state, tmp_path / "in.pt")
@@ -427,7 +427,7 @@ def test_convert_dtype_and_zip64_archive_loads_in_torch(tmp_path: Path) -> None:
     assert "conv.weight" in log.cast and "bn.num_batches_tracked" not in log.cast
     plan = [OutTensor("w", "float32", (2, 2), torch.arange(4.0).numpy().tobytes())]
     with open(tmp_path / "z64.pt", "w+b") as f:
-        write_torch_zip(f, plan, force_zip64=True)
+        write_torch_zip(f, plan, Payload(), force_zip64=True)
     for mmap in (False, True):
         assert torch.equal(
             torch.load(tmp_path / "z64.pt", weights_only=True, mmap=mmap)["w"],

@@ -114,17 +114,14 @@ def test_interrupt_at_every_event_leaves_nothing_or_says_complete(
 def test_disk_full_while_sharding_leaves_nothing(run_cli, tmp_path: Path, monkeypatch) -> None:
     source = tmp_path / "source.safetensors"
     save_file(_state(3.0), source)
-    real = write.copy_range
-    calls = 0
+    real = write._write
 
-    def fills_up(*args: int) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 3:  # the third shard's data
+    def fills_up(fd: int, data: memoryview, position: int) -> None:
+        if write.committed_outputs():  # a shard is in place: the disk fills in a later one
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(*args)
+        real(fd, data, position)
 
-    monkeypatch.setattr(write, "copy_range", fills_up)
+    monkeypatch.setattr(write, "_write", fills_up)
     out = tmp_path / "out.safetensors"
     result = run_cli("convert", source, "-o", out, "--shard-size", "100KB")
     assert result.exit_code == 5 and "no space left" in result.stderr, result.stderr
@@ -208,16 +205,69 @@ def test_bytes_that_differ_after_writing_fail_verification_with_exit_5(
     """Break the write on purpose: the read-back verification must catch it."""
     source = tmp_path / "source.safetensors"
     save_file(_state(6.0), source)
-    real = write._write_data
+    real = write._write
 
-    def corrupting(out_fd: int, data, position: int) -> None:
+    def corrupting(out_fd: int, data: memoryview, position: int) -> None:
         real(out_fd, data, position)
         os.pwrite(out_fd, b"\xff", position)
 
-    monkeypatch.setattr(write, "_write_data", corrupting)
-    out = tmp_path / "out.safetensors"
-    # Copied bytes, and bytes computed at write time (a cast), checked by their hash.
-    for cast in ((), ("--dtype", "float16")):
-        result = run_cli("convert", source, "-o", out, *cast)
-        assert result.exit_code == 5 and "differ from the source" in result.stderr, result.stderr
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["source.safetensors"]
+    monkeypatch.setattr(write, "_write", corrupting)
+    # Copied bytes, and bytes computed at write time (a cast), read back as they are
+    # written, in both output formats.
+    for out in (tmp_path / "out.safetensors", tmp_path / "out.pt"):
+        for cast in ((), ("--dtype", "float16")):
+            result = run_cli("convert", source, "-o", out, *cast)
+            assert result.exit_code == 5, result.stderr
+            assert f"{out}: the output's bytes at offset" in result.stderr, result.stderr
+            assert "differ when read back" in result.stderr, result.stderr
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["source.safetensors"]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_bytes_written_off_their_header_offset_fail_verification(
+    run_cli, tmp_path: Path, monkeypatch, suffix: str
+) -> None:
+    """A plan that writes a tensor's bytes somewhere other than where the header says
+    (each piece still reads back as written) is caught by the final parse."""
+    source = tmp_path / "source.safetensors"
+    save_file(_state(6.0), source)
+    real = write.Payload.place
+    placed: list[int] = []
+
+    def misplaced(self: write.Payload, data: write.TensorData, position: int) -> None:
+        placed.append(position)
+        real(self, data, position + (64 if len(placed) == 2 else 0))
+
+    monkeypatch.setattr(write.Payload, "place", misplaced)
+    out = tmp_path / f"out{suffix}"
+    result = run_cli("convert", source, "-o", out)
+    # In a .pt the shifted bytes also land on the next record's header.
+    caught = ("differ from the source", "does not read back")
+    assert result.exit_code == 5 and any(c in result.stderr for c in caught), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source.safetensors"]
+
+
+def test_one_pass_copy_over_many_chunks_hashes_and_copies_exactly(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Small read chunks make the copy run through many of them: the sha256 taken on
+    another thread while the two read buffers alternate must still be the file's, and
+    views sharing one storage at different offsets (overlapping ranges) copy whole."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    monkeypatch.setattr(write, "CHUNK", 4096)
+    base = torch.randn(50_001)
+    state = {"base": base, "tail": base[12_345:], "middle": base[7:20_007], "w": torch.randn(999)}
+    torch.save(state, tmp_path / "in.pt")
+    st = ckptool.convert(tmp_path / "in.pt", str(tmp_path / "out.safetensors"))
+    back = ckptool.convert(tmp_path / "out.safetensors", str(tmp_path / "back.pt"))
+    assert st.output and back.output
+    with safe_open(tmp_path / "out.safetensors", "pt") as f:
+        recorded = f.metadata()["ckptool.source_sha256"]
+    assert recorded == hashlib.sha256((tmp_path / "in.pt").read_bytes()).hexdigest()
+    for path in ("out.safetensors", "back.pt"):
+        loaded = ckptool.load_state_dict(tmp_path / path)
+        for name, tensor in state.items():
+            assert torch.equal(loaded[name], tensor), (path, name)

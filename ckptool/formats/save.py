@@ -7,11 +7,12 @@ import enum
 import json
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ckptool.errors import CheckpointReadError, UsageError
+from ckptool.formats.meta import CheckpointMeta
 from ckptool.formats.safetensors_header import ALIASES_KEY, read_safetensors_meta
 from ckptool.formats.sharded import read_index
 from ckptool.formats.torch_pickle import read_zip_meta
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 
 from ckptool.formats.write import (
     OutTensor,
+    Payload,
+    VerificationError,
     atomic_output,
     check_output,
     committed_outputs,
@@ -81,12 +84,14 @@ def save_tensors(
     inputs: Sequence[str],
     force: bool,
     metadata: Mapping[str, str] | None = None,
-    deferred: Mapping[str, Future[str]] | None = None,
+    hashed: str | None = None,
     dedupe_tied: bool = False,
 ) -> SavedFile:
     """Write ``tensors`` to ``out`` atomically and verify them by reading the file back.
 
     Args:
+        hashed: the file that identifies the source; a safetensors output records its
+            sha256 (taken while its bytes are copied) as ``ckptool.source_sha256``.
         dedupe_tied: safetensors cannot alias, so names sharing one source are stored
             once and recorded under ``ckptool.aliases`` (restored as tied on load);
             otherwise each name is stored in full, which any reader can load strictly.
@@ -101,31 +106,33 @@ def save_tensors(
         if dedupe_tied and fmt is OutputFormat.SAFETENSORS
         else (list(tensors), {})
     )
+    safetensors = fmt is OutputFormat.SAFETENSORS
+    # A .pt output has no metadata to hold a hash, so then the source is not hashed.
+    payload = Payload(hashed if safetensors else None)
     with atomic_output(out, replace=force) as temp, ThreadPoolExecutor(max_workers=1) as pool:
-        if fmt is OutputFormat.SAFETENSORS:
-            extra = {ALIASES_KEY: json.dumps(aliases)} if aliases else {}
-            finish = write_safetensors(
-                temp.file, stored, {**(metadata or {}), **extra}, deferred=deferred
-            )
-        else:
-            write_torch_zip(temp.file, stored)
-            finish = _nothing_to_patch
+        try:
+            if safetensors:
+                extra = {ALIASES_KEY: json.dumps(aliases)} if aliases else {}
+                write_safetensors(temp.file, stored, {**(metadata or {}), **extra}, payload)
+            else:
+                write_torch_zip(temp.file, stored, payload)
+        except VerificationError as e:
+            raise VerificationError(f"{out}: {e}") from e
         temp.file.flush()
-        # Write-back to disk, the rest of the source hash and verification overlap.
+        # Write-back to disk overlaps the read-back verification.
         synced = pool.submit(os.fsync, temp.file.fileno())
-        written = (
-            read_safetensors_meta(temp.path)
-            if fmt is OutputFormat.SAFETENSORS
-            else read_zip_meta(temp.path, key=None)
-        )
-        verify_output(written, stored, aliases=aliases)
-        finish()
+        written = _read_back(temp.path, out, safetensors)
+        verify_output(written, stored, payload, aliases=aliases)
         synced.result()
     return SavedFile((out,), sum(t.nbytes for t in stored), aliases)
 
 
-def _nothing_to_patch() -> None:
-    pass
+def _read_back(temp: str, out: str, safetensors: bool) -> CheckpointMeta:
+    """The written file as our reader sees it; one it cannot read is an output problem."""
+    try:
+        return read_safetensors_meta(temp) if safetensors else read_zip_meta(temp, key=None)
+    except CheckpointReadError as e:
+        raise VerificationError(f"{out}: the file written does not read back ({e})") from e
 
 
 def split_aliases(tensors: Sequence[OutTensor]) -> tuple[list[OutTensor], dict[str, str]]:

@@ -9,22 +9,15 @@ and ``mmap=True`` read the result.
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from ckptool.formats.restricted_pickle import STORAGE_DTYPES
-from ckptool.formats.write import (
-    CHUNK,
-    ByteSource,
-    ComputedBytes,
-    OutTensor,
-    TensorData,
-    _write_data,
-)
+from ckptool.formats.write import OutTensor, Payload, TensorData
 
 ARCHIVE = "archive"
 ALIGNMENT = 64
@@ -38,13 +31,15 @@ class _Record:
     name: str
     header_offset: int
     size: int
-    crc: Future[int] | int
+    data: TensorData | None  # tensor bytes, whose CRC the payload knows after the copy
+    crc: int = 0
 
 
 def write_torch_zip(
-    handle: BinaryIO, tensors: Sequence[OutTensor], *, force_zip64: bool = False
+    handle: BinaryIO, tensors: Sequence[OutTensor], payload: Payload, *, force_zip64: bool = False
 ) -> None:
-    """Write ``tensors`` as a torch.save archive of an ordered dict.
+    """Write ``tensors`` as a torch.save archive of an ordered dict, their bytes through
+    ``payload``.
 
     Tensors whose data is the same :class:`ByteSource` share one storage record, so
     tied weights stay tied when loaded.
@@ -61,16 +56,17 @@ def write_torch_zip(
             storage_keys[identity] = str(len(storages))
             storages.append((storage_keys[identity], tensor))
         entries.append((tensor, storage_keys[identity]))
-    writer = _ZipWriter(handle, force_zip64=force_zip64)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        writer.add_bytes(f"{ARCHIVE}/data.pkl", build_data_pickle(entries))
-        writer.add_bytes(f"{ARCHIVE}/.format_version", b"1")
-        writer.add_bytes(f"{ARCHIVE}/.storage_alignment", str(ALIGNMENT).encode())
-        writer.add_bytes(f"{ARCHIVE}/byteorder", b"little")
-        for key, tensor in storages:
-            writer.add_data(f"{ARCHIVE}/data/{key}", tensor.data, pool)
-        writer.add_bytes(f"{ARCHIVE}/version", b"3\n")
-        writer.finish()
+    payload.with_crc = True  # every zip record carries its CRC-32
+    writer = _ZipWriter(handle, payload, force_zip64=force_zip64)
+    writer.add_bytes(f"{ARCHIVE}/data.pkl", build_data_pickle(entries))
+    writer.add_bytes(f"{ARCHIVE}/.format_version", b"1")
+    writer.add_bytes(f"{ARCHIVE}/.storage_alignment", str(ALIGNMENT).encode())
+    writer.add_bytes(f"{ARCHIVE}/byteorder", b"little")
+    for key, tensor in storages:
+        writer.add_data(f"{ARCHIVE}/data/{key}", tensor.data)
+    writer.add_bytes(f"{ARCHIVE}/version", b"3\n")
+    payload.copy(handle.fileno())
+    writer.finish()
 
 
 # --- data.pkl ------------------------------------------------------------------------
@@ -156,8 +152,9 @@ def build_data_pickle(entries: Sequence[tuple[OutTensor, str]]) -> bytes:
 class _ZipWriter:
     """Stored zip records with 64-byte aligned data; CRCs patched in once known."""
 
-    def __init__(self, handle: BinaryIO, *, force_zip64: bool) -> None:
+    def __init__(self, handle: BinaryIO, payload: Payload, *, force_zip64: bool) -> None:
         self.fd = handle.fileno()
+        self.payload = payload
         self.position = 0
         self.records: list[_Record] = []
         self.force_zip64 = force_zip64
@@ -187,37 +184,30 @@ class _ZipWriter:
         return fixed + raw + extra
 
     def add_bytes(self, name: str, data: bytes) -> None:
-        self._add(name, len(data), data, zlib.crc32(data))
+        """A small record (the pickle, version files), written now."""
+        header = self._local_header(name, len(data))
+        self.records.append(_Record(name, self.position, len(data), None, zlib.crc32(data)))
+        os.pwrite(self.fd, header + data, self.position)
+        self.position += len(header) + len(data)
 
-    def add_data(self, name: str, data: TensorData, pool: ThreadPoolExecutor) -> None:
-        if isinstance(data, ComputedBytes):  # its CRC exists once it has been written
-            known: Future[int] = Future()
-            self._add(name, data.length, data, known)
-            assert data.crc32 is not None  # set by the write
-            known.set_result(data.crc32)
-            return
-        size = data.length if isinstance(data, ByteSource) else len(data)
-        crc = pool.submit(_crc32, data) if isinstance(data, ByteSource) else zlib.crc32(data)
-        self._add(name, size, data, crc)
-
-    def _add(self, name: str, size: int, data: TensorData, crc: Future[int] | int) -> None:
-        import os
-
+    def add_data(self, name: str, data: TensorData) -> None:
+        """A storage record: the header now, the bytes when the payload is copied."""
+        size = len(data) if isinstance(data, bytes) else data.length
         header = self._local_header(name, size)
-        self.records.append(_Record(name, self.position, size, crc))
+        self.records.append(_Record(name, self.position, size, data))
         os.pwrite(self.fd, header, self.position)
-        _write_data(self.fd, data, self.position + len(header))
+        self.payload.place(data, self.position + len(header))
         self.position += len(header) + size
 
     def finish(self) -> None:
-        import os
-
+        """After the payload's copy: CRCs into the local headers, then the directory."""
         directory_start = self.position
         directory = b""
         for record in self.records:
-            crc = record.crc.result() if isinstance(record.crc, Future) else record.crc
-            os.pwrite(self.fd, struct.pack("<I", crc), record.header_offset + 14)
-            directory += self._central_entry(record, crc)
+            if record.data is not None:
+                record.crc = self.payload.crc32(record.data)
+                os.pwrite(self.fd, struct.pack("<I", record.crc), record.header_offset + 14)
+            directory += self._central_entry(record, record.crc)
         os.pwrite(self.fd, directory, directory_start)
         end = directory_start + len(directory)
         os.pwrite(self.fd, self._end_records(directory_start, len(directory), end), end)
@@ -274,15 +264,3 @@ class _ZipWriter:
             "<IHHHHIIH", 0x06054B50, 0, 0, shown_count, shown_count, length, shown_start, 0
         )
         return tail
-
-
-def _crc32(source: ByteSource) -> int:
-    import os
-
-    crc = 0
-    with open(source.file, "rb", buffering=0) as f:
-        for start in range(0, source.length, CHUNK):
-            crc = zlib.crc32(
-                os.pread(f.fileno(), min(CHUNK, source.length - start), source.offset + start), crc
-            )
-    return crc

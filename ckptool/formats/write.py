@@ -18,7 +18,6 @@ import threading
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -50,20 +49,16 @@ class ByteSource:
 
 class ComputedBytes:
     """Bytes made only when they are written (a merged or cast tensor), so a plan of
-    many holds none of them: one tensor's bytes are in memory at a time. Writing one
-    records its sha256 and CRC-32, which verification and zip records use later."""
+    many holds none of them: one tensor's bytes are in memory at a time."""
 
     def __init__(self, length: int, produce: Callable[[], bytes | bytearray]) -> None:
         self.length = length
         self._produce = produce
-        self.sha256: bytes | None = None
-        self.crc32: int | None = None
 
     def materialize(self) -> bytes | bytearray:
         data = self._produce()
         if len(data) != self.length:
             raise OutputError(f"a computed tensor has {len(data)} bytes, {self.length} planned")
-        self.sha256, self.crc32 = hashlib.sha256(data).digest(), zlib.crc32(data)
         return data
 
 
@@ -269,9 +264,245 @@ def _output_error(out: str, e: OSError) -> OutputError:
     return OutputError(f"{out}: cannot write ({e.strerror or e}); nothing was written")
 
 
+# --- payload: every tensor's bytes, one pass over each source file -------------------
+
+# Metadata key of the source file's sha256 (provenance); computed during the copy.
+SOURCE_SHA256 = "ckptool.source_sha256"
+# Ranges of one source file less than this apart are read as one stretch.
+_GAP = 1024 * 1024
+
+
+@dataclass
+class _Stretch:
+    """One source range being copied: where it goes and its running CRC-32."""
+
+    source: ByteSource
+    positions: list[int]
+    crc: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.source.offset + self.source.length
+
+
+class Payload:
+    """The tensor bytes of one output file, placed at their offsets, then copied.
+
+    Each source file is read once, in file order, in bounded chunks. Every piece of a
+    chunk is written where the plan placed it, read straight back from the output and
+    compared with the chunk still in memory; the file that identifies the source is
+    hashed (sha256) on a second thread meanwhile, and with ``with_crc`` (zip records
+    need it) each tensor's CRC-32 is taken there too. :func:`verify_output` then parses the
+    finished file and requires every tensor to sit exactly where its compared bytes
+    were written, so the source is read once and the output once. ``on_bytes`` hears
+    of every piece of tensor bytes written (a progress bar).
+    """
+
+    def __init__(self, hashed: str | None = None) -> None:
+        self.hashed = hashed
+        self.with_crc = False
+        self.source_sha256: str | None = None
+        self.on_bytes: Callable[[int], None] = _ignore
+        self._placed: list[tuple[TensorData, int]] = []
+        self._crcs: dict[object, int] = {}
+        self._written: dict[object, set[int]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_length(data) for data, _ in self._placed)
+
+    def place(self, data: TensorData, position: int) -> None:
+        self._placed.append((data, position))
+
+    def crc32(self, data: TensorData) -> int:
+        """The CRC-32 of ``data`` as it was copied (``with_crc``, after :meth:`copy`)."""
+        return self._crcs[_key(data)]
+
+    def written_at(self, data: TensorData) -> set[int]:
+        """Offsets in the output where ``data`` was written and compared."""
+        return self._written.get(_key(data), set())
+
+    def copy(self, out_fd: int) -> None:
+        """Write every placed tensor; afterwards ``source_sha256`` and the CRCs are known.
+
+        Raises:
+            VerificationError: bytes read back differ from the bytes written.
+        """
+        by_file: dict[str, dict[ByteSource, list[int]]] = {}
+        for data, position in self._placed:
+            self._written.setdefault(_key(data), set()).add(position)
+            if isinstance(data, ByteSource):
+                by_file.setdefault(data.file, {}).setdefault(data, []).append(position)
+            else:
+                self._write_in_memory(out_fd, data, position)
+        if self.hashed is not None and self.hashed not in by_file:
+            self.source_sha256 = sha256_file(self.hashed)
+        for file, placed in by_file.items():
+            self._stream(file, placed, out_fd)
+
+    def _write_in_memory(self, out_fd: int, data: bytes | ComputedBytes, position: int) -> None:
+        # Computed bytes are made here and freed when this call returns.
+        made = memoryview(data.materialize() if isinstance(data, ComputedBytes) else data)
+        for start in range(0, len(made), CHUNK):
+            _write_and_compare(out_fd, made[start : start + CHUNK], position + start)
+        if self.with_crc:
+            self._crcs[_key(data)] = zlib.crc32(made)
+        self.on_bytes(len(made))
+
+    def _stream(self, file: str, placed: Mapping[ByteSource, list[int]], out_fd: int) -> None:
+        stretches = sorted(
+            (_Stretch(s, p) for s, p in placed.items()), key=lambda s: s.source.offset
+        )
+        pending, active = list(stretches), []
+        whole = self.hashed == file
+        with open(file, "rb", buffering=0) as f, _Digests(whole) as digests:
+            size = os.fstat(f.fileno()).st_size
+            for start, view in _read_chunks(f.fileno(), _spans(stretches, size, whole)):
+                end = start + len(view)
+                while pending and pending[0].source.offset < end:
+                    active.append(pending.pop(0))
+                parts = [(s, *_overlap(s, start, view)) for s in active]
+                parts = [(s, low, part) for s, low, part in parts if len(part)]
+                digests.submit(view, [(s, part) for s, _, part in parts] if self.with_crc else [])
+                for stretch, low, part in parts:
+                    for position in stretch.positions:
+                        _write_and_compare(out_fd, part, position + low - stretch.source.offset)
+                    self.on_bytes(len(part))
+                active = [s for s in active if s.end > end]
+            sha256 = digests.finish()
+        if any(s.source.length for s in pending + active):
+            raise OSError(errno.EIO, f"{file}: ended before the tensor bytes it lists")
+        self._crcs.update((s.source, s.crc) for s in stretches)
+        if whole:
+            self.source_sha256 = sha256
+
+
+def _overlap(stretch: _Stretch, start: int, view: memoryview) -> tuple[int, memoryview]:
+    """(offset in the source, bytes) of the part of ``view`` (at ``start``) in ``stretch``."""
+    low = max(stretch.source.offset, start)
+    high = min(stretch.end, start + len(view))
+    return low, view[low - start : max(low, high) - start]
+
+
+def _write_and_compare(out_fd: int, part: memoryview, position: int) -> None:
+    """Write ``part`` at ``position`` and read it back: the file must hold those bytes.
+
+    Raises:
+        VerificationError: it does not (a short or lost write, a filesystem that
+            changes data, a bug placing two things at one offset).
+    """
+    _write(out_fd, part, position)
+    # A bytearray compares with a buffer by memcmp (a memoryview compares item by
+    # item); one of CHUNK bytes is reused, as a fresh one would be faulted in each time.
+    reused = _READ_BACK.buffer
+    back = reused if len(part) == len(reused) else bytearray(len(part))
+    if os.preadv(out_fd, [back], position) != len(part) or back != part:
+        raise VerificationError(
+            f"the output's bytes at offset {position} differ when read back from what was "
+            "written (a failing disk or filesystem?); nothing was written"
+        )
+
+
+class _ReadBackBuffer(threading.local):
+    """One CHUNK-sized read-back buffer per thread."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(CHUNK)
+
+
+_READ_BACK = _ReadBackBuffer()
+
+
+def _write(out_fd: int, part: memoryview, position: int) -> None:
+    written = 0
+    while written < len(part):
+        written += os.pwrite(out_fd, part[written:], position + written)
+
+
+class _Digests:
+    """sha256 of a file's chunks (when ``whole``) and CRC-32s of tensor parts, on a
+    second thread, one chunk at a time: a chunk is handed over only when the one
+    before is done, so the read buffer used next (the other of two) is free."""
+
+    def __init__(self, whole: bool) -> None:
+        self._sha256 = hashlib.sha256() if whole else None
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._in_flight: Future[None] | None = None
+
+    def submit(self, view: memoryview, parts: Sequence[tuple[_Stretch, memoryview]]) -> None:
+        if self._sha256 is None and not parts:
+            return
+        if self._in_flight is not None:
+            self._in_flight.result()
+        self._in_flight = self._pool.submit(self._digest, view, parts)
+
+    def _digest(self, view: memoryview, parts: Sequence[tuple[_Stretch, memoryview]]) -> None:
+        if self._sha256 is not None:
+            self._sha256.update(view)
+        for stretch, part in parts:
+            stretch.crc = zlib.crc32(part, stretch.crc)
+
+    def finish(self) -> str | None:
+        """Wait for the last chunk; the sha256 (hex) when hashing."""
+        if self._in_flight is not None:
+            self._in_flight.result()
+        return None if self._sha256 is None else self._sha256.hexdigest()
+
+    def __enter__(self) -> _Digests:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _ignore(_: int) -> None:
+    pass
+
+
+def _key(data: TensorData) -> object:
+    # Ranges are equal by value (tied names share one); in-memory bytes by identity,
+    # which the payload keeps alive, so hashing big bytes objects is never needed.
+    return data if isinstance(data, ByteSource) else id(data)
+
+
+def _length(data: TensorData) -> int:
+    return len(data) if isinstance(data, bytes) else data.length
+
+
+def _spans(stretches: Sequence[_Stretch], size: int, whole: bool) -> list[tuple[int, int]]:
+    """The stretches of the file to read: all of it when hashed, else the tensor ranges
+    with small gaps (zip headers) read through rather than seeked over."""
+    if whole:
+        return [(0, size)]
+    spans: list[tuple[int, int]] = []
+    for stretch in stretches:
+        low, high = stretch.source.offset, stretch.end
+        if spans and low <= spans[-1][1] + _GAP:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], high))
+        else:
+            spans.append((low, high))
+    return spans
+
+
+def _read_chunks(fd: int, spans: Sequence[tuple[int, int]]) -> Iterator[tuple[int, memoryview]]:
+    """(offset, bytes) of ``spans`` in CHUNK pieces, alternating between two buffers: a
+    chunk stays valid while the next one is read (the digest thread may be on it)."""
+    size = min(CHUNK, max((high - low for low, high in spans), default=0))
+    buffers = [bytearray(size), bytearray(size)]
+    count = 0
+    for low, high in spans:
+        for start in range(low, high, CHUNK):
+            view = memoryview(buffers[count % 2])[: min(CHUNK, high - start)]
+            got = os.preadv(fd, [view], start)
+            if got == 0:
+                return  # the file is shorter than its index says: the caller reports it
+            count += 1
+            yield start, view[:got]
+
+
 # --- safetensors ---------------------------------------------------------------------
 
-# A fixed-width stand-in for metadata values known only after the copy (a sha256).
+# A fixed-width stand-in for the source's sha256, known only after the copy.
 _PLACEHOLDER = "#" * 64
 
 
@@ -279,19 +510,12 @@ def write_safetensors(
     handle: BinaryIO,
     tensors: Sequence[OutTensor],
     metadata: Mapping[str, str],
-    *,
-    deferred: Mapping[str, Future[str]] | None = None,
-) -> Callable[[], None]:
-    """Write ``tensors`` as safetensors into ``handle``, copying file bytes in the kernel.
-
-    ``deferred`` metadata values (64 characters, e.g. a hex sha256 computed in another
-    thread while the bytes are copied) are written as placeholders; the returned
-    function waits for them and patches them in, so verification can run meanwhile.
-    """
-    deferred = deferred or {}
-    header: dict[str, object] = {
-        "__metadata__": {**metadata, **dict.fromkeys(deferred, _PLACEHOLDER)}
-    }
+    payload: Payload,
+) -> None:
+    """Write ``tensors`` as safetensors into ``handle`` through ``payload``; when the
+    payload hashes its source, the sha256 lands in the metadata as SOURCE_SHA256."""
+    hashed = {SOURCE_SHA256: _PLACEHOLDER} if payload.hashed is not None else {}
+    header: dict[str, object] = {"__metadata__": {**metadata, **hashed}}
     position = 0
     for tensor in tensors:
         header[tensor.name] = {
@@ -304,62 +528,21 @@ def write_safetensors(
     encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
     out_fd = handle.fileno()
     os.pwrite(out_fd, len(encoded).to_bytes(8, "little") + encoded, 0)
-    data_start = 8 + len(encoded)
-    position = data_start
+    position = 8 + len(encoded)
     for tensor in tensors:
-        _write_data(out_fd, tensor.data, position)
+        payload.place(tensor.data, position)
         position += tensor.nbytes
-    pending = dict(deferred)
-
-    def patch() -> None:
-        for key, future in pending.items():
-            _patch_placeholder(out_fd, encoded, key, future.result())
-
-    return patch
+    payload.copy(out_fd)
+    if payload.source_sha256 is not None:
+        _patch_placeholder(out_fd, encoded, SOURCE_SHA256, payload.source_sha256)
 
 
 def _patch_placeholder(out_fd: int, encoded: bytes, key: str, value: str) -> None:
     if len(value) != len(_PLACEHOLDER):
-        raise ValueError(f"deferred metadata {key!r} must be {len(_PLACEHOLDER)} characters")
+        raise ValueError(f"metadata {key!r} must be {len(_PLACEHOLDER)} characters")
     marker = json.dumps(key).encode() + b":" + json.dumps(_PLACEHOLDER).encode()
     offset = encoded.index(marker) + len(marker) - len(_PLACEHOLDER) - 1
     os.pwrite(out_fd, value.encode(), 8 + offset)
-
-
-def _write_data(out_fd: int, data: TensorData, position: int) -> None:
-    if not isinstance(data, ByteSource):
-        # Computed bytes are made here and freed when this call returns.
-        view = memoryview(data.materialize() if isinstance(data, ComputedBytes) else data)
-        written = 0
-        while written < len(view):
-            written += os.pwrite(out_fd, view[written : written + CHUNK], position + written)
-        return
-    with open(data.file, "rb") as source:
-        copy_range(source.fileno(), out_fd, data.offset, position, data.length)
-
-
-def copy_range(src_fd: int, dst_fd: int, src_offset: int, dst_offset: int, length: int) -> None:
-    """Copy bytes between files without passing them through Python where the OS allows."""
-    done = 0
-    try:
-        while done < length:
-            copied = os.copy_file_range(
-                src_fd, dst_fd, length - done, src_offset + done, dst_offset + done
-            )
-            if copied == 0:
-                raise OSError(errno.EIO, "source ended early")
-            done += copied
-        return
-    except OSError as e:
-        # Cross-device or unsupported filesystems: fall back to a bounded buffer.
-        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-    while done < length:
-        block = os.pread(src_fd, min(CHUNK, length - done), src_offset + done)
-        if not block:
-            raise OSError(errno.EIO, "source ended early")
-        os.pwrite(dst_fd, block, dst_offset + done)
-        done += len(block)
 
 
 # --- provenance and verification -----------------------------------------------------
@@ -376,18 +559,18 @@ def sha256_file(path: str) -> str:
     return hasher.hexdigest()
 
 
-def sha256_in_background(path: str, pool: ThreadPoolExecutor) -> Future[str]:
-    """Hash a file on another thread (hashlib releases the GIL) while the copy runs."""
-    return pool.submit(sha256_file, path)
-
-
 def verify_output(
-    written: CheckpointMeta, expected: Sequence[OutTensor], *, aliases: Mapping[str, str] = {}
+    written: CheckpointMeta,
+    expected: Sequence[OutTensor],
+    payload: Payload,
+    *,
+    aliases: Mapping[str, str] = {},
 ) -> None:
-    """Compare the written file (read back by our own reader) with what was meant.
+    """Check the written file, parsed by our own reader, against the plan.
 
-    Names, dtypes and shapes must match exactly, and every tensor's bytes are compared
-    with their source, in bounded chunks.
+    Names, dtypes and shapes must match exactly, and every tensor must sit at an offset
+    where the payload wrote its bytes and compared them with the source's; a tied name
+    stored once (bytes in memory never placed themselves) is compared in full here.
 
     Raises:
         VerificationError: anything differs.
@@ -402,43 +585,21 @@ def verify_output(
             raise VerificationError(
                 f"{written.path}: {tensor.name!r} was written as {meta.dtype}{list(meta.shape)}"
             )
-        if not _same_bytes(meta, tensor.data):
+        if not _in_place(meta, tensor.data, payload):
             raise VerificationError(
                 f"{written.path}: bytes of {tensor.name!r} differ from the source"
             )
 
 
-def _same_bytes(meta: TensorMeta, data: TensorData) -> bool:
+def _in_place(meta: TensorMeta, data: TensorData, payload: Payload) -> bool:
     located = meta.byte_range
-    if located is None:
+    if located is None or located[2] != _length(data):
         return False
     file, offset, length = located
-    if length != (len(data) if isinstance(data, bytes) else data.length):
+    if offset in payload.written_at(data):
+        return True
+    if not isinstance(data, bytes):
         return False
-    if isinstance(data, ComputedBytes):  # gone after the write: compare its hash
-        return data.sha256 is not None and _sha256_range(file, offset, length) == data.sha256
-    with ExitStack() as stack:
-        out_fd = stack.enter_context(open(file, "rb", buffering=0)).fileno()
-        expected = _expected_bytes(data, stack)
-        for start in range(0, length, CHUNK):
-            size = min(CHUNK, length - start)
-            if os.pread(out_fd, size, offset + start) != expected(start, size):
-                return False
-    return True
-
-
-def _sha256_range(file: str, offset: int, length: int) -> bytes:
-    digest = hashlib.sha256()
     with open(file, "rb", buffering=0) as f:
-        for start in range(0, length, CHUNK):
-            digest.update(os.pread(f.fileno(), min(CHUNK, length - start), offset + start))
-    return digest.digest()
-
-
-def _expected_bytes(data: ByteSource | bytes, stack: ExitStack) -> Callable[[int, int], bytes]:
-    """Read (start, size) of what should have been written, from memory or its source file."""
-    if isinstance(data, bytes):
-        return lambda start, size: data[start : start + size]
-    # The caller's ExitStack closes it; ruff cannot see that.
-    source_fd = stack.enter_context(open(data.file, "rb", buffering=0)).fileno()  # noqa: SIM115
-    return lambda start, size: os.pread(source_fd, size, data.offset + start)
+        back = bytearray(length)
+        return os.preadv(f.fileno(), [back], offset) == length and back == data
