@@ -6,16 +6,18 @@ commands so that ``ckptool --help`` starts in well under a second.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import click
 
+from ckptool import activity
 from ckptool._version import __version__
 from ckptool.errors import (
     CheckpointReadError,
@@ -529,6 +531,20 @@ def output_options(command: F) -> F:
     return _with_options(command, options)
 
 
+@contextlib.contextmanager
+def _progress_on_stderr(as_json: bool) -> Iterator[None]:
+    """A progress bar on stderr while the work runs, when stderr is a terminal and the
+    output is not --json: piped or scripted runs print only their result."""
+    from ckptool.report import ActivityBar, make_console
+
+    console = make_console(stderr=True)
+    if as_json or not console.is_terminal:
+        yield
+        return
+    with ActivityBar(console) as bar, activity.reporting(bar):
+        yield
+
+
 def _require_output(out: str | None, dry_run: bool) -> None:
     if out is None and not dry_run:
         raise UsageError("-o OUT is required (or --dry-run to only report)")
@@ -585,7 +601,8 @@ def adapt(source: str, model: str | None, **options: Any) -> None:
     _require_output(options["out"], options["dry_run"])
     transforms = Transforms.from_flags(**{k: options.pop(k) for k in _TRANSFORM_FLAGS})
     as_json = options.pop("as_json")
-    log = run_adapt(source, model=model, transforms=transforms, **options)
+    with _progress_on_stderr(as_json):
+        log = run_adapt(source, model=model, transforms=transforms, **options)
     _emit_surgery(log, as_json)
 
 
@@ -608,7 +625,9 @@ def convert(source: str, shard_size: str | None, **options: Any) -> None:
     as_json = options.pop("as_json")
     out = options.pop("out") or ""
     size = parse_size(shard_size) if shard_size else None
-    _emit_surgery(run_convert(source, out, shard_size=size, **options), as_json)
+    with _progress_on_stderr(as_json):
+        log = run_convert(source, out, shard_size=size, **options)
+    _emit_surgery(log, as_json)
 
 
 @cli.command()
@@ -628,7 +647,9 @@ def merge(base: str, others: tuple[str, ...], take: tuple[str, ...], **options: 
     as_json = options.pop("as_json")
     out = options.pop("out") or ""
     rules = [_parse_take(item) for item in take]
-    _emit_surgery(run_merge([base, *others], out, take=rules, **options), as_json)
+    with _progress_on_stderr(as_json):
+        log = run_merge([base, *others], out, take=rules, **options)
+    _emit_surgery(log, as_json)
 
 
 @cli.command("merge-lora")
@@ -648,7 +669,9 @@ def merge_lora(base: str, adapter: str, **options: Any) -> None:
         raise UsageError("--keep-dtype is not supported by merge-lora")
     as_json = options.pop("as_json")
     out = options.pop("out") or ""
-    _emit_surgery(run_merge_lora(base, adapter, out, **options), as_json)
+    with _progress_on_stderr(as_json):
+        log = run_merge_lora(base, adapter, out, **options)
+    _emit_surgery(log, as_json)
 
 
 def _parse_take(item: str) -> tuple[str, int]:

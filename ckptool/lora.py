@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ckptool.errors import CheckpointReadError, IncompatibleError, UsageError
 from ckptool.formats import CheckpointMeta, read_metadata
 from ckptool.formats.adapters import CONFIG_NAME, PEFT_PREFIX, describe_adapter
-from ckptool.formats.load import read_located_tensor, tensor_bytes
+from ckptool.formats.load import tensor_buffer
 from ckptool.formats.meta import DTYPE_SIZES
 from ckptool.formats.save import output_format_for
 from ckptool.formats.write import ComputedBytes, OutTensor, check_output
@@ -276,13 +276,10 @@ def _merged_bytes(
     pair: LoraPair,
     settings: LoraSettings,
     dtype: str,
-) -> bytes:
-    meta = base.meta.tensors[name]
-    # A located weight is read on its own, not through a mapping of the whole base:
-    # memory holds one weight and its update at a time.
-    located = meta.byte_range is not None
-    weight = read_located_tensor(meta, base.meta.path, name) if located else base.tensor(name)
-    return tensor_bytes(_merged(weight, adapter, pair, settings), dtype)
+) -> memoryview:
+    # The weight is read on its own, not through a mapping of the whole base: memory
+    # holds one weight and its update at a time.
+    return tensor_buffer(_merged(base.alone(name), adapter, pair, settings), dtype)
 
 
 def _merged(

@@ -683,6 +683,54 @@ def render_check(result: CheckResult, console: Console) -> None:
 _SPARKS = "▁▂▃▄▅▆▇█"
 
 
+class ActivityBar:
+    """Long work as one transient line on stderr: a spinner, the phase and, for phases
+    that move bytes, a bar with bytes done, rate and time left. Gone when the work
+    ends, so the report that follows stands alone."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> ActivityBar:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("starting", total=None)
+        return self
+
+    def phase(self, name: str, total_bytes: int | None = None) -> None:
+        # Drawn at once: a phase may end before the next timed refresh.
+        self._progress.reset(self._task, description=name, total=total_bytes, refresh=True)
+
+    def advance(self, nbytes: int) -> None:
+        self._progress.update(self._task, advance=nbytes)
+
+    def __exit__(self, *_: object) -> None:
+        self._progress.stop()
+
+
 class EpochProgress:
     """The runner's progress: a rich bar per epoch on a terminal, one line per epoch otherwise."""
 

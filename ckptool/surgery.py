@@ -19,6 +19,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ckptool import activity
 from ckptool._version import __version__
 from ckptool.errors import (
     CheckpointReadError,
@@ -29,7 +30,13 @@ from ckptool.errors import (
 from ckptool.formats import CheckpointMeta, read_metadata
 from ckptool.formats.dcp import chunk_assembly, dcp_name
 from ckptool.formats.files import read_assembly
-from ckptool.formats.load import TensorReader, open_tensors, tensor_bytes
+from ckptool.formats.load import (
+    TensorReader,
+    open_tensors,
+    read_tensor_alone,
+    tensor_buffer,
+    tensor_bytes,
+)
 from ckptool.formats.meta import DTYPE_SIZES, FLOATING, Assembly, Format, TensorMeta
 from ckptool.formats.save import (
     OutputFormat,
@@ -167,7 +174,7 @@ class SourceBytes:
         assembly = self.meta.assembled.get(name)
         if assembly is None and out_dtype == tensor.dtype:
             assembly = self._dcp_assembly(name)  # a cast goes through torch anyway
-        produce: Callable[[], bytes | bytearray]
+        produce: Callable[[], bytes | bytearray | memoryview]
         if assembly is not None and out_dtype == assembly.stored_dtype:
             produce = functools.partial(read_assembly, assembly, name)  # joined without torch
         else:
@@ -180,8 +187,19 @@ class SourceBytes:
             self._assembled[key] = ComputedBytes(length, produce)
         return self._assembled[key], out_dtype
 
-    def _tensor_bytes(self, name: str, dtype: str) -> bytes:
-        return tensor_bytes(self.tensor(name), dtype)
+    def _tensor_bytes(self, name: str, dtype: str) -> memoryview:
+        return tensor_buffer(self.alone(name), dtype)
+
+    def alone(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` read on its own from the bytes located for it in this
+        checkpoint's files (memory holds it and nothing else of the file), else
+        through the reader (DCP, ZeRO, legacy files)."""
+        meta = self.meta.tensors[name]
+        if meta.file in self.meta.files:
+            tensor = read_tensor_alone(meta, name)
+            if tensor is not None:
+                return tensor
+        return self.tensor(name)
 
     def _dcp_assembly(self, name: str) -> Assembly | None:
         if self.meta.format is not Format.DCP:
@@ -258,13 +276,16 @@ def adapt(
     from ckptool.models import build_for_shapes, model_label, model_tensor_meta
 
     policy = MismatchPolicy(on_mismatch)
+    activity.phase("read the checkpoint's header")
     meta = read_metadata(source, key=key)
     if out is not None and not dry_run:  # fail before the expensive part
         check_output(out, inputs=meta.files, force=force)
+    activity.phase("build the model (import torch, meta device)")
     built = build_for_shapes(model, model_args=model_args, num_classes=num_classes, head=head)
     target = model_tensor_meta(built.module)
     fmt_out = output_format_for(out, fmt) if out else None
     remap_note = ""
+    activity.phase("plan the keys")
     if remap:
         transforms, remap_note = _structural_transforms(meta, target, transforms, auto=auto)
     keys = plan_keys(meta, target, transforms, auto=auto, policy=policy, strict=strict, built=built)
@@ -293,6 +314,7 @@ def adapt(
         _refuse_mostly_init(log)
     if dry_run or out is None or fmt_out is None:
         return log
+    activity.phase("initialise the tensors the checkpoint lacks")
     init, method = initial_values(model, model_args, num_classes, head, to_fill, target, seed=seed)
     original = keys.original
     with ExitStack() as stack:

@@ -5,9 +5,10 @@ keys, as a torch.save zip and as safetensors, then runs, each in a fresh process
 REPEATS times, interleaved, with `sync` before each run so one run's write-back does
 not slow the next: cp (the floor), ckptool convert both ways, ckptool adapt (strip the
 prefix, replace the head: the 2 GB model is built on the meta device), and the naive
-torch.load + torch.save. Prints medians of wall time and peak RSS (wait4).
+torch.load + torch.save; each round once on a quiet machine and once beside a
+CPU-bound process. Prints medians of wall time and peak RSS (wait4).
 
-    python scripts/bench_write.py [--workdir DIR] [--repeats 3] [--gb 2]
+    python scripts/bench_write.py [--workdir DIR] [--repeats 3] [--gb 2] [--quiet-only]
 """
 
 from __future__ import annotations
@@ -110,6 +111,23 @@ def contenders(
     }
 
 
+def busy_process() -> subprocess.Popen[bytes]:
+    """A CPU-bound competitor: on 2 cores it takes one, as a training job beside would."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def measure(argv: list[str], busy: bool) -> tuple[float, float]:
+    subprocess.run(["sync"], check=True)
+    hog = busy_process() if busy else None
+    try:
+        wall, rss, _ = run(argv)
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
+    return wall, rss
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -117,35 +135,49 @@ def main() -> int:
     parser.add_argument("--workdir", help="where to write (default: a temp dir)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gb", type=float, default=2.0)
+    parser.add_argument(
+        "--quiet-only", action="store_true", help="skip the runs beside a busy process"
+    )
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="ckptool-bench-")
+    modes = (False,) if args.quiet_only else (False, True)
     try:
         pt, st, model = make_inputs(workdir, args.gb)
         runs = contenders(pt, st, model, args.gb, workdir)
-        samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+        samples: dict[tuple[str, bool], list[tuple[float, float]]] = {}
         for _ in range(args.repeats):
-            for name, (argv, output) in runs.items():
-                subprocess.run(["sync"], check=True)
-                wall, rss, _ = run(argv)
-                samples[name].append((wall, rss))
-                os.unlink(os.path.join(workdir, output))
-        report(samples, os.path.getsize(pt) / 2**30, args.repeats)
+            for busy in modes:
+                for name, (argv, output) in runs.items():
+                    samples.setdefault((name, busy), []).append(measure(argv, busy))
+                    os.unlink(os.path.join(workdir, output))
+        report(samples, os.path.getsize(pt) / 2**30, args.repeats, modes)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 
-def report(samples: dict[str, list[tuple[float, float]]], size: float, repeats: int) -> None:
-    floor = statistics.median(s[0] for s in samples["cp .pt"])
+def report(
+    samples: dict[tuple[str, bool], list[tuple[float, float]]],
+    size: float,
+    repeats: int,
+    modes: tuple[bool, ...],
+) -> None:
+    def median(name: str, busy: bool, field: int = 0) -> float:
+        return statistics.median(s[field] for s in samples[(name, busy)])
+
     print(f"checkpoint: {size:.2f} GiB, medians of {repeats} runs, each a fresh process after sync")
-    synced = statistics.median(s[0] for s in samples["cp .pt && sync (fsync) it"])
-    print("| command | wall (s) | / cp | / cp+sync | peak RSS (MiB) |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, rows in samples.items():
-        wall = statistics.median(r[0] for r in rows)
-        rss = statistics.median(r[1] for r in rows)
-        print(f"| {name} | {wall:.2f} | {wall / floor:.2f}x | {wall / synced:.2f}x | {rss:.0f} |")
+    for busy in modes:
+        floor = median("cp .pt", busy)
+        synced = median("cp .pt && sync (fsync) it", busy)
+        print("\nbeside a busy process" if busy else "\nquiet machine")
+        print("| command | wall (s) | / cp | / cp+sync | peak RSS (MiB) |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for name in dict.fromkeys(n for n, _ in samples):
+            wall, rss = median(name, busy), median(name, busy, 1)
+            print(
+                f"| {name} | {wall:.2f} | {wall / floor:.2f}x | {wall / synced:.2f}x | {rss:.0f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -194,6 +194,26 @@ def read_located_tensor(meta: TensorMeta, path: str, name: str) -> torch.Tensor:
     return view_of_storage(meta, read_storage(meta, path, name))
 
 
+def read_tensor_alone(meta: TensorMeta, name: str) -> torch.Tensor | None:
+    """One tensor read from the bytes the metadata reader located for it (only its own
+    bytes when it is contiguous, else its storage's), or None where they were not
+    located (DCP, ZeRO, a legacy file): a cast reads each tensor once and keeps none."""
+    import torch
+
+    located = meta.byte_range
+    if located is None:
+        stored = meta.file is not None and meta.file_offset is not None
+        return read_located_tensor(meta, meta.file or "", name) if stored else None
+    file, offset, length = located
+    if length == 0:
+        return torch.empty(meta.shape, dtype=getattr(torch, meta.dtype))
+    data = bytearray(length)
+    with open(file, "rb", buffering=0) as f:
+        if os.preadv(f.fileno(), [data], offset) != length:
+            raise CheckpointReadError(f"{file}: the bytes of {name!r} are cut short")
+    return torch.frombuffer(data, dtype=getattr(torch, meta.dtype)).reshape(meta.shape)
+
+
 def read_storage(meta: TensorMeta, path: str, name: str) -> torch.Tensor:
     """The bytes of ``meta``'s storage (offset and extent as the reader checked them).
 
@@ -252,6 +272,17 @@ def _is_tensor(value: Any) -> bool:
     import torch
 
     return isinstance(value, torch.Tensor)
+
+
+def tensor_buffer(tensor: torch.Tensor, dtype: str | None = None) -> memoryview:
+    """Like :func:`tensor_bytes` without the final copy: a view of the (cast,
+    contiguous) tensor's own memory, which it keeps alive."""
+    import torch
+
+    if dtype is not None and str(tensor.dtype) != f"torch.{dtype}":
+        tensor = tensor.to(getattr(torch, dtype))
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
 
 
 def tensor_bytes(tensor: torch.Tensor, dtype: str | None = None) -> bytes:

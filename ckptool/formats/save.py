@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ckptool import activity
 from ckptool.errors import CheckpointReadError, UsageError
 from ckptool.formats.meta import CheckpointMeta
 from ckptool.formats.safetensors_header import ALIASES_KEY, read_safetensors_meta
@@ -109,6 +110,8 @@ def save_tensors(
     safetensors = fmt is OutputFormat.SAFETENSORS
     # A .pt output has no metadata to hold a hash, so then the source is not hashed.
     payload = Payload(hashed if safetensors else None)
+    payload.on_bytes = activity.advance
+    activity.phase(f"write {os.path.basename(out)}", sum(t.nbytes for t in stored))
     with atomic_output(out, replace=force) as temp, ThreadPoolExecutor(max_workers=1) as pool:
         try:
             if safetensors:
@@ -119,6 +122,7 @@ def save_tensors(
         except VerificationError as e:
             raise VerificationError(f"{out}: {e}") from e
         temp.file.flush()
+        activity.phase("verify and sync to disk")
         # Write-back to disk overlaps the read-back verification.
         synced = pool.submit(os.fsync, temp.file.fileno())
         written = _read_back(temp.path, out, safetensors)

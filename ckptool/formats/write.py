@@ -51,11 +51,11 @@ class ComputedBytes:
     """Bytes made only when they are written (a merged or cast tensor), so a plan of
     many holds none of them: one tensor's bytes are in memory at a time."""
 
-    def __init__(self, length: int, produce: Callable[[], bytes | bytearray]) -> None:
+    def __init__(self, length: int, produce: Callable[[], bytes | bytearray | memoryview]) -> None:
         self.length = length
         self._produce = produce
 
-    def materialize(self) -> bytes | bytearray:
+    def materialize(self) -> bytes | bytearray | memoryview:
         data = self._produce()
         if len(data) != self.length:
             raise OutputError(f"a computed tensor has {len(data)} bytes, {self.length} planned")
