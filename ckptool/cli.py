@@ -442,6 +442,8 @@ def finetune(
     from ckptool.guard import FrozenParameterError
     from ckptool.report import guard_lines
 
+    # Bars go to stderr, never with --json; the epoch lines go with the report.
+    progress = EpochProgress(console, bars=None if as_json else make_console(stderr=True))
     try:
         result = run_finetune(
             model,
@@ -458,14 +460,17 @@ def finetune(
             options=options,
             val_data=o.pop("val_data"),
             force=o.pop("force"),
-            progress=EpochProgress(console),
+            progress=progress,
         )
     except FrozenParameterError as e:
+        progress.close()
         if int(os.environ.get("RANK", "0")) == 0:  # the guard's report, then the error line
             errors = make_console(stderr=True)
             for line in guard_lines(e.report):
                 errors.print(line, markup=False)
         raise
+    finally:
+        progress.close()
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 speaks for all ranks
     _show(result, as_json, result_json, render_finetune, console)

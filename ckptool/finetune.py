@@ -83,16 +83,24 @@ class FinetuneResult:
 class Progress(Protocol):
     """What the runner tells its caller; the report layer draws it."""
 
+    def prepare(self, step: str) -> None: ...
+    def data(self, split: DataSplit) -> None: ...
     def start_epoch(self, epoch: int, epochs: int, batches: int) -> None: ...
-    def advance(self, loss: float) -> None: ...
+    def advance(self, loss: float, images: int) -> None: ...
     def end_epoch(self, metrics: EpochMetrics) -> None: ...
 
 
 class _Silent:
+    def prepare(self, step: str) -> None:
+        pass
+
+    def data(self, split: DataSplit) -> None:
+        pass
+
     def start_epoch(self, epoch: int, epochs: int, batches: int) -> None:
         pass
 
-    def advance(self, loss: float) -> None:
+    def advance(self, loss: float, images: int) -> None:
         pass
 
     def end_epoch(self, metrics: EpochMetrics) -> None:
@@ -159,8 +167,12 @@ def finetune(
 
     _check_options(options, weights, strategy)
     _check_out_dir(out_dir, force)
+    progress = progress or _Silent()
+    progress.prepare("read the data")
     split = load_split(data, val_data=val_data, val_split=options.val_split, seed=options.seed)
+    progress.data(split)
     torch.manual_seed(options.seed)
+    progress.prepare("build the model" + (" and adapt the weights" if weights.weights else ""))
     net, log = _build(model, model_args, num_classes or len(split.classes), head, weights)
     summary = freeze_for_training(
         net,
@@ -460,7 +472,7 @@ class _Run:
                 self.scaler.step(optimizer)
                 self.scaler.update()
                 self._agree_on_guard()
-                self.progress.advance(value)
+                self.progress.advance(value, len(labels))
             total_loss += value * len(labels)
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(labels)

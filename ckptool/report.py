@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ckptool.compare import CheckpointDiff
+from ckptool.data import DataSplit
 from ckptool.finetune import EpochMetrics, FinetuneResult
 from ckptool.formats.bounded import visible
 from ckptool.formats.meta import CheckpointMeta
@@ -721,7 +723,9 @@ class ActivityBar:
         return self
 
     def phase(self, name: str, total_bytes: int | None = None) -> None:
-        # Drawn at once: a phase may end before the next timed refresh.
+        # Drawn at once, the last phase's end included: a phase may end before the
+        # next timed refresh.
+        self._progress.refresh()
         self._progress.reset(self._task, description=name, total=total_bytes, refresh=True)
 
     def advance(self, nbytes: int) -> None:
@@ -732,15 +736,41 @@ class ActivityBar:
 
 
 class EpochProgress:
-    """The runner's progress: a rich bar per epoch on a terminal, one line per epoch otherwise."""
+    """The runner's progress: one line per epoch on ``console`` (the report's), and
+    when ``bars`` (stderr) is a terminal, a spinner there naming each preparation
+    step, the data summary, and a transient bar per epoch (batches, loss, images/s)."""
 
-    def __init__(self, console: Console) -> None:
-        self.console = console
+    def __init__(self, console: Console, bars: Console | None = None) -> None:
+        self.lines = console
+        self.console = bars or make_console(stderr=True)
+        self._drawn = bars is not None and bars.is_terminal
+        self._status: Any = None
         self._progress: Any = None
         self._task: Any = None
+        self._images = 0
+        self._started = 0.0
+
+    def prepare(self, step: str) -> None:
+        if not self._drawn:
+            return
+        if self._status is None:
+            self._status = self.console.status(step)
+            self._status.start()
+        else:
+            self._status.update(step)
+
+    def data(self, split: DataSplit) -> None:
+        if self._drawn:
+            self.console.print(data_line(split), markup=False)
+
+    def _end_preparation(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
 
     def start_epoch(self, epoch: int, epochs: int, batches: int) -> None:
-        if not self.console.is_terminal:
+        self._end_preparation()
+        if not self._drawn:
             return
         from rich.progress import (
             BarColumn,
@@ -755,22 +785,42 @@ class EpochProgress:
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[rate]} img/s"),
             TimeElapsedColumn(),
             console=self.console,
             transient=True,
         )
         self._progress.start()
-        self._task = self._progress.add_task("train", total=batches, loss="-")
+        self._task = self._progress.add_task("train", total=batches, loss="-", rate="-")
+        self._images, self._started = 0, time.perf_counter()
 
-    def advance(self, loss: float) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, advance=1, loss=f"{loss:.3f}")
+    def advance(self, loss: float, images: int) -> None:
+        if self._progress is None:
+            return
+        self._images += images
+        rate = self._images / max(time.perf_counter() - self._started, 1e-9)
+        self._progress.update(self._task, advance=1, loss=f"{loss:.3f}", rate=f"{rate:.0f}")
 
     def end_epoch(self, metrics: EpochMetrics) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        self.console.print(_epoch_line(metrics), markup=False)
+        self.lines.print(_epoch_line(metrics), markup=False)
+
+    def close(self) -> None:
+        """Stop whatever is still drawn (a run that failed before its first epoch)."""
+        self._end_preparation()
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def data_line(split: DataSplit) -> str:
+    images = len(split.train) + len(split.val)
+    return (
+        f"data: {len(split.classes)} classes, {images} images "
+        f"(train {len(split.train)}, val {len(split.val)})"
+    )
 
 
 def _epoch_line(m: EpochMetrics) -> str:

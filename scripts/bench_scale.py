@@ -1,0 +1,101 @@
+"""Benchmark: inspect and diff as the tensor count grows (1k, 10k, 100k tensors).
+
+Two naming schemes: MoE-like (`model.layers.L.mlp.experts.E.w1.weight`, deep dotted
+paths, many siblings) and flat (`t123456`, no dots at all). Tensors are tiny (4
+floats), so the cost measured is per tensor, not per byte. Each file is written as
+safetensors and as a torch.save zip; `diff` compares the safetensors file with a copy
+whose last tensor is renamed. Every command runs in a fresh process, REPEATS times;
+prints medians of wall time and peak RSS (wait4) and the cost per tensor.
+
+    python scripts/bench_scale.py [--counts 1000,10000,100000] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_read import run
+
+
+def moe_names(count: int) -> list[str]:
+    names = []
+    layer = 0
+    while len(names) < count:
+        for expert in range(64):
+            for w in ("w1", "w2", "w3"):
+                names.append(f"model.layers.{layer}.mlp.experts.{expert}.{w}.weight")
+        names.append(f"model.layers.{layer}.self_attn.q_proj.weight")
+        layer += 1
+    return names[:count]
+
+
+def flat_names(count: int) -> list[str]:
+    return [f"t{i}" for i in range(count)]
+
+
+def make_files(workdir: str, scheme: str, count: int) -> dict[str, str]:
+    stem = os.path.join(workdir, f"{scheme}{count}")
+    code = (
+        f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+        "import torch, bench_scale\n"
+        "from safetensors.torch import save_file\n"
+        f"names = bench_scale.{scheme}_names({count})\n"
+        "state = {n: torch.full((4,), float(i)) for i, n in enumerate(names)}\n"
+        f"save_file(state, {stem + '.safetensors'!r})\n"
+        f"torch.save(state, {stem + '.pt'!r})\n"
+        "state[names[-1] + '_renamed'] = state.pop(names[-1])\n"
+        f"save_file(state, {stem + '.other.safetensors'!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return {
+        "st": stem + ".safetensors",
+        "pt": stem + ".pt",
+        "other": stem + ".other.safetensors",
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--counts", default="1000,10000,100000")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    counts = [int(c) for c in args.counts.split(",")]
+    workdir = tempfile.mkdtemp(prefix="ckptool-scale-")
+    ck = [sys.executable, "-m", "ckptool"]
+    rows = []
+    try:
+        for scheme in ("moe", "flat"):
+            for count in counts:
+                files = make_files(workdir, scheme, count)
+                commands = {
+                    "inspect .safetensors": [*ck, "inspect", files["st"], "--json"],
+                    "inspect .pt": [*ck, "inspect", files["pt"], "--json"],
+                    "diff .safetensors": [*ck, "diff", files["st"], files["other"], "--json"],
+                }
+                for label, argv in commands.items():
+                    samples = [run(argv)[:2] for _ in range(args.repeats)]
+                    wall = statistics.median(s[0] for s in samples)
+                    rss = statistics.median(s[1] for s in samples)
+                    rows.append((scheme, count, label, wall, rss))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"medians of {args.repeats} fresh processes")
+    print("| names | tensors | command | wall (s) | peak RSS (MiB) | µs per tensor |")
+    print("| --- | ---: | --- | ---: | ---: | ---: |")
+    for scheme, count, label, wall, rss in rows:
+        per_tensor = wall / count * 1e6
+        print(f"| {scheme} | {count:,} | {label} | {wall:.2f} | {rss:.0f} | {per_tensor:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
