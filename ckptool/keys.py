@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ckptool.errors import TransformError
-from ckptool.formats.meta import TensorMeta
+from ckptool.formats.meta import TensorMeta, tied_views
 
 # Prefixes that wrappers add: DataParallel/DDP, torch.compile, Lightning, detection heads.
 KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "net.")
@@ -398,11 +398,7 @@ def _compare(
 def tie_groups(target: Mapping[str, TensorMeta]) -> dict[object, list[str]]:
     """Names of one tensor, by its identity: ``TensorMeta.storage`` marks ties (a model's
     tied parameters, a checkpoint's aliased names). Singletons are left out."""
-    groups: dict[object, list[str]] = {}
-    for name, meta in target.items():
-        if meta.storage is not None:
-            groups.setdefault(meta.view_identity, []).append(name)
-    return {identity: names for identity, names in groups.items() if len(names) > 1}
+    return tied_views(target)
 
 
 def _through_ties(
@@ -809,6 +805,8 @@ class PrefixIndex:
 
     def covering(self, name: str) -> str | None:
         """The prefix that covers ``name`` (the outermost if several), or None."""
+        if not self._below and not self._at:  # asked for every key even with no prefixes
+            return None
         for module in _ancestors(name):
             hit = self._below.get(module) or self._at.get(module)
             if hit is not None:

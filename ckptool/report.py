@@ -16,7 +16,7 @@ from ckptool.compare import CheckpointDiff
 from ckptool.data import DataSplit
 from ckptool.finetune import EpochMetrics, FinetuneResult
 from ckptool.formats.bounded import visible
-from ckptool.formats.meta import CheckpointMeta
+from ckptool.formats.meta import CheckpointMeta, TensorMeta
 from ckptool.freezing import FreezeSummary
 from ckptool.guard import GuardReport
 from ckptool.keys import (
@@ -116,16 +116,18 @@ def inspect_json(meta: CheckpointMeta) -> dict[str, Any]:
         "shared": meta.shared_groups(),
         "opaque": list(meta.opaque),
         "adapter": _adapter_json(meta),
-        "tensors": [
-            {
-                "name": n,
-                "shape": list(t.shape),
-                "dtype": t.dtype,
-                "numel": t.numel,
-                "nbytes": t.nbytes,
-            }
-            for n, t in meta.tensors.items()
-        ],
+        "tensors": [_tensor_json(n, t) for n, t in meta.tensors.items()],
+    }
+
+
+def _tensor_json(name: str, tensor: TensorMeta) -> dict[str, Any]:
+    numel = tensor.numel  # once: a 100k-tensor listing pays for every property call
+    return {
+        "name": name,
+        "shape": list(tensor.shape),
+        "dtype": tensor.dtype,
+        "numel": numel,
+        "nbytes": numel * tensor.itemsize,
     }
 
 

@@ -392,3 +392,36 @@ def test_trainer_output_folder_picks_the_weights(tmp_path: Path) -> None:
     (folder / "pytorch_model.bin").rename(folder / "weights.bin")
     with pytest.raises(CheckpointReadError, match="several checkpoints"):
         read_metadata(folder)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        # a repeated name, compact and with spaces around the colon
+        b'"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+        b'"w" :{"dtype":"F32","shape":[2],"data_offsets":[0,8]}',
+        # a repeated field hidden behind a unicode escape, a space making up the count
+        b'"w":{"dtype":"F32","dt\\u0079pe":"F16","shape" :[2],"data_offsets":[0,8]}',
+        # a repeated field inside the metadata
+        b'"__metadata__":{"a":"1","a":"2"},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}',
+    ],
+)
+def test_safetensors_headers_repeating_a_key_are_refused(tmp_path: Path, entry: bytes) -> None:
+    """The fast key count and the exact hook must agree: safetensors refuses these."""
+    from ckptool.errors import CheckpointReadError
+
+    header = b"{" + entry + b"}"
+    path = tmp_path / "dup.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(CheckpointReadError, match="repeats the key"):
+        read_metadata(path)
+
+
+def test_a_header_with_json_text_in_its_metadata_reads(tmp_path: Path) -> None:
+    """Escaped quotes (ckptool's own aliases metadata) take the exact path and pass."""
+    from safetensors.torch import save_file
+
+    tied = {"a": torch.ones(2), "b": torch.zeros(3)}
+    save_file(tied, tmp_path / "t.safetensors", metadata={"note": json.dumps({"x": "y"})})
+    meta = read_metadata(tmp_path / "t.safetensors")
+    assert list(meta.tensors) == ["a", "b"] and json.loads(meta.metadata["note"]) == {"x": "y"}

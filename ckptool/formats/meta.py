@@ -37,6 +37,21 @@ class Format(str, enum.Enum):
 MAX_EXACT_SPANS = 65536
 
 
+def tied_views(tensors: Mapping[str, TensorMeta]) -> dict[object, list[str]]:
+    """Names that are one tensor (the same view of one storage), by that view; names
+    alone in their view are left out."""
+    by_storage: dict[str, list[str]] = {}
+    for name, tensor in tensors.items():
+        if tensor.storage is not None:
+            by_storage.setdefault(tensor.storage, []).append(name)
+    by_view: dict[object, list[str]] = {}
+    for names in by_storage.values():
+        if len(names) > 1:  # only names sharing a storage can be one tensor
+            for name in names:
+                by_view.setdefault(tensors[name].view_identity, []).append(name)
+    return {view: names for view, names in by_view.items() if len(names) > 1}
+
+
 def union_length(spans: list[tuple[int, int]]) -> int:
     """Bytes covered by the union of [start, end) spans."""
     total, reach = 0, None
@@ -48,7 +63,7 @@ def union_length(spans: list[tuple[int, int]]) -> int:
     return total
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorMeta:
     """Shape, dtype and storage of one tensor, read from a header.
 
@@ -120,6 +135,9 @@ class TensorMeta:
         """
         if self.numel == 0:
             return []
+        if self.stride is None:  # C-contiguous as stored (every safetensors tensor)
+            start = self.storage_offset * self.itemsize
+            return [(start, start + self.nbytes)]
         # Size-1 and stride-0 (broadcast) dims reach no new bytes; innermost first.
         dims = sorted(
             (
@@ -214,14 +232,16 @@ class CheckpointMeta:
         Tensors that view one storage (tied names, or LSTM weights sliced from one flat
         buffer) are counted by the union of the bytes they cover, not by the storage.
         """
-        spans: dict[str, list[tuple[int, int]]] = {}
-        total = 0
+        by_storage: dict[str | None, list[TensorMeta]] = {}
         for tensor in self.tensors.values():
-            if tensor.storage is None:
-                total += tensor.nbytes
+            by_storage.setdefault(tensor.storage, []).append(tensor)
+        total = sum(t.nbytes for t in by_storage.pop(None, []))
+        for views in by_storage.values():
+            if len(views) == 1:  # most storages: no union to take
+                total += sum(end - start for start, end in views[0].occupied_spans())
             else:
-                spans.setdefault(tensor.storage, []).extend(tensor.occupied_spans())
-        return total + sum(union_length(s) for s in spans.values())
+                total += union_length([span for t in views for span in t.occupied_spans()])
+        return total
 
     def shared_groups(self) -> list[list[str]]:
         """Names that are one tensor (tied): the same view of the same storage.
@@ -229,11 +249,7 @@ class CheckpointMeta:
         Different slices of one storage (``flatten_parameters()`` LSTM weights) are
         separate tensors and are not grouped.
         """
-        by_view: dict[tuple[object, ...], list[str]] = {}
-        for name, tensor in self.tensors.items():
-            if tensor.storage is not None:
-                by_view.setdefault(tensor.view_identity, []).append(name)
-        return [names for names in by_view.values() if len(names) > 1]
+        return list(tied_views(self.tensors).values())
 
     def dtype_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

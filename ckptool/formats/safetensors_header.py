@@ -6,7 +6,8 @@ tensors; validation here is what lets later commands stream byte ranges safely.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
+import itertools
 import os
 import re
 import struct
@@ -77,12 +78,7 @@ def read_header(path: str) -> tuple[dict[str, Any], int, int]:
                 f"of {MAX_HEADER_BYTES} bytes"
             )
         raw = f.read(header_len)
-    try:
-        header = parse_json(
-            raw, path=path, what="safetensors header", pairs_hook=_refuse_duplicate_keys
-        )
-    except _DuplicateKeyError as e:
-        raise CheckpointReadError(f"{path}: safetensors header repeats the key {e.key!r}") from e
+    header = _parse_header(path, raw)
     if not isinstance(header, dict):
         raise CheckpointReadError(f"{path}: safetensors header is not a JSON object")
     if len(header) > MAX_TENSORS:
@@ -93,6 +89,53 @@ def read_header(path: str) -> tuple[dict[str, Any], int, int]:
     return header, 8 + header_len, file_size
 
 
+def _parse_header(path: str, raw: bytes) -> Any:
+    """The header as JSON, refusing repeated keys anywhere (json keeps the last silently,
+    which would let one name hide another tensor's bytes; safetensors' own reader
+    refuses them).
+
+    A hook on every JSON object costs more than the parse itself on a 100k-tensor
+    header, so a plain parse comes first and the keys are counted instead. Every key in
+    the text ends in a quote, optional whitespace and a colon, so the text has at most
+    as many keys as such endings (an escaped quote inside a string can only add one);
+    the parsed objects hold the keys less the repeats. Equal counts therefore mean no
+    key repeats; otherwise the exact hook decides.
+    """
+    header = parse_json(raw, path=path, what="safetensors header")
+    if len(_KEY_ENDS.findall(raw)) == _count_keys(header):
+        return header
+    try:
+        return parse_json(
+            raw, path=path, what="safetensors header", pairs_hook=_refuse_duplicate_keys
+        )
+    except _DuplicateKeyError as e:
+        raise CheckpointReadError(f"{path}: safetensors header repeats the key {e.key!r}") from e
+
+
+_KEY_ENDS = re.compile(rb'"[ \t\n\r]*:')
+
+
+def _count_keys(value: Any, depth: int = 0) -> int:
+    """Keys in all the objects of a parsed JSON value (-1 past a sane depth: the exact
+    path decides then)."""
+    if depth > 64:
+        return -1
+    total, children = (len(value), value.values()) if isinstance(value, dict) else (0, value)
+    # Most values (a shape, offsets) hold no containers: checked at C speed.
+    if not any(map(isinstance, children, itertools.repeat(_CONTAINERS))):
+        return total
+    for child in children:
+        if isinstance(child, _CONTAINERS):
+            inner = _count_keys(child, depth + 1)
+            if inner < 0:
+                return -1
+            total += inner
+    return total
+
+
+_CONTAINERS = (dict, list)
+
+
 class _DuplicateKeyError(ValueError):
     def __init__(self, key: str) -> None:
         super().__init__(key)
@@ -100,11 +143,13 @@ class _DuplicateKeyError(ValueError):
 
 
 def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKeyError(key)
-        result[key] = value
+    result = dict(pairs)  # called for every header object: the common case stays in C
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKeyError(key)
+            seen.add(key)
     return result
 
 
@@ -142,34 +187,42 @@ def _parse_entries(
     tensors: dict[str, TensorMeta] = {}
     ranges: list[tuple[int, int, str]] = []
     for name, entry in header.items():
-        tensor, begin, end = _parse_entry(path, name, entry)
+        tensor, begin, end = _parse_entry(path, name, entry, data_start)
         if end > data_len:
             raise CheckpointReadError(
                 f"{path}: tensor {name!r} ends at byte {end} but the data section has "
                 f"{data_len} bytes; the file is truncated"
             )
-        tensors[name] = dataclasses.replace(
-            tensor, file=path, file_offset=data_start + begin, storage_nbytes=end - begin
-        )
+        tensors[name] = tensor
         ranges.append((begin, end, name))
     _check_ranges_cover(path, ranges, data_len)
     # Writers order the header by dtype and size; people read names in natural order.
     return {name: tensors[name] for name in sorted(tensors, key=natural_key)}
 
 
-def natural_key(name: str) -> list[tuple[int, str]]:
-    """'layer10.0' sorts after 'layer2.1': digit runs compare as numbers."""
-    return [(int(part), "") if part.isdigit() else (-1, part) for part in re.split(r"(\d+)", name)]
+def natural_key(name: str) -> list[tuple[tuple[int, str], ...]]:
+    """'layer10.0' sorts after 'layer2.1': digit runs compare as numbers, component by
+    dotted component (components repeat across a model's names, so each is keyed once)."""
+    return [_component_key(part) for part in name.split(".")]
 
 
-def _parse_entry(path: str, name: str, entry: Any) -> tuple[TensorMeta, int, int]:
+@functools.lru_cache(maxsize=1 << 16)
+def _component_key(part: str) -> tuple[tuple[int, str], ...]:
+    pieces = _DIGIT_RUNS.split(part)
+    return tuple((int(p), "") if i % 2 else (-1, p) for i, p in enumerate(pieces))
+
+
+_DIGIT_RUNS = re.compile(r"(\d+)")
+
+
+def _parse_entry(path: str, name: str, entry: Any, data_start: int) -> tuple[TensorMeta, int, int]:
     if not isinstance(entry, dict):
         raise CheckpointReadError(f"{path}: header entry {name!r} is not an object")
     code = entry.get("dtype")
     if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
         raise CheckpointReadError(f"{path}: tensor {name!r} has unknown dtype {code!r}")
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
+    if not isinstance(shape, list) or not all(map(is_count, shape)):
         raise CheckpointReadError(
             f"{path}: tensor {name!r} has invalid shape {shape!r}; expected non-negative ints"
         )
@@ -177,13 +230,20 @@ def _parse_entry(path: str, name: str, entry: Any) -> tuple[TensorMeta, int, int
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(is_count(o) for o in offsets)
+        or not all(map(is_count, offsets))
         or offsets[0] > offsets[1]
     ):
         raise CheckpointReadError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
     dtype = SAFETENSORS_DTYPES[code]
     begin, end = offsets
-    tensor = TensorMeta(shape=tuple(shape), dtype=dtype, storage=f"{path}@{begin}")
+    tensor = TensorMeta(
+        shape=tuple(shape),
+        dtype=dtype,
+        storage=f"{path}@{begin}",
+        file=path,
+        file_offset=data_start + begin,
+        storage_nbytes=end - begin,
+    )
     if end - begin != tensor.numel * DTYPE_SIZES[dtype]:
         raise CheckpointReadError(
             f"{path}: tensor {name!r} spans {end - begin} bytes but shape {tuple(shape)} "
