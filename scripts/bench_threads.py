@@ -1,11 +1,12 @@
 """Benchmark: ``ckptool demo`` alone and beside one busy process, with OpenMP workers
-that sleep between parallel regions (ckptool's default) and that spin (torch's).
+as ckptool chooses (sleep when other processes run at start-up, else spin), always
+sleeping (``OMP_WAIT_POLICY=PASSIVE``) and always spinning (OpenMP's default).
 
 The busy process is a Python loop pinned to nothing: on a 2-core machine it takes one
-core from the demo's two threads. "spinning" runs the same CLI without ckptool's
-``OMP_WAIT_POLICY=PASSIVE`` (the command is invoked through ``cli()`` instead of the
-console script's ``main()``), i.e. what ckptool did before. Each case in a fresh
-process; REPEATS rounds, interleaved; medians of wall time.
+core from the demo's two threads; it starts before the demo. "always spinning" runs
+the same CLI through ``cli()`` instead of the console script's ``main()``, which makes
+the choice. Each case in a fresh process; REPEATS rounds, interleaved; medians of wall
+time.
 
     python scripts/bench_threads.py [--repeats 1]
 """
@@ -44,17 +45,19 @@ def main() -> None:
     args = parser.parse_args()
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     work = tempfile.mkdtemp(prefix="ckptool-bench-threads-")
+    ckptool = [sys.executable, "-m", "ckptool", "demo"]
     cases = {
-        "sleeping workers (ckptool)": [sys.executable, "-m", "ckptool", "demo"],
-        "spinning workers (before)": [sys.executable, "-c", SPINNING],
+        "ckptool's choice (sleep if others run)": (ckptool, env),
+        "always sleeping": (ckptool, {**env, "OMP_WAIT_POLICY": "PASSIVE"}),
+        "always spinning (OpenMP's default)": ([sys.executable, "-c", SPINNING], env),
     }
     times: dict[tuple[str, bool], list[float]] = {}
     for _ in range(args.repeats):
         for busy in (False, True):
-            for name, argv in cases.items():
+            for name, (argv, case_env) in cases.items():
                 out = os.path.join(work, "demo")
                 shutil.rmtree(out, ignore_errors=True)
-                times.setdefault((name, busy), []).append(timed([*argv, out], env, busy))
+                times.setdefault((name, busy), []).append(timed([*argv, out], case_env, busy))
     print(f"{os.cpu_count()} CPUs; medians of {args.repeats}")
     print("| workers | alone (s) | beside a busy process (s) | busy / alone |")
     print("| --- | ---: | ---: | ---: |")

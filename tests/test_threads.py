@@ -70,3 +70,51 @@ def test_threads_flag_reaches_torch(run_cli, tmp_path: Path) -> None:
         assert bad.exit_code == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("running", "policy"), [("1", None), ("2", "PASSIVE"), ("5", "PASSIVE"), (None, None)]
+)
+def test_workers_sleep_only_when_others_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, running: str | None, policy: str | None
+) -> None:
+    """procs_running counts this process too: 1 means the machine is ours (spin, the
+    faster), more means another process wants the cores (sleep). No /proc: spin."""
+    stat = tmp_path / "stat"
+    if running is not None:
+        stat.write_text(f"cpu  1 2 3 4\nprocs_running {running}\nprocs_blocked 0\n")
+    monkeypatch.setattr(threads, "PROC_STAT", str(stat))
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    threads.prefer_sleeping_workers()
+    assert threads.os.environ.get("OMP_WAIT_POLICY") == policy
+
+
+def test_a_wait_policy_the_user_set_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text("procs_running 4\n")
+    monkeypatch.setattr(threads, "PROC_STAT", str(stat))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    threads.prefer_sleeping_workers()
+    assert threads.os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_a_real_busy_process_makes_workers_sleep() -> None:
+    import subprocess
+    import sys
+
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        code = (
+            "import os; from ckptool.threads import prefer_sleeping_workers; "
+            "prefer_sleeping_workers(); print(os.environ.get('OMP_WAIT_POLICY'))"
+        )
+        env = {k: v for k, v in threads.os.environ.items() if k != "OMP_WAIT_POLICY"}
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+        )
+    finally:
+        hog.kill()
+        hog.wait()
+    assert done.stdout.strip() == "PASSIVE", done.stderr
