@@ -42,11 +42,16 @@ _EXIT_CODES: tuple[tuple[type[CkptError], int], ...] = (
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _fail(message: str, code: int) -> NoReturn:
+def _fail(message: str, code: int, *, as_json: bool = False) -> NoReturn:
+    """One line on stderr and the exit code; with --json also the documented error
+    document on stdout, so a script parsing stdout never meets an empty one."""
     # Imported here: the formats package is not needed for --help.
     from ckptool.formats.bounded import visible
 
-    click.echo(f"ckptool: error: {visible(message, one_line=True)}", err=True)
+    line = visible(message, one_line=True)
+    if as_json:
+        click.echo(json.dumps({"error": line, "exit_code": code}))
+    click.echo(f"ckptool: error: {line}", err=True)
     sys.exit(code)
 
 
@@ -73,14 +78,15 @@ def handle_errors(command: F) -> F:
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
         try:
             return command(*args, **kwargs)
         except CkptError as e:
-            _fail(str(e).splitlines()[0], exit_code_for(e))
+            _fail(str(e).splitlines()[0], exit_code_for(e), as_json=as_json)
         except MemoryError:
-            _fail("out of memory while reading the input", EXIT_UNREADABLE)
+            _fail("out of memory while reading the input", EXIT_UNREADABLE, as_json=as_json)
         except KeyboardInterrupt:
-            _fail(_interrupted_message(), EXIT_INTERRUPTED)
+            _fail(_interrupted_message(), EXIT_INTERRUPTED, as_json=as_json)
 
     return wrapper  # type: ignore[return-value]
 
@@ -193,7 +199,36 @@ def _show(
     render(result, console or make_console())
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# click 8.2 signals "no arguments: show the help" as a usage error of its own.
+_NO_ARGS_IS_HELP: type[click.UsageError] = getattr(
+    click.exceptions, "NoArgsIsHelpError", type("_Never", (click.UsageError,), {})
+)
+
+
+class _OneLineErrors(click.Group):
+    """click's own usage errors (an unknown option, a bad choice) in ckptool's voice:
+    one line and exit 2 instead of click's three lines, and the --json error document."""
+
+    def main(self, args: Sequence[str] | None = None, *posargs: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        argv = list(args) if args is not None else sys.argv[1:]
+        try:
+            return super().main(argv, *posargs, **kwargs)
+        except _NO_ARGS_IS_HELP as e:  # a bare `ckptool`: the help, as click shows it
+            click.echo(e.format_message())
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            where = e.ctx.info_name if e.ctx is not None and e.ctx.parent is not None else ""
+            hint = f" (ckptool {where} --help lists the options)" if where else ""
+            _fail(e.format_message() + hint, EXIT_USAGE, as_json="--json" in argv)
+        except click.Abort:
+            _fail("aborted; nothing was written", EXIT_INTERRUPTED, as_json="--json" in argv)
+
+
+@click.group(
+    cls=_OneLineErrors,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="ckptool")
 def cli() -> None:
     """Inspect, diff, adapt and fine-tune PyTorch checkpoints; no pickle is ever executed."""
@@ -305,7 +340,13 @@ threads_option = click.option(
     help="Sample shape for the synthetic batch (default: inferred).",
 )
 @click.option("--key", metavar="PATH", help="Tensor dict inside CHECKPOINT.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the synthetic batch and the training step.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @handle_errors
 def check(
@@ -374,21 +415,47 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 @transform_options
 @click.option("--auto", is_flag=True, help="Apply the whole suggested fix to --weights.")
 @click.option(
-    "--on-mismatch", type=click.Choice(["error", "drop"]), default="error", show_default=True
+    "--on-mismatch",
+    type=click.Choice(["error", "drop"]),
+    default="error",
+    show_default=True,
+    help="Shape mismatches left after the transforms: fail, or train those from scratch.",
 )
 @click.option("--key", metavar="PATH", help="Tensor dict inside --weights.")
 @freeze_options
-@click.option("--epochs", type=int, default=5, show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=0.01, show_default=True)
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option(
+    "--epochs", type=int, default=5, show_default=True, help="Passes over the training images."
+)
+@click.option(
+    "--batch-size", type=int, default=32, show_default=True, help="Images per optimizer step."
+)
+@click.option("--lr", type=float, default=0.01, show_default=True, help="Learning rate.")
+@click.option(
+    "--optimizer",
+    type=click.Choice(["sgd", "adamw"]),
+    default="sgd",
+    show_default=True,
+    help="sgd (with --momentum) or adamw.",
+)
+@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
+@click.option(
+    "--weight-decay",
+    type=float,
+    default=1e-4,
+    show_default=True,
+    help="Weight decay (never applied to frozen tensors).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--amp", is_flag=True, help="Mixed precision (bf16 on CPU, fp16 on CUDA).")
 @click.option("--val-split", type=float, default=0.4, show_default=True, help="Seeded, stratified.")
 @click.option("--val-data", metavar="DIR|LIST", help="Validation data instead of a split.")
-@click.option("--image-size", type=int, default=224, show_default=True)
+@click.option(
+    "--image-size",
+    type=int,
+    default=224,
+    show_default=True,
+    help="Images are resized to this square side.",
+)
 @click.option(
     "--no-augment", is_flag=True, help="No flips or crop jitter (lets linear cache features)."
 )
@@ -397,7 +464,13 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     is_flag=True,
     help="With linear and --no-augment: run the backbone every epoch.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of the split, the shuffling and the new head.",
+)
 @click.option(
     "--workers", type=int, default=0, show_default=True, help="DataLoader worker processes."
 )
@@ -481,7 +554,7 @@ def finetune(
 
 @cli.command()
 @click.argument("folder", required=False, type=click.Path(), default="ckptool-demo")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training run.")
 @threads_option
 @handle_errors
 def demo(folder: str, seed: int, threads: int | None) -> None:

@@ -50,9 +50,12 @@ class _SafeConsole(Console):
 
 def make_console(*, stderr: bool = False) -> Console:
     """A console that is plain text when piped or when NO_COLOR is set."""
+    plain = bool(os.environ.get("NO_COLOR"))
     return _SafeConsole(
         file=sys.stderr if stderr else sys.stdout,
-        no_color=bool(os.environ.get("NO_COLOR")),
+        no_color=plain,
+        # rich's no_color drops colours only; no colour system drops bold and italic too.
+        color_system=None if plain else "auto",
         highlight=False,
         markup=False,
         emoji=False,

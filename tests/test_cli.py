@@ -208,3 +208,62 @@ def test_model_flags_against_a_target_checkpoint_are_refused(
 ) -> None:
     result = run_cli("diff", dataparallel_resnet18, dataparallel_resnet18, "--num-classes", "5")
     assert result.exit_code == 2 and "apply to --model SPEC" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("inspect", "x.pt", "--bogus"), "No such option '--bogus'"),
+        (("convert", "x.pt", "-o", "y.safetensors", "--dtype", "float7"), "'float7' is not one of"),
+        (("adapt",), "Missing argument 'SOURCE'"),
+        (("frobnicate",), "No such command 'frobnicate'"),
+    ],
+)
+def test_click_usage_errors_are_one_line(run_cli, args: tuple[str, ...], message: str) -> None:
+    """As every other error: one line, exit 2, where to look; never click's three lines."""
+    result = run_cli(*args)
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("ckptool: error: ") and message in lines[0], lines
+    if args[0] != "frobnicate":
+        assert f"ckptool {args[0]} --help" in lines[0]
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (("inspect", "{missing}", "--json"), 3),
+        (("inspect", "{missing}", "--json", "--bogus"), 2),
+        (("convert", "{missing}", "-o", "{out}", "--json"), 3),
+    ],
+)
+def test_json_runs_that_fail_print_the_error_document(
+    run_cli, tmp_path: Path, args: tuple[str, ...], code: int
+) -> None:
+    paths = {"missing": tmp_path / "missing.pt", "out": tmp_path / "out.safetensors"}
+    result = run_cli(*(a.format(**paths) for a in args))
+    assert result.exit_code == code
+    document = json.loads(result.stdout)
+    assert document["exit_code"] == code and document["error"], document
+    assert result.stderr.startswith("ckptool: error: ")
+    assert document["error"] in result.stderr
+
+
+def test_bare_ckptool_shows_the_help(run_cli) -> None:
+    result = run_cli()
+    assert "Commands:" in result.stdout and "inspect" in result.stdout
+
+
+def test_every_option_says_what_it_does() -> None:
+    import click
+
+    from ckptool.cli import cli
+
+    silent = [
+        f"{name} {param.opts[0]}"
+        for name, command in cli.commands.items()
+        for param in command.params
+        if isinstance(param, click.Option) and not param.help
+    ]
+    assert silent == []

@@ -101,3 +101,26 @@ def test_finetune_shows_the_data_and_a_bar_with_images_per_second(
     assert "epoch 1:" in stdout and "epoch 2:" in stdout  # the epoch lines: the report
     piped = _run([*args, "--force"], stderr_tty=False)
     assert piped[0] == 0 and piped[2].strip() == "", piped[2]
+
+
+def test_no_color_on_a_terminal_means_no_styling(source: Path) -> None:
+    """NO_COLOR: tables keep their layout but lose bold and colour (headers included)."""
+    leader, follower = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "NO_COLOR": "1", "COLUMNS": "160"}
+    command = [sys.executable, "-m", "ckptool", "inspect", str(source)]
+    child = subprocess.Popen(command, stdout=follower, stderr=follower, env=env)
+    os.close(follower)
+    seen = bytearray()
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert child.wait(timeout=60) == 0
+    text = seen.decode(errors="replace")
+    assert "layer0.weight" in text or "layer{0..7}" in text, text
+    assert "\x1b[1m" not in text and "\x1b[3" not in text, repr(text[:400])
