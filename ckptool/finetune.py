@@ -171,6 +171,7 @@ def finetune(
     progress.prepare("read the data")
     split = load_split(data, val_data=val_data, val_split=options.val_split, seed=options.seed)
     progress.data(split)
+    _check_num_classes(num_classes, split, data)
     torch.manual_seed(options.seed)
     progress.prepare("build the model" + (" and adapt the weights" if weights.weights else ""))
     net, log = _build(model, model_args, num_classes or len(split.classes), head, weights)
@@ -212,6 +213,17 @@ def finetune(
         return result
     finally:
         shutdown(context)
+
+
+def _check_num_classes(num_classes: int | None, split: DataSplit, data: str) -> None:
+    """A head with fewer outputs than the data has classes fails on the first label it
+    cannot score; one with more trains outputs no image ever asks for."""
+    if num_classes is not None and num_classes != len(split.classes):
+        raise UsageError(
+            f"--num-classes {num_classes}, but {data} has {len(split.classes)} classes "
+            f"({', '.join(split.classes[:6])}{', ...' if len(split.classes) > 6 else ''}); "
+            "leave --num-classes out to take it from the data"
+        )
 
 
 @dataclass(frozen=True)

@@ -318,3 +318,15 @@ def test_full_disk_while_writing_leaves_no_outdir(
     result = run_finetune(run_cli, setup)
     assert result.exit_code == 5 and "no space left" in result.stderr, result.stderr
     assert not setup["out"].exists()
+
+
+@pytest.mark.parametrize("count", ["2", "5"])
+def test_num_classes_that_disagree_with_the_data_are_refused(
+    run_cli, setup: dict[str, Path], count: str
+) -> None:
+    """Fewer ended in an IndexError on the first unscorable label; more went unnoticed."""
+    result = run_finetune(run_cli, setup, "--num-classes", count)
+    assert result.exit_code == 2, result.output
+    assert f"--num-classes {count}, but" in result.stderr and "has 3 classes" in result.stderr
+    assert not setup["out"].exists()
+    assert run_finetune(run_cli, setup, "--num-classes", "3", "--epochs", "1").exit_code == 0
