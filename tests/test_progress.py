@@ -29,6 +29,14 @@ def _run(args: list[str | Path], *, stderr_tty: bool) -> tuple[int, str, str]:
     leader, follower = pty.openpty()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=follower, env=env)
     os.close(follower)
+    seen = _read_terminal(leader)
+    assert child.stdout is not None
+    stdout = child.stdout.read().decode()
+    return child.wait(timeout=300), stdout, ANSI.sub("\n", seen)
+
+
+def _read_terminal(leader: int) -> str:
+    """Everything the child wrote to the terminal, until it closes it."""
     seen = bytearray()
     while True:
         try:
@@ -39,9 +47,7 @@ def _run(args: list[str | Path], *, stderr_tty: bool) -> tuple[int, str, str]:
             break
         seen += chunk
     os.close(leader)
-    assert child.stdout is not None
-    stdout = child.stdout.read().decode()
-    return child.wait(timeout=300), stdout, ANSI.sub("\n", seen.decode(errors="replace"))
+    return seen.decode(errors="replace")
 
 
 @pytest.fixture
@@ -110,17 +116,7 @@ def test_no_color_on_a_terminal_means_no_styling(source: Path) -> None:
     command = [sys.executable, "-m", "ckptool", "inspect", str(source)]
     child = subprocess.Popen(command, stdout=follower, stderr=follower, env=env)
     os.close(follower)
-    seen = bytearray()
-    while True:
-        try:
-            chunk = os.read(leader, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        seen += chunk
-    os.close(leader)
+    text = _read_terminal(leader)
     assert child.wait(timeout=60) == 0
-    text = seen.decode(errors="replace")
     assert "layer0.weight" in text or "layer{0..7}" in text, text
     assert "\x1b[1m" not in text and "\x1b[3" not in text, repr(text[:400])
