@@ -518,8 +518,8 @@ def finetune(
     from ckptool.guard import FrozenParameterError
     from ckptool.report import guard_lines
 
-    # Bars go to stderr, never with --json; the epoch lines go with the report.
-    progress = EpochProgress(console, bars=None if as_json else make_console(stderr=True))
+    # Progress goes to stderr on a terminal, never with --json; the report to stdout.
+    progress = EpochProgress(None if as_json else make_console(stderr=True))
     try:
         result = run_finetune(
             model,

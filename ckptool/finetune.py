@@ -29,7 +29,13 @@ from ckptool.distributed import (
 )
 from ckptool.errors import OutputError, UsageError
 from ckptool.formats.write import atomic_output, committed_outputs, forget_committed
-from ckptool.freezing import FreezeSummary, freeze_for_training, hold_frozen
+from ckptool.freezing import (
+    FreezeSummary,
+    Strategy,
+    chosen_strategy,
+    freeze_for_training,
+    hold_frozen,
+)
 from ckptool.guard import FreezeGuard, FrozenParameterError, GuardReport, violation_error
 from ckptool.keys import Transforms
 from ckptool.surgery import SurgeryLog, adapt_into
@@ -204,6 +210,7 @@ def finetune(
         ),
     )
     device = _device(options.device)
+    prepared.config["device"] = device.type  # "auto" as it resolved
     context = from_environment(device.type)
     try:
         result, final = _train(prepared, options, device, head, progress, context)
@@ -629,12 +636,21 @@ def _config(
         "val_data": val_data,
         "weights": weights.weights,
         "transforms": weights.transforms.flags(),
-        "strategy": strategy,
+        "strategy": _value(chosen_strategy(strategy, train, freeze_names)),
         "train": list(train or []),
         "freeze": list(freeze_names or []),
         "freeze_until": freeze_until,
-        **asdict(options),
+        # What was asked for; report.json's top-level cached_features says what ran.
+        **_renamed(asdict(options), cache_features="feature_cache_allowed"),
     }
+
+
+def _value(strategy: Strategy | None) -> str | None:
+    return strategy.value if strategy is not None else None
+
+
+def _renamed(fields: dict[str, Any], **names: str) -> dict[str, Any]:
+    return {names.get(key, key): value for key, value in fields.items()}
 
 
 def _write_outputs(
@@ -658,6 +674,9 @@ def _write_outputs(
             "ckptool.model": model,
             "ckptool.weights": os.path.basename(weights.weights or ""),
             "ckptool.classes": json.dumps(list(result.classes)),
+            # Enough to build the model these weights fit: the head size and arguments.
+            "ckptool.num_classes": str(result.config["num_classes"]),
+            "ckptool.model_args": json.dumps(result.config["model_args"]),
         }
         save_state_dict(state, model_path, force=True, metadata=metadata)
         curves = _write_curves(out_dir, result.epochs)

@@ -173,16 +173,26 @@ def freeze_for_training(
     head: str | None = None,
 ) -> FreezeSummary:
     """:func:`freeze` with transfer learning's default: ``linear`` when nothing is chosen."""
-    if strategy is None and train is None and freeze_names is None:
-        strategy = Strategy.LINEAR
     return freeze(
         model,
         train=train,
         freeze=freeze_names,
-        strategy=strategy,
+        strategy=chosen_strategy(strategy, train, freeze_names),
         freeze_until=freeze_until,
         head=head,
     )
+
+
+def chosen_strategy(
+    strategy: Strategy | str | None,
+    train: Sequence[str] | None,
+    freeze_names: Sequence[str] | None,
+) -> Strategy | None:
+    """The strategy a fine-tune runs: the one asked for, ``linear`` when nothing was
+    chosen, None when explicit --train/--freeze names decide."""
+    if strategy is not None:
+        return Strategy(strategy)
+    return Strategy.LINEAR if train is None and freeze_names is None else None
 
 
 def _trainable_names(

@@ -104,6 +104,18 @@ class Violation:
     def advice(self) -> str:
         return _ADVICE[self.cause]
 
+    def describe(self) -> str:
+        """One line: which tensor, when, how much, why, and what to do."""
+        delta = (
+            f", {self.changed:,} values changed, max |delta| {self.max_abs:.3g}"
+            if self.changed is not None and self.max_abs is not None
+            else ""
+        )
+        return (
+            f"changed {self.kind} {' = '.join(self.names)} at step {self.step}{delta}: "
+            f"{self.cause.value}: {self.advice}"
+        )
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -128,6 +140,18 @@ class GuardReport:
     @property
     def ok(self) -> bool:
         return not self.violations
+
+    def headline(self) -> str:
+        """The verdict and what was watched, in one line."""
+        watched = (
+            f"{self.parameters_watched} frozen parameters and {self.buffers_watched} buffers "
+            f"({self.elements_watched:,} values) over {self.steps_checked} steps"
+        )
+        return f"guard: {'ok' if self.ok else 'VIOLATED'}: {watched}"
+
+    def __str__(self) -> str:
+        # print(guard.report()) in a notebook or a log: the verdict, not a dataclass repr.
+        return "\n".join([self.headline(), *(f"  {v.describe()}" for v in self.violations)])
 
 
 class FrozenParameterError(CkptError):

@@ -601,21 +601,8 @@ def guard_json(report: GuardReport) -> dict[str, Any]:
 
 def guard_lines(report: GuardReport) -> list[str]:
     """The guard's verdict, each violation with its cause, and the findings."""
-    watched = (
-        f"{report.parameters_watched} frozen parameters and {report.buffers_watched} buffers "
-        f"({report.elements_watched:,} values) over {report.steps_checked} steps"
-    )
-    lines = [f"guard: {'ok' if report.ok else 'VIOLATED'}: {watched}"]
-    for v in report.violations[:MAX_LABELS]:
-        delta = (
-            f", {v.changed:,} values changed, max |delta| {v.max_abs:.3g}"
-            if v.changed is not None and v.max_abs is not None
-            else ""
-        )
-        lines.append(
-            f"  changed {v.kind} {' = '.join(v.names)} at step {v.step}{delta}: "
-            f"{v.cause.value}: {v.advice}"
-        )
+    lines = [report.headline()]
+    lines += [f"  {v.describe()}" for v in report.violations[:MAX_LABELS]]
     if len(report.violations) > MAX_LABELS:
         lines.append(f"  ... and {len(report.violations) - MAX_LABELS} more changed tensors")
     for f in report.findings:
@@ -741,13 +728,13 @@ class ActivityBar:
 
 
 class EpochProgress:
-    """The runner's progress: one line per epoch on ``console`` (the report's), and
-    when ``bars`` (stderr) is a terminal, a spinner there naming each preparation
-    step, the data summary, and a transient bar per epoch (batches, loss, images/s)."""
+    """The runner's progress on ``bars`` (stderr) when it is a terminal: a spinner
+    naming each preparation step, the data summary, a transient bar per epoch (batches,
+    loss, images/s) and a line when each epoch ends. Nothing otherwise: piped, the
+    final report's epoch table is the only account of the epochs."""
 
-    def __init__(self, console: Console, bars: Console | None = None) -> None:
-        self.lines = console
-        self.console = bars or make_console(stderr=True)
+    def __init__(self, bars: Console | None) -> None:
+        self.console = bars if bars is not None else make_console(stderr=True)
         self._drawn = bars is not None and bars.is_terminal
         self._status: Any = None
         self._progress: Any = None
@@ -810,7 +797,8 @@ class EpochProgress:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        self.lines.print(_epoch_line(metrics), markup=False)
+        if self._drawn:
+            self.console.print(_epoch_line(metrics), markup=False)
 
     def close(self) -> None:
         """Stop whatever is still drawn (a run that failed before its first epoch)."""

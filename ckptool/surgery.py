@@ -864,8 +864,6 @@ def merge(
         else:
             origin = _take_origins(metas, take)
             log = _replace(_merge_log(metas, out, fmt_out, dry_run), taken=origin)
-            if dry_run:
-                return log
             plan = [_planned(sources[i], name, cast) for name, i in origin.items()]
         if dry_run:
             return log
@@ -951,18 +949,24 @@ def _check_same_keys(metas: Sequence[CheckpointMeta]) -> None:
 
 
 def _plan_average(sources: Sequence[SourceBytes], cast: Cast) -> list[OutTensor]:
-    import torch
-
+    """The averaged tensors as bytes made when written, one tensor at a time: planning
+    (and a dry run) averages nothing, and memory holds one tensor's inputs at a time."""
     plan = []
     for name, meta in sources[0].meta.tensors.items():
         if meta.dtype not in FLOATING:
             plan.append(_planned(sources[0], name, cast))
             continue
-        total = torch.zeros(meta.shape, dtype=torch.float64)
-        for source in sources:
-            total += source.tensor(name).to(torch.float64)
         out_dtype = cast.target(name, meta.dtype)
-        plan.append(
-            OutTensor(name, out_dtype, meta.shape, tensor_bytes(total / len(sources), out_dtype))
-        )
+        length = meta.numel * DTYPE_SIZES[out_dtype]
+        average = functools.partial(_averaged, sources, name, out_dtype)
+        plan.append(OutTensor(name, out_dtype, meta.shape, ComputedBytes(length, average)))
     return plan
+
+
+def _averaged(sources: Sequence[SourceBytes], name: str, dtype: str) -> memoryview:
+    import torch
+
+    total = torch.zeros(sources[0].meta.tensors[name].shape, dtype=torch.float64)
+    for source in sources:
+        total += source.alone(name).to(torch.float64)
+    return tensor_buffer(total / len(sources), dtype)

@@ -62,11 +62,14 @@ def _compare_pair(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorChange |
     a64, b64 = _as_float64(a), _as_float64(b)
     delta = (a64 - b64).abs()
     differs = (_bits(a) != _bits(b)) if a.dtype == b.dtype else (a64 != b64)
+    count = int(differs.sum())
+    if count == 0:  # only the dtype differs (the key diff lists that): the values agree
+        return None
     norm = float(torch.linalg.vector_norm(a64)) if a.numel() else 0.0
     change = float(torch.linalg.vector_norm(a64 - b64)) if a.numel() else 0.0
     return TensorChange(
         key=name,
-        changed=int(differs.sum()),
+        changed=count,
         numel=a.numel(),
         max_abs=float(delta.max()) if a.numel() else 0.0,
         rel_l2=change / norm if norm else change,

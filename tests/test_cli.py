@@ -267,3 +267,15 @@ def test_every_option_says_what_it_does() -> None:
         if isinstance(param, click.Option) and not param.help
     ]
     assert silent == []
+
+
+def test_values_do_not_count_a_dtype_change_that_keeps_every_value(
+    run_cli, write_checkpoint: WriteCheckpoint
+) -> None:
+    exact = torch.tensor([1.0, 2.0, -0.5])
+    a = write_checkpoint({"w": exact, "v": torch.tensor([0.1, 1.0])}, "a.pt")
+    b = write_checkpoint({"w": exact.half(), "v": torch.tensor([0.1, 1.0]).half()}, "b.pt")
+    doc = json.loads(run_cli("diff", a, b, "--values", "--json").stdout)
+    # w: float16 holds every value exactly; v: 0.1 rounds in float16, 1.0 does not.
+    assert doc["values"]["unchanged"] == ["w"], doc["values"]
+    assert [(c["key"], c["changed"]) for c in doc["values"]["changed"]] == [("v", 1)]

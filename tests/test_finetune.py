@@ -161,7 +161,10 @@ def test_list_files_and_val_data(run_cli, setup: dict[str, Path], tmp_path: Path
 def test_human_output_shows_curves_guard_and_what_moved(run_cli, setup: dict[str, Path]) -> None:
     result = run_finetune(run_cli, setup)
     assert result.exit_code == 0, result.stderr
-    assert "epoch 3: train loss" in result.stdout and "train loss " in result.stdout
+    assert "train loss " in result.stdout and "val acc" in result.stdout  # the epoch table
+    # Piped, each epoch is told once: in the final table, not also as a live line.
+    assert "epoch 3: train loss" not in result.output
+    assert "img/s" in result.stdout
     assert "guard: ok: " in result.stdout and "  moved      fc" in result.stdout
     assert "frozen tensors bit-identical; wrote" in result.stdout
 
@@ -330,3 +333,20 @@ def test_num_classes_that_disagree_with_the_data_are_refused(
     assert f"--num-classes {count}, but" in result.stderr and "has 3 classes" in result.stderr
     assert not setup["out"].exists()
     assert run_finetune(run_cli, setup, "--num-classes", "3", "--epochs", "1").exit_code == 0
+
+
+def test_report_json_says_what_ran(run_cli, setup: dict[str, Path]) -> None:
+    """The default strategy by name, the device "auto" became, the feature cache as
+    asked (config) apart from as it ran (top level); provenance enough to rebuild."""
+    from safetensors import safe_open
+
+    result = run_finetune(run_cli, setup, "--epochs", "1", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    config = report["config"]
+    assert config["strategy"] == "linear" and config["device"] == "cpu"
+    assert "cache_features" not in config and config["feature_cache_allowed"] is True
+    assert isinstance(report["cached_features"], bool)
+    with safe_open(setup["out"] / "model.safetensors", "pt") as f:
+        metadata = f.metadata()
+    assert metadata["ckptool.num_classes"] == "3" and metadata["ckptool.model_args"] == "[]"

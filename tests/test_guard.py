@@ -212,6 +212,10 @@ def test_warn_mode_reports_and_continues() -> None:
         train_steps(model, optimizer, steps=3)
     report = guard.report()
     assert report.steps_checked == 3 and {v.step for v in report.violations} == {1, 2, 3}
+    # Printed, the report reads as the CLI's verdict, not a dataclass repr.
+    text = str(report)
+    assert text.startswith("guard: VIOLATED: ") and "GuardReport(" not in text
+    assert text.count("\n  changed buffer ") == len(report.violations), text
 
 
 def test_findings_before_the_step() -> None:

@@ -467,6 +467,23 @@ def test_merge_average(write_checkpoint: WriteCheckpoint, tmp_path: Path) -> Non
     assert "conv.weight" in log.averaged
 
 
+def test_merge_average_dry_run_averages_nothing(
+    write_checkpoint: WriteCheckpoint, tmp_path: Path, monkeypatch
+) -> None:
+    """A dry run reports; the averaging happens tensor by tensor only while writing."""
+    from ckptool import surgery
+
+    paths = [write_checkpoint(seeded_state(ConvBN), f"s{i}.pt") for i in range(2)]
+
+    def no_work(*args: object) -> None:
+        raise AssertionError("averaged during a dry run")
+
+    monkeypatch.setattr(surgery, "_averaged", no_work)
+    log = merge([str(p) for p in paths], str(tmp_path / "soup.pt"), average=True, dry_run=True)
+    assert log.dry_run and "conv.weight" in log.averaged
+    assert not (tmp_path / "soup.pt").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
