@@ -40,6 +40,10 @@ MAX_ROWS = 40
 MAX_FIX_FLAGS = 40
 
 
+# Columns of piped output: wide enough for a table of folded names without breaking one.
+PIPED_WIDTH = 240
+
+
 class _SafeConsole(Console):
     """Renders every string as plain text: names and paths come from untrusted files, so
     neither rich markup (``[/b]``) nor control characters in them may take effect."""
@@ -51,8 +55,12 @@ class _SafeConsole(Console):
 def make_console(*, stderr: bool = False) -> Console:
     """A console that is plain text when piped or when NO_COLOR is set."""
     plain = bool(os.environ.get("NO_COLOR"))
+    stream = sys.stderr if stderr else sys.stdout
     return _SafeConsole(
-        file=sys.stderr if stderr else sys.stdout,
+        file=stream,
+        # Piped (a CI log, grep), rich would assume 80 columns and fold key names
+        # mid-identifier; a wide page keeps every name whole. COLUMNS still decides.
+        width=None if stream.isatty() or os.environ.get("COLUMNS") else PIPED_WIDTH,
         no_color=plain,
         # rich's no_color drops colours only; no colour system drops bold and italic too.
         color_system=None if plain else "auto",

@@ -279,3 +279,25 @@ def test_values_do_not_count_a_dtype_change_that_keeps_every_value(
     # w: float16 holds every value exactly; v: 0.1 rounds in float16, 1.0 does not.
     assert doc["values"]["unchanged"] == ["w"], doc["values"]
     assert [(c["key"], c["changed"]) for c in doc["values"]["changed"]] == [("v", 1)]
+
+
+MODEL_FLAGS = ("--model", "torchvision:resnet18")
+
+
+def test_piped_tables_never_split_a_name(dataparallel_resnet18: Path) -> None:
+    """A CI log or grep sees whole names: piped output is not cut at 80 columns."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    done = subprocess.run(
+        [sys.executable, "-m", "ckptool", "diff", dataparallel_resnet18, *MODEL_FLAGS],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "module.bn1.{weight,bias,running_mean,running_var,num_batches_tracked}" in done.stdout
+    assert "bn1.{weight,bias,running_mean,running_var,num_batches_tracked}" in done.stdout
