@@ -19,6 +19,14 @@ import click
 
 from ckptool import activity
 from ckptool._version import __version__
+from ckptool.choices import (
+    CastDtype,
+    MismatchPolicy,
+    Optimizer,
+    OutputFormat,
+    Strategy,
+    values,
+)
 from ckptool.errors import (
     CheckpointReadError,
     CkptError,
@@ -154,7 +162,7 @@ def freeze_options(command: F) -> F:
     options = [
         click.option(
             "--strategy",
-            type=click.Choice(["linear", "partial", "full", "scratch"]),
+            type=click.Choice(values(Strategy)),
             help="Transfer-learning scenario (default: linear, only the head trains).",
         ),
         click.option(
@@ -416,8 +424,8 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 @click.option("--auto", is_flag=True, help="Apply the whole suggested fix to --weights.")
 @click.option(
     "--on-mismatch",
-    type=click.Choice(["error", "drop"]),
-    default="error",
+    type=click.Choice(values(MismatchPolicy)),
+    default=MismatchPolicy.ERROR.value,
     show_default=True,
     help="Shape mismatches left after the transforms: fail, or train those from scratch.",
 )
@@ -432,8 +440,8 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 @click.option("--lr", type=float, default=0.01, show_default=True, help="Learning rate.")
 @click.option(
     "--optimizer",
-    type=click.Choice(["sgd", "adamw"]),
-    default="sgd",
+    type=click.Choice(values(Optimizer)),
+    default=Optimizer.SGD.value,
     show_default=True,
     help="sgd (with --momentum) or adamw.",
 )
@@ -582,7 +590,7 @@ def demo(folder: str, seed: int, threads: int | None) -> None:
             )
 
 
-DTYPES = click.Choice(["float32", "float16", "bfloat16", "float64"])
+DTYPES = click.Choice(values(CastDtype))
 
 
 def output_options(command: F) -> F:
@@ -592,7 +600,7 @@ def output_options(command: F) -> F:
         click.option(
             "--format",
             "fmt",
-            type=click.Choice(["safetensors", "pt"]),
+            type=click.Choice(values(OutputFormat)),
             help="Output format (default: from OUT's suffix).",
         ),
         click.option("--dtype", type=DTYPES, help="Cast floating tensors to this dtype."),
@@ -643,8 +651,8 @@ def _emit_surgery(log: Any, as_json: bool) -> None:
 @transform_options
 @click.option(
     "--on-mismatch",
-    type=click.Choice(["error", "drop"]),
-    default="error",
+    type=click.Choice(values(MismatchPolicy)),
+    default=MismatchPolicy.ERROR.value,
     show_default=True,
     help="Shape mismatches left after the transforms: fail, or fill from the model's init.",
 )

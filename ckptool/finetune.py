@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ckptool._version import __version__
+from ckptool.choices import Optimizer, Strategy
 from ckptool.data import DataSplit, ImageDataset, load_split
 from ckptool.distributed import (
     DistContext,
@@ -31,7 +32,6 @@ from ckptool.errors import OutputError, UsageError
 from ckptool.formats.write import atomic_output, committed_outputs, forget_committed
 from ckptool.freezing import (
     FreezeSummary,
-    Strategy,
     chosen_strategy,
     freeze_for_training,
     hold_frozen,
@@ -405,7 +405,7 @@ class _Run:
         params = [p for p in self.net.parameters() if p.requires_grad]
         if not params:
             raise UsageError("nothing to train: every parameter is frozen")
-        if self.options.optimizer == "adamw":
+        if Optimizer(self.options.optimizer) is Optimizer.ADAMW:
             return torch.optim.AdamW(
                 params, lr=self.options.lr, weight_decay=self.options.weight_decay
             )

@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import enum
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ckptool.choices import Strategy
 from ckptool.errors import UsageError
 from ckptool.guard import _INTENDED_FROZEN, user_model
 from ckptool.keys import under_prefix
 
 if TYPE_CHECKING:
     from torch import nn
-
-
-class Strategy(str, enum.Enum):
-    """The four transfer-learning scenarios."""
-
-    LINEAR = "linear"  # feature extraction: only the head trains
-    PARTIAL = "partial"  # freeze the first stages, train the rest
-    FULL = "full"  # fine-tune everything from the pretrained weights
-    SCRATCH = "scratch"  # architecture only: re-initialise, train everything
 
 
 @dataclass(frozen=True)

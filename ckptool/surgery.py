@@ -9,7 +9,6 @@ Nothing here prints; results are :class:`SurgeryLog` objects rendered by the rep
 from __future__ import annotations
 
 import dataclasses
-import enum
 import fnmatch
 import functools
 import json
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptool import activity
 from ckptool._version import __version__
+from ckptool.choices import MismatchPolicy, OutputFormat
 from ckptool.errors import (
     CheckpointReadError,
     IncompatibleCheckpointError,
@@ -39,7 +39,6 @@ from ckptool.formats.load import (
 )
 from ckptool.formats.meta import DTYPE_SIZES, FLOATING, Assembly, Format, TensorMeta
 from ckptool.formats.save import (
-    OutputFormat,
     SavedFile,
     output_format_for,
     save_sharded,
@@ -74,13 +73,6 @@ if TYPE_CHECKING:
 # Models up to this size are built whole on the CPU to fill missing tensors, so the
 # model's own initialisation (e.g. a zero-initialised ViT head) is what gets written.
 FULL_BUILD_LIMIT = 512 * 1024 * 1024
-
-
-class MismatchPolicy(str, enum.Enum):
-    """What ``adapt`` does with shape mismatches no --drop/--reinit names."""
-
-    ERROR = "error"
-    DROP = "drop"
 
 
 @dataclass(frozen=True)

@@ -301,3 +301,27 @@ def test_piped_tables_never_split_a_name(dataparallel_resnet18: Path) -> None:
     assert done.returncode == 1, done.stderr
     assert "module.bn1.{weight,bias,running_mean,running_var,num_batches_tracked}" in done.stdout
     assert "bn1.{weight,bias,running_mean,running_var,num_batches_tracked}" in done.stdout
+
+
+def test_every_choice_comes_from_its_enum() -> None:
+    """One definition: the CLI's choices are the enums the library compares against."""
+    import click
+
+    from ckptool.choices import CastDtype, MismatchPolicy, Optimizer, OutputFormat, Strategy
+    from ckptool.cli import cli
+
+    expected = {
+        "--strategy": Strategy,
+        "--on-mismatch": MismatchPolicy,
+        "--format": OutputFormat,
+        "--optimizer": Optimizer,
+        "--dtype": CastDtype,
+    }
+    seen = set()
+    for command in cli.commands.values():
+        for param in command.params:
+            if isinstance(param.type, click.Choice) and param.opts[0] in expected:
+                enum = expected[param.opts[0]]
+                assert list(param.type.choices) == [m.value for m in enum], param.opts
+                seen.add(param.opts[0])
+    assert seen == set(expected)

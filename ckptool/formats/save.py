@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import enum
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ckptool import activity
+from ckptool.choices import OutputFormat
 from ckptool.errors import CheckpointReadError, UsageError
 from ckptool.formats.meta import CheckpointMeta
 from ckptool.formats.safetensors_header import ALIASES_KEY, read_safetensors_meta
@@ -33,14 +33,6 @@ from ckptool.formats.write import (
     verify_output,
     write_safetensors,
 )
-
-
-class OutputFormat(str, enum.Enum):
-    """What ``-o`` writes: safetensors or a torch.save zip."""
-
-    SAFETENSORS = "safetensors"
-    PT = "pt"
-
 
 _SUFFIXES = {
     ".safetensors": OutputFormat.SAFETENSORS,

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckptool.choices import Strategy
 from ckptool.errors import UsageError
-from ckptool.freezing import FreezeSummary, Strategy, freeze
+from ckptool.freezing import FreezeSummary, freeze
 from ckptool.guard import FreezeGuard, GuardReport
 
 ON_VIOLATION = ("raise", "stop")
