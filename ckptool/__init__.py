@@ -15,6 +15,7 @@ from ckptool.errors import (
     CheckpointReadError,
     CkptError,
     DataError,
+    FrozenParameterError,
     IncompatibleCheckpointError,
     IncompatibleError,
     ModelSpecError,
@@ -22,6 +23,7 @@ from ckptool.errors import (
     TransformError,
     UnsafeCheckpointError,
     UsageError,
+    VerificationError,
 )
 
 if TYPE_CHECKING:
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
     from ckptool.formats.load import load_state_dict
     from ckptool.formats.save import save_state_dict
     from ckptool.freezing import freeze, hold_frozen, summarize
-    from ckptool.guard import FreezeGuard, FrozenParameterError, GuardReport
+    from ckptool.guard import FreezeGuard, GuardReport
     from ckptool.keys import Transforms
     from ckptool.models import build_model, replace_head
     from ckptool.sanity import check
@@ -54,7 +56,6 @@ _LAZY = {
     "summarize": ("ckptool.freezing", "summarize"),
     "hold_frozen": ("ckptool.freezing", "hold_frozen"),
     "FreezeGuard": ("ckptool.guard", "FreezeGuard"),
-    "FrozenParameterError": ("ckptool.guard", "FrozenParameterError"),
     "GuardReport": ("ckptool.guard", "GuardReport"),
 }
 
@@ -74,6 +75,7 @@ __all__ = [
     "Transforms",
     "UnsafeCheckpointError",
     "UsageError",
+    "VerificationError",
     "__version__",
     "adapt",
     "build_model",

@@ -523,7 +523,7 @@ def finetune(
         cache_features=not o.pop("no_feature_cache"),
     )
     console = make_console(stderr=as_json)
-    from ckptool.guard import FrozenParameterError
+    from ckptool.errors import FrozenParameterError
     from ckptool.report import guard_lines
 
     # Progress goes to stderr on a terminal, never with --json; the report to stdout.

@@ -7,6 +7,10 @@ there is one, gives the fix. Only ``ckptool.cli`` turns these into exit codes.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ckptool.guard import GuardReport, Violation
 
 
 class CkptError(Exception):
@@ -64,6 +68,21 @@ class IncompatibleCheckpointError(IncompatibleError):
 
 class OutputError(CkptError):
     """An output cannot be written: exists, same as an input, disk full, no permission."""
+
+
+class VerificationError(OutputError):
+    """The written file does not hold what was meant to be written (exit 5, like any
+    output problem: the input is fine, the output is not)."""
+
+
+class FrozenParameterError(CkptError):
+    """A frozen parameter or buffer changed; ``.violations`` names them, ``.report`` is
+    the guard's whole report (:class:`ckptool.guard.GuardReport`)."""
+
+    def __init__(self, message: str, violations: Sequence[Violation], report: GuardReport) -> None:
+        super().__init__(message)
+        self.violations = tuple(violations)
+        self.report = report
 
 
 def first_line(error: BaseException) -> str:

@@ -28,7 +28,7 @@ from ckptool.distributed import (
     shutdown,
     sum_across,
 )
-from ckptool.errors import OutputError, UsageError
+from ckptool.errors import FrozenParameterError, OutputError, UsageError
 from ckptool.formats.write import atomic_output, committed_outputs, forget_committed
 from ckptool.freezing import (
     FreezeSummary,
@@ -36,7 +36,7 @@ from ckptool.freezing import (
     freeze_for_training,
     hold_frozen,
 )
-from ckptool.guard import FreezeGuard, FrozenParameterError, GuardReport, violation_error
+from ckptool.guard import FreezeGuard, GuardReport, violation_error
 from ckptool.keys import Transforms
 from ckptool.surgery import SurgeryLog, adapt_into
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ckptool.errors import CkptError
+from ckptool.errors import FrozenParameterError
 
 if TYPE_CHECKING:
     import torch
@@ -152,15 +152,6 @@ class GuardReport:
     def __str__(self) -> str:
         # print(guard.report()) in a notebook or a log: the verdict, not a dataclass repr.
         return "\n".join([self.headline(), *(f"  {v.describe()}" for v in self.violations)])
-
-
-class FrozenParameterError(CkptError):
-    """A frozen parameter or buffer changed; ``.violations`` names them."""
-
-    def __init__(self, message: str, violations: Sequence[Violation], report: GuardReport) -> None:
-        super().__init__(message)
-        self.violations = tuple(violations)
-        self.report = report
 
 
 @dataclass

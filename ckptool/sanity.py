@@ -13,10 +13,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ckptool.errors import UsageError, first_line
+from ckptool.errors import FrozenParameterError, UsageError, first_line
 from ckptool.formats import read_metadata
 from ckptool.freezing import FreezeSummary, freeze_for_training
-from ckptool.guard import FreezeGuard, FrozenParameterError, GuardReport
+from ckptool.guard import FreezeGuard, GuardReport
 from ckptool.keys import KeyDiff, Transforms, diff
 from ckptool.surgery import load_matched
 

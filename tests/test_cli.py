@@ -325,3 +325,19 @@ def test_every_choice_comes_from_its_enum() -> None:
                 assert list(param.type.choices) == [m.value for m in enum], param.opts
                 seen.add(param.opts[0])
     assert seen == set(expected)
+
+
+def test_every_error_class_lives_in_errors_and_is_public() -> None:
+    """One place to find what ckptool raises; each is exported from the package."""
+    import inspect
+
+    import ckptool
+    from ckptool import errors
+
+    classes = {
+        name
+        for name, value in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(value, errors.CkptError) and value.__module__ == errors.__name__
+    }
+    assert {"FrozenParameterError", "VerificationError"} <= classes
+    assert all(getattr(ckptool, name) is getattr(errors, name) for name in classes)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ckptool import activity
 from ckptool.choices import OutputFormat
-from ckptool.errors import CheckpointReadError, UsageError
+from ckptool.errors import CheckpointReadError, UsageError, VerificationError
 from ckptool.formats.meta import CheckpointMeta
 from ckptool.formats.safetensors_header import ALIASES_KEY, read_safetensors_meta
 from ckptool.formats.sharded import read_index
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 from ckptool.formats.write import (
     OutTensor,
     Payload,
-    VerificationError,
     atomic_output,
     check_output,
     committed_outputs,

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from ckptool.errors import CkptError, OutputError
+from ckptool.errors import CkptError, OutputError, VerificationError
 from ckptool.formats.meta import CheckpointMeta, TensorMeta
 from ckptool.formats.safetensors_header import SAFETENSORS_DTYPES
 
@@ -31,11 +31,6 @@ SAFETENSORS_CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
 CHUNK = 8 * 1024 * 1024
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _NO_PERMISSION = {errno.EACCES, errno.EPERM, errno.EROFS}
-
-
-class VerificationError(OutputError):
-    """The written file does not hold what was meant to be written (exit 5, like any
-    output problem: the input is fine, the output is not)."""
 
 
 @dataclass(frozen=True)
