@@ -236,6 +236,15 @@ class _OneLineErrors(click.Group):
 @click.group(
     cls=_OneLineErrors,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog=(
+        "Exit codes: 0 ok or compatible, 1 a check ran and failed (incompatible, guard "
+        "violation), 2 usage, 3 input unreadable or unsupported, 4 input refused as "
+        "unsafe, 5 output problem, 130 interrupted (nothing written). With --json a "
+        'failure also prints {"error": ..., "exit_code": N} on stdout. finetune '
+        "runs under torchrun too (torchrun --standalone --nproc_per_node N --no-python "
+        "ckptool finetune ...; "
+        "rank 0 writes)."
+    ),
 )
 @click.version_option(__version__, prog_name="ckptool")
 def cli() -> None:
@@ -795,6 +804,17 @@ def parse_size(text: str) -> int:
     if unit not in _SIZE_UNITS or value <= 0:
         raise UsageError(f"--shard-size {text!r}: expected a size such as 2GB, 500MB or 1GiB")
     return int(value * _SIZE_UNITS[unit])
+
+
+def _whole_summaries() -> None:
+    """The top-level --help lists each command by its whole first sentence: click would
+    cut it to fit one line ("..."), hiding what the command is for."""
+    for command in cli.commands.values():
+        if command.help and not command.short_help:
+            command.short_help = command.help.strip().split("\n\n")[0].replace("\n", " ")
+
+
+_whole_summaries()
 
 
 def main() -> None:

@@ -341,3 +341,11 @@ def test_every_error_class_lives_in_errors_and_is_public() -> None:
     }
     assert {"FrozenParameterError", "VerificationError"} <= classes
     assert all(getattr(ckptool, name) is getattr(errors, name) for name in classes)
+
+
+def test_top_level_help_shows_whole_summaries_exit_codes_and_torchrun(run_cli) -> None:
+    text = run_cli("--help").stdout
+    commands = text.split("Commands:")[1].split("Exit codes")[0]
+    assert "..." not in commands  # no summary cut short
+    assert "Transfer learning in one command: adapt weights, replace" in text
+    assert "Exit codes: 0 ok" in text and "130 interrupted" in text and "torchrun" in text
