@@ -89,6 +89,8 @@ def finetune(
     split = load_split(data, val_data=val_data, val_split=options.val_split, seed=options.seed)
     progress.data(split)
     _check_num_classes(num_classes, split, data)
+    for message in _thin_data(split):
+        progress.warn(message)
     torch.manual_seed(options.seed)
     progress.prepare("build the model" + (" and adapt the weights" if weights.weights else ""))
     net, log = _build(model, model_args, num_classes or len(split.classes), head, weights)
@@ -131,6 +133,25 @@ def finetune(
         return result
     finally:
         shutdown(context)
+
+
+# Fewer training images per class than this is a run that cannot learn much.
+FEW_IMAGES_PER_CLASS = 5
+
+
+def _thin_data(split: DataSplit) -> list[str]:
+    """Warnings about a split that leaves training too little to learn from."""
+    per_class = [sum(1 for s in split.train if s.label == i) for i in range(len(split.classes))]
+    thin = [c for c, n in zip(split.classes, per_class, strict=True) if n < FEW_IMAGES_PER_CLASS]
+    if not thin:
+        return []
+    shown = ", ".join(f"{c} ({per_class[split.classes.index(c)]})" for c in thin[:6])
+    more = f" and {len(thin) - 6} more" if len(thin) > 6 else ""
+    return [
+        f"only {len(split.train)} training images ({len(split.val)} held out for validation); "
+        f"classes with fewer than {FEW_IMAGES_PER_CLASS}: {shown}{more}; "
+        "lower --val-split or add images"
+    ]
 
 
 def _check_num_classes(num_classes: int | None, split: DataSplit, data: str) -> None:

@@ -808,6 +808,10 @@ class EpochProgress:
         if self._drawn:
             self.console.print(_epoch_line(metrics), markup=False)
 
+    def warn(self, message: str) -> None:
+        """Always shown, piped too: a warning is not progress."""
+        make_console(stderr=True).print(f"ckptool: warning: {message}", markup=False)
+
     def close(self) -> None:
         """Stop whatever is still drawn (a run that failed before its first epoch)."""
         self._end_preparation()

@@ -350,3 +350,23 @@ def test_report_json_says_what_ran(run_cli, setup: dict[str, Path]) -> None:
     with safe_open(setup["out"] / "model.safetensors", "pt") as f:
         metadata = f.metadata()
     assert metadata["ckptool.num_classes"] == "3" and metadata["ckptool.model_args"] == "[]"
+
+
+def test_a_split_that_leaves_too_few_training_images_says_so(
+    run_cli, setup: dict[str, Path]
+) -> None:
+    result = run_finetune(run_cli, setup, "--val-split", "0.9", "--epochs", "1")
+    assert result.exit_code == 0, result.stderr
+    warning = [line for line in result.stderr.splitlines() if line.startswith("ckptool: warning")]
+    assert len(warning) == 1 and "only 3 training images (21 held out" in warning[0], warning
+    assert "lower --val-split" in warning[0]
+    quiet = run_finetune(run_cli, setup, "--epochs", "1", "--force")
+    assert "warning" not in quiet.stderr
+
+
+def test_the_api_warns_about_thin_data(setup: dict[str, Path]) -> None:
+    from ckptool.finetune import TrainOptions, finetune
+
+    options = TrainOptions(epochs=1, image_size=16, batch_size=8, val_split=0.9)
+    with pytest.warns(UserWarning, match="only 3 training images"):
+        finetune(f"{setup['model']}:Tiny", str(setup["data"]), str(setup["out"]), options=options)

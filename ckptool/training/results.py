@@ -63,9 +63,17 @@ class Progress(Protocol):
     def start_epoch(self, epoch: int, epochs: int, batches: int) -> None: ...
     def advance(self, loss: float, images: int) -> None: ...
     def end_epoch(self, metrics: EpochMetrics) -> None: ...
+    def warn(self, message: str) -> None: ...
 
 
 class Silent:
+    """No display. Warnings still reach an API caller, as Python warnings."""
+
+    def warn(self, message: str) -> None:
+        import warnings
+
+        warnings.warn(message, UserWarning, stacklevel=3)
+
     def prepare(self, step: str) -> None:
         pass
 
