@@ -21,6 +21,7 @@ from ckptool.distributed import (
     shutdown,
 )
 from ckptool.errors import OutputError, UsageError
+from ckptool.formats.bounded import listed
 from ckptool.freezing import (
     FreezeSummary,
     freeze_for_training,
@@ -145,11 +146,10 @@ def _thin_data(split: DataSplit) -> list[str]:
     thin = [c for c, n in zip(split.classes, per_class, strict=True) if n < FEW_IMAGES_PER_CLASS]
     if not thin:
         return []
-    shown = ", ".join(f"{c} ({per_class[split.classes.index(c)]})" for c in thin[:6])
-    more = f" and {len(thin) - 6} more" if len(thin) > 6 else ""
+    shown = listed([f"{c} ({per_class[split.classes.index(c)]})" for c in thin], 6)
     return [
         f"only {len(split.train)} training images ({len(split.val)} held out for validation); "
-        f"classes with fewer than {FEW_IMAGES_PER_CLASS}: {shown}{more}; "
+        f"classes with fewer than {FEW_IMAGES_PER_CLASS}: {shown}; "
         "lower --val-split or add images"
     ]
 

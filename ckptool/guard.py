@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ckptool.errors import FrozenParameterError
+from ckptool.formats.bounded import listed
 
 if TYPE_CHECKING:
     import torch
@@ -503,9 +504,8 @@ def fingerprint_elementwise(tensor: torch.Tensor) -> torch.Tensor:
 
 def _violation_message(violations: Sequence[Violation], step: int) -> str:
     first = violations[0]
-    names = ", ".join(" = ".join(v.names) for v in violations[:4])
-    more = f" and {len(violations) - 4} more" if len(violations) > 4 else ""
+    names = listed([" = ".join(v.names) for v in violations], 4)
     return (
-        f"frozen tensors changed at optimizer step {step}: {names}{more}; "
+        f"frozen tensors changed at optimizer step {step}: {names}; "
         f"likely cause for {first.names[0]}: {first.cause.value}: {first.advice}"
     )

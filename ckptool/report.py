@@ -15,7 +15,7 @@ from rich.table import Table
 from ckptool.compare import CheckpointDiff
 from ckptool.data import DataSplit
 from ckptool.finetune import EpochMetrics, FinetuneResult
-from ckptool.formats.bounded import visible
+from ckptool.formats.bounded import listed, visible
 from ckptool.formats.meta import CheckpointMeta, TensorMeta
 from ckptool.freezing import FreezeSummary
 from ckptool.guard import GuardReport
@@ -97,8 +97,7 @@ def human_count(n: int) -> str:
 
 
 def capped(labels: Sequence[str], limit: int = MAX_LABELS, sep: str = ", ") -> str:
-    shown = sep.join(labels[:limit])
-    return shown + (f"{sep}... and {len(labels) - limit} more" if len(labels) > limit else "")
+    return listed(labels, limit, sep=sep, more=sep + "... and {} more")
 
 
 def shape_text(shape: Iterable[int]) -> str:

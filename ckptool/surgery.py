@@ -28,6 +28,7 @@ from ckptool.errors import (
     UsageError,
 )
 from ckptool.formats import CheckpointMeta, read_metadata
+from ckptool.formats.bounded import listed
 from ckptool.formats.dcp import chunk_assembly, dcp_name
 from ckptool.formats.files import read_assembly
 from ckptool.formats.load import (
@@ -352,7 +353,7 @@ def _structural_transforms(
         )
     mapping = structural_remap(meta.tensors, target)
     pairs = [f"{old or '.'} -> {new or '.'}" for old, new in module_pairs(mapping)]
-    shown = "; ".join(pairs[:6]) + (f"; ... {len(pairs) - 6} more" if len(pairs) > 6 else "")
+    shown = listed(pairs, 6, sep="; ", more="; ... {} more")
     note = f"remap: {len(pairs)} modules matched in order by names and shapes ({shown})"
     return dataclasses.replace(given, rename=remap_transforms(mapping)), note
 
@@ -568,13 +569,10 @@ def _refuse_incompatible(keys: KeyDiff, *, policy: MismatchPolicy, strict: bool)
             f"initialisation; {hint + ' (or --auto)' if hint else 'check --model and --key'}"
         )
     if keys.shape_mismatch and policy is MismatchPolicy.ERROR:
-        shown = ", ".join(
-            f"{m.key} {list(m.source)} -> {list(m.target)}" for m in keys.shape_mismatch[:3]
+        shown = listed(
+            [f"{m.key} {list(m.source)} -> {list(m.target)}" for m in keys.shape_mismatch], 3
         )
-        more = f" and {len(keys.shape_mismatch) - 3} more" if len(keys.shape_mismatch) > 3 else ""
-        raise IncompatibleError(
-            f"shape mismatch: {shown}{more}; {hint or 'add --on-mismatch drop'}"
-        )
+        raise IncompatibleError(f"shape mismatch: {shown}; {hint or 'add --on-mismatch drop'}")
     if strict and (keys.unexpected or keys.unexplained_missing or keys.shape_mismatch):
         raise IncompatibleError(
             f"--strict: {_misfits(keys)}; {hint or 'name them with --drop/--reinit'}"

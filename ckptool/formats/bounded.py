@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import reprlib
+from collections.abc import Sequence
 from typing import Any, TypeGuard
 
 # repr() of a crafted object (a tuple that shares itself at every level) can take
@@ -16,6 +17,13 @@ def short_repr(value: Any, limit: int = 60) -> str:
     """A repr of ``value`` of at most ``limit`` characters, computed in bounded time."""
     text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def listed(items: Sequence[str], limit: int, *, sep: str = ", ", more: str = " and {} more") -> str:
+    """The first ``limit`` items joined, then how many were left out (``more`` formats
+    the count): every "a, b and 3 more" in ckptool's messages."""
+    shown = sep.join(items[:limit])
+    return shown + (more.format(len(items) - limit) if len(items) > limit else "")
 
 
 def short_str(value: Any, limit: int = 200) -> str:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ckptool.errors import AmbiguousContainerError, CheckpointReadError, UsageError
-from ckptool.formats.bounded import short_repr, short_str
+from ckptool.formats.bounded import listed, short_repr, short_str
 from ckptool.formats.meta import ContainerEntry
 
 # How deep to look for tensor dicts: {'a': {'b': {'c': state_dict}}} is as deep as seen.
@@ -126,9 +126,7 @@ def _find_tensor_dict(
         )
     if len(candidates) > 1:
         names = [name for name, _ in candidates]
-        listing = ", ".join(f"{n} ({len(d)} tensors)" for n, d in candidates[:5])
-        if len(candidates) > 5:
-            listing += f" and {len(candidates) - 5} more"
+        listing = listed([f"{n} ({len(d)} tensors)" for n, d in candidates], 5)
         raise AmbiguousContainerError(
             f"{path}: holds several tensor dicts: {listing}; pick one with --key {names[0]}",
             names,

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, NamedTuple
 
 from ckptool.errors import CheckpointReadError, UnsafeCheckpointError
-from ckptool.formats.bounded import is_count, short_repr
+from ckptool.formats.bounded import is_count, listed, short_repr
 from ckptool.formats.meta import DTYPE_SIZES, TensorMeta
 from ckptool.formats.pickle_scan import check_pickle_budgets
 
@@ -544,7 +544,7 @@ def _raise_if_unsafe(unpickler: MetaUnpickler, path: str) -> None:
     if not unpickler.unsafe:
         return
     names = sorted(unpickler.unsafe)
-    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    shown = listed(names, 8)
     raise UnsafeCheckpointError(
         f"{path}: refused, the pickle wants to import {shown}, which is outside the "
         "tensor allowlist (nothing was executed); if you trust the file, re-save its "
