@@ -402,6 +402,10 @@ def plan_keys(
     from ckptool.judge import with_hooks
 
     given = transforms or Transforms()
+    if not auto:
+        quick = diff(meta.tensors, target, given, suggest=False)
+        if quick.fits_after_adapt and _accepted(quick, policy=policy, strict=strict):
+            return quick  # a plan that works needs no search for a better prefix
     keys = diff(meta.tensors, target, given)
     hooks = None
     if built is not None:
@@ -557,6 +561,15 @@ def _whole_fix(found: KeyDiff) -> Transforms:
             "ckptool diff)"
         )
     return found.fix.transforms
+
+
+def _accepted(keys: KeyDiff, *, policy: MismatchPolicy, strict: bool) -> bool:
+    """Whether :func:`_refuse_incompatible` lets ``keys`` through."""
+    try:
+        _refuse_incompatible(keys, policy=policy, strict=strict)
+    except IncompatibleError:
+        return False
+    return True
 
 
 def _refuse_incompatible(keys: KeyDiff, *, policy: MismatchPolicy, strict: bool) -> None:

@@ -754,3 +754,28 @@ def test_keep_dtype_usage_errors(
     result = run_cli("convert", source, "-o", out, *flags)
     assert result.exit_code == 2 and re.search(message, result.stderr), result.output
     assert not out.exists()
+
+
+def test_adapt_that_works_searches_no_prefix_and_a_refusal_still_hints(
+    write_checkpoint: WriteCheckpoint, tmp_path: Path, monkeypatch
+) -> None:
+    from ckptool import keys as key_logic
+    from ckptool.errors import IncompatibleError
+    from ckptool.keys import Transforms
+
+    state = wrap(seeded_state(MLP), "module.")
+    ckpt = write_checkpoint(state, "dp.pt")
+    real = key_logic.suggest_prefixes
+    searches: list[int] = []
+
+    def counted(*args: object, **kwargs: object) -> object:
+        searches.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(key_logic, "suggest_prefixes", counted)
+    out = str(tmp_path / "ok.safetensors")
+    adapt(ckpt, model=MLP(), transforms=Transforms(strip=("module.",)), out=out)
+    assert searches == [], "a plan that works searched for a better prefix"
+    with pytest.raises(IncompatibleError, match=r"--strip module\."):
+        adapt(ckpt, model=MLP(), out=str(tmp_path / "no.safetensors"))
+    assert searches, "the refusal's hint comes from the search"
