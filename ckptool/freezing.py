@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptool.choices import Strategy
 from ckptool.errors import UsageError
-from ckptool.guard import _INTENDED_FROZEN, user_model
+from ckptool.guard import _INTENDED_FROZEN, tied_parameters, user_model
 from ckptool.keys import under_prefix
 
 if TYPE_CHECKING:
@@ -275,19 +275,14 @@ def body_stages(model: nn.Module, head: str) -> list[str]:
 
 def _apply(model: nn.Module, trainable: set[str]) -> tuple[tuple[str, ...], ...]:
     """Set requires_grad; report tensors whose names disagree (tied across the line)."""
-    by_tensor: dict[int, list[str]] = {}
-    tensors: dict[int, Any] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        by_tensor.setdefault(id(param), []).append(name)
-        tensors[id(param)] = param
     conflicts = []
-    for key, param in tensors.items():
-        wanted = [n in trainable for n in by_tensor[key]]
+    for param, names in tied_parameters(model):
+        wanted = [n in trainable for n in names]
         # A tied tensor trains if any of its names should: freezing it would silently
         # stop the trainable name; the guard then watches the frozen name.
         param.requires_grad_(any(wanted))
         if any(wanted) and not all(wanted):
-            conflicts.append(tuple(by_tensor[key]))
+            conflicts.append(names)
     return tuple(conflicts)
 
 

@@ -395,30 +395,35 @@ def _changed_indices(
     return sorted(changed)
 
 
-def _collect_watched(
-    model: nn.Module, optimizers: Sequence[Any], policy: BufferPolicy
-) -> list[_Watched]:
-    intended = _INTENDED_FROZEN.get(model, frozenset())
-    lr_zero = _lr_zero_tensors(optimizers)
+def tied_parameters(model: nn.Module) -> list[tuple[Any, tuple[str, ...]]]:
+    """Each distinct parameter once, with every name it has (tied weights have several),
+    in the order the model lists them."""
     names: dict[int, list[str]] = {}
     tensors: dict[int, Any] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), []).append(name)
         tensors[id(param)] = param
+    return [(param, tuple(names[key])) for key, param in tensors.items()]
+
+
+def _collect_watched(
+    model: nn.Module, optimizers: Sequence[Any], policy: BufferPolicy
+) -> list[_Watched]:
+    intended = _INTENDED_FROZEN.get(model, frozenset())
+    lr_zero = _lr_zero_tensors(optimizers)
     watched = []
-    for key, param in tensors.items():
+    for param, names in tied_parameters(model):
         frozen_flag = not param.requires_grad
-        by_name = any(n in intended for n in names[key])
-        if frozen_flag or key in lr_zero or by_name:
-            module = None
+        by_name = any(n in intended for n in names)
+        if frozen_flag or id(param) in lr_zero or by_name:
             watched.append(
                 _Watched(
                     param,
-                    tuple(names[key]),
+                    names,
                     "parameter",
-                    module,
+                    None,
                     param._version,
-                    lr_frozen=key in lr_zero and param.requires_grad,
+                    lr_frozen=id(param) in lr_zero and param.requires_grad,
                 )
             )
     watched.extend(_frozen_buffers(model, policy))
