@@ -35,6 +35,8 @@ from ckptool.values import ValueDiff
 
 # Folded key labels shown per category before "... and N more".
 MAX_LABELS = 8
+# Fix steps spelled out in a verdict line.
+MAX_VERDICT_STEPS = 3
 MAX_ROWS = 40
 # A suggested command longer than this many flags is no help to copy.
 MAX_FIX_FLAGS = 40
@@ -386,10 +388,15 @@ def verdict(keys: KeyDiff) -> str:
         )
     if keys.fix is None or keys.fix.keeps_little:
         return "incompatible: " + _not_for_this_model(keys)
-    steps = keys.fix.steps
-    shown = "; ".join(_describe_step(step) for step in steps[:MAX_LABELS])
-    more = f"; ... and {len(steps) - MAX_LABELS} more steps" if len(steps) > MAX_LABELS else ""
-    return f"incompatible: {shown}{more}"
+    # A verdict stays a readable line; the fix line (with --model) and --json carry
+    # every flag.
+    shown = listed(
+        [_describe_step(step) for step in keys.fix.steps],
+        MAX_VERDICT_STEPS,
+        sep="; ",
+        more="; ... and {} more steps (--json lists every flag)",
+    )
+    return f"incompatible: {shown}"
 
 
 def _not_for_this_model(keys: KeyDiff) -> str:

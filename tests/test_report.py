@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
+import torch
 from conftest import WriteCheckpoint
 from safetensors.torch import save_file
 
@@ -54,7 +56,7 @@ def test_verdict_and_fix_stay_one_readable_line(
     other = write_checkpoint(shared, "other.safetensors")
     keys = diff_checkpoint(many, other).keys
     line = verdict(keys)
-    assert len(line) < 1000 and line.endswith("more steps")
+    assert len(line) < 400 and line.endswith("more steps (--json lists every flag)"), line
     assert keys.fix is not None
     assert "too many to print" in fix_command(keys.fix, str(many), [])
 
@@ -75,3 +77,19 @@ def test_a_fix_that_keeps_little_is_not_offered(
     assert "fix:" not in result.stdout
     document = json.loads(run_cli("diff", source, "--model", spec, "--json").stdout)
     assert document["fix"] is None and document["fix_keeps_little"] is True
+
+
+def test_a_verdict_with_many_fix_steps_stays_one_readable_line(
+    run_cli, write_checkpoint: WriteCheckpoint
+) -> None:
+    """Twelve modules to drop: the verdict names three and counts the rest; --json has all."""
+    ours = {f"m{i}.weight": torch.zeros(2, 2) for i in range(12)}
+    theirs = {f"m{i}.weight": torch.zeros(3, 3) for i in range(12)}
+    for state in (ours, theirs):
+        state.update({f"k{i}.weight": torch.zeros(100) for i in range(30)})
+    a, b = write_checkpoint(ours, "a.pt"), write_checkpoint(theirs, "b.pt")
+    line = run_cli("diff", a, b).stdout.splitlines()[-1]
+    assert line.startswith("incompatible: ") and len(line) < 300, line
+    assert "... and 9 more steps (--json lists every flag)" in line
+    fix = json.loads(run_cli("diff", a, b, "--json").stdout)["fix"]
+    assert sum(flag.startswith("--drop m") for flag in fix) == 12, fix
