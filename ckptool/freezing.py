@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptool.choices import Strategy
 from ckptool.errors import UsageError
-from ckptool.guard import _INTENDED_FROZEN, tied_parameters, user_model
+from ckptool.guard import mark_intended_frozen, tied_parameters, user_model
 from ckptool.keys import under_prefix
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def freeze(
     if Strategy(strategy) is Strategy.SCRATCH if strategy else False:
         _reinitialise(model)
     conflicts = _apply(model, trainable)
-    _INTENDED_FROZEN[model] = frozenset(n for n in names if n not in trainable)
+    mark_intended_frozen(model, (n for n in names if n not in trainable))
     if bn_eval:
         keep_frozen_bn_in_eval(model)
     held = hold_frozen(model, optimizer) if optimizer is not None else None

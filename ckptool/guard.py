@@ -27,9 +27,20 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-# Names ckptool.freeze() froze, per model: lets the guard see a frozen name that a tie
-# made trainable again (the tensor itself then has requires_grad=True).
-_INTENDED_FROZEN: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
+# Names meant frozen, per model (weakly held: the record goes with the model).
+_intended_frozen: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
+
+
+def mark_intended_frozen(model: nn.Module, names: Iterable[str]) -> None:
+    """Record the parameter names meant to stay frozen in ``model``. ``ckptool.freeze``
+    calls it; a FreezeGuard then also watches a name a tie made trainable again (its
+    tensor has ``requires_grad=True``) and reports the tie. Replaces an earlier record."""
+    _intended_frozen[model] = frozenset(names)
+
+
+def intended_frozen(model: nn.Module) -> frozenset[str]:
+    """The names :func:`mark_intended_frozen` recorded for ``model`` (none if never)."""
+    return _intended_frozen.get(model, frozenset())
 
 
 def user_model(model: Any) -> Any:
@@ -409,7 +420,7 @@ def tied_parameters(model: nn.Module) -> list[tuple[Any, tuple[str, ...]]]:
 def _collect_watched(
     model: nn.Module, optimizers: Sequence[Any], policy: BufferPolicy
 ) -> list[_Watched]:
-    intended = _INTENDED_FROZEN.get(model, frozenset())
+    intended = intended_frozen(model)
     lr_zero = _lr_zero_tensors(optimizers)
     watched = []
     for param, names in tied_parameters(model):

@@ -343,3 +343,21 @@ def test_wrapped_models_are_frozen_and_reported_by_the_users_names(wrap: str) ->
     with pytest.raises(FrozenParameterError) as info, FreezeGuard(wrapped, optimizer):
         train_steps(wrapped, optimizer, after=write)
     assert info.value.violations[0].names == ("backbone.0.weight",)
+
+
+def test_names_meant_frozen_can_be_recorded_without_ckptool_freeze() -> None:
+    """The public record the guard reads: a user who freezes by hand marks the names,
+    and a tie that keeps one of them training is still caught."""
+    from ckptool.guard import intended_frozen, mark_intended_frozen
+
+    model = Tied()  # embed.weight is out.weight: freezing it by hand cannot hold
+    mark_intended_frozen(model, ["embed.weight"])
+    assert intended_frozen(model) == {"embed.weight"}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    tokens = torch.randint(0, 10, (4,))
+    with pytest.raises(FrozenParameterError) as info, FreezeGuard(model, optimizer):
+        optimizer.zero_grad()
+        model.out(model.embed(tokens)).sum().backward()
+        optimizer.step()
+    assert info.value.violations[0].cause is Cause.TIED_TRAINABLE
+    assert intended_frozen(Tied()) == frozenset()
