@@ -734,16 +734,21 @@ def provenance(
     command: str, meta: CheckpointMeta, transforms: Transforms | None = None, **extra: str
 ) -> dict[str, str]:
     """``__metadata__`` that lets a file found later explain where it came from."""
-    info = {
-        "format": "pt",  # what Hugging Face loaders expect in safetensors metadata
+    if transforms is not None:
+        extra = {"transforms": json.dumps(transforms.flags()), **extra}
+    source = os.path.basename(os.path.normpath(meta.path))
+    return tool_provenance(command, source=source, **extra)
+
+
+def tool_provenance(command: str, **fields: str) -> dict[str, str]:
+    """The metadata every file ckptool writes carries: the format Hugging Face loaders
+    expect, ckptool's version and command, and ``fields`` as ``ckptool.<name>``."""
+    return {
+        "format": "pt",
         "ckptool.version": __version__,
         "ckptool.command": command,
-        "ckptool.source": os.path.basename(os.path.normpath(meta.path)),
+        **{f"ckptool.{name}": value for name, value in fields.items()},
     }
-    if transforms is not None:
-        info["ckptool.transforms"] = json.dumps(transforms.flags())
-    info.update({f"ckptool.{k}": v for k, v in extra.items()})
-    return info
 
 
 def _hashed_file(meta: CheckpointMeta) -> str:

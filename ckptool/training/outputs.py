@@ -11,10 +11,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from ckptool._version import __version__
 from ckptool.choices import Strategy
 from ckptool.formats.write import atomic_output, committed_outputs, forget_committed
 from ckptool.freezing import chosen_strategy
+from ckptool.surgery import tool_provenance
 from ckptool.training.results import EpochMetrics, FinetuneResult, TrainOptions, WeightOptions
 
 if TYPE_CHECKING:
@@ -75,17 +75,15 @@ def write_outputs(
 
     with _removed_on_failure(out_dir):
         model_path = os.path.join(out_dir, "model.safetensors")
-        metadata = {
-            "format": "pt",
-            "ckptool.version": __version__,
-            "ckptool.command": "finetune",
-            "ckptool.model": model,
-            "ckptool.weights": os.path.basename(weights.weights or ""),
-            "ckptool.classes": json.dumps(list(result.classes)),
+        metadata = tool_provenance(
+            "finetune",
+            model=model,
+            weights=os.path.basename(weights.weights or ""),
+            classes=json.dumps(list(result.classes)),
             # Enough to build the model these weights fit: the head size and arguments.
-            "ckptool.num_classes": str(result.config["num_classes"]),
-            "ckptool.model_args": json.dumps(result.config["model_args"]),
-        }
+            num_classes=str(result.config["num_classes"]),
+            model_args=json.dumps(result.config["model_args"]),
+        )
         save_state_dict(state, model_path, force=True, metadata=metadata)
         curves = _write_curves(out_dir, result.epochs)
         report_path = os.path.join(out_dir, "report.json")
