@@ -7,6 +7,7 @@ Words follow PyTorch: *missing* = the model has it, the checkpoint does not;
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import difflib
 import enum
@@ -307,17 +308,25 @@ def _check_prefixes_match(
 
 
 def _unmatched(prefixes: Sequence[str], names: Iterable[str]) -> list[str]:
-    """The prefixes that cover none of ``names`` (as :func:`under_prefix` decides), in
-    one pass over the names: a fix may carry thousands of --drop flags."""
-    wanted, seen = set(prefixes), set[str]()
-    if not wanted:
+    """The prefixes that cover none of ``names`` (as :func:`under_prefix` decides): the
+    names sorted once, then a binary search per prefix (a fix may carry thousands of
+    --drop flags, a checkpoint hundreds of thousands of names)."""
+    if not prefixes:
         return []
-    for name in names:
-        for module in _ancestors(name):
-            seen.update(p for p in (module + ".", module) if p in wanted)
-        if name in wanted:
-            seen.add(name)
-    return [p for p in prefixes if p not in seen]
+    ordered = sorted(set(names))
+    return [p for p in prefixes if not _covers_some(ordered, p)]
+
+
+def _covers_some(ordered: Sequence[str], prefix: str) -> bool:
+    """Whether ``prefix`` covers a name of the sorted ``ordered``: one starting with
+    ``prefix.`` (or ``prefix`` when it ends in a dot), or, without the dot, ``prefix``
+    itself."""
+    below = prefix if prefix.endswith(".") else prefix + "."
+    first = bisect.bisect_left(ordered, below)
+    if first < len(ordered) and ordered[first].startswith(below):
+        return True
+    exact = bisect.bisect_left(ordered, prefix)
+    return not prefix.endswith(".") and exact < len(ordered) and ordered[exact] == prefix
 
 
 def _prefix_hint(
