@@ -287,9 +287,4 @@ def tensor_buffer(tensor: torch.Tensor, dtype: str | None = None) -> memoryview:
 
 def tensor_bytes(tensor: torch.Tensor, dtype: str | None = None) -> bytes:
     """The raw little-endian bytes of ``tensor`` (cast to ``dtype``), C-contiguous."""
-    import torch
-
-    if dtype is not None and str(tensor.dtype) != f"torch.{dtype}":
-        tensor = tensor.to(getattr(torch, dtype))
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return tensor_buffer(tensor, dtype).tobytes()

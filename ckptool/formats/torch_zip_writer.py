@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from ckptool.formats.restricted_pickle import STORAGE_DTYPES
-from ckptool.formats.write import OutTensor, Payload, TensorData
+from ckptool.formats.write import OutTensor, Payload, TensorData, data_length
 
 ARCHIVE = "archive"
 ALIGNMENT = 64
@@ -192,7 +192,7 @@ class _ZipWriter:
 
     def add_data(self, name: str, data: TensorData) -> None:
         """A storage record: the header now, the bytes when the payload is copied."""
-        size = len(data) if isinstance(data, bytes) else data.length
+        size = data_length(data)
         header = self._local_header(name, size)
         self.records.append(_Record(name, self.position, size, data))
         os.pwrite(self.fd, header, self.position)

@@ -79,7 +79,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        return len(self.data) if isinstance(self.data, bytes) else self.data.length
+        return data_length(self.data)
 
 
 # --- output paths --------------------------------------------------------------------
@@ -302,10 +302,6 @@ class Payload:
         self._crcs: dict[object, int] = {}
         self._written: dict[object, set[int]] = {}
 
-    @property
-    def nbytes(self) -> int:
-        return sum(_length(data) for data, _ in self._placed)
-
     def place(self, data: TensorData, position: int) -> None:
         self._placed.append((data, position))
 
@@ -460,7 +456,8 @@ def _key(data: TensorData) -> object:
     return data if isinstance(data, ByteSource) else id(data)
 
 
-def _length(data: TensorData) -> int:
+def data_length(data: TensorData) -> int:
+    """Bytes of tensor data, wherever they come from."""
     return len(data) if isinstance(data, bytes) else data.length
 
 
@@ -588,7 +585,7 @@ def verify_output(
 
 def _in_place(meta: TensorMeta, data: TensorData, payload: Payload) -> bool:
     located = meta.byte_range
-    if located is None or located[2] != _length(data):
+    if located is None or located[2] != data_length(data):
         return False
     file, offset, length = located
     if offset in payload.written_at(data):
