@@ -12,6 +12,8 @@ import dataclasses
 import difflib
 import enum
 import functools
+import itertools
+import operator
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -70,7 +72,7 @@ class Transforms:
 
     def explains(self, name: str) -> bool:
         """True if ``name`` lies under a --drop or --reinit prefix."""
-        return self._drop_or_reinit.covering(name) is not None
+        return self._drop_or_reinit.covers(name)
 
     @functools.cached_property
     def _drop_or_reinit(self) -> PrefixIndex:
@@ -121,7 +123,9 @@ def apply_transforms(names: Iterable[str], transforms: Transforms) -> Renaming:
     for pattern, repl in transforms.rename:
         current = _rename(current, pattern, repl)
     dropping = PrefixIndex(transforms.drop)
-    kept = {k: v for k, v in current.items() if dropping.covering(k) is None}
+    if not dropping:
+        return Renaming(current, ())
+    kept = {k: v for k, v in current.items() if not dropping.covers(k)}
     dropped = tuple(v for k, v in current.items() if k not in kept)
     return Renaming(kept, dropped)
 
@@ -308,25 +312,12 @@ def _check_prefixes_match(
 
 
 def _unmatched(prefixes: Sequence[str], names: Iterable[str]) -> list[str]:
-    """The prefixes that cover none of ``names`` (as :func:`under_prefix` decides): the
-    names sorted once, then a binary search per prefix (a fix may carry thousands of
-    --drop flags, a checkpoint hundreds of thousands of names)."""
+    """The prefixes that cover none of ``names`` (a fix may carry thousands of --drop
+    flags, a checkpoint hundreds of thousands of names)."""
     if not prefixes:
         return []
-    ordered = sorted(set(names))
-    return [p for p in prefixes if not _covers_some(ordered, p)]
-
-
-def _covers_some(ordered: Sequence[str], prefix: str) -> bool:
-    """Whether ``prefix`` covers a name of the sorted ``ordered``: one starting with
-    ``prefix.`` (or ``prefix`` when it ends in a dot), or, without the dot, ``prefix``
-    itself."""
-    below = prefix if prefix.endswith(".") else prefix + "."
-    first = bisect.bisect_left(ordered, below)
-    if first < len(ordered) and ordered[first].startswith(below):
-        return True
-    exact = bisect.bisect_left(ordered, prefix)
-    return not prefix.endswith(".") and exact < len(ordered) and ordered[exact] == prefix
+    ordered = SortedNames(names)
+    return [p for p in prefixes if not ordered.count_under(p)]
 
 
 def _prefix_hint(
@@ -367,12 +358,10 @@ def _compare(
 ) -> KeyDiff:
     mapping = renaming.mapping
     reinit = PrefixIndex(transforms.reinit)
-    reinit_names = {k for k in mapping if reinit.covering(k) is not None}
-    compared = [k for k in mapping if k not in reinit_names]
+    reinit_names = {k for k in mapping if reinit.covers(k)} if reinit else set()
+    compared = [k for k in mapping if k not in reinit_names] if reinit else list(mapping)
     shape_mismatch, dtype_mismatch, matched = [], [], []
-    for name in compared:
-        if name not in target:
-            continue
+    for name in filter(target.__contains__, compared):
         src, tgt = source[mapping[name]], target[name]
         if src.shape != tgt.shape:
             shape_mismatch.append(ShapeMismatch(name, src.shape, tgt.shape))
@@ -380,28 +369,38 @@ def _compare(
         matched.append(name)
         if src.dtype != tgt.dtype:
             dtype_mismatch.append(DtypeMismatch(name, src.dtype, tgt.dtype))
-    present = set(compared)
+    # The rest by set membership tested in C: a 100k-name diff runs this three times.
+    absent = list(itertools.filterfalse(target.__contains__, compared))
+    lacking = list(itertools.filterfalse(set(compared).__contains__, target))
     consumed, filled = (hooks.consumed, hooks.filled) if hooks else (frozenset(), frozenset())
-    missing = tuple(k for k in target if k not in present and k not in filled)
+    missing = tuple(itertools.filterfalse(filled.__contains__, lacking))
     ties = tie_groups(target)
     through_tie = _through_ties(ties, matched, missing)
     _refuse_reinit_of_ties(ties, matched, transforms)
     return KeyDiff(
         matched=tuple(matched),
         missing=missing,
-        unexpected=tuple(k for k in compared if k not in target and k not in consumed),
+        unexpected=tuple(itertools.filterfalse(consumed.__contains__, absent)),
         shape_mismatch=tuple(shape_mismatch),
         dtype_mismatch=tuple(dtype_mismatch),
         dropped=renaming.dropped,
-        reinit=tuple(k for k in target if k in reinit_names or reinit.covering(k) is not None),
+        reinit=_reinit_names(target, reinit_names, reinit),
         renamed={old: new for new, old in mapping.items() if old != new},
         transforms=transforms,
         source_total=len(source),
         target_total=len(target),
         through_tie=through_tie,
-        hooked=tuple(k for k in compared if k not in target and k in consumed),
-        hook_filled=tuple(k for k in target if k not in present and k in filled),
+        hooked=tuple(filter(consumed.__contains__, absent)),
+        hook_filled=tuple(filter(filled.__contains__, lacking)),
     )
+
+
+def _reinit_names(
+    target: Iterable[str], from_checkpoint: set[str], reinit: PrefixIndex
+) -> tuple[str, ...]:
+    if not reinit:
+        return ()
+    return tuple(k for k in target if k in from_checkpoint or reinit.covers(k))
 
 
 def tie_groups(target: Mapping[str, TensorMeta]) -> dict[object, list[str]]:
@@ -434,7 +433,7 @@ def _refuse_reinit_of_ties(
     provided, reinit = set(matched), PrefixIndex(transforms.reinit)
     for names in ties.values():
         kept = [n for n in names if n in provided]
-        hit = [n for n in names if reinit.covering(n) is not None]
+        hit = [n for n in names if reinit.covers(n)]
         if kept and hit:
             raise TransformError(
                 f"--reinit would re-initialise {hit[0]!r}, which the model ties to "
@@ -457,8 +456,9 @@ def suggest_prefixes(
     """
     target_set = set(target)
     by_result: dict[frozenset[tuple[str, str]], Suggestion] = {}
+    adds = _add_candidates(target)
     for strip, everywhere in _strip_candidates(source):
-        for add in _add_candidates(target):
+        for add in adds:
             if not strip and not add:
                 continue  # the names as given: that is the baseline, not a suggestion
             pairs = _matched_pairs(source, target_set, strip, add, everywhere)
@@ -478,17 +478,13 @@ def _matched_pairs(
 ) -> frozenset[tuple[str, str]]:
     """(source name, target name) pairs that match after the prefix change; a partial
     prefix renames only the names that have it, the others keep theirs."""
-    pairs = []
-    for name in source:
-        if name.startswith(strip):
-            renamed = add + name[len(strip) :]
-        elif everywhere:
-            continue  # cannot happen: every name has the prefix
-        else:
-            renamed = name
-        if renamed in target:
-            pairs.append((name, renamed))
-    return frozenset(pairs)
+    if everywhere:  # every name has the prefix: renamed in C, no test per name
+        cut = len(strip)
+        renamed = list(map(add.__add__, map(operator.itemgetter(slice(cut, None)), source)))
+    else:
+        renamed = [add + n[len(strip) :] if n.startswith(strip) else n for n in source]
+    found = map(target.__contains__, renamed)
+    return frozenset(itertools.compress(zip(source, renamed, strict=True), found))
 
 
 def _prefix_transforms(strip: str, add: str, everywhere: bool) -> Transforms:
@@ -793,7 +789,11 @@ def _near(conflicting: set[str], missing: set[str]) -> set[str]:
 
 def _covered(names: set[str], prefixes: Iterable[str]) -> set[str]:
     index = PrefixIndex(prefixes)
-    return {n for n in names if index.covering(n) is not None}
+    return {n for n in names if index.covers(n)}
+
+
+# Up to this many prefixes, PrefixIndex.covers tests them all at once.
+MAX_STARTSWITH_PREFIXES = 32
 
 
 class PrefixIndex:
@@ -803,6 +803,7 @@ class PrefixIndex:
     def __init__(self, prefixes: Iterable[str] = ()) -> None:
         self._below: dict[str, str] = {}  # 'fc' -> 'fc.': covers names below module fc
         self._at: dict[str, str] = {}  # 'fc' -> 'fc': covers fc itself and names below it
+        self._starts: tuple[str, ...] | None = None  # 'fc.' for both, built when asked
         for prefix in prefixes:
             self.add(prefix)
 
@@ -811,11 +812,24 @@ class PrefixIndex:
             self._below.setdefault(prefix[:-1], prefix)
         else:
             self._at.setdefault(prefix, prefix)
+        self._starts = None
+
+    def covers(self, name: str) -> bool:
+        """Whether a prefix covers ``name``: with a few prefixes, one ``startswith`` in C
+        (asked for every key of a 100k-tensor checkpoint, the walk up its modules costs
+        10x more); with many, the walk, whose cost does not grow with their number."""
+        if len(self._below) + len(self._at) > MAX_STARTSWITH_PREFIXES:
+            return self.covering(name) is not None
+        if self._starts is None:
+            self._starts = tuple(module + "." for module in (*self._below, *self._at))
+        return name.startswith(self._starts) or name in self._at
+
+    def __bool__(self) -> bool:
+        """Whether it holds any prefix: callers skip asking about every key otherwise."""
+        return bool(self._below or self._at)
 
     def covering(self, name: str) -> str | None:
         """The prefix that covers ``name`` (the outermost if several), or None."""
-        if not self._below and not self._at:  # asked for every key even with no prefixes
-            return None
         for module in _ancestors(name):
             hit = self._below.get(module) or self._at.get(module)
             if hit is not None:
@@ -831,15 +845,6 @@ def _ancestors(name: str) -> Iterator[str]:
         end = name.find(".", end + 1)
 
 
-def _module_counts(names: Iterable[str]) -> dict[str, int]:
-    """For each module path and each name itself: how many of ``names`` lie at or under it."""
-    counts: dict[str, int] = {}
-    for name in names:
-        for module in (*_ancestors(name), name):
-            counts[module] = counts.get(module, 0) + 1
-    return counts
-
-
 def covering_prefixes(affected: set[str], universe: set[str]) -> list[str]:
     """The fewest module prefixes that cover ``affected`` and nothing else of ``universe``.
 
@@ -847,20 +852,42 @@ def covering_prefixes(affected: set[str], universe: set[str]) -> list[str]:
     VGG gives ``['classifier.6.']`` because ``classifier.0`` is not affected.
     """
     # A module qualifies when every universe name under it is affected: compare counts.
-    in_universe = _module_counts(universe)
-    affected_in_universe = _module_counts(affected & universe)
+    in_universe = SortedNames(universe)
+    affected_in_universe = SortedNames(affected & universe)
     chosen = PrefixIndex()
     prefixes: list[str] = []
     for name in sorted(affected):
         if chosen.covering(name) is not None:
             continue
         for module in (*_ancestors(name), name):
-            if in_universe.get(module, 0) == affected_in_universe.get(module, 0):
+            if in_universe.count_under(module) == affected_in_universe.count_under(module):
                 prefix = module + "." if module != name else module
                 prefixes.append(prefix)
                 chosen.add(prefix)
                 break
     return prefixes
+
+
+class SortedNames:
+    """Names sorted once, so that how many lie under a prefix is two binary searches
+    (a checkpoint may hold hundreds of thousands of names; a fix asks about a few
+    modules, or thousands of --drop prefixes)."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self._ordered = sorted(set(names))
+
+    def count_under(self, prefix: str) -> int:
+        """Names ``prefix`` covers, as :func:`under_prefix` decides: those starting with
+        ``prefix.`` (``prefix`` when it ends in a dot) and, without the dot, ``prefix``
+        itself."""
+        below = prefix if prefix.endswith(".") else prefix + "."
+        # Every name starting with "m." lies in ["m.", "m/"): "/" follows "." in code order.
+        start = bisect.bisect_left(self._ordered, below)
+        count = bisect.bisect_left(self._ordered, below[:-1] + "/", lo=start) - start
+        if not prefix.endswith("."):
+            exact = bisect.bisect_left(self._ordered, prefix)
+            count += exact < len(self._ordered) and self._ordered[exact] == prefix
+        return count
 
 
 # --- grouping names for humans -------------------------------------------------------

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+import operator
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ckptool.compare import CheckpointDiff
-from ckptool.data import DataSplit
-from ckptool.finetune import EpochMetrics, FinetuneResult
 from ckptool.formats.bounded import listed, visible
-from ckptool.formats.meta import CheckpointMeta, TensorMeta
-from ckptool.freezing import FreezeSummary
-from ckptool.guard import GuardReport
+from ckptool.formats.meta import DTYPE_SIZES, CheckpointMeta, TensorMeta
 from ckptool.keys import (
     Fix,
     FixStep,
@@ -29,9 +26,18 @@ from ckptool.keys import (
     fold_names,
     fold_rows,
 )
-from ckptool.sanity import CheckResult
-from ckptool.surgery import SurgeryLog
-from ckptool.values import ValueDiff
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
+
+    from ckptool.compare import CheckpointDiff
+    from ckptool.data import DataSplit
+    from ckptool.finetune import EpochMetrics, FinetuneResult
+    from ckptool.freezing import FreezeSummary
+    from ckptool.guard import GuardReport
+    from ckptool.sanity import CheckResult
+    from ckptool.surgery import SurgeryLog
+    from ckptool.values import ValueDiff
 
 # Folded key labels shown per category before "... and N more".
 MAX_LABELS = 8
@@ -128,19 +134,22 @@ def inspect_json(meta: CheckpointMeta) -> dict[str, Any]:
         "shared": meta.shared_groups(),
         "opaque": list(meta.opaque),
         "adapter": _adapter_json(meta),
-        "tensors": [_tensor_json(n, t) for n, t in meta.tensors.items()],
+        "tensors": _tensors_json(meta.tensors),
     }
 
 
-def _tensor_json(name: str, tensor: TensorMeta) -> dict[str, Any]:
-    numel = tensor.numel  # once: a 100k-tensor listing pays for every property call
-    return {
-        "name": name,
-        "shape": list(tensor.shape),
-        "dtype": tensor.dtype,
-        "numel": numel,
-        "nbytes": numel * tensor.itemsize,
-    }
+def _tensors_json(tensors: Mapping[str, TensorMeta]) -> list[dict[str, Any]]:
+    # Column by column, without a call per tensor: a 100k-tensor listing pays for each.
+    shapes = [tensor.shape for tensor in tensors.values()]
+    dtypes = [tensor.dtype for tensor in tensors.values()]
+    numels = list(map(math.prod, shapes))
+    nbytes = map(operator.mul, numels, map(DTYPE_SIZES.get, dtypes, itertools.repeat(0)))
+    return [
+        {"name": name, "shape": list(shape), "dtype": dtype, "numel": numel, "nbytes": size}
+        for name, shape, dtype, numel, size in zip(
+            tensors, shapes, dtypes, numels, nbytes, strict=True
+        )
+    ]
 
 
 def _adapter_json(meta: CheckpointMeta) -> dict[str, Any] | None:
@@ -948,6 +957,11 @@ def render_demo_step(number: int, title: str, command: str, result: Any, console
     console.print(f"{number}. {title}", style="bold")
     if command:
         console.print(f"  $ {command}", markup=False, style="dim")
+    # Here, not at the top: `inspect --json` imports this module and needs none of them.
+    from ckptool.compare import CheckpointDiff
+    from ckptool.finetune import FinetuneResult
+    from ckptool.surgery import SurgeryLog
+
     if isinstance(result, CheckpointMeta):
         render_inspect(result, console)
     elif isinstance(result, CheckpointDiff):

@@ -111,7 +111,7 @@ def test_row_shards_are_copied_as_byte_ranges(two_rank_checkpoint: Path) -> None
         if name == "layer.weight":  # a chunk placed off the first column is no row block
             moved = dataclasses.replace(second, offsets=(5, 1))
             assert chunk_assembly(meta.path, fqn, wanted, {fqn: [first, moved]}) is None
-        double = dataclasses.replace(wanted, dtype="float64")  # bytes of another dtype
+        double = wanted._replace(dtype="float64")  # bytes of another dtype
         assert chunk_assembly(meta.path, fqn, double, index) is None
     emb = dcp_name(meta, "emb")
     assert chunk_assembly(meta.path, emb, meta.tensors["emb"], index) is None

@@ -425,3 +425,43 @@ def test_a_header_with_json_text_in_its_metadata_reads(tmp_path: Path) -> None:
     save_file(tied, tmp_path / "t.safetensors", metadata={"note": json.dumps({"x": "y"})})
     meta = read_metadata(tmp_path / "t.safetensors")
     assert list(meta.tensors) == ["a", "b"] and json.loads(meta.metadata["note"]) == {"x": "y"}
+
+
+def _raw_safetensors(path: Path, header: dict, data: bytes) -> Path:
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("entries", "data_len", "message"),
+    [
+        # each passes every other check: the one named must catch it
+        ({"w": {"dtype": "F32", "shape": [-2, -2], "data_offsets": [0, 16]}}, 16, "shape"),
+        ({"w": {"dtype": "F32", "shape": [2**64, 0], "data_offsets": [0, 0]}}, 0, "shape"),
+        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 8]}}, 8, "data_offsets"),
+        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, 16, "before tensor"),
+        ({}, 8, "after the last tensor"),
+    ],
+    ids=["negative-dims", "dim-past-int64", "three-offsets", "leading-gap", "no-tensors"],
+)
+def test_safetensors_entries_checked_in_bulk_are_refused(
+    tmp_path: Path, entries: dict, data_len: int, message: str
+) -> None:
+    """The column-by-column check of a header refuses what the entry-by-entry one does."""
+    path = _raw_safetensors(tmp_path / "bad.safetensors", entries, bytes(data_len))
+    with pytest.raises(CheckpointReadError, match=message):
+        read_metadata(path)
+
+
+def test_safetensors_names_come_in_natural_order(tmp_path: Path) -> None:
+    """Digit runs compare as numbers, component by component; text after a number."""
+    names = ["layer10.0", "layer2.1", "layer2.weight", "a.b", "a1.b", "a.10", "a.9", "ab",
+             "a7", "1a", "a", "x007", "x7b", "x10", "layer2.10", "layer2.9.w"]  # fmt: skip
+    offsets = {n: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}
+               for i, n in enumerate(names)}  # fmt: skip
+    meta = read_metadata(_raw_safetensors(tmp_path / "n.safetensors", offsets, bytes(64)))
+    assert list(meta.tensors) == [
+        "1a", "a", "a.9", "a.10", "a.b", "a1.b", "a7", "ab", "layer2.1", "layer2.9.w",
+        "layer2.10", "layer2.weight", "layer10.0", "x007", "x7b", "x10",
+    ]  # fmt: skip

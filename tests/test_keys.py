@@ -13,7 +13,10 @@ from hypothesis import strategies as st
 from ckptool import TransformError
 from ckptool.formats.meta import TensorMeta
 from ckptool.keys import (
+    MAX_STARTSWITH_PREFIXES,
+    PrefixIndex,
     Reason,
+    SortedNames,
     Transforms,
     apply_transforms,
     covering_prefixes,
@@ -278,6 +281,30 @@ def test_covering_prefixes_property_on_grid() -> None:
     assert prefixes == ["m1.", "m2.0."]
     covered = {u for u in universe if any(under_prefix(u, p) for p in prefixes)}
     assert covered == affected
+
+
+# Names around the edges of "under fc": a slash sorts right after the dot, a dash before.
+EDGE_NAMES = ["fc", "fc.w", "fc.0.b", "fc/w", "fc-1.w", "fc0.w", "fcx", "f", "fc.", "a.fc.w"]
+EDGE_PREFIXES = ["fc", "fc.", "fc.0", "fc.0.", "f", "fc/w", "a", "a.fc", "zz", ""]
+
+
+@pytest.mark.parametrize("prefix", EDGE_PREFIXES)
+def test_sorted_names_count_what_under_prefix_covers(prefix: str) -> None:
+    expected = sum(under_prefix(name, prefix) for name in EDGE_NAMES)
+    assert SortedNames(EDGE_NAMES).count_under(prefix) == expected
+
+
+@pytest.mark.parametrize("count", [3, MAX_STARTSWITH_PREFIXES + 5])
+def test_prefix_index_agrees_with_under_prefix(count: int) -> None:
+    """Both ways of answering (a few prefixes at once, many by walking up the modules)
+    agree with under_prefix, also for prefixes added after a question."""
+    prefixes = [*EDGE_PREFIXES[:2], *(f"extra{i}." for i in range(count))]
+    index = PrefixIndex(prefixes)
+    assert [index.covers(n) for n in EDGE_NAMES] == [
+        any(under_prefix(n, p) for p in prefixes) for n in EDGE_NAMES
+    ]
+    index.add("a.fc")
+    assert index.covers("a.fc.w") and not index.covers("a.fcw")
 
 
 def test_given_prefix_fix_leaves_only_the_shape_step() -> None:

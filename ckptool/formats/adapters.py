@@ -9,6 +9,7 @@ and options live in ``adapter_config.json`` beside it. Diffing one against a mod
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Mapping
@@ -66,7 +67,11 @@ def describe_adapter(path: str, tensors: Mapping[str, TensorMeta]) -> AdapterInf
     """
     modules: dict[str, int] = {}
     lora_names = set()
-    for name, meta in tensors.items():
+    # Every LoRA name holds ".lora_": a substring test at C speed spares a 100k-tensor
+    # model 100k regex matches.
+    marked = itertools.compress(tensors, map(str.__contains__, tensors, itertools.repeat(".lora_")))
+    for name in marked:
+        meta = tensors[name]
         match = _LORA.match(name)
         if match is None:
             continue

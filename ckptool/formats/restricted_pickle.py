@@ -80,6 +80,8 @@ class _RefusesBuild:
     torch.save never emits BUILD for these objects, so refusing costs real files nothing.
     """
 
+    __slots__ = ()  # a PickledTensor is a tuple: no __dict__ for BUILD to fill
+
     def __setstate__(self, state: Any) -> None:
         raise CheckpointReadError(
             f"the pickle tries to set fields of a {type(self).__name__.lstrip('_')} "
@@ -106,9 +108,10 @@ class _StorageType(_RefusesBuild):
     dtype: str
 
 
-@dataclass(frozen=True)
 class PickledTensor(_RefusesBuild, TensorMeta):
     """A TensorMeta as the unpickler builds it; readers turn it into a plain one."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True)
