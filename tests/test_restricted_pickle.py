@@ -78,6 +78,35 @@ def test_opcode_budget(monkeypatch: pytest.MonkeyPatch) -> None:
         check_pickle_budgets(pickle.dumps(list(range(20)), protocol=2))
 
 
+def test_opcode_budget_stops_reading_a_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pickle in a stream (torch's legacy format) is read only as far as the budget."""
+    monkeypatch.setattr(pickle_scan, "MAX_OPCODES", 10)
+    stream = io.BytesIO(pickle.dumps(list(range(200)), protocol=2))
+    with pytest.raises(PickleBudgetError, match="more than 10 opcodes"):
+        check_pickle_budgets(stream)
+    assert stream.tell() < 40  # 11 opcodes in, not at the end (600 bytes)
+
+
+@pytest.mark.parametrize(
+    ("pickle_bytes", "message"),
+    [
+        # BINSTRING of -5 bytes: stepping back 5 would replay it forever
+        (craft.PROTO2 + b"T" + (-5).to_bytes(4, "little", signed=True) + craft.STOP, "negative"),
+        (craft.PROTO2 + b"J\x01\x00", "past the end"),  # BININT wants 4 bytes
+        (craft.PROTO2 + craft.EMPTY_LIST + b"pabc\n" + craft.STOP, "not a number"),  # text PUT
+        (craft.PROTO2 + b"I" + b"9" * 70_000 + b"\n" + craft.STOP, "newline"),  # 70k digits
+        (craft.PROTO2 + craft.STOP, "needs an object"),  # PROTO pushes nothing for STOP
+    ],
+    ids=["negative-length", "cut-argument", "text-memo-index", "long-line", "empty-stack"],
+)
+def test_malformed_opcode_arguments_are_corrupt(pickle_bytes: bytes, message: str) -> None:
+    for data in (pickle_bytes, io.BytesIO(pickle_bytes)):  # in memory and in a stream
+        with pytest.raises(CheckpointReadError, match="corrupt pickle"):
+            check_pickle_budgets(data)
+    with pytest.raises(CheckpointReadError, match=message):
+        check_pickle_budgets(pickle_bytes)
+
+
 def test_lengths_beyond_the_file_are_not_allocated(tmp_path: Path) -> None:
     # BINBYTES8 claiming 2**62 bytes: the scan must refuse it without reading that much.
     path = tmp_path / "p.pkl"

@@ -522,7 +522,7 @@ def load_restricted(
     stream = io.BytesIO(data) if isinstance(data, bytes) else data
     start = stream.tell()
     try:
-        check_pickle_budgets(stream)
+        check_pickle_budgets(data)  # bytes are scanned in place, a stream up to STOP
     except CheckpointReadError as e:
         raise type(e)(f"{path}: {e}") from e
     stream.seek(start)
