@@ -213,6 +213,8 @@ def test_a_tensor_that_needs_an_opaque_result_is_refused() -> None:
     assert ok.obj["w"].shape == (4,) and not ok.opaque
     with pytest.raises(ckptool.UnsafeCheckpointError, match=r"size from mylib\.make_size"):
         load_restricted(_tensor_pickle(b"cmylib\nmake_size\n)R"), path="evil.pt")
+    with pytest.raises(ckptool.UnsafeCheckpointError, match=r"size from mylib\.make_dim"):
+        load_restricted(_tensor_pickle(b"cmylib\nmake_dim\n)R\x85"), path="evil.pt")  # (dim,)
     with pytest.raises(ckptool.UnsafeCheckpointError, match=r"storage reference from mylib\.key"):
         load_restricted(_tensor_pickle(b"K\x04\x85", b"cmylib\nkey\n)R"), path="evil.pt")
     kept = load_restricted(_opcodes(b"}X\x01\x00\x00\x00acmylib\nConfig\n)Rs"), path="x.pt")

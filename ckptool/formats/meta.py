@@ -261,7 +261,7 @@ class CheckpointMeta:
                 total += tensor.nbytes
             elif views[tensor.storage] > 1:
                 shared.setdefault(tensor.storage, []).extend(tensor.occupied_spans())
-            elif tensor.stride is None:  # most tensors: alone in their storage, dense
+            elif tensor.is_contiguous:  # most tensors: alone in their storage, dense
                 total += tensor.nbytes
             else:
                 total += sum(end - start for start, end in tensor.occupied_spans())

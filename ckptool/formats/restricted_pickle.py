@@ -272,6 +272,8 @@ def _needs_data(value: Any, what: str) -> None:
 
 
 def _find_opaque(value: Any, depth: int = 0) -> OpaqueObject | type[OpaqueObject] | None:
+    if type(value) in _PLAIN:  # most values (an offset, a key), asked 500k times at 100k tensors
+        return None
     if isinstance(value, OpaqueObject):
         return value
     if isinstance(value, type) and issubclass(value, OpaqueObject):
@@ -282,6 +284,9 @@ def _find_opaque(value: Any, depth: int = 0) -> OpaqueObject | type[OpaqueObject
             if found is not None:
                 return found
     return None
+
+
+_PLAIN = frozenset({int, str, bool, float, type(None)})
 
 
 def _meta_from_storage(storage: Any, offset: Any, size: Any, stride: Any, dtype: str) -> TensorMeta:
