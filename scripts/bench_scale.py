@@ -4,8 +4,10 @@ Two naming schemes: MoE-like (`model.layers.L.mlp.experts.E.w1.weight`, deep dot
 paths, many siblings) and flat (`t123456`, no dots at all). Tensors are tiny (4
 floats), so the cost measured is per tensor, not per byte. Each file is written as
 safetensors and as a torch.save zip; `diff` compares the safetensors file with a copy
-whose last tensor is renamed. Every command runs in a fresh process, REPEATS times;
-prints medians of wall time and peak RSS (wait4) and the cost per tensor.
+whose last tensor is renamed. Beside them, in the same run, the baselines: `python -c
+pass`, safetensors' own reader listing every shape, and `torch.load(mmap=True)` of the
+torch.save file. Every command runs in a fresh process, REPEATS times; prints medians
+of wall time and peak RSS (wait4) and the cost per tensor.
 
     python scripts/bench_scale.py [--counts 1000,10000,100000] [--repeats 3]
 """
@@ -22,6 +24,12 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_read import run
+
+SHAPES = (
+    "from safetensors import safe_open\n"
+    "with safe_open({!r}, framework='np') as f: [f.get_slice(k).get_shape() for k in f.keys()]"
+)
+TORCH_MMAP = "import torch; torch.load({!r}, mmap=True, weights_only=True)"
 
 
 def moe_names(count: int) -> list[str]:
@@ -80,6 +88,11 @@ def main() -> int:
                     "inspect .safetensors": [*ck, "inspect", files["st"], "--json"],
                     "inspect .pt": [*ck, "inspect", files["pt"], "--json"],
                     "diff .safetensors": [*ck, "diff", files["st"], files["other"], "--json"],
+                    # Baselines: the interpreter alone, safetensors' own (Rust) header
+                    # reader listing every shape, torch's loader without reading bytes.
+                    "python -c pass": [sys.executable, "-c", "pass"],
+                    "safe_open shapes (numpy)": [sys.executable, "-c", SHAPES.format(files["st"])],
+                    "torch.load .pt (mmap)": [sys.executable, "-c", TORCH_MMAP.format(files["pt"])],
                 }
                 for label, argv in commands.items():
                     samples = [run(argv)[:2] for _ in range(args.repeats)]

@@ -106,3 +106,109 @@ def _lora_pair(folder: Path) -> None:
         modules_to_save=["head"],
     )
     peft.get_peft_model(base, config).save_pretrained(folder / "adapter")
+
+
+def fenced(language: str) -> list[str]:
+    """The README's ```LANGUAGE blocks, in order."""
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def shell_commands() -> list[str]:
+    """Every command of the ```sh blocks (continuation lines joined, `&&` split)."""
+    commands = []
+    for block in fenced("sh"):
+        for line in block.replace("\\\n", " ").splitlines():
+            commands += [part.strip() for part in line.split("&&") if part.strip()]
+    return commands
+
+
+# What a README snippet leaves to the reader, made real: a training step (one SGD step
+# on random images), and the objects the callback snippet hands to Lightning and to the
+# Hugging Face Trainer (a tiny BERT and its arguments).
+PRELUDES = {
+    "train(model, optimizer)": (
+        "import torch\n"
+        "def train(model, optimizer):\n"
+        "    model.train(); optimizer.zero_grad()\n"
+        "    loss = model(torch.randn(2, 3, 64, 64)).logsumexp(1).mean()\n"
+        "    loss.backward(); optimizer.step()\n"
+    ),
+    "Trainer(model=model": (
+        "try:\n    import lightning.pytorch as pl\n"
+        "except ImportError:\n    import pytorch_lightning as pl\n"
+        "from transformers import BertConfig, BertForSequenceClassification, Trainer, "
+        "TrainingArguments\n"
+        "model = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, "
+        "num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))\n"
+        "args = TrainingArguments(output_dir='hf', report_to=[], use_cpu=True)\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("snippet", fenced("python"), ids=lambda s: s.split("\n")[0][:50])
+def test_readme_python_example_runs(workdir: Path, snippet: str) -> None:
+    """Each ```python block runs as written (its own asserts included), with only what
+    it leaves to the reader defined before it."""
+    if "Trainer(" in snippet:
+        pytest.importorskip("transformers")
+    if not (workdir / "resnet18_5.safetensors").exists():  # the first snippet loads it
+        _run_ckptool(workdir, "adapt", "resnet18_dp.pth", "--model", "torchvision:resnet18",
+                     "--num-classes", "5", "--strip", "module.", "--drop", "fc.",
+                     "-o", "resnet18_5.safetensors")  # fmt: skip
+    prelude = "".join(code for marker, code in PRELUDES.items() if marker in snippet)
+    done = subprocess.run(
+        [sys.executable, "-c", prelude + snippet],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    if "guard.report()" in snippet:
+        assert done.stdout.startswith("guard: ok: "), done.stdout  # a step ran, nothing moved
+
+
+def test_readme_shell_commands_run_or_are_what_ci_runs(workdir: Path) -> None:
+    """The README's install, test and demo commands are the ones .ci/run runs; the
+    example-checkpoint script and the finetune command run here, on made-up images."""
+    ci = (REPO / ".ci" / "run").read_text()
+    commands = shell_commands()
+    assert any(c.startswith("ckptool finetune") for c in commands)
+    for command in commands:
+        argv = shlex.split(command)
+        if argv[0] == "pip":  # this checkout, with the test extra for the tests, as CI
+            assert argv[1:3] == ["install", "-e"] and argv[3] in (".", ".[test]"), command
+            assert "pip install -e '.[test]'" in ci
+        elif argv[0] == "pytest" or argv[:2] == ["ckptool", "demo"]:
+            assert " ".join(argv[:2]) in ci, command
+        elif argv[0] == "python":
+            out = workdir / "from_readme.pth"
+            subprocess.run([sys.executable, *argv[1:-1], str(out)], cwd=REPO, check=True)
+            assert out.stat().st_size > 40_000_000  # a whole ResNet-18
+        else:
+            _image_folder(workdir / "flowers", classes=3, per_class=5)
+            done = _run_ckptool(workdir, *argv[1:])
+            assert (workdir / "run1" / "report.json").exists(), done.stderr
+
+
+def _run_ckptool(workdir: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, "-m", "ckptool", *argv],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done
+
+
+def _image_folder(folder: Path, *, classes: int, per_class: int) -> None:
+    """Small images, one sub-folder per class, each class a different colour."""
+    from PIL import Image
+
+    for c in range(classes):
+        (folder / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            colour = (80 * c, 255 - 60 * c, 20 * i)
+            Image.new("RGB", (32, 32), colour).save(folder / f"class{c}" / f"{i}.png")

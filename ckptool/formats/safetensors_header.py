@@ -47,7 +47,8 @@ def read_safetensors_meta(path: str) -> CheckpointMeta:
     header, data_start, file_size = read_header(path)
     metadata = _parse_metadata(path, header.pop("__metadata__", None))
     tensors = _parse_entries(path, header, data_start=data_start, data_len=file_size - data_start)
-    tensors = _with_aliases(path, tensors, metadata.get(ALIASES_KEY))
+    header.clear()  # the parsed JSON is twice the size of the entries made from it
+    tensors = _with_aliases(path, _naturally_sorted(tensors), metadata.get(ALIASES_KEY))
     return CheckpointMeta(
         path=path,
         format=Format.SAFETENSORS,
@@ -167,7 +168,7 @@ def _with_aliases(
                 f"{path}: {ALIASES_KEY} maps {alias!r} to {target!r}, which is not a stored tensor"
             )
         result[alias] = tensors[target]
-    return {name: result[name] for name in sorted(result, key=natural_key)}
+    return _naturally_sorted(result)
 
 
 def _parse_metadata(path: str, raw: Any) -> dict[str, str]:
@@ -184,6 +185,10 @@ def _parse_entries(
     tensors = _entries_in_bulk(path, header, data_start=data_start, data_len=data_len)
     if tensors is None:  # something is wrong: checking entry by entry names it
         tensors = _entries_one_by_one(path, header, data_start=data_start, data_len=data_len)
+    return tensors
+
+
+def _naturally_sorted(tensors: dict[str, TensorMeta]) -> dict[str, TensorMeta]:
     # Writers order the header by dtype and size; people read names in natural order.
     return {name: tensors[name] for name in sorted(tensors, key=natural_key)}
 
