@@ -34,6 +34,7 @@ from ckptool.errors import (
     OutputError,
     UnsafeCheckpointError,
     UsageError,
+    command_line_voice,
 )
 from ckptool.threads import configure_threads, prefer_sleeping_workers
 
@@ -89,7 +90,8 @@ def handle_errors(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         as_json = bool(kwargs.get("as_json"))
         try:
-            return command(*args, **kwargs)
+            with command_line_voice():
+                return command(*args, **kwargs)
         except CkptError as e:
             _fail(str(e).splitlines()[0], exit_code_for(e), as_json=as_json)
         except MemoryError:

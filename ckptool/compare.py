@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ckptool.errors import UsageError
+from ckptool.errors import UsageError, option
 from ckptool.formats import CheckpointMeta, read_metadata
 from ckptool.formats.adapters import describe_adapter
 from ckptool.keys import KeyDiff, Transforms, diff
@@ -66,14 +66,19 @@ def diff_checkpoint(
         CheckpointReadError, UnsafeCheckpointError, ModelSpecError: from reading/building.
     """
     if (target is None) == (model is None):
-        raise UsageError("give either a TARGET checkpoint or --model SPEC, not both or neither")
+        raise UsageError(
+            f"give either a TARGET checkpoint or {option('model', 'SPEC')}, not both or neither"
+        )
     if values and target is None:
-        raise UsageError("--values compares two checkpoints; give a TARGET checkpoint")
+        raise UsageError(
+            f"{option('values', True)} compares two checkpoints; give a TARGET checkpoint"
+        )
     if target is not None and (num_classes is not None or head or model_args):
         # They shape a model; against a second checkpoint they would silently do nothing.
         raise UsageError(
-            "--num-classes, --head and --model-arg apply to --model SPEC, not to a TARGET "
-            "checkpoint; drop them or compare with --model"
+            f"{option('num_classes')}, {option('head')} and {option('model_args')} apply to "
+            f"{option('model', 'SPEC')}, not to a TARGET checkpoint; drop them or compare "
+            f"with {option('model')}"
         )
     source_meta = read_metadata(source, key=key)
     adapter = describe_adapter(source_meta.path, source_meta.tensors)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ckptool.errors import DataError, UsageError
+from ckptool.errors import DataError, UsageError, option
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +51,7 @@ def load_split(
         DataError: an unreadable image or a list file naming a missing file.
     """
     if not 0.0 <= val_split < 1.0:
-        raise UsageError(f"--val-split {val_split} must be in [0, 1)")
+        raise UsageError(f"{option('val_split', val_split)} must be in [0, 1)")
     classes, samples = read_samples(data)
     if val_data is not None:
         val_classes, val_samples = read_samples(val_data, classes=classes)

@@ -6,11 +6,53 @@ there is one, gives the fix. Only ``ckptool.cli`` turns these into exit codes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ckptool.guard import GuardReport, Violation
+
+
+# Who reads a message: the command line spells an option `--on-mismatch drop`, the
+# Python API `on_mismatch='drop'`. The CLI sets it while a command runs.
+_ON_COMMAND_LINE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "ckptool_on_command_line", default=False
+)
+
+
+@contextlib.contextmanager
+def command_line_voice() -> Iterator[None]:
+    """Within it, messages name options as the command line spells them."""
+    token = _ON_COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _ON_COMMAND_LINE.reset(token)
+
+
+def on_command_line() -> bool:
+    """Whether messages are read on the command line (see :func:`command_line_voice`)."""
+    return _ON_COMMAND_LINE.get()
+
+
+_NO_VALUE = object()
+# Parameters whose flag is not their name in dashes: one --model-arg per argument.
+_FLAGS = {"model_args": "--model-arg", "fmt": "--format"}
+
+
+def option(name: str, value: object = _NO_VALUE, *, quoted: bool = False) -> str:
+    """Option ``name`` (its Python parameter name), with ``value`` if given, in the
+    reader's words: ``--num-classes 5`` on the command line (``quoted``: in single
+    quotes, as a shell takes a regex), ``num_classes=5`` in Python; ``value=True`` is a
+    flag, ``--force`` or ``force=True``."""
+    if _ON_COMMAND_LINE.get():
+        flag = _FLAGS.get(name) or "--" + name.replace("_", "-")
+        if value is _NO_VALUE or value is True:  # True: a flag that takes no value
+            return flag
+        return f"{flag} '{value}'" if quoted else f"{flag} {value}"
+    return f"{name}=" if value is _NO_VALUE else f"{name}={value!r}"
 
 
 class CkptError(Exception):

@@ -20,7 +20,7 @@ from ckptool.distributed import (
     from_environment,
     shutdown,
 )
-from ckptool.errors import OutputError, UsageError
+from ckptool.errors import OutputError, UsageError, option
 from ckptool.formats.bounded import listed
 from ckptool.freezing import (
     FreezeSummary,
@@ -150,7 +150,7 @@ def _thin_data(split: DataSplit) -> list[str]:
     return [
         f"only {len(split.train)} training images ({len(split.val)} held out for validation); "
         f"classes with fewer than {FEW_IMAGES_PER_CLASS}: {shown}; "
-        "lower --val-split or add images"
+        f"lower {option('val_split')} or add images"
     ]
 
 
@@ -159,9 +159,9 @@ def _check_num_classes(num_classes: int | None, split: DataSplit, data: str) -> 
     cannot score; one with more trains outputs no image ever asks for."""
     if num_classes is not None and num_classes != len(split.classes):
         raise UsageError(
-            f"--num-classes {num_classes}, but {data} has {len(split.classes)} classes "
+            f"{option('num_classes', num_classes)}, but {data} has {len(split.classes)} classes "
             f"({', '.join(split.classes[:6])}{', ...' if len(split.classes) > 6 else ''}); "
-            "leave --num-classes out to take it from the data"
+            f"leave {option('num_classes')} out to take it from the data"
         )
 
 
@@ -212,11 +212,18 @@ def _train(
 
 def _check_options(options: TrainOptions, weights: WeightOptions, strategy: str | None) -> None:
     if options.epochs < 1 or options.batch_size < 1 or options.lr <= 0:
-        raise UsageError("--epochs and --batch-size must be at least 1 and --lr positive")
+        raise UsageError(
+            f"{option('epochs')} and {option('batch_size')} must be at least 1 and "
+            f"{option('lr')} positive"
+        )
     if options.optimizer not in ("sgd", "adamw"):
-        raise UsageError(f"--optimizer {options.optimizer!r}: choose sgd or adamw")
+        raise UsageError(
+            f"{option('optimizer', options.optimizer, quoted=True)}: choose sgd or adamw"
+        )
     if strategy == "scratch" and weights.weights:
-        raise UsageError("--strategy scratch re-initialises every weight; drop --weights")
+        raise UsageError(
+            f"{option('strategy', 'scratch')} re-initialises every weight; drop {option('weights')}"
+        )
 
 
 def _check_out_dir(out_dir: str, force: bool) -> None:
@@ -225,7 +232,8 @@ def _check_out_dir(out_dir: str, force: bool) -> None:
     existing = [f for f in OUTPUT_FILES if os.path.exists(os.path.join(out_dir, f))]
     if existing and not force:
         raise OutputError(
-            f"{out_dir}: holds {', '.join(existing)} from an earlier run; add --force to replace"
+            f"{out_dir}: holds {', '.join(existing)} from an earlier run; add "
+            f"{option('force', True)} to replace"
         )
     parent = os.path.dirname(os.path.abspath(out_dir))
     if not os.path.isdir(parent):
@@ -257,7 +265,7 @@ def _device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
+        raise UsageError(f"{option('device', 'cuda')}: no CUDA device is available")
     if requested not in ("cpu", "cuda") and not requested.startswith("cuda:"):
-        raise UsageError(f"--device {requested!r}: choose auto, cpu or cuda")
+        raise UsageError(f"{option('device', requested, quoted=True)}: choose auto, cpu or cuda")
     return torch.device(requested)

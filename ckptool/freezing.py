@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ckptool.choices import Strategy
-from ckptool.errors import UsageError
+from ckptool.errors import UsageError, option
 from ckptool.guard import mark_intended_frozen, tied_parameters, user_model
 from ckptool.keys import under_prefix
 
@@ -95,7 +95,9 @@ def freeze(
     model = user_model(model)  # names without torch.compile's or DDP's prefixes
     chosen = [x for x in (train, freeze, strategy) if x is not None]
     if len(chosen) > 1:
-        raise UsageError("choose one of --strategy, --train or --freeze")
+        raise UsageError(
+            f"choose one of {option('strategy')}, {option('train')} or {option('freeze')}"
+        )
     names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
     trainable = _trainable_names(model, names, train, freeze, strategy, freeze_until, head)
     if Strategy(strategy) is Strategy.SCRATCH if strategy else False:
@@ -198,19 +200,20 @@ def _trainable_names(
     if freeze_until is not None and strategy not in (Strategy.PARTIAL, "partial"):
         # Only the partial strategy freezes stages; anywhere else it would do nothing.
         raise UsageError(
-            f"--freeze-until {freeze_until}: applies to --strategy partial only; add it"
+            f"{option('freeze_until', freeze_until)}: applies to "
+            f"{option('strategy', 'partial')} only; add it"
         )
     if train is not None:
-        return set(_matching(names, train, "--train"))
+        return set(_matching(names, train, "train"))
     if freeze is not None:
-        return set(names) - set(_matching(names, freeze, "--freeze"))
+        return set(names) - set(_matching(names, freeze, "freeze"))
     plan = Strategy(strategy) if strategy is not None else Strategy.FULL
     if plan in (Strategy.FULL, Strategy.SCRATCH):
         return set(names)
     if plan is Strategy.LINEAR:
         from ckptool.models import find_head
 
-        return set(_matching(names, [head or find_head(model)], "--head"))
+        return set(_matching(names, [head or find_head(model)], "head"))
     return set(names) - _frozen_stages(model, names, freeze_until, head)
 
 
@@ -226,7 +229,8 @@ def _matching(names: Sequence[str], patterns: Sequence[str], flag: str) -> list[
         ]
         if not hits:
             raise UsageError(
-                f"{flag} {pattern!r} matches no parameter; names look like {names[0]!r}"
+                f"{option(flag, pattern, quoted=True)} matches no parameter; names look "
+                f"like {names[0]!r}"
             )
         matched.extend(hits)
     return matched
@@ -246,7 +250,8 @@ def _frozen_stages(
         until = freeze_until
     else:
         raise UsageError(
-            f"--freeze-until {freeze_until!r} is not a stage; stages: {', '.join(stages)}"
+            f"{option('freeze_until', freeze_until, quoted=True)} is not a stage; "
+            f"stages: {', '.join(stages)}"
         )
     if until is None:
         return set()

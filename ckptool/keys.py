@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ckptool.errors import TransformError
+from ckptool.errors import TransformError, on_command_line, option
 from ckptool.formats.meta import TensorMeta, tied_views
 
 # Prefixes that wrappers add: DataParallel/DDP, torch.compile, Lightning, detection heads.
@@ -70,6 +70,14 @@ class Transforms:
         out += [f"--reinit {p}" for p in self.reinit]
         return out
 
+    def words(self) -> str:
+        """These transforms as the reader passes them: flags on the command line,
+        ``Transforms`` arguments in Python."""
+        if on_command_line():
+            return " ".join(self.flags())
+        fields = dataclasses.asdict(self)
+        return ", ".join(f"{name}={value!r}" for name, value in fields.items() if value)
+
     def explains(self, name: str) -> bool:
         """True if ``name`` lies under a --drop or --reinit prefix."""
         return self._drop_or_reinit.covers(name)
@@ -84,12 +92,13 @@ def _parse_rename(item: str) -> tuple[str, str]:
     pattern, sep, repl = item.partition("=")
     if not sep or not pattern:
         raise TransformError(
-            f"--rename {item!r} must be REGEX=REPLACEMENT, e.g. '^features\\.=backbone.'"
+            f"{option('rename', item, quoted=True)} must be REGEX=REPLACEMENT, "
+            "e.g. '^features\\.=backbone.'"
         )
     try:
         re.compile(pattern)
     except re.error as e:
-        raise TransformError(f"--rename {item!r}: invalid regex ({e})") from e
+        raise TransformError(f"{option('rename', item, quoted=True)}: invalid regex ({e})") from e
     return pattern, repl
 
 
@@ -134,9 +143,9 @@ def _strip_all(current: dict[str, str], prefix: str) -> dict[str, str]:
     lacking = [k for k in current if not k.startswith(prefix)]
     if lacking:
         raise TransformError(
-            f"--strip {prefix!r}: {len(lacking)}/{len(current)} keys do not start with it "
-            f"(e.g. {lacking[0]!r}); stripping is all-or-nothing, to strip only where present "
-            f"use --rename '^{re.escape(prefix)}='"
+            f"{option('strip', prefix, quoted=True)}: {len(lacking)}/{len(current)} keys do "
+            f"not start with it (e.g. {lacking[0]!r}); stripping is all-or-nothing, to strip "
+            f"only where present use {option('rename', f'^{re.escape(prefix)}=', quoted=True)}"
         )
     return {k[len(prefix) :]: v for k, v in current.items()}
 
@@ -148,11 +157,12 @@ def _rename(current: dict[str, str], pattern: str, repl: str) -> dict[str, str]:
         try:
             new = regex.sub(repl, name)
         except (re.error, IndexError) as e:
-            raise TransformError(f"--rename '{pattern}={repl}': bad replacement ({e})") from e
+            rule = option("rename", f"{pattern}={repl}", quoted=True)
+            raise TransformError(f"{rule}: bad replacement ({e})") from e
         if new in renamed:
             raise TransformError(
-                f"--rename '{pattern}={repl}' maps both {renamed[new]!r} and {original!r} "
-                f"to {new!r}"
+                f"{option('rename', f'{pattern}={repl}', quoted=True)} maps both "
+                f"{renamed[new]!r} and {original!r} to {new!r}"
             )
         renamed[new] = original
     return renamed
@@ -302,13 +312,13 @@ def _check_prefixes_match(
         return
     renamed = list(apply_transforms(source, dataclasses.replace(transforms, drop=())).mapping)
     checks = [
-        ("--drop", _unmatched(transforms.drop, [*renamed, *target])),
-        ("--reinit", _unmatched(transforms.reinit, list(target))),
+        ("drop", _unmatched(transforms.drop, [*renamed, *target])),
+        ("reinit", _unmatched(transforms.reinit, list(target))),
     ]
-    for flag, unmatched in checks:
+    for name, unmatched in checks:
         for prefix in unmatched:
             hint = _prefix_hint(prefix, source, target, transforms)
-            raise TransformError(f"{flag} {prefix}: matches no key; {hint}")
+            raise TransformError(f"{option(name, prefix)}: matches no key; {hint}")
 
 
 def _unmatched(prefixes: Sequence[str], names: Iterable[str]) -> list[str]:
@@ -330,8 +340,9 @@ def _prefix_hint(
     if renames and any(under_prefix(name, prefix) for name in source):
         moved = transform_prefix(prefix, transforms)
         return (
-            "it names checkpoint keys as they were before --strip/--add-prefix/--rename, "
-            f"but --drop and --reinit apply after them: use {moved!r}"
+            f"it names checkpoint keys as they were before {option('strip')}/"
+            f"{option('add_prefix')}/{option('rename')}, but {option('drop')} and "
+            f"{option('reinit')} apply after them: use {moved!r}"
         )
     modules = {m for name in (*source, *target) for m in (*_ancestors(name), name)}
     close = difflib.get_close_matches(prefix.rstrip("."), sorted(modules), n=1)
@@ -436,7 +447,7 @@ def _refuse_reinit_of_ties(
         hit = [n for n in names if reinit.covers(n)]
         if kept and hit:
             raise TransformError(
-                f"--reinit would re-initialise {hit[0]!r}, which the model ties to "
+                f"{option('reinit')} would re-initialise {hit[0]!r}, which the model ties to "
                 f"{kept[0]!r} (one tensor under both names) that the checkpoint provides: "
                 "its trained values would be overwritten; re-initialise both names or neither"
             )

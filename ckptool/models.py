@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ckptool.errors import ModelSpecError, UsageError
+from ckptool.errors import ModelSpecError, UsageError, option
 from ckptool.formats.meta import TensorMeta
 
 if TYPE_CHECKING:
@@ -71,7 +71,10 @@ def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.isidentifier():
-            raise ModelSpecError(f"--model-arg {item!r} must look like key=value, e.g. dropout=0.1")
+            raise ModelSpecError(
+                f"{option('model_args', item, quoted=True)} must look like key=value, "
+                "e.g. dropout=0.1"
+            )
         try:
             kwargs[key] = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -286,7 +289,9 @@ def find_head(model: nn.Module) -> str:
         name for name, module in model.named_modules() if isinstance(module, nn.Linear)
     ]
     if not linears:
-        raise UsageError(f"{type(model).__name__} has no nn.Linear head; name one with --head")
+        raise UsageError(
+            f"{type(model).__name__} has no nn.Linear head; name one with {option('head')}"
+        )
     return linears[-1]
 
 
@@ -301,12 +306,15 @@ def replace_head(model: nn.Module, num_classes: int, *, head: str | None = None)
     from torch import nn
 
     if num_classes < 1:
-        raise UsageError(f"--num-classes must be at least 1, got {num_classes}")
+        raise UsageError(f"{option('num_classes')} must be at least 1, got {num_classes}")
     name = head or find_head(model)
     old = dict(model.named_modules()).get(name)
     if not isinstance(old, nn.Linear):
         kind = type(old).__name__ if old is not None else "nothing"
-        raise UsageError(f"--head {name!r} is {kind}, not an nn.Linear; heads: {find_head(model)}")
+        raise UsageError(
+            f"{option('head', name, quoted=True)} is {kind}, not an nn.Linear; "
+            f"heads: {find_head(model)}"
+        )
     new = nn.Linear(
         old.in_features,
         num_classes,

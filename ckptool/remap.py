@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ckptool.errors import IncompatibleError
+from ckptool.errors import IncompatibleError, option
 from ckptool.formats.meta import TensorMeta
 
 # Module counts above this make the alignment table too big to be worth it (n * m cells).
@@ -56,12 +56,16 @@ def structural_remap(
     """
     src, tgt = modules_in_order(source), modules_in_order(target)
     if len(src) * len(tgt) > MAX_MODULES * MAX_MODULES // 100:
-        raise IncompatibleError(f"--remap: {len(src)} x {len(tgt)} modules is too many to align")
+        raise IncompatibleError(
+            f"{option('remap', True)}: {len(src)} x {len(tgt)} modules is too many to align"
+        )
     ways = _embeddings(src, tgt)
     if ways[0][0] == 0:
-        raise IncompatibleError(f"--remap: {_first_unmatched(src, tgt)}")
+        raise IncompatibleError(f"{option('remap', True)}: {_first_unmatched(src, tgt)}")
     if ways[0][0] > 1:
-        raise IncompatibleError(f"--remap: ambiguous, {_two_choices(src, tgt, ways)}")
+        raise IncompatibleError(
+            f"{option('remap', True)}: ambiguous, {_two_choices(src, tgt, ways)}"
+        )
     mapping: dict[str, str] = {}
     for s, t in _the_embedding(src, tgt, ways):
         mapping.update(zip(s.names(), t.names(), strict=True))
@@ -109,10 +113,10 @@ def _two_choices(src: Sequence[Module], tgt: Sequence[Module], ways: list[list[i
             return (
                 f"the model's {module.path or '(top level)'} could be the checkpoint's "
                 f"{first or '(top level)'} or {second or '(top level)'} (same names and "
-                "shapes); map it with --rename instead"
+                f"shapes); map it with {option('rename')} instead"
             )
         i = options[0] + 1 if options else i
-    return "two assignments fit; map the names with --rename instead"
+    return f"two assignments fit; map the names with {option('rename')} instead"
 
 
 def remap_transforms(mapping: Mapping[str, str]) -> tuple[tuple[str, str], ...]:

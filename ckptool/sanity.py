@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ckptool.errors import FrozenParameterError, UsageError, first_line
+from ckptool.errors import FrozenParameterError, UsageError, first_line, option
 from ckptool.formats import read_metadata
 from ckptool.freezing import FreezeSummary, freeze_for_training
 from ckptool.guard import FreezeGuard, GuardReport
@@ -178,7 +178,8 @@ def runnable_input_shape(net: nn.Module) -> tuple[int, ...]:
     tried = ", ".join("x".join(map(str, s)) for s in candidates[:6])
     raise UsageError(
         f"cannot find an input shape {type(net).__name__} accepts (tried {tried}; first "
-        f"error: {first_error}); add --input-shape, e.g. --input-shape 3,224,224"
+        f"error: {first_error}); add {option('input_shape')}, e.g. "
+        f"{option('input_shape', '3,224,224')}"
     )
 
 
@@ -267,8 +268,8 @@ def _forward(net: nn.Module, batch: torch.Tensor, shape: tuple[int, ...], *, giv
     try:
         return net(batch)
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        where = "--input-shape" if given else "the inferred input shape"
+        where = option("input_shape") if given else "the inferred input shape"
         raise UsageError(
             f"{type(net).__name__} cannot run a batch of {BATCH}x{'x'.join(map(str, shape))} "
-            f"({where}): {first_line(e)}; pass the sample shape with --input-shape"
+            f"({where}): {first_line(e)}; pass the sample shape with {option('input_shape')}"
         ) from e

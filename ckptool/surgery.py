@@ -26,6 +26,7 @@ from ckptool.errors import (
     IncompatibleCheckpointError,
     IncompatibleError,
     UsageError,
+    option,
 )
 from ckptool.formats import CheckpointMeta, read_metadata
 from ckptool.formats.bounded import listed
@@ -91,12 +92,16 @@ class Cast:
     def of(cls, dtype: str | None, keep: Sequence[str], names: Iterable[str]) -> Cast:
         """Raises UsageError: --keep-dtype without --dtype, or a pattern matching no name."""
         if keep and dtype is None:
-            raise UsageError("--keep-dtype keeps some tensors out of a --dtype cast; add --dtype")
+            raise UsageError(
+                f"{option('keep_dtype')} keeps some tensors out of a {option('dtype')} cast; "
+                f"add {option('dtype')}"
+            )
         listed = list(names)
         for pattern in keep:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in listed):
                 raise UsageError(
-                    f"--keep-dtype {pattern!r} matches no tensor name (a glob over whole "
+                    f"{option('keep_dtype', pattern, quoted=True)} matches no tensor name (a "
+                    "glob over whole "
                     "names: '*norm*', '*.bias')"
                 )
         return cls(dtype, tuple(keep))
@@ -345,10 +350,14 @@ def _structural_transforms(
 
     given = given or Transforms()
     if auto or given.strip or given.add_prefix or given.rename:
-        raise UsageError("--remap matches names by structure; it takes no --auto or renames")
+        raise UsageError(
+            f"{option('remap', True)} matches names by structure; it takes no "
+            f"{option('auto', True)} or renames"
+        )
     if meta.format is Format.SAFETENSORS:
         raise UsageError(
-            "--remap needs the checkpoint's module order, which safetensors does not keep "
+            f"{option('remap', True)} needs the checkpoint's module order, which safetensors does "
+            "not keep "
             "(its names are sorted); use the torch.save file"
         )
     mapping = structural_remap(meta.tensors, target)
@@ -548,17 +557,18 @@ def _non_finite(tensor: torch.Tensor) -> bool:
 def _whole_fix(found: KeyDiff) -> Transforms:
     """--auto: the whole fix ``diff`` prints (renames, drops, re-inits), not a part of it."""
     if found.ambiguous:
-        options = " or ".join(" ".join(s.flags) for s in found.ambiguous)
+        options = " or ".join(s.transforms.words() for s in found.ambiguous)
         raise UsageError(
-            f"--auto: ambiguous, {options} match equally many keys; pass one explicitly"
+            f"{option('auto', True)}: ambiguous, {options} match equally many keys; pass one "
+            "explicitly"
         )
     if found.compatible or (found.fits_after_adapt and found.fix is None):
         return found.transforms
     if found.fix is None or found.fix.keeps_little:
         raise IncompatibleError(
-            "--auto: no transform keeps a meaningful part of this checkpoint, most of the "
-            "model would be fresh initialisation: it is probably not for this model (see "
-            "ckptool diff)"
+            f"{option('auto', True)}: no transform keeps a meaningful part of this checkpoint, "
+            "most of the model would be fresh initialisation: it is probably not for this "
+            "model (see ckptool diff)"
         )
     return found.fix.transforms
 
@@ -577,19 +587,24 @@ def _refuse_incompatible(keys: KeyDiff, *, policy: MismatchPolicy, strict: bool)
     hint = _fix_hint(keys)
     if not keys.matched:
         # Writing the model's init under a new name would look like success; it is not.
+        advice = (
+            f"{hint} (or {option('auto', True)})"
+            if hint
+            else (f"check {option('model')} and {option('key')}")
+        )
         raise IncompatibleError(
-            f"no checkpoint key matches the model, the output would hold only its "
-            f"initialisation; {hint + ' (or --auto)' if hint else 'check --model and --key'}"
+            "no checkpoint key matches the model, the output would hold only its "
+            f"initialisation; {advice}"
         )
     if keys.shape_mismatch and policy is MismatchPolicy.ERROR:
         shown = listed(
             [f"{m.key} {list(m.source)} -> {list(m.target)}" for m in keys.shape_mismatch], 3
         )
-        raise IncompatibleError(f"shape mismatch: {shown}; {hint or 'add --on-mismatch drop'}")
+        advice = hint or f"add {option('on_mismatch', 'drop')}"
+        raise IncompatibleError(f"shape mismatch: {shown}; {advice}")
     if strict and (keys.unexpected or keys.unexplained_missing or keys.shape_mismatch):
-        raise IncompatibleError(
-            f"--strict: {_misfits(keys)}; {hint or 'name them with --drop/--reinit'}"
-        )
+        advice = hint or f"name them with {option('drop')}/{option('reinit')}"
+        raise IncompatibleError(f"{option('strict', True)}: {_misfits(keys)}; {advice}")
 
 
 def _misfits(keys: KeyDiff) -> str:
@@ -606,9 +621,15 @@ def _fix_hint(keys: KeyDiff) -> str:
     """The flags the fix adds to those given, as 'add ...' ('' if none)."""
     if keys.fix is None:
         return ""
-    given = keys.transforms.flags()
-    extra = [f for f in keys.fix.transforms.flags() if f not in given]
-    return f"add {' '.join(extra)}" if extra else ""
+    given, fix = keys.transforms, keys.fix.transforms
+    extra = Transforms(
+        strip=tuple(p for p in fix.strip if p not in given.strip),
+        add_prefix=fix.add_prefix if fix.add_prefix != given.add_prefix else None,
+        rename=tuple(r for r in fix.rename if r not in given.rename),
+        drop=tuple(p for p in fix.drop if p not in given.drop),
+        reinit=tuple(p for p in fix.reinit if p not in given.reinit),
+    )
+    return f"add {extra.words()}" if extra != Transforms() else ""
 
 
 def _refuse_mostly_init(log: SurgeryLog) -> None:
@@ -618,7 +639,7 @@ def _refuse_mostly_init(log: SurgeryLog) -> None:
         f"only {log.from_checkpoint:,} of the model's {log.model_numel:,} trainable values "
         f"({log.from_checkpoint / log.model_numel:.0%}) would come from the checkpoint, the "
         "rest from fresh initialisation: the checkpoint may be for another model, or the "
-        "transforms drop too much; add --allow-mostly-init if that is intended"
+        f"transforms drop too much; add {option('allow_mostly_init', True)} if that is intended"
     )
 
 
@@ -790,7 +811,7 @@ def convert(
         check_output(out, inputs=meta.files, force=force)
     if shard_size is not None and fmt_out is not OutputFormat.SAFETENSORS:
         raise UsageError(
-            "--shard-size writes safetensors shards; use an OUT ending in .safetensors"
+            f"{option('shard_size')} writes safetensors shards; use an OUT ending in .safetensors"
         )
     cast = Cast.of(dtype, keep_dtype, meta.tensors)
     log = SurgeryLog(
@@ -854,7 +875,10 @@ def merge(
     if len(inputs) < 2:
         raise UsageError("merge needs a BASE and at least one OTHER checkpoint")
     if bool(take) == average:
-        raise UsageError("merge needs either --take PREFIX=N or --average (not both)")
+        raise UsageError(
+            f"merge needs either {option('take', 'PREFIX=N')} or {option('average', True)} "
+            "(not both)"
+        )
     metas = [read_metadata(p) for p in inputs]
     fmt_out = output_format_for(out, fmt)
     files = tuple(f for m in metas for f in m.files)
@@ -916,11 +940,13 @@ def _take_origins(
     for prefix, index in take:
         if not 0 <= index < len(metas):
             raise UsageError(
-                f"--take {prefix}={index}: inputs are numbered 0 (BASE) to {len(metas) - 1}"
+                f"{option('take', f'{prefix}={index}')}: inputs are numbered 0 (BASE) to "
+                f"{len(metas) - 1}"
             )
         if not any(under_prefix(n, prefix) for n in metas[index].tensors):
             raise UsageError(
-                f"--take {prefix}={index}: {metas[index].path} has no keys under {prefix!r}"
+                f"{option('take', f'{prefix}={index}')}: {metas[index].path} has no keys "
+                f"under {prefix!r}"
             )
     origin: dict[str, int] = {}
     placed: set[str] = set()
@@ -951,7 +977,7 @@ def _check_same_keys(metas: Sequence[CheckpointMeta]) -> None:
                 keys.missing or keys.unexpected or tuple(m.key for m in keys.shape_mismatch)
             )[0]
             raise IncompatibleError(
-                f"--average: input {index} ({meta.path}) differs from the base: "
+                f"{option('average', True)}: input {index} ({meta.path}) differs from the base: "
                 f"{', '.join(problems)} (e.g. {example!r}); average needs identical keys and shapes"
             )
 

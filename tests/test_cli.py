@@ -349,3 +349,26 @@ def test_top_level_help_shows_whole_summaries_exit_codes_and_torchrun(run_cli) -
     assert "..." not in commands  # no summary cut short
     assert "Transfer learning in one command: adapt weights, replace" in text
     assert "Exit codes: 0 ok" in text and "130 interrupted" in text and "torchrun" in text
+
+
+def test_errors_speak_python_to_the_api_and_flags_to_the_command_line(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    """One failure, two readers: a Python caller is told the parameter to pass, a
+    command-line user the flag."""
+    import ckptool
+
+    source = write_checkpoint(wrap(MLP().state_dict(), "module."), "mlp.pt")
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"already here")
+    with pytest.raises(ckptool.OutputError, match="exists; add force=True to replace it"):
+        ckptool.convert(source, str(taken))
+    result = run_cli("convert", source, "-o", taken)
+    assert result.exit_code == 5 and "exists; add --force to replace it" in result.stderr
+
+    # the hint of a refused adapt: the missing transforms, as Transforms arguments / flags
+    with pytest.raises(ckptool.IncompatibleError, match=r"add strip=\('module\.',\)"):
+        ckptool.adapt(source, model=MLP(), out=str(tmp_path / "a.safetensors"))
+    model = "tests/conftest.py:MLP"
+    result = run_cli("adapt", source, "--model", model, "-o", tmp_path / "a.safetensors")
+    assert result.exit_code == 1 and "add --strip module." in result.stderr, result.stderr

@@ -214,7 +214,7 @@ def test_ambiguous_containers_need_key(write_checkpoint: WriteCheckpoint) -> Non
     state = seeded_state(MLP)
     path = write_checkpoint({"model": state, "ema": state}, "two.pt")
     with pytest.raises(
-        AmbiguousContainerError, match=r"several tensor dicts: model .*ema.*--key model"
+        AmbiguousContainerError, match=r"several tensor dicts: model .*ema.*key='model'"
     ) as info:
         read_metadata(path)
     assert info.value.candidates == ("model", "ema")

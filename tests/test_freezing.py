@@ -85,7 +85,7 @@ def test_frozen_batchnorm_stays_in_eval_after_model_train() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"train": ["nope"]}, "--train 'nope' matches no parameter"),
+        ({"train": ["nope"]}, "train='nope' matches no parameter"),
         (
             {"strategy": "partial", "freeze_until": "layer9"},
             "not a stage; stages: conv1, bn1, layer1",
@@ -128,6 +128,6 @@ def test_frozen_batchnorm_of_every_rank_keeps_its_statistics(norm: type, shape: 
 
 
 def test_freeze_until_without_partial_is_a_usage_error() -> None:
-    with pytest.raises(UsageError, match="--freeze-until layer2: applies to --strategy partial"):
+    with pytest.raises(UsageError, match="freeze_until='layer2': applies to strategy='partial'"):
         ckptool.freeze(resnet(), strategy="linear", freeze_until="layer2")
     ckptool.freeze(resnet(), strategy="partial", freeze_until="layer2")  # the spelling that works

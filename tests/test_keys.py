@@ -11,6 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from ckptool import TransformError
+from ckptool.errors import command_line_voice
 from ckptool.formats.meta import TensorMeta
 from ckptool.keys import (
     MAX_STARTSWITH_PREFIXES,
@@ -79,10 +80,13 @@ def test_apply_transforms(transforms: Transforms, expected: dict[str, str]) -> N
 
 
 def test_strip_is_all_or_nothing_with_hint() -> None:
-    with pytest.raises(
-        TransformError, match=r"1/2 keys do not start with it .*'head.w'.*--rename '\^module\\\.='"
-    ):
+    """The hint speaks Python to a Python caller and flags on the command line."""
+    with pytest.raises(TransformError, match=r"1/2 keys .*'head.w'.*use rename='\^module"):
         apply_transforms(["module.a.w", "head.w"], Transforms(strip=("module.",)))
+    with command_line_voice(), pytest.raises(TransformError) as refused:
+        apply_transforms(["module.a.w", "head.w"], Transforms(strip=("module.",)))
+    assert str(refused.value).startswith("--strip 'module.': 1/2 keys")
+    assert str(refused.value).endswith("use --rename '^module\\.='")
 
 
 def test_rename_collision_is_refused() -> None:
@@ -94,7 +98,12 @@ def test_rename_collision_is_refused() -> None:
     "item", ["no-equals", "=x", "(unclosed=x"], ids=["no-equals", "empty-regex", "bad-regex"]
 )
 def test_rename_flag_validation(item: str) -> None:
-    with pytest.raises(TransformError, match="--rename"):
+    with pytest.raises(TransformError, match=f"^rename={re.escape(repr(item))}"):
+        Transforms.from_flags(rename=[item])
+    with (
+        command_line_voice(),
+        pytest.raises(TransformError, match=f"^--rename '{re.escape(item)}'"),
+    ):
         Transforms.from_flags(rename=[item])
 
 

@@ -99,7 +99,7 @@ def test_replace_head_refuses_non_linear(head: str, message: str) -> None:
 
 
 def test_no_linear_head_is_a_usage_error() -> None:
-    with pytest.raises(UsageError, match="name one with --head"):
+    with pytest.raises(UsageError, match="name one with head="):
         find_head(nn.Sequential(nn.Conv2d(1, 1, 1)))
 
 

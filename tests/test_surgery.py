@@ -515,7 +515,7 @@ def test_api_errors_are_typed(dataparallel_resnet18: Path, tmp_path: Path) -> No
             num_classes=5,
             out=str(tmp_path / "x.pt"),
         )
-    with pytest.raises(UsageError, match="--shard-size writes safetensors"):
+    with pytest.raises(UsageError, match="shard_size= writes safetensors"):
         convert(dataparallel_resnet18, str(tmp_path / "x.pt"), shard_size=10)
 
 
@@ -532,7 +532,7 @@ def test_save_state_dict_keeps_ties_views_and_refuses_overwrite(
     loaded = ckptool.load_state_dict(path)
     assert_bit_equal(state, loaded)
     assert loaded["out.weight"].data_ptr() == loaded["embed.weight"].data_ptr()
-    with pytest.raises(ckptool.OutputError, match="exists; add --force"):
+    with pytest.raises(ckptool.OutputError, match="exists; add force=True"):
         ckptool.save_state_dict(state, path)
     ckptool.save_state_dict({"x": torch.ones(1)}, path, force=True)
     assert set(ckptool.load_state_dict(path)) == {"x"}
@@ -546,7 +546,7 @@ def test_strict_refuses_a_missing_key_that_no_flag_names(
     del state["head.bias"]
     source = write_checkpoint(state, "m.safetensors")
     spec = f"{Path(__file__).parent / 'conftest.py'}:MLP"
-    with pytest.raises(IncompatibleError, match=r"--strict: missing head\.bias"):
+    with pytest.raises(IncompatibleError, match=r"strict=True: missing head\.bias"):
         adapt(source, model=spec, strict=True, out=str(tmp_path / "out.safetensors"))
     assert not (tmp_path / "out.safetensors").exists()
     # Named by --reinit, the same key is allowed and filled from the model's init.
@@ -776,6 +776,6 @@ def test_adapt_that_works_searches_no_prefix_and_a_refusal_still_hints(
     out = str(tmp_path / "ok.safetensors")
     adapt(ckpt, model=MLP(), transforms=Transforms(strip=("module.",)), out=out)
     assert searches == [], "a plan that works searched for a better prefix"
-    with pytest.raises(IncompatibleError, match=r"--strip module\."):
+    with pytest.raises(IncompatibleError, match=r"add strip=\('module\.',\)"):
         adapt(ckpt, model=MLP(), out=str(tmp_path / "no.safetensors"))
     assert searches, "the refusal's hint comes from the search"

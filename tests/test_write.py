@@ -145,7 +145,7 @@ def test_racing_sharded_writer_keeps_the_other_writers_shards(tmp_path: Path) ->
     ckptool.convert(source, str(out), shard_size=100_000)
     (tmp_path / "out.safetensors.index.json").unlink()  # as if the other run were mid-way
     before = {p.name: p.read_bytes() for p in tmp_path.glob("out-*")}
-    with pytest.raises(OutputError, match="exists; add --force"):
+    with pytest.raises(OutputError, match="exists; add force=True"):
         ckptool.convert(source, str(out), shard_size=100_000)
     assert {p.name: p.read_bytes() for p in tmp_path.glob("out-*")} == before
 

@@ -7,7 +7,7 @@ import os
 import re
 from typing import Any
 
-from ckptool.errors import CheckpointReadError
+from ckptool.errors import CheckpointReadError, option
 from ckptool.formats.dcp import is_dcp_directory, read_dcp_meta
 from ckptool.formats.files import require_regular_file
 from ckptool.formats.meta import CheckpointMeta, ContainerEntry, Format, TensorMeta
@@ -60,7 +60,7 @@ def read_metadata(path: str | os.PathLike[str], *, key: str | None = None) -> Ch
     if file_format is Format.ZERO:
         if key is not None:
             raise CheckpointReadError(
-                f"{resolved}: a ZeRO folder is one state dict; --key does not apply"
+                f"{resolved}: a ZeRO folder is one state dict; {option('key')} does not apply"
             )
         return read_zero_meta(resolved)
     return _read_file_meta(resolved, key=key, file_format=file_format)
@@ -72,7 +72,9 @@ def _read_file_meta(
     file_format = file_format or detect_format(path)
     if file_format is Format.SAFETENSORS:
         if key is not None:
-            raise CheckpointReadError(f"{path}: safetensors files are flat; --key does not apply")
+            raise CheckpointReadError(
+                f"{path}: safetensors files are flat; {option('key')} does not apply"
+            )
         return read_safetensors_meta(path)
     try:
         if file_format is Format.TORCH_ZIP:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ckptool.errors import AmbiguousContainerError, CheckpointReadError, UsageError
+from ckptool.errors import AmbiguousContainerError, CheckpointReadError, UsageError, option
 from ckptool.formats.bounded import listed, short_repr, short_str
 from ckptool.formats.meta import ContainerEntry
 
@@ -60,7 +60,8 @@ def select_tensor_dict(
         found = _follow_key(obj, key, path)
         if not _is_tensor_dict(found, is_tensor):
             raise UsageError(
-                f"{path}: --key {key!r} is {_describe(found, is_tensor)}, not a tensor dict"
+                f"{path}: {option('key', key, quoted=True)} is {_describe(found, is_tensor)}, "
+                "not a tensor dict"
             )
         chosen_key: str | None = key
     else:
@@ -128,7 +129,8 @@ def _find_tensor_dict(
         names = [name for name, _ in candidates]
         listing = listed([f"{n} ({len(d)} tensors)" for n, d in candidates], 5)
         raise AmbiguousContainerError(
-            f"{path}: holds several tensor dicts: {listing}; pick one with --key {names[0]}",
+            f"{path}: holds several tensor dicts: {listing}; pick one with "
+            f"{option('key', names[0])}",
             names,
         )
     name, found = candidates[0]
@@ -146,8 +148,12 @@ def _follow_key(obj: Any, key: str, path: str) -> Any:
             if head in obj:
                 return _follow_key(obj[head], ".".join(parts[split:]), path)
         available = ", ".join(short_repr(k) for k in list(obj)[:12])
-        raise UsageError(f"{path}: no entry {key!r} for --key; top-level entries: {available}")
-    raise UsageError(f"{path}: --key {key!r} cannot index {_describe(obj, lambda _: False)}")
+        raise UsageError(
+            f"{path}: no entry {key!r} for {option('key')}; top-level entries: {available}"
+        )
+    raise UsageError(
+        f"{path}: {option('key', key, quoted=True)} cannot index {_describe(obj, lambda _: False)}"
+    )
 
 
 def _other_entries(

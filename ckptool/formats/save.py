@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ckptool import activity
 from ckptool.choices import OutputFormat
-from ckptool.errors import CheckpointReadError, UsageError, VerificationError
+from ckptool.errors import CheckpointReadError, UsageError, VerificationError, option
 from ckptool.formats.meta import CheckpointMeta
 from ckptool.formats.safetensors_header import ALIASES_KEY, read_safetensors_meta
 from ckptool.formats.sharded import read_index
@@ -49,12 +49,14 @@ def output_format_for(out: str, explicit: str | None) -> OutputFormat:
         try:
             return OutputFormat(explicit)
         except ValueError as e:
-            raise UsageError(f"--format {explicit!r}: choose safetensors or pt") from e
+            raise UsageError(
+                f"{option('fmt', explicit, quoted=True)}: choose safetensors or pt"
+            ) from e
     suffix = os.path.splitext(out)[1].lower()
     if suffix not in _SUFFIXES:
         raise UsageError(
             f"{out}: cannot tell the format from {suffix or 'no suffix'!r}; "
-            "add --format safetensors|pt"
+            f"add {option('fmt', 'safetensors|pt')}"
         )
     return _SUFFIXES[suffix]
 

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from ckptool.errors import CkptError, OutputError, VerificationError
+from ckptool.errors import CkptError, OutputError, VerificationError, option
 from ckptool.formats.meta import CheckpointMeta, TensorMeta
 from ckptool.formats.safetensors_header import SAFETENSORS_DTYPES
 
@@ -101,7 +101,7 @@ def check_output(out: str, *, inputs: Sequence[str], force: bool) -> None:
     if not os.path.isdir(parent):
         raise OutputError(f"{out}: directory {parent} does not exist")
     if os.path.exists(out) and not force:
-        raise OutputError(f"{out}: exists; add --force to replace it")
+        raise OutputError(f"{out}: exists; add {option('force', True)} to replace it")
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -230,14 +230,14 @@ def _commit(temp: str, out: str, *, replace: bool) -> None:
     except FileExistsError as e:
         raise OutputError(
             f"{out}: appeared while this run was writing it (another writer?); left as it "
-            "is, nothing was written; add --force to replace it"
+            f"is, nothing was written; add {option('force', True)} to replace it"
         ) from e
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
             raise
         # No hard links here (some network and FAT filesystems): check, then rename.
         if os.path.lexists(out):
-            raise OutputError(f"{out}: exists; add --force to replace it") from e
+            raise OutputError(f"{out}: exists; add {option('force', True)} to replace it") from e
         os.replace(temp, out)
         return
     os.unlink(temp)
