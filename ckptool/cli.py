@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -37,6 +37,9 @@ from ckptool.errors import (
     command_line_voice,
 )
 from ckptool.threads import configure_threads, prefer_sleeping_workers
+
+if TYPE_CHECKING:
+    from ckptool.training.results import TrainOptions, WeightOptions
 
 # Exit codes, SPEC.md: 0 ok, 1 check failed, 2 usage, 3 unreadable input, 4 unsafe, 5 output.
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREADABLE, EXIT_UNSAFE, EXIT_OUTPUT = range(6)
@@ -506,34 +509,14 @@ def finetune(
     After every optimizer step the frozen parameters and buffers are checked bit for
     bit; a change stops the run with exit 1 and nothing is written.
     """
-    from ckptool.finetune import TrainOptions, WeightOptions, result_json
     from ckptool.finetune import finetune as run_finetune
-    from ckptool.keys import Transforms
+    from ckptool.finetune import result_json
     from ckptool.report import EpochProgress, make_console, render_finetune
 
     if model is None:
         raise UsageError("finetune needs --model SPEC, e.g. --model torchvision:resnet18")
     configure_threads(threads)
-    transforms = Transforms.from_flags(**{k: o.pop(k) for k in _TRANSFORM_FLAGS})
-    weights = WeightOptions(
-        o.pop("weights"), o.pop("key"), transforms, o.pop("auto"), o.pop("on_mismatch")
-    )
-    options = TrainOptions(
-        epochs=o.pop("epochs"),
-        batch_size=o.pop("batch_size"),
-        lr=o.pop("lr"),
-        optimizer=o.pop("optimizer"),
-        momentum=o.pop("momentum"),
-        weight_decay=o.pop("weight_decay"),
-        device=o.pop("device"),
-        amp=o.pop("amp"),
-        image_size=o.pop("image_size"),
-        augment=not o.pop("no_augment"),
-        seed=o.pop("seed"),
-        workers=o.pop("workers"),
-        val_split=o.pop("val_split"),
-        cache_features=not o.pop("no_feature_cache"),
-    )
+    weights, options = _finetune_options(o)
     console = make_console(stderr=as_json)
     from ckptool.errors import FrozenParameterError
     from ckptool.report import guard_lines
@@ -570,6 +553,34 @@ def finetune(
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, rank 0 speaks for all ranks
     _show(result, as_json, result_json, render_finetune, console)
+
+
+def _finetune_options(o: dict[str, Any]) -> tuple[WeightOptions, TrainOptions]:
+    """finetune's WeightOptions and TrainOptions, taken out of its keyword arguments."""
+    from ckptool.finetune import TrainOptions, WeightOptions
+    from ckptool.keys import Transforms
+
+    transforms = Transforms.from_flags(**{k: o.pop(k) for k in _TRANSFORM_FLAGS})
+    weights = WeightOptions(
+        o.pop("weights"), o.pop("key"), transforms, o.pop("auto"), o.pop("on_mismatch")
+    )
+    options = TrainOptions(
+        epochs=o.pop("epochs"),
+        batch_size=o.pop("batch_size"),
+        lr=o.pop("lr"),
+        optimizer=o.pop("optimizer"),
+        momentum=o.pop("momentum"),
+        weight_decay=o.pop("weight_decay"),
+        device=o.pop("device"),
+        amp=o.pop("amp"),
+        image_size=o.pop("image_size"),
+        augment=not o.pop("no_augment"),
+        seed=o.pop("seed"),
+        workers=o.pop("workers"),
+        val_split=o.pop("val_split"),
+        cache_features=not o.pop("no_feature_cache"),
+    )
+    return weights, options
 
 
 @cli.command()

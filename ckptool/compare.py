@@ -36,6 +36,39 @@ class CheckpointDiff:
         return self.keys.compatible or self.torch_accepts
 
 
+def _check_what_to_compare(
+    target: object, model: object, *, values: bool, shapes_a_model: bool
+) -> None:
+    """Exactly one of a TARGET checkpoint and a model; --values and the model's shape
+    options only where they mean something."""
+    if (target is None) == (model is None):
+        raise UsageError(
+            f"give either a TARGET checkpoint or {option('model', 'SPEC')}, not both or neither"
+        )
+    if values and target is None:
+        raise UsageError(
+            f"{option('values', True)} compares two checkpoints; give a TARGET checkpoint"
+        )
+    if target is not None and shapes_a_model:
+        # They shape a model; against a second checkpoint they would silently do nothing.
+        raise UsageError(
+            f"{option('num_classes')}, {option('head')} and {option('model_args')} apply to "
+            f"{option('model', 'SPEC')}, not to a TARGET checkpoint; drop them or compare "
+            f"with {option('model')}"
+        )
+
+
+def _adapter_notes(meta: CheckpointMeta) -> tuple[str, ...]:
+    """A LoRA adapter diffed against a model: say what it is before the key report."""
+    adapter = describe_adapter(meta.path, meta.tensors)
+    if adapter is None:
+        return ()
+    return (
+        f"{meta.path} is an adapter ({adapter.summary}): it holds low-rank updates, not "
+        "the model's weights; merge it into its base model first",
+    )
+
+
 def diff_checkpoint(
     source: str | os.PathLike[str],
     target: str | os.PathLike[str] | None = None,
@@ -65,31 +98,10 @@ def diff_checkpoint(
         UsageError: neither or both of ``target`` and ``model``; ``values`` with a model.
         CheckpointReadError, UnsafeCheckpointError, ModelSpecError: from reading/building.
     """
-    if (target is None) == (model is None):
-        raise UsageError(
-            f"give either a TARGET checkpoint or {option('model', 'SPEC')}, not both or neither"
-        )
-    if values and target is None:
-        raise UsageError(
-            f"{option('values', True)} compares two checkpoints; give a TARGET checkpoint"
-        )
-    if target is not None and (num_classes is not None or head or model_args):
-        # They shape a model; against a second checkpoint they would silently do nothing.
-        raise UsageError(
-            f"{option('num_classes')}, {option('head')} and {option('model_args')} apply to "
-            f"{option('model', 'SPEC')}, not to a TARGET checkpoint; drop them or compare "
-            f"with {option('model')}"
-        )
+    shapes_a_model = num_classes is not None or bool(head) or bool(model_args)
+    _check_what_to_compare(target, model, values=values, shapes_a_model=shapes_a_model)
     source_meta = read_metadata(source, key=key)
-    adapter = describe_adapter(source_meta.path, source_meta.tensors)
-    adapter_notes = (
-        (
-            f"{source_meta.path} is an adapter ({adapter.summary}): it holds low-rank "
-            "updates, not the model's weights; merge it into its base model first",
-        )
-        if adapter is not None
-        else ()
-    )
+    adapter_notes = _adapter_notes(source_meta)
     if model is not None:
         from ckptool.models import build_for_shapes, model_label, model_tensor_meta
 

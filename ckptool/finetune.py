@@ -86,12 +86,7 @@ def finetune(
     _check_options(options, weights, strategy)
     _check_out_dir(out_dir, force)
     progress = progress or Silent()
-    progress.prepare("read the data")
-    split = load_split(data, val_data=val_data, val_split=options.val_split, seed=options.seed)
-    progress.data(split)
-    _check_num_classes(num_classes, split, data)
-    for message in _thin_data(split):
-        progress.warn(message)
+    split = _read_data(data, val_data, options, num_classes, progress)
     torch.manual_seed(options.seed)
     progress.prepare("build the model" + (" and adapt the weights" if weights.weights else ""))
     net, log = _build(model, model_args, num_classes or len(split.classes), head, weights)
@@ -152,6 +147,24 @@ def _thin_data(split: DataSplit) -> list[str]:
         f"classes with fewer than {FEW_IMAGES_PER_CLASS}: {shown}; "
         f"lower {option('val_split')} or add images"
     ]
+
+
+def _read_data(
+    data: str,
+    val_data: str | None,
+    options: TrainOptions,
+    num_classes: int | None,
+    progress: Progress,
+) -> DataSplit:
+    """The train/val split, announced, checked against ``num_classes``, with a warning
+    for classes too thin to learn from."""
+    progress.prepare("read the data")
+    split = load_split(data, val_data=val_data, val_split=options.val_split, seed=options.seed)
+    progress.data(split)
+    _check_num_classes(num_classes, split, data)
+    for message in _thin_data(split):
+        progress.warn(message)
+    return split
 
 
 def _check_num_classes(num_classes: int | None, split: DataSplit, data: str) -> None:

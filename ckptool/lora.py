@@ -196,33 +196,36 @@ def merge_lora(
         return log
     with ExitStack() as stack:
         base_bytes, adapter_bytes = SourceBytes(base_meta, stack), SourceBytes(adapter_meta, stack)
-        plan = []
-        for name, meta in base_meta.tensors.items():
-            out_dtype = cast.target(name, meta.dtype)
-            if name in by_weight:
-                merge_one = functools.partial(
-                    _merged_bytes,
-                    base_bytes,
-                    adapter_bytes,
-                    name,
-                    by_weight[name],
-                    settings,
-                    out_dtype,
-                )
-                length = meta.numel * DTYPE_SIZES[out_dtype]
-                # Computed when written: one merged tensor in memory at a time.
-                plan.append(
-                    OutTensor(name, out_dtype, meta.shape, ComputedBytes(length, merge_one))
-                )
-                continue
-            source, source_name = (
-                (adapter_bytes, saved[name]) if name in saved else (base_bytes, name)
-            )
-            data, written = source.data(source_name, out_dtype)
-            plan.append(OutTensor(name, written, meta.shape, data))
+        plan = [
+            _merged_tensor(name, base_bytes, adapter_bytes, by_weight, saved, settings, cast)
+            for name in base_meta.tensors
+        ]
         metadata = provenance("merge-lora", base_meta, adapter=os.path.basename(adapter_meta.path))
         saved_file = save_hashed(out, plan, fmt_out, base_meta, metadata, force=force)
     return finished(log, saved_file.paths, saved_file.nbytes)
+
+
+def _merged_tensor(
+    name: str,
+    base: SourceBytes,
+    adapter: SourceBytes,
+    by_weight: Mapping[str, LoraPair],
+    saved: Mapping[str, str],
+    settings: LoraSettings,
+    cast: Cast,
+) -> OutTensor:
+    """One tensor of the output: an adapted weight merged when it is written (one merged
+    tensor in memory at a time), a tensor the adapter saved whole, or the base's own."""
+    meta = base.meta.tensors[name]
+    out_dtype = cast.target(name, meta.dtype)
+    if name in by_weight:
+        pair = by_weight[name]
+        merge_one = functools.partial(_merged_bytes, base, adapter, name, pair, settings, out_dtype)
+        length = meta.numel * DTYPE_SIZES[out_dtype]
+        return OutTensor(name, out_dtype, meta.shape, ComputedBytes(length, merge_one))
+    source, source_name = (adapter, saved[name]) if name in saved else (base, name)
+    data, written = source.data(source_name, out_dtype)
+    return OutTensor(name, written, meta.shape, data)
 
 
 def _check_fits(

@@ -521,28 +521,7 @@ def render_surgery(log: SurgeryLog, console: Console) -> None:
             f"  from ckpt   {share:.1%} of the model's {human_count(log.model_numel)} trainable "
             "values"
         )
-    taken: dict[int, list[str]] = {}
-    for name, index in log.taken.items():
-        taken.setdefault(index, []).append(name)
-    renames = [f"{old} -> {new}" for old, new in log.renamed.items()]
-    mismatched = [
-        f"{m.key} {shape_text(m.source)} -> {shape_text(m.target)}" for m in log.mismatched
-    ]
-    rows: list[tuple[str, int, list[str], str]] = [
-        ("kept", len(log.kept), fold_names(log.kept), ""),
-        ("renamed", len(renames), renames, ""),
-        ("dropped", len(log.dropped), fold_names(log.dropped), "(--drop)"),
-        ("left out", len(log.left_out), fold_names(log.left_out), "(not in the model)"),
-        ("mismatched", len(mismatched), mismatched, "(dropped, filled from init)"),
-        ("reinit", len(log.reinit), fold_names(log.reinit), "(--reinit)"),
-        ("filled", len(log.filled), fold_names(log.filled), "(missing from the checkpoint)"),
-        ("cast", len(log.cast), fold_names(log.cast), "(--dtype)"),
-        ("averaged", len(log.averaged), fold_names(log.averaged), ""),
-        ("merged", len(log.merged), fold_names(log.merged), "(+ the adapter's update)"),
-        *((f"from input {i}", len(n), fold_names(n), "") for i, n in sorted(taken.items())),
-        ("aliases", len(log.aliases), [f"{a} = {t}" for a, t in log.aliases.items()], "(tied)"),
-    ]
-    for label, count, labels, note in rows:
+    for label, count, labels, note in _surgery_rows(log):
         if count:
             console.print(
                 f"  {label:<11} {count:>4}  {capped(labels, 3)} {note}".rstrip(), markup=False
@@ -559,6 +538,31 @@ def render_surgery(log: SurgeryLog, console: Console) -> None:
             "verified by reading it back",
             markup=False,
         )
+
+
+def _surgery_rows(log: SurgeryLog) -> list[tuple[str, int, list[str], str]]:
+    """(what, how many, folded names, why) for each way a tensor reached the output."""
+    taken: dict[int, list[str]] = {}
+    for name, index in log.taken.items():
+        taken.setdefault(index, []).append(name)
+    renames = [f"{old} -> {new}" for old, new in log.renamed.items()]
+    mismatched = [
+        f"{m.key} {shape_text(m.source)} -> {shape_text(m.target)}" for m in log.mismatched
+    ]
+    return [
+        ("kept", len(log.kept), fold_names(log.kept), ""),
+        ("renamed", len(renames), renames, ""),
+        ("dropped", len(log.dropped), fold_names(log.dropped), "(--drop)"),
+        ("left out", len(log.left_out), fold_names(log.left_out), "(not in the model)"),
+        ("mismatched", len(mismatched), mismatched, "(dropped, filled from init)"),
+        ("reinit", len(log.reinit), fold_names(log.reinit), "(--reinit)"),
+        ("filled", len(log.filled), fold_names(log.filled), "(missing from the checkpoint)"),
+        ("cast", len(log.cast), fold_names(log.cast), "(--dtype)"),
+        ("averaged", len(log.averaged), fold_names(log.averaged), ""),
+        ("merged", len(log.merged), fold_names(log.merged), "(+ the adapter's update)"),
+        *((f"from input {i}", len(n), fold_names(n), "") for i, n in sorted(taken.items())),
+        ("aliases", len(log.aliases), [f"{a} = {t}" for a, t in log.aliases.items()], "(tied)"),
+    ]
 
 
 # --- freezing, guard, check ----------------------------------------------------------

@@ -270,7 +270,6 @@ def adapt(
             ``allow_mostly_init`` is false (a wrong model, or a fix that drops too much).
         UsageError: ambiguous ``auto``, bad flags; and the read/write errors.
     """
-    from ckptool.judge import hooks_note
     from ckptool.models import build_for_shapes, model_label, model_tensor_meta
 
     policy = MismatchPolicy(on_mismatch)
@@ -296,15 +295,12 @@ def adapt(
     to_fill = [n for n in target if n not in from_source and n not in keys.hook_filled]
     cast = Cast.of(dtype, keep_dtype, target)
     log = _adapt_log(meta, keys, to_fill, out, fmt_out, dry_run=dry_run, cast=cast)
-    hooked = keys.hooked or keys.hook_filled
-    notes = ((built.note,) if built.note else ()) + ((hooks_note(keys),) if hooked else ())
-    notes += (remap_note,) if remap_note else ()
     if remap:  # the exact renames are in the provenance; the report names the flag
         shown = tuple(f for f in transforms.flags() if not f.startswith("--rename "))
         log = _replace(log, transforms=("--remap", *shown))
     log = _replace(
         log,
-        notes=notes,
+        notes=_adapt_notes(built.note, keys, remap_note),
         from_checkpoint=learned_numel(target, [*from_source, *keys.hook_filled]),
         model_numel=learned_numel(target, target),
     )
@@ -314,28 +310,53 @@ def adapt(
         return log
     activity.phase("initialise the tensors the checkpoint lacks")
     init, method = initial_values(model, model_args, num_classes, head, to_fill, target, seed=seed)
-    original = keys.original
     with ExitStack() as stack:
         sources = SourceBytes(meta, stack)
-        plan = []
-        for name, wanted in target.items():
-            if name in keys.hook_filled:
-                continue
-            if name in from_source:
-                provided = original.get(from_source[name], from_source[name])
-                wanted_dtype = cast.target(name, meta.tensors[provided].dtype)
-                data, out_dtype = sources.data(provided, wanted_dtype)
-            else:
-                out_dtype = cast.target(name, wanted.dtype)
-                data = tensor_bytes(init[name], out_dtype)
-            plan.append(OutTensor(name, out_dtype, wanted.shape, data))
-        for name in keys.hooked:
-            old = original.get(name, name)
-            data, out_dtype = sources.data(old, cast.target(name, meta.tensors[old].dtype))
-            plan.append(OutTensor(name, out_dtype, meta.tensors[old].shape, data))
+        plan = _adapt_plan(target, keys, from_source, init, cast, sources)
         metadata = provenance("adapt", meta, transforms, model=model_label(model))
         saved = save_hashed(out, plan, fmt_out, meta, metadata, force=force)
     return finished(log, saved.paths, saved.nbytes, init_method=method)
+
+
+def _adapt_notes(build_note: str | None, keys: KeyDiff, remap_note: str) -> tuple[str, ...]:
+    """What the report adds below the counts: how the model was built, what its load
+    hooks place, how --remap matched the modules."""
+    from ckptool.judge import hooks_note
+
+    hooked = keys.hooked or keys.hook_filled
+    notes = (build_note,) if build_note else ()
+    return notes + ((hooks_note(keys),) if hooked else ()) + ((remap_note,) if remap_note else ())
+
+
+def _adapt_plan(
+    target: Mapping[str, TensorMeta],
+    keys: KeyDiff,
+    from_source: Mapping[str, str],
+    init: Mapping[str, torch.Tensor],
+    cast: Cast,
+    sources: SourceBytes,
+) -> list[OutTensor]:
+    """What adapt writes, in the model's order: each tensor from the checkpoint (under
+    its new name, or its tie partner's) or from the model's initialisation; then the
+    names the model's load hooks consume, as the checkpoint has them."""
+    meta, original = sources.meta, keys.original
+    plan = []
+    for name, wanted in target.items():
+        if name in keys.hook_filled:
+            continue
+        if name in from_source:
+            provided = original.get(from_source[name], from_source[name])
+            wanted_dtype = cast.target(name, meta.tensors[provided].dtype)
+            data, out_dtype = sources.data(provided, wanted_dtype)
+        else:
+            out_dtype = cast.target(name, wanted.dtype)
+            data = tensor_bytes(init[name], out_dtype)
+        plan.append(OutTensor(name, out_dtype, wanted.shape, data))
+    for name in keys.hooked:
+        old = original.get(name, name)
+        data, out_dtype = sources.data(old, cast.target(name, meta.tensors[old].dtype))
+        plan.append(OutTensor(name, out_dtype, meta.tensors[old].shape, data))
+    return plan
 
 
 def _structural_transforms(
