@@ -59,6 +59,26 @@ class FreezeSummary:
     def total(self) -> int:
         return self.trainable + self.frozen
 
+    def to_json(self) -> dict[str, Any]:
+        """The summary as the --json documents and finetune's report.json give it."""
+        return {
+            "total": self.total,
+            "trainable": self.trainable,
+            "frozen": self.frozen,
+            "frozen_buffers": self.frozen_buffers,
+            "modules": [
+                {
+                    "name": m.name,
+                    "trainable": m.trainable,
+                    "frozen": m.frozen,
+                    "frozen_buffers": m.frozen_buffers,
+                    "status": m.status,
+                }
+                for m in self.modules
+            ],
+            "conflicts": [list(c) for c in self.conflicts],
+        }
+
 
 def freeze(
     model: nn.Module,

@@ -161,6 +161,32 @@ class GuardReport:
         )
         return f"guard: {'ok' if self.ok else 'VIOLATED'}: {watched}"
 
+    def to_json(self) -> dict[str, Any]:
+        """The report as the --json documents and finetune's report.json give it."""
+        return {
+            "verdict": "ok" if self.ok else "violated",
+            "steps_checked": self.steps_checked,
+            "parameters_watched": self.parameters_watched,
+            "buffers_watched": self.buffers_watched,
+            "elements_watched": self.elements_watched,
+            "violations": [
+                {
+                    "names": list(v.names),
+                    "kind": v.kind,
+                    "step": v.step,
+                    "cause": v.cause.value,
+                    "advice": v.advice,
+                    "changed": v.changed,
+                    "max_abs": v.max_abs,
+                }
+                for v in self.violations
+            ],
+            "findings": [
+                {"kind": f.kind, "names": list(f.names), "message": f.message}
+                for f in self.findings
+            ],
+        }
+
     def __str__(self) -> str:
         # print(guard.report()) in a notebook or a log: the verdict, not a dataclass repr.
         return "\n".join([self.headline(), *(f"  {v.describe()}" for v in self.violations)])

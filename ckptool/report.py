@@ -568,26 +568,6 @@ def _surgery_rows(log: SurgeryLog) -> list[tuple[str, int, list[str], str]]:
 # --- freezing, guard, check ----------------------------------------------------------
 
 
-def freeze_summary_json(summary: FreezeSummary) -> dict[str, Any]:
-    return {
-        "total": summary.total,
-        "trainable": summary.trainable,
-        "frozen": summary.frozen,
-        "frozen_buffers": summary.frozen_buffers,
-        "modules": [
-            {
-                "name": m.name,
-                "trainable": m.trainable,
-                "frozen": m.frozen,
-                "frozen_buffers": m.frozen_buffers,
-                "status": m.status,
-            }
-            for m in summary.modules
-        ],
-        "conflicts": [list(c) for c in summary.conflicts],
-    }
-
-
 def freeze_summary_table(summary: FreezeSummary, console: Console) -> Table:
     """Keras-style: per top-level module, trainable / frozen parameters and status."""
     table = _table(console, "module", "trainable", "frozen", "frozen buffers", "status")
@@ -599,31 +579,6 @@ def freeze_summary_table(summary: FreezeSummary, console: Console) -> Table:
         "total", f"{summary.trainable:,}", f"{summary.frozen:,}", f"{summary.frozen_buffers:,}", ""
     )
     return table
-
-
-def guard_json(report: GuardReport) -> dict[str, Any]:
-    return {
-        "verdict": "ok" if report.ok else "violated",
-        "steps_checked": report.steps_checked,
-        "parameters_watched": report.parameters_watched,
-        "buffers_watched": report.buffers_watched,
-        "elements_watched": report.elements_watched,
-        "violations": [
-            {
-                "names": list(v.names),
-                "kind": v.kind,
-                "step": v.step,
-                "cause": v.cause.value,
-                "advice": v.advice,
-                "changed": v.changed,
-                "max_abs": v.max_abs,
-            }
-            for v in report.violations
-        ],
-        "findings": [
-            {"kind": f.kind, "names": list(f.names), "message": f.message} for f in report.findings
-        ],
-    }
 
 
 def guard_lines(report: GuardReport) -> list[str]:
@@ -653,8 +608,8 @@ def check_json(result: CheckResult) -> dict[str, Any]:
         },
         "non_finite": list(result.non_finite),
         "input_shape": list(result.input_shape) if result.input_shape else None,
-        "freeze": freeze_summary_json(result.summary) if result.summary else None,
-        "guard": guard_json(result.guard) if result.guard else None,
+        "freeze": result.summary.to_json() if result.summary else None,
+        "guard": result.guard.to_json() if result.guard else None,
         "not_moved": list(result.not_moved),
     }
 

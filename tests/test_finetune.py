@@ -106,6 +106,12 @@ def test_frozen_tensors_in_the_output_are_the_inputs_bits(
         report["guard"]["verdict"] == "ok" and report["guard"]["steps_checked"] == 3 * 2
     )  # 15 train images / 8
     assert report["frozen_unchanged"] and report["classes"] == ["c0", "c1", "c2"]
+    # report.json carries the guard's and the freeze's whole documents, as --json has them
+    assert json.loads((setup["out"] / "report.json").read_text())["guard"] == report["guard"]
+    assert report["guard"]["violations"] == [] and report["guard"]["elements_watched"] > 0
+    modules = report["parameters"]["modules"]
+    assert report["parameters"]["frozen"] == sum(m["frozen"] for m in modules) > 0
+    assert {m["status"] for m in modules} <= {"trainable", "frozen", "mixed", "-"}
     out = ckptool.load_state_dict(setup["out"] / "model.safetensors")
     source = {
         k.removeprefix("module."): v

@@ -143,18 +143,8 @@ def result_json(result: FinetuneResult) -> dict[str, Any]:
         "epochs": [asdict(m) for m in result.epochs],
         "best_epoch": result.best_epoch,
         "cached_features": result.cached_features,
-        "parameters": {
-            "total": result.summary.total,
-            "trainable": result.summary.trainable,
-            "frozen": result.summary.frozen,
-            "frozen_buffers": result.summary.frozen_buffers,
-        },
-        "guard": {
-            "verdict": "ok" if result.guard.ok else "violated",
-            "steps_checked": result.guard.steps_checked,
-            "parameters_watched": result.guard.parameters_watched,
-            "buffers_watched": result.guard.buffers_watched,
-        },
+        "parameters": result.summary.to_json(),
+        "guard": result.guard.to_json(),
         "changes": [asdict(c) for c in result.changes],
         "frozen_unchanged": result.frozen_unchanged,
         "weights": None
