@@ -42,16 +42,22 @@ _NO_VALUE = object()
 _FLAGS = {"model_args": "--model-arg", "fmt": "--format"}
 
 
-def option(name: str, value: object = _NO_VALUE, *, quoted: bool = False) -> str:
+def option(
+    name: str, value: object = _NO_VALUE, *, quoted: bool = False, python: str | None = None
+) -> str:
     """Option ``name`` (its Python parameter name), with ``value`` if given, in the
     reader's words: ``--num-classes 5`` on the command line (``quoted``: in single
     quotes, as a shell takes a regex), ``num_classes=5`` in Python; ``value=True`` is a
-    flag, ``--force`` or ``force=True``."""
+    flag, ``--force`` or ``force=True``. ``python`` spells the value for Python where
+    the parameter takes another type than the flag's text (``take=[('fc.', 1)]`` for
+    ``--take fc.=1``)."""
     if _ON_COMMAND_LINE.get():
         flag = _FLAGS.get(name) or "--" + name.replace("_", "-")
         if value is _NO_VALUE or value is True:  # True: a flag that takes no value
             return flag
         return f"{flag} '{value}'" if quoted else f"{flag} {value}"
+    if python is not None:
+        return f"{name}={python}"
     return f"{name}=" if value is _NO_VALUE else f"{name}={value!r}"
 
 

@@ -13,7 +13,6 @@ import difflib
 import enum
 import functools
 import itertools
-import math
 import operator
 import re
 from collections import Counter
@@ -21,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ckptool.errors import TransformError, on_command_line, option
-from ckptool.formats.meta import TensorMeta, tied_views
+from ckptool.formats.meta import TensorMeta, numels, tied_views
 
 # Prefixes that wrappers add: DataParallel/DDP, torch.compile, Lightning, detection heads.
 KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "net.")
@@ -371,7 +370,7 @@ def _compare(
     mapping = renaming.mapping
     reinit = PrefixIndex(transforms.reinit)
     reinit_names = {k for k in mapping if reinit.covers(k)} if reinit else set()
-    compared = [k for k in mapping if k not in reinit_names] if reinit else list(mapping)
+    compared = [k for k in mapping if k not in reinit_names]
     shape_mismatch, dtype_mismatch, matched = [], [], []
     for name in filter(target.__contains__, compared):
         src, tgt = source[mapping[name]], target[name]
@@ -606,11 +605,8 @@ MOSTLY_INIT_SHARE = 0.5
 def learned_numel(target: Mapping[str, TensorMeta], names: Iterable[str]) -> int:
     """Elements of the learned tensors among ``names``: a model's trainable parameters
     (buffers and frozen parameters are computed, not trained), any checkpoint tensor."""
-    tensors = filter(_LEARNED, map(target.__getitem__, names))  # in C: 100k names
-    return sum(map(math.prod, map(_SHAPE, tensors)))
-
-
-_LEARNED, _SHAPE = operator.attrgetter("learned"), operator.attrgetter("shape")
+    learned = filter(operator.attrgetter("learned"), map(target.__getitem__, names))
+    return sum(numels(learned))  # in C: a 100k-name diff counts twice
 
 
 def mostly_init(from_checkpoint: int, model_numel: int) -> bool:
@@ -846,6 +842,8 @@ class PrefixIndex:
 
     def covering(self, name: str) -> str | None:
         """The prefix that covers ``name`` (the outermost if several), or None."""
+        if not self:  # asked for every key even with no prefixes
+            return None
         for module in _ancestors(name):
             hit = self._below.get(module) or self._at.get(module)
             if hit is not None:

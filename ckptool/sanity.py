@@ -179,7 +179,7 @@ def runnable_input_shape(net: nn.Module) -> tuple[int, ...]:
     raise UsageError(
         f"cannot find an input shape {type(net).__name__} accepts (tried {tried}; first "
         f"error: {first_error}); add {option('input_shape')}, e.g. "
-        f"{option('input_shape', '3,224,224')}"
+        f"{option('input_shape', '3,224,224', python='(3, 224, 224)')}"
     )
 
 

@@ -896,10 +896,8 @@ def merge(
     if len(inputs) < 2:
         raise UsageError("merge needs a BASE and at least one OTHER checkpoint")
     if bool(take) == average:
-        raise UsageError(
-            f"merge needs either {option('take', 'PREFIX=N')} or {option('average', True)} "
-            "(not both)"
-        )
+        take_flag = option("take", "PREFIX=N", python="[(PREFIX, N)]")
+        raise UsageError(f"merge needs either {take_flag} or {option('average', True)} (not both)")
     metas = [read_metadata(p) for p in inputs]
     fmt_out = output_format_for(out, fmt)
     files = tuple(f for m in metas for f in m.files)
@@ -961,13 +959,11 @@ def _take_origins(
     for prefix, index in take:
         if not 0 <= index < len(metas):
             raise UsageError(
-                f"{option('take', f'{prefix}={index}')}: inputs are numbered 0 (BASE) to "
-                f"{len(metas) - 1}"
+                f"{_take_words(prefix, index)}: inputs are numbered 0 (BASE) to {len(metas) - 1}"
             )
         if not any(under_prefix(n, prefix) for n in metas[index].tensors):
             raise UsageError(
-                f"{option('take', f'{prefix}={index}')}: {metas[index].path} has no keys "
-                f"under {prefix!r}"
+                f"{_take_words(prefix, index)}: {metas[index].path} has no keys under {prefix!r}"
             )
     origin: dict[str, int] = {}
     placed: set[str] = set()
@@ -982,6 +978,10 @@ def _take_origins(
         if prefix not in placed:
             origin.update({n: index for n in metas[index].tensors if under_prefix(n, prefix)})
     return origin
+
+
+def _take_words(prefix: str, index: int) -> str:
+    return option("take", f"{prefix}={index}", python=f"[({prefix!r}, {index})]")
 
 
 def _check_same_keys(metas: Sequence[CheckpointMeta]) -> None:

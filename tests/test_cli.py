@@ -369,6 +369,13 @@ def test_errors_speak_python_to_the_api_and_flags_to_the_command_line(
     # the hint of a refused adapt: the missing transforms, as Transforms arguments / flags
     with pytest.raises(ckptool.IncompatibleError, match=r"add strip=\('module\.',\)"):
         ckptool.adapt(source, model=MLP(), out=str(tmp_path / "a.safetensors"))
+    # a parameter whose Python type is not the flag's text: --take P=N is take=[(P, N)]
+    with pytest.raises(ckptool.UsageError, match=r"^take=\[\('nothing\.', 1\)\]: "):
+        ckptool.merge([source, source], str(tmp_path / "m.pt"), take=[("nothing.", 1)])
+    result = run_cli("merge", source, source, "-o", tmp_path / "m.pt", "--take", "nothing.=1")
+    assert result.exit_code == 2 and "error: --take nothing.=1: " in result.stderr
+    assert not (tmp_path / "m.pt").exists()
+
     model = "tests/conftest.py:MLP"
     result = run_cli("adapt", source, "--model", model, "-o", tmp_path / "a.safetensors")
     assert result.exit_code == 1 and "add --strip module." in result.stderr, result.stderr

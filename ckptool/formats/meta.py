@@ -188,7 +188,8 @@ _DTYPE = operator.attrgetter("dtype")
 _SHAPE = operator.attrgetter("shape")
 
 
-def _numels(tensors: Iterable[TensorMeta]) -> Iterator[int]:
+def numels(tensors: Iterable[TensorMeta]) -> Iterator[int]:
+    """Each tensor's element count, computed in C."""
     return map(math.prod, map(_SHAPE, tensors))
 
 
@@ -243,7 +244,7 @@ class CheckpointMeta:
 
     @property
     def num_params(self) -> int:
-        return sum(_numels(self.tensors.values()))
+        return sum(numels(self.tensors.values()))
 
     @property
     def nbytes(self) -> int:
@@ -278,6 +279,6 @@ class CheckpointMeta:
     def dtype_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         tensors = self.tensors.values()
-        for dtype, numel in zip(map(_DTYPE, tensors), _numels(tensors), strict=True):
+        for dtype, numel in zip(map(_DTYPE, tensors), numels(tensors), strict=True):
             counts[dtype] = counts.get(dtype, 0) + numel
         return counts

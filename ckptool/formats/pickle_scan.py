@@ -132,7 +132,6 @@ class _Effect:
 _OPS: list[_Op | None] = [None] * 256  # by opcode byte
 for _info in pickletools.opcodes:
     _OPS[ord(_info.code)] = _Op(_info)
-_OPS_BY_NAME = {op.name: op for op in _OPS if op is not None}
 
 _MARK = None  # the stack entry MARK pushes
 # A node is [size, depth]: the nodes the object expands to and how deeply it nests. A
