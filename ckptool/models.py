@@ -18,6 +18,7 @@ from ckptool.errors import ModelSpecError, UsageError, option
 from ckptool.formats.meta import TensorMeta
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 
@@ -161,6 +162,21 @@ def _on_device(device: str) -> Iterator[None]:
 
     with torch.device(device), _skip_init() if device == "meta" else contextlib.nullcontext():
         yield
+
+
+def materialize(module: nn.Module, device: str) -> None:
+    """``module.to_empty(device=device, recurse=False)`` without torch's reference kernels.
+
+    ``to_empty`` calls ``torch.empty_like`` on meta tensors, which runs those kernels;
+    their first use imports sympy and the meta registrations, 0.3 s of an adapt.
+    """
+    import torch
+
+    def empty(tensor: torch.Tensor) -> torch.Tensor:
+        return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=device)
+
+    # _apply is how to_empty swaps parameters and buffers; torch leaves it unannotated.
+    module._apply(empty, recurse=False)  # type: ignore[no-untyped-call]
 
 
 # torch.nn.init functions that fill tensors in place.

@@ -727,7 +727,7 @@ def initial_values(
     """
     import torch
 
-    from ckptool.models import build_for_shapes, build_model
+    from ckptool.models import build_for_shapes, build_model, materialize
 
     if not names:
         return {}, ""
@@ -750,7 +750,7 @@ def initial_values(
         state = net.state_dict()
         return {n: state[n] for n in names}, "the model's own initialisation (built on CPU)"
     for module in owners.values():
-        module.to_empty(device="cpu", recurse=False)
+        materialize(module, "cpu")
         # Checked above; getattr because nn.Module types unknown attributes as Tensor.
         reset = getattr(module, "reset_parameters")  # noqa: B009
         reset()
