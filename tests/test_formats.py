@@ -106,6 +106,18 @@ def test_shared_storage_is_reported(write_checkpoint: WriteCheckpoint) -> None:
     assert meta.nbytes == 10 * 6 * 4  # counted once
 
 
+def test_tied_names_without_strides_are_counted_once() -> None:
+    """A model's metadata gives no strides (as a safetensors header) but marks ties by
+    storage: the tie's bytes count once there too."""
+    from ckptool.formats.meta import CheckpointMeta
+    from ckptool.models import model_tensor_meta
+
+    tensors = model_tensor_meta(Tied())
+    assert {t.stride for t in tensors.values()} == {None}
+    meta = CheckpointMeta(path="model", format=Format.SAFETENSORS, tensors=tensors)
+    assert meta.nbytes == distinct_bytes(Tied().state_dict()) == 10 * 6 * 4
+
+
 def _flat_lstm_state() -> dict[str, torch.Tensor]:
     """An LSTM's weights as cuDNN's flatten_parameters() leaves them: slices of one buffer."""
     lstm = torch.nn.LSTM(8, 16, num_layers=2)
@@ -159,6 +171,8 @@ def test_occupied_bytes_of_strided_and_broadcast_views(write_checkpoint: WriteCh
     assert meta.nbytes == distinct_bytes(state) == 48 * 4
     assert sorted(meta.tensors["every_other"].occupied_spans())[:2] == [(0, 4), (8, 12)]
     assert sum(e - s for s, e in meta.tensors["broadcast"].occupied_spans()) == 8 * 4
+    alone = read_metadata(write_checkpoint({"broadcast": base[0].expand(4, 8)}, "bc.pt"))
+    assert alone.nbytes == 8 * 4  # the one row it shows 4 times, alone in its storage
 
 
 def test_views_keep_offset_and_stride(write_checkpoint: WriteCheckpoint) -> None:
