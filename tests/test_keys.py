@@ -15,6 +15,7 @@ from ckptool.errors import command_line_voice
 from ckptool.formats.meta import TensorMeta
 from ckptool.keys import (
     MAX_STARTSWITH_PREFIXES,
+    SCORING_BLOCK,
     PrefixIndex,
     Reason,
     SortedNames,
@@ -283,6 +284,43 @@ def test_suggestions_never_beat_identity_when_names_already_match(target: dict) 
     assert suggest_prefixes(list(target), list(target), baseline=len(target)) == []
 
 
+def test_a_candidate_that_wins_by_one_name_in_the_last_block_is_kept() -> None:
+    """Scoring stops early only when a candidate cannot beat the baseline: the bound
+    counts every name not yet scored as a possible match, no fewer."""
+    names = [f"x{i}.w" for i in range(3 * SCORING_BLOCK)]
+    source = [*names, "m.a.w", "m.b.w"]  # only the last two change under --rename ^m.=
+    target = {*names, "a.w", "b.w"}
+    suggestions = suggest_prefixes(source, list(target), baseline=len(source) - 1)
+    assert [s.flags for s in suggestions] == [["--rename '^m\\.='"]]
+    assert suggestions[0].matched == len(source)
+    assert suggest_prefixes(source, list(target), baseline=len(source)) == []
+
+
+def test_a_candidate_that_cannot_win_is_scored_on_one_block(monkeypatch) -> None:
+    """Against a checkpoint that already matches all but one name, a wrong prefix costs
+    one block of names, not a pass over all of them."""
+    import ckptool.keys as key_logic
+
+    scored = []
+    renamed = key_logic._renamed
+    monkeypatch.setattr(
+        key_logic, "_renamed", lambda names, *a: scored.append(len(names)) or renamed(names, *a)
+    )
+    names = [f"model.layers.{i}.w" for i in range(10 * SCORING_BLOCK)]
+    assert suggest_prefixes(names, names[1:], baseline=len(names) - 1) == []
+    # strip '', 'model.', 'model.layers.' and add '', 'model.', but not the names as given
+    assert scored == [SCORING_BLOCK] * 4
+
+
+def test_no_names_and_the_names_as_given_are_no_suggestion() -> None:
+    assert suggest_prefixes([], ["a.w"]) == []
+    # Re-initialised names are left out of the baseline; renaming every name to itself
+    # would "match" them and is still no suggestion.
+    names = metas({"model.a.w": (1,), "model.b.w": (1,), "model.fc.w": (1,)})
+    result = diff(names, names, Transforms(reinit=("model.fc.",)))
+    assert result.suggestions == ()
+
+
 def test_covering_prefixes_property_on_grid() -> None:
     universe = {f"m{i}.{j}.w" for i, j in itertools.product(range(3), range(3))}
     affected = {f"m1.{j}.w" for j in range(3)} | {"m2.0.w"}
@@ -309,11 +347,14 @@ def test_prefix_index_agrees_with_under_prefix(count: int) -> None:
     agree with under_prefix, also for prefixes added after a question."""
     prefixes = [*EDGE_PREFIXES[:2], *(f"extra{i}." for i in range(count))]
     index = PrefixIndex(prefixes)
-    assert [index.covers(n) for n in EDGE_NAMES] == [
-        any(under_prefix(n, p) for p in prefixes) for n in EDGE_NAMES
-    ]
+    expected = [any(under_prefix(n, p) for p in prefixes) for n in EDGE_NAMES]
+    assert [index.covers(n) for n in EDGE_NAMES] == expected
+    assert index.covered(EDGE_NAMES) == list(itertools.compress(EDGE_NAMES, expected))
+    assert index.covered(iter(EDGE_NAMES)) == index.covered(EDGE_NAMES)  # read once
     index.add("a.fc")
     assert index.covers("a.fc.w") and not index.covers("a.fcw")
+    assert index.covered(["a.fcw", "a.fc.w", "a.fc"]) == ["a.fc.w", "a.fc"]
+    assert PrefixIndex().covered(EDGE_NAMES) == []
 
 
 def test_given_prefix_fix_leaves_only_the_shape_step() -> None:
