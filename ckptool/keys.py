@@ -373,7 +373,8 @@ def _compare(
     mapping = renaming.mapping
     reinit = PrefixIndex(transforms.reinit)
     reinit_names = set(reinit.covered(mapping))
-    compared = [k for k in mapping if k not in reinit_names]
+    # Set membership tested in C throughout: a 100k-name diff runs this three times.
+    compared = list(itertools.filterfalse(reinit_names.__contains__, mapping))
     shape_mismatch, dtype_mismatch, matched = [], [], []
     for name in filter(target.__contains__, compared):
         src, tgt = source[mapping[name]], target[name]
@@ -383,7 +384,6 @@ def _compare(
         matched.append(name)
         if src.dtype != tgt.dtype:
             dtype_mismatch.append(DtypeMismatch(name, src.dtype, tgt.dtype))
-    # The rest by set membership tested in C: a 100k-name diff runs this three times.
     absent = list(itertools.filterfalse(target.__contains__, compared))
     lacking = list(itertools.filterfalse(set(compared).__contains__, target))
     consumed, filled = (hooks.consumed, hooks.filled) if hooks else (frozenset(), frozenset())

@@ -125,6 +125,7 @@ def test_classic_dataparallel_case_suggests_both_fixes() -> None:
 def test_categories_and_dtype_differences() -> None:
     source = metas({"a": (2,), "b": (3,), "extra": (1,)})
     source["b"] = TensorMeta((3,), "float16")
+    source["a"] = TensorMeta((2,), "bfloat16")  # a shape mismatch first: not a dtype one
     target = metas({"a": (4,), "b": (3,), "new": (1,)})
     result = diff(source, target, suggest=False)
     assert (
