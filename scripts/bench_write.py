@@ -9,6 +9,11 @@ torch.load + torch.save; each round once on a quiet machine and once beside a
 CPU-bound process. Prints medians of wall time and peak RSS (wait4).
 
     python scripts/bench_write.py [--workdir DIR] [--repeats 3] [--gb 2] [--quiet-only]
+                                  [--baseline-tree DIR]
+
+--baseline-tree DIR adds each ckptool row once more, run from another checkout (a git
+worktree of an older commit), interleaved with the rest: a change measured against
+the code before it in one run.
 """
 
 from __future__ import annotations
@@ -67,10 +72,31 @@ def make_inputs(workdir: str, gigabytes: float) -> tuple[str, str, str]:
     return pt, st, model
 
 
+IMPORT_TORCH = "python -c 'import torch'"
+ADAPT = "ckptool adapt (strip module., new head)"
+
+
 def contenders(
-    pt: str, st: str, model: str, gigabytes: float, out_dir: str
-) -> dict[str, tuple[list[str], str]]:
+    pt: str, st: str, model: str, gigabytes: float, out_dir: str, baseline_tree: str | None = None
+) -> dict[str, tuple[list[str], str | None]]:
     """name -> (argv, output file name inside out_dir)."""
+    runs = _contenders(pt, st, model, gigabytes, out_dir)
+    if baseline_tree is None:
+        return runs
+    twins = {
+        f"{name} [{os.path.basename(baseline_tree.rstrip('/'))}]": (
+            ["env", f"PYTHONPATH={baseline_tree}", *argv],
+            output,
+        )
+        for name, (argv, output) in runs.items()
+        if name.startswith("ckptool")
+    }
+    return {**runs, **twins}
+
+
+def _contenders(
+    pt: str, st: str, model: str, gigabytes: float, out_dir: str
+) -> dict[str, tuple[list[str], str | None]]:
 
     def out(name: str) -> str:
         return os.path.join(out_dir, name)
@@ -90,7 +116,7 @@ def contenders(
             "c.safetensors",
         ),
         "ckptool convert .safetensors -> .pt": ([*ck, "convert", st, "-o", out("c.pt")], "c.pt"),
-        "ckptool adapt (strip module., new head)": (
+        ADAPT: (
             [
                 *ck,
                 "adapt",
@@ -108,6 +134,8 @@ def contenders(
             "a.safetensors",
         ),
         "torch.load + torch.save (naive)": ([sys.executable, "-c", naive], "n.pt"),
+        # adapt's goal is this plus two cp && sync.
+        IMPORT_TORCH: ([sys.executable, "-c", "import torch"], None),
     }
 
 
@@ -138,18 +166,20 @@ def main() -> int:
     parser.add_argument(
         "--quiet-only", action="store_true", help="skip the runs beside a busy process"
     )
+    parser.add_argument("--baseline-tree", help="also run ckptool from this checkout")
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix="ckptool-bench-")
     modes = (False,) if args.quiet_only else (False, True)
     try:
         pt, st, model = make_inputs(workdir, args.gb)
-        runs = contenders(pt, st, model, args.gb, workdir)
+        runs = contenders(pt, st, model, args.gb, workdir, args.baseline_tree)
         samples: dict[tuple[str, bool], list[tuple[float, float]]] = {}
         for _ in range(args.repeats):
             for busy in modes:
                 for name, (argv, output) in runs.items():
                     samples.setdefault((name, busy), []).append(measure(argv, busy))
-                    os.unlink(os.path.join(workdir, output))
+                    if output is not None:
+                        os.unlink(os.path.join(workdir, output))
         report(samples, os.path.getsize(pt) / 2**30, args.repeats, modes)
     finally:
         if not args.workdir:
@@ -178,6 +208,12 @@ def report(
             print(
                 f"| {name} | {wall:.2f} | {wall / floor:.2f}x | {wall / synced:.2f}x | {rss:.0f} |"
             )
+        goal = median(IMPORT_TORCH, busy) + 2 * synced
+        adapt = median(ADAPT, busy)
+        print(
+            f"\nadapt's goal (import torch + 2x cp && sync): {goal:.2f} s; adapt {adapt:.2f} s "
+            f"({adapt / goal:.2f}x the goal)"
+        )
 
 
 if __name__ == "__main__":
