@@ -329,7 +329,10 @@ def _unmatched(prefixes: Sequence[str], names: Iterable[str]) -> list[str]:
     flags, a checkpoint hundreds of thousands of names)."""
     if not prefixes:
         return []
-    ordered = SortedNames(names)
+    index = PrefixIndex(prefixes)
+    # With a few prefixes, only the names they cover are sorted (filtered in C first);
+    # with many, testing each name costs more than sorting them all.
+    ordered = SortedNames(names if index.many() else index.covered(names))
     return [p for p in prefixes if not ordered.count_under(p)]
 
 
@@ -863,7 +866,7 @@ class PrefixIndex:
         """Whether a prefix covers ``name``: with a few prefixes, one ``startswith`` in C
         (asked for every key of a 100k-tensor checkpoint, the walk up its modules costs
         10x more); with many, the walk, whose cost does not grow with their number."""
-        if self._many():
+        if self.many():
             return self.covering(name) is not None
         return name.startswith(self._startswith()) or name in self._at
 
@@ -872,7 +875,7 @@ class PrefixIndex:
         is tested in C (no call per name: a --drop over 100,000 keys asks this)."""
         if not self:
             return []
-        if self._many():
+        if self.many():
             return [name for name in names if self.covering(name) is not None]
         names = list(names)
         below = map(operator.methodcaller("startswith", self._startswith()), names)
@@ -880,7 +883,8 @@ class PrefixIndex:
             itertools.compress(names, map(operator.or_, below, map(self._at.__contains__, names)))
         )
 
-    def _many(self) -> bool:
+    def many(self) -> bool:
+        """Too many prefixes to test at once with ``startswith``."""
         return len(self._below) + len(self._at) > MAX_STARTSWITH_PREFIXES
 
     def _startswith(self) -> tuple[str, ...]:
