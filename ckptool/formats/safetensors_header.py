@@ -285,14 +285,19 @@ def natural_key(name: str) -> str:
     The key is one string, so sorting compares in C: components are joined by NUL (a
     shorter component sorts first) and each digit run becomes SOH, a character for its
     length and the digits (a longer number sorts later; SOH sorts before text, so "a7"
-    before "ab"). Components repeat across a model's names, so each is keyed once.
+    before "ab"). Components repeat across a model's names, so each is keyed once; a
+    name of one component (``t123``) is most likely unique, so it skips the cache.
     """
+    if "." not in name:
+        return _key_of_component(name)
     return "\x00".join(map(_component_key, name.split(".")))
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _component_key(part: str) -> str:
+def _key_of_component(part: str) -> str:
     return _DIGIT_RUNS.sub(_number_key, part)
+
+
+_component_key = functools.lru_cache(maxsize=1 << 16)(_key_of_component)
 
 
 def _number_key(digits: re.Match[str]) -> str:
