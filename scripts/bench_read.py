@@ -112,6 +112,12 @@ def run(argv: list[str]) -> tuple[float, float, float | None]:
     return wall, usage.ru_maxrss / 1024, inner
 
 
+def from_tree(name: str, argv: list[str], tree: str) -> tuple[str, list[str]]:
+    """(label, argv) of a ckptool command run from another checkout (a git worktree of
+    an older commit, say): a change measured against the code before it in one run."""
+    return f"{name} [{os.path.basename(tree.rstrip('/'))}]", ["env", f"PYTHONPATH={tree}", *argv]
+
+
 def contenders(pt: str, st: str) -> dict[str, list[str]]:
     py, ck = sys.executable, [sys.executable, "-m", "ckptool"]
     return {

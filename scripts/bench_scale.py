@@ -10,6 +10,9 @@ torch.save file. Every command runs in a fresh process, REPEATS times; prints me
 of wall time and peak RSS (wait4) and the cost per tensor.
 
     python scripts/bench_scale.py [--counts 1000,10000,100000] [--repeats 3]
+                                  [--baseline-tree DIR]
+
+--baseline-tree DIR runs each ckptool command once more from another checkout.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_read import run
+from bench_read import from_tree, run
 
 SHAPES = (
     "from safetensors import safe_open\n"
@@ -75,6 +78,7 @@ def main() -> int:
     )
     parser.add_argument("--counts", default="1000,10000,100000")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline-tree", help="also run ckptool from this checkout")
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
     workdir = tempfile.mkdtemp(prefix="ckptool-scale-")
@@ -94,6 +98,9 @@ def main() -> int:
                     "safe_open shapes (numpy)": [sys.executable, "-c", SHAPES.format(files["st"])],
                     "torch.load .pt (mmap)": [sys.executable, "-c", TORCH_MMAP.format(files["pt"])],
                 }
+                if args.baseline_tree:
+                    ours = [(k, v) for k, v in commands.items() if v[:3] == ck]
+                    commands.update(from_tree(k, v, args.baseline_tree) for k, v in ours)
                 for label, argv in commands.items():
                     samples = [run(argv)[:2] for _ in range(args.repeats)]
                     wall = statistics.median(s[0] for s in samples)

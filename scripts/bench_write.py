@@ -28,7 +28,7 @@ import tempfile
 import textwrap
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_read import HEAD, HIDDEN, VOCAB, run
+from bench_read import HEAD, HIDDEN, VOCAB, from_tree, run
 
 MODEL = textwrap.dedent(
     f"""
@@ -83,14 +83,11 @@ def contenders(
     runs = _contenders(pt, st, model, gigabytes, out_dir)
     if baseline_tree is None:
         return runs
-    twins = {
-        f"{name} [{os.path.basename(baseline_tree.rstrip('/'))}]": (
-            ["env", f"PYTHONPATH={baseline_tree}", *argv],
-            output,
-        )
-        for name, (argv, output) in runs.items()
-        if name.startswith("ckptool")
-    }
+    twins = {}
+    for name, (argv, output) in runs.items():
+        if name.startswith("ckptool"):
+            label, twin = from_tree(name, argv, baseline_tree)
+            twins[label] = (twin, output)
     return {**runs, **twins}
 
 
