@@ -177,6 +177,54 @@ def test_help_does_not_import_torch() -> None:
     assert "inspect" in out.stdout and "diff" in out.stdout
 
 
+def test_commands_that_load_torch_exit_without_teardown_but_with_exit_handlers(
+    tmp_path: Path,
+) -> None:
+    """With torch loaded, the interpreter's teardown costs 0.5 s; ckptool ends the
+    process once exit handlers ran and output is flushed, with the exit code kept."""
+    code = (
+        "import atexit, sys, torch\n"
+        "from ckptool import cli\n"
+        "atexit.register(lambda: print('handler ran'))  # flushed by ckptool\n"
+        "sys.argv = ['ckptool'] + sys.argv[1:]\n"
+        "real = cli._main\n"
+        "def command():\n"
+        "    print('output ' * 5000, end='')  # more than a pipe's buffer, unflushed\n"
+        "    real()\n"
+        "cli._main = command\n"
+        "cli.main()\n"
+        "print('never printed: main does not return')\n"
+    )
+
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-c", code, *args]
+        return subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, env=buffered)
+
+    missing = run("inspect", "missing.pt")
+    assert missing.returncode == 3 and "no such file" in missing.stderr
+    assert missing.stdout == "output " * 5000 + "handler ran\n"
+    done = run("--version")
+    assert done.returncode == 0 and "handler ran" in done.stdout
+    assert "never printed" not in done.stdout and "ckptool" in done.stdout
+
+
+def test_a_live_thread_keeps_the_ordinary_exit() -> None:
+    """Teardown waits for threads that still run; a hard exit would cut them off."""
+    from ckptool import cli
+
+    assert "torch" in sys.modules and cli._teardown_is_slow()
+    release = __import__("threading").Event()
+    worker = __import__("threading").Thread(target=release.wait)
+    worker.start()
+    try:
+        assert not cli._teardown_is_slow()
+    finally:
+        release.set()
+        worker.join()
+
+
 def test_console_script_piped_output_is_plain(dataparallel_resnet18: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
     # The console script of this interpreter's environment, not whatever is first on PATH.
