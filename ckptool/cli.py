@@ -854,10 +854,10 @@ def _finish(code: object) -> None:
 
 
 def _teardown_is_slow() -> bool:
-    """Whether the interpreter's teardown would cost more than the command's tail:
-    with torch loaded it frees every module and runs its libraries' destructors,
-    0.5 s here after every command that needed torch (adapt, check, finetune...).
-    Only when no other thread runs: teardown waits for those, a plain exit would not."""
+    """Whether to skip the interpreter's teardown: with torch loaded it frees every
+    module and runs its libraries' destructors, 0.5 s here after every command that
+    needed torch (adapt, check, finetune...). Not while another thread runs: teardown
+    waits for it, a hard exit would cut it off."""
     return "torch" in sys.modules and threading.active_count() == 1
 
 

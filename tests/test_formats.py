@@ -118,6 +118,16 @@ def test_tied_names_without_strides_are_counted_once() -> None:
     assert meta.nbytes == distinct_bytes(Tied().state_dict()) == 10 * 6 * 4
 
 
+def test_a_dtype_of_unknown_size_counts_no_bytes_in_the_total() -> None:
+    """The totals agree with each tensor's own ``nbytes``, which knows no size for a
+    dtype it has no table entry for."""
+    from ckptool.formats.meta import CheckpointMeta, TensorMeta
+
+    tensors = {"a": TensorMeta((2,), "float32"), "b": TensorMeta((3,), "a_future_dtype")}
+    meta = CheckpointMeta(path="p", format=Format.SAFETENSORS, tensors=tensors)
+    assert meta.nbytes == sum(t.nbytes for t in tensors.values()) == 8
+
+
 def _flat_lstm_state() -> dict[str, torch.Tensor]:
     """An LSTM's weights as cuDNN's flatten_parameters() leaves them: slices of one buffer."""
     lstm = torch.nn.LSTM(8, 16, num_layers=2)
