@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import os
 import sys
 import time
@@ -13,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ckptool.formats.bounded import listed, visible
-from ckptool.formats.meta import CheckpointMeta, TensorMeta, nbytes_each
+from ckptool.formats.meta import CheckpointMeta, TensorMeta, itemsizes
 from ckptool.keys import (
     Fix,
     FixStep,
@@ -141,7 +142,7 @@ def _tensors_json(tensors: Mapping[str, TensorMeta]) -> list[dict[str, Any]]:
     shapes = [tensor.shape for tensor in tensors.values()]
     dtypes = [tensor.dtype for tensor in tensors.values()]
     numels = list(map(math.prod, shapes))
-    nbytes = nbytes_each(tensors.values())
+    nbytes = map(operator.mul, numels, itemsizes(tensors.values()))
     return [
         {"name": name, "shape": list(shape), "dtype": dtype, "numel": numel, "nbytes": size}
         for name, shape, dtype, numel, size in zip(

@@ -195,11 +195,15 @@ def numels(tensors: Iterable[TensorMeta]) -> Iterator[int]:
     return map(math.prod, map(_SHAPE, tensors))
 
 
+def itemsizes(tensors: Iterable[TensorMeta]) -> Iterator[int]:
+    """Each tensor's ``itemsize`` (0 for a dtype of unknown size), computed in C."""
+    return map(DTYPE_SIZES.get, map(_DTYPE, tensors), itertools.repeat(0))
+
+
 def nbytes_each(tensors: Iterable[TensorMeta]) -> Iterator[int]:
     """Each tensor's ``nbytes`` (elements times item size), computed in C."""
     tensors = list(tensors)
-    itemsizes = map(DTYPE_SIZES.get, map(_DTYPE, tensors), itertools.repeat(0))
-    return map(operator.mul, numels(tensors), itemsizes)
+    return map(operator.mul, numels(tensors), itemsizes(tensors))
 
 
 @dataclass(frozen=True)
