@@ -165,7 +165,7 @@ def build_cases() -> dict[str, tuple[bytes, int, str]]:
 PROTO2, STOP, MARK, TUPLE, TUPLE1, TUPLE2 = b"\x80\x02", b".", b"(", b"t", b"\x85", b"\x86"
 EMPTY_DICT, EMPTY_LIST, EMPTY_TUPLE, SETITEM, SETITEMS = b"}", b"]", b")", b"s", b"u"
 APPENDS, REDUCE, BUILD, BINPERSID, NEWFALSE, FROZENSET = b"e", b"R", b"b", b"Q", b"\x89", b"\x91"
-POP = b"0"
+POP, DICT = b"0", b"d"
 
 
 def s_(text: str) -> bytes:
@@ -296,6 +296,7 @@ def crafted_cases() -> dict[str, tuple[bytes, int, str]]:
         "build_wrong_state_shape.pt": (torch_zip(state_pickle(("w", good_tensor), ("o", g_("collections", "OrderedDict") + EMPTY_TUPLE + REDUCE + i_(7) + BUILD))), UNREADABLE, "corrupt pickle"),
         # Hash bombs: a tuple of 2**64 nodes as a dict key, a set member, a Counter key.
         "hash_bomb_dict_key.pt": (torch_zip(state_pickle(("w", good_tensor), ("h", EMPTY_DICT + hashed_key + SETITEM))), UNREADABLE, "hash .*budget"),
+        "hash_bomb_dict_opcode.pt": (torch_zip(state_pickle(("w", good_tensor), ("h", MARK + hashed_key + DICT))), UNREADABLE, "hash .*budget"),
         "hash_bomb_frozenset.pt": (torch_zip(state_pickle(("w", good_tensor), ("h", MARK + doubling + FROZENSET))), UNREADABLE, "hash .*budget"),
         "hash_bomb_counter.pt": (torch_zip(state_pickle(("w", good_tensor), ("h", g_("collections", "Counter") + MARK + EMPTY_LIST + MARK + doubling + APPENDS + TUPLE + REDUCE))), UNREADABLE, "budget"),
         "hash_bomb_set_call.pt": (torch_zip(state_pickle(("w", good_tensor), ("h", g_("builtins", "set") + MARK + EMPTY_LIST + MARK + doubling + APPENDS + TUPLE + REDUCE))), UNREADABLE, "budget"),

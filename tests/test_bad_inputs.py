@@ -9,6 +9,7 @@ terminal, nothing written on failure, a payload never runs, and an answer within
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import re
@@ -50,9 +51,15 @@ def time_limit(seconds: int) -> Iterator[None]:
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.alarm(seconds)
+    # The alarm's exception waits for the interpreter; a hang inside C (hashing a
+    # tuple bomb) never returns to it. The watchdog thread then ends the whole run
+    # (exit 1, no summary), so CI fails rather than hangs; its traceback of every
+    # thread shows with pytest -s (output capture swallows it otherwise).
+    faulthandler.dump_traceback_later(3 * seconds, exit=True, file=sys.__stderr__)
     try:
         yield
     finally:
+        faulthandler.cancel_dump_traceback_later()
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
 

@@ -62,10 +62,11 @@ def test_real_training_checkpoint_passes_every_budget() -> None:
         (craft.EMPTY_LIST + craft.put(5), "memo"),
         ((craft.EMPTY_LIST + craft.MARK) * 300 + craft.APPENDS * 300, "nests"),
         (craft.EMPTY_DICT + craft.doubling_tuple(40)[0] + craft.i_(1) + craft.SETITEM, "hash"),
+        (craft.MARK + craft.doubling_tuple(40)[0] + craft.i_(1) + craft.DICT, "hash"),
         (craft.g_("builtins", "set") + craft.tup(craft.doubling_tuple(40)[0]) + craft.REDUCE,
          "constructors"),
     ],
-    ids=["memo-index", "nesting", "hashed-nodes", "constructor-nodes"],
+    ids=["memo-index", "nesting", "hashed-nodes", "hashed-nodes-dict-opcode", "constructor-nodes"],
 )  # fmt: skip
 def test_each_budget_is_named_when_exceeded(ops: bytes, budget: str) -> None:
     with pytest.raises(PickleBudgetError, match=f"{budget}.*budget|budget.*{budget}"):

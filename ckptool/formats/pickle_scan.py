@@ -60,7 +60,7 @@ _NO_ARG, _FIXED, _LINE, _TWO_LINES, _COUNTED = range(5)
 # What an opcode does to the stack, for the scan.
 _LEAF, _GET, _PUT, _MEMOIZE, _MARK_OP, _POP, _DUP, _APPEND, _OTHER = range(9)
 
-_KEY_OPS = {"SETITEM", "SETITEMS", "ADDITEMS", "FROZENSET"}
+_KEY_OPS = {"SETITEM", "SETITEMS", "DICT", "ADDITEMS", "FROZENSET"}
 _CALL_OPS = {"REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST"}
 # Opcodes that modify the object below their arguments and leave it on the stack.
 _MUTATORS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}
@@ -252,7 +252,7 @@ class _Scan:
     def _charge_keys(self, name: str, popped: list[Node], args: list[Node]) -> None:
         if name == "SETITEM":
             keys = popped[1:2]
-        elif name == "SETITEMS":
+        elif name in ("SETITEMS", "DICT"):  # key, value, key, value...
             keys = args[0::2]
         else:
             keys = args
