@@ -264,6 +264,18 @@ def doubling_tuple(levels: int) -> tuple[bytes, int]:
     return ops + get(levels), levels
 
 
+def repeated_build(target: bytes, levels: int, times: int, state: bytes = EMPTY_DICT) -> bytes:
+    """Ops leaving ``target`` (made without the memo) BUILT ``times`` times from one
+    ``state`` dict whose key is T_levels: merging a state hashes its keys again on every
+    BUILD (for a plain dict state, Python reuses the stored hashes)."""
+    state += doubling_tuple(levels)[0] + i_(1) + SETITEM
+    ops = state + put(levels + 1) + POP + target + put(levels + 2) + POP
+    return ops + (get(levels + 2) + get(levels + 1) + BUILD + POP) * times + get(levels + 2)
+
+
+ORDERED_DICT = g_("collections", "OrderedDict") + EMPTY_TUPLE + REDUCE
+
+
 def fanout_dicts(levels: int, width: int) -> bytes:
     """Ops leaving D_levels: D_i = {k_j: D_i-1 for j < width}: width**levels entries to walk."""
     ops = EMPTY_DICT + put(0) + POP
@@ -297,6 +309,9 @@ def crafted_cases() -> dict[str, tuple[bytes, int, str]]:
         # Hash bombs: a tuple of 2**64 nodes as a dict key, a set member, a Counter key.
         "hash_bomb_dict_key.pt": (torch_zip(state_pickle(("w", good_tensor), ("h", EMPTY_DICT + hashed_key + SETITEM))), UNREADABLE, "hash .*budget"),
         "hash_bomb_dict_opcode.pt": (torch_zip(state_pickle(("w", good_tensor), ("h", MARK + hashed_key + DICT))), UNREADABLE, "hash .*budget"),
+        # 3 million nodes (inside the hash budget) hashed again by each of 400 BUILDs.
+        "hash_bomb_build_state.pt": (torch_zip(state_pickle(("w", good_tensor), ("h", repeated_build(ORDERED_DICT, 20, 400)))), UNREADABLE, "corrupt pickle.*names"),
+        "hash_bomb_build_record.pt": (torch_zip(state_pickle(("w", good_tensor), ("h", repeated_build(g_("argparse", "Namespace") + EMPTY_TUPLE + REDUCE, 20, 400, ORDERED_DICT)))), UNREADABLE, "no dict of tensors"),
         "hash_bomb_frozenset.pt": (torch_zip(state_pickle(("w", good_tensor), ("h", MARK + doubling + FROZENSET))), UNREADABLE, "hash .*budget"),
         "hash_bomb_counter.pt": (torch_zip(state_pickle(("w", good_tensor), ("h", g_("collections", "Counter") + MARK + EMPTY_LIST + MARK + doubling + APPENDS + TUPLE + REDUCE))), UNREADABLE, "budget"),
         "hash_bomb_set_call.pt": (torch_zip(state_pickle(("w", good_tensor), ("h", g_("builtins", "set") + MARK + EMPTY_LIST + MARK + doubling + APPENDS + TUPLE + REDUCE))), UNREADABLE, "budget"),

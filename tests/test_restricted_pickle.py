@@ -7,6 +7,8 @@ pickle cannot write into a stand-in, and copies never reach outside validated by
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import io
 import pickle
 import sys
@@ -20,7 +22,7 @@ import torchvision
 from conftest import REPO
 
 from ckptool.errors import CheckpointReadError
-from ckptool.formats import pickle_scan, read_metadata
+from ckptool.formats import pickle_scan, read_metadata, restricted_pickle
 from ckptool.formats.bounded import short_repr, visible
 from ckptool.formats.meta import CheckpointMeta, Format, TensorMeta
 from ckptool.formats.pickle_scan import PickleBudgetError, check_pickle_budgets
@@ -28,6 +30,7 @@ from ckptool.formats.restricted_pickle import (
     PickledTensor,
     StorageRef,
     _bytearray,
+    _record_class,
     load_restricted,
 )
 from ckptool.formats.write import ComputedBytes
@@ -187,6 +190,60 @@ def test_short_repr_is_bounded_on_shared_structures() -> None:
     for _ in range(200):  # 2**200 leaves if expanded
         node = (node, node)
     assert len(short_repr(node)) <= 60
+
+
+class _Counted:
+    """Counts what is asked of it: a stand-in for a structure too costly to walk."""
+
+    reprs = hashes = 0
+
+    def __repr__(self) -> str:
+        _Counted.reprs += 1
+        return "c"
+
+    def __hash__(self) -> int:
+        _Counted.hashes += 1
+        return 1
+
+
+def test_short_repr_is_bounded_inside_dict_subclasses_and_records() -> None:
+    many = [_Counted() for _ in range(1000)]
+    holders = [
+        collections.OrderedDict(a=many),
+        collections.Counter({"a": many}),
+        _record_class("dataclass.Like")(many),
+    ]
+    for holder in holders:
+        _Counted.reprs = 0
+        assert len(short_repr(holder)) <= 60
+        assert _Counted.reprs <= 10, type(holder)  # reprlib shows a few items, not 1,000
+
+
+def test_build_states_keep_only_attribute_names() -> None:
+    """torch.save sets a state dict's _metadata by BUILD; a key that is not a name
+    (a tuple bomb within the hash budget) would be hashed again on every BUILD."""
+    names = craft.EMPTY_DICT + craft.s_("_metadata") + craft.i_(1) + craft.SETITEM + craft.BUILD
+    obj = load_restricted(craft.PROTO2 + craft.ORDERED_DICT + names + craft.STOP, path="x").obj
+    assert type(obj).__name__ == "OrderedDict" and obj._metadata == 1
+    bomb = craft.PROTO2 + craft.repeated_build(craft.ORDERED_DICT, 3, 2) + craft.STOP
+    with pytest.raises(
+        CheckpointReadError, match=r"corrupt pickle: BUILD sets OrderedDict attributes"
+    ):
+        load_restricted(bomb, path="x")
+
+
+@pytest.mark.parametrize("holder", ["record", "ordered-dict"])
+def test_build_hashes_no_key_again(holder: str) -> None:
+    state = collections.OrderedDict({_Counted(): 1})
+    target = (
+        _record_class("dataclass.Like")()
+        if holder == "record"
+        else restricted_pickle._HANDLERS["collections.OrderedDict"]()
+    )
+    _Counted.hashes = 0
+    with contextlib.suppress(CheckpointReadError):
+        target.__setstate__(state)
+    assert _Counted.hashes == 0
 
 
 def test_visible_escapes_terminal_controls() -> None:

@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+import itertools
 import reprlib
 from collections.abc import Sequence
 from typing import Any, TypeGuard
 
+
+class _BoundedRepr(reprlib.Repr):
+    """reprlib's limits, for dict subclasses too: reprlib hands an OrderedDict or a
+    Counter to the builtin repr, which writes out everything it holds."""
+
+    def repr_instance(self, x: Any, level: int) -> str:
+        if isinstance(x, dict):
+            return f"{type(x).__name__}({self._first_items(x, level)})"
+        return super().repr_instance(x, level)
+
+    def _first_items(self, mapping: dict[Any, Any], level: int) -> str:
+        if not mapping:
+            return "{}"
+        if level <= 0:
+            return "{...}"
+        # dict.items, not the subclass's: an OrderedDict's iterator hashes every key.
+        first = itertools.islice(dict.items(mapping), self.maxdict)
+        shown = ", ".join(
+            f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}" for k, v in first
+        )
+        return "{" + shown + (", ..." if len(mapping) > self.maxdict else "") + "}"
+
+
 # repr() of a crafted object (a tuple that shares itself at every level) can take
 # exponential time; reprlib stops at a few levels and a few items per level.
-_REPR = reprlib.Repr()
+_REPR = _BoundedRepr()
 _REPR.maxlevel = 3
 _REPR.maxother = _REPR.maxstring = 40
 

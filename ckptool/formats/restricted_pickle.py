@@ -147,6 +147,46 @@ def _inert_class(qualified_name: str) -> type[_Inert]:
     return type(qualified_name, (_Inert,), {})
 
 
+def _names_only(state: Any) -> bool:
+    """A dict whose keys are all strings.
+
+    BUILD merges a state dict into an object, and merging hashes the keys again unless
+    they are strings (a string caches its hash) or the state is a plain dict (its
+    stored hashes are reused). A key can be a tuple of shared tuples: 4 million nodes
+    to hash from a few hundred bytes, within the scan's budget once, and again for every
+    BUILD that names the state. The keys are read through ``dict.keys``: an OrderedDict's
+    own iterator hashes each key to find it.
+    """
+    return isinstance(state, dict) and set(map(type, dict.keys(state))) <= {str}
+
+
+class _AttributesByName:
+    """BUILD on an OrderedDict or a Counter sets instance attributes: torch.save keeps a
+    state dict's ``_metadata`` that way. Only attribute names are set (see
+    ``_names_only``); the C unpickler would hash any other key again on every BUILD."""
+
+    def __setstate__(self, state: Any) -> None:
+        if not _names_only(state):
+            raise CheckpointReadError(
+                f"corrupt pickle: BUILD sets {type(self).__name__} attributes from "
+                f"{short_repr(state)}; torch.save writes only names there"
+            )
+        vars(self).update(state)
+
+
+class _OrderedDict(_AttributesByName, collections.OrderedDict[Any, Any]):
+    pass
+
+
+class _Counter(_AttributesByName, collections.Counter[Any]):
+    pass
+
+
+# Listings name a container by its class: these are what the pickle named.
+_OrderedDict.__name__ = _OrderedDict.__qualname__ = "OrderedDict"
+_Counter.__name__ = _Counter.__qualname__ = "Counter"
+
+
 class Record:
     """A plain-data stand-in for an allowlisted dataclass (DCP metadata): args and state."""
 
@@ -165,14 +205,16 @@ class Record:
         # Dataclasses pickle a dict, or (None, {slot: value}) with __slots__; classes with
         # their own __getstate__ (DCP's TensorProperties) a plain tuple, kept as "values".
         parts = state if isinstance(state, tuple) else (state,)
-        dicts = [part for part in parts if isinstance(part, dict)]
+        dicts = list(filter(_names_only, parts))  # other keys would be hashed again
         for part in dicts:
             self.state.update(part)
         if not dicts:
             self.state["values"] = state
 
     def __repr__(self) -> str:
-        return f"{self.record_name}{self.args or ''}{self.state or ''}"
+        # Bounded: the arguments and state come from the file (see short_repr).
+        args = short_repr(self.args, limit=200) if self.args else ""
+        return f"{self.record_name}{args}{short_repr(self.state, limit=200) if self.state else ''}"
 
 
 def _record_class(qualified_name: str) -> type[Record]:
@@ -398,8 +440,8 @@ _HANDLERS: dict[str, Callable[..., Any]] = {
     "torch._tensor._rebuild_from_type_v2": _rebuild_from_type,
     "torch.Size": _size,
     "torch.device": _device,
-    "collections.OrderedDict": collections.OrderedDict,
-    "collections.Counter": collections.Counter,
+    "collections.OrderedDict": _OrderedDict,
+    "collections.Counter": _Counter,
     "builtins.set": set,
     "builtins.frozenset": frozenset,
     "builtins.bytearray": _bytearray,
