@@ -312,6 +312,8 @@ def crafted_cases() -> dict[str, tuple[bytes, int, str]]:
         # 3 million nodes (inside the hash budget) hashed again by each of 400 BUILDs.
         "hash_bomb_build_state.pt": (torch_zip(state_pickle(("w", good_tensor), ("h", repeated_build(ORDERED_DICT, 20, 400)))), UNREADABLE, "corrupt pickle.*names"),
         "hash_bomb_build_record.pt": (torch_zip(state_pickle(("w", good_tensor), ("h", repeated_build(g_("argparse", "Namespace") + EMPTY_TUPLE + REDUCE, 20, 400, ORDERED_DICT)))), UNREADABLE, "no dict of tensors"),
+        # One OrderedDict whose key is 3M nodes, shared by 1,000 entries: walked 1,000 times.
+        "hash_bomb_shared_ordered_dict.pt": (torch_zip(state_pickle(("w", good_tensor), *((f"k{i}", get(21)) for i in range(1000)), prefix=ORDERED_DICT + doubling_tuple(20)[0] + i_(1) + SETITEM + put(21) + POP)), UNREADABLE, "no dict of tensors"),
         "hash_bomb_frozenset.pt": (torch_zip(state_pickle(("w", good_tensor), ("h", MARK + doubling + FROZENSET))), UNREADABLE, "hash .*budget"),
         "hash_bomb_counter.pt": (torch_zip(state_pickle(("w", good_tensor), ("h", g_("collections", "Counter") + MARK + EMPTY_LIST + MARK + doubling + APPENDS + TUPLE + REDUCE))), UNREADABLE, "budget"),
         "hash_bomb_set_call.pt": (torch_zip(state_pickle(("w", good_tensor), ("h", g_("builtins", "set") + MARK + EMPTY_LIST + MARK + doubling + APPENDS + TUPLE + REDUCE))), UNREADABLE, "budget"),

@@ -246,6 +246,16 @@ def test_build_hashes_no_key_again(holder: str) -> None:
     assert _Counted.hashes == 0
 
 
+def test_walking_an_unpickled_ordered_dict_hashes_no_key() -> None:
+    """collections.OrderedDict's iterator hashes each key; a walk over an OrderedDict
+    shared many times would re-hash a bomb key the scan charged once."""
+    ordered = restricted_pickle._HANDLERS["collections.OrderedDict"]()
+    ordered[_Counted()] = 1
+    _Counted.hashes = 0
+    assert len(list(ordered.items())) == len(list(ordered)) == len(list(ordered.values())) == 1
+    assert _Counted.hashes == 0
+
+
 def test_visible_escapes_terminal_controls() -> None:
     assert visible("a\x1b[31mb\x07") == "a\\x1b[31mb\\x07"
     assert visible("a\nb") == "a\nb" and visible("a\nb", one_line=True) == "a\\x0ab"
