@@ -64,12 +64,14 @@ def test_real_training_checkpoint_passes_every_budget() -> None:
     [
         (craft.EMPTY_LIST + craft.put(5), "memo"),
         ((craft.EMPTY_LIST + craft.MARK) * 300 + craft.APPENDS * 300, "nests"),
+        (craft.i_(1) + craft.TUPLE1 * 300, "nests"),
         (craft.EMPTY_DICT + craft.doubling_tuple(40)[0] + craft.i_(1) + craft.SETITEM, "hash"),
         (craft.MARK + craft.doubling_tuple(40)[0] + craft.i_(1) + craft.DICT, "hash"),
         (craft.g_("builtins", "set") + craft.tup(craft.doubling_tuple(40)[0]) + craft.REDUCE,
          "constructors"),
     ],
-    ids=["memo-index", "nesting", "hashed-nodes", "hashed-nodes-dict-opcode", "constructor-nodes"],
+    ids=["memo-index", "nesting", "nesting-tuples", "hashed-nodes", "hashed-nodes-dict-opcode",
+         "constructor-nodes"],
 )  # fmt: skip
 def test_each_budget_is_named_when_exceeded(ops: bytes, budget: str) -> None:
     with pytest.raises(PickleBudgetError, match=f"{budget}.*budget|budget.*{budget}"):
@@ -109,6 +111,23 @@ def test_malformed_opcode_arguments_are_corrupt(pickle_bytes: bytes, message: st
             check_pickle_budgets(data)
     with pytest.raises(CheckpointReadError, match=message):
         check_pickle_budgets(pickle_bytes)
+
+
+@pytest.mark.parametrize(
+    "ops",
+    [
+        craft.i_(1) + craft.TUPLE2,  # two objects wanted, one there
+        craft.MARK + craft.i_(1) + craft.TUPLE2,  # a MARK is not an object
+        craft.MARK + craft.put(0) + craft.POP + craft.i_(1),  # memoizing a MARK
+        craft.TUPLE,  # a slice without a MARK
+    ],
+    ids=["too-few", "mark-as-object", "memoized-mark", "no-mark"],
+)
+def test_stack_misuse_is_corrupt(ops: bytes) -> None:
+    with pytest.raises(
+        CheckpointReadError, match=r"corrupt pickle: (an opcode needs an object|no MARK)"
+    ):
+        check_pickle_budgets(craft.PROTO2 + ops + craft.STOP)
 
 
 def test_lengths_beyond_the_file_are_not_allocated(tmp_path: Path) -> None:

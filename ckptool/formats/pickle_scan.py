@@ -58,7 +58,7 @@ def check_pickle_budgets(data: bytes | BinaryIO) -> None:
 # How an opcode's argument is laid out, after the opcode byte.
 _NO_ARG, _FIXED, _LINE, _TWO_LINES, _COUNTED = range(5)
 # What an opcode does to the stack, for the scan.
-_LEAF, _GET, _PUT, _MEMOIZE, _MARK_OP, _POP, _DUP, _APPEND, _OTHER = range(9)
+_LEAF, _GET, _PUT, _MEMOIZE, _MARK_OP, _POP, _DUP, _APPEND, _NEW, _NEW_FROM_MARK, _OTHER = range(11)
 
 _KEY_OPS = {"SETITEM", "SETITEMS", "DICT", "ADDITEMS", "FROZENSET"}
 _CALL_OPS = {"REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST"}
@@ -85,6 +85,8 @@ class _Op:
         self.layout, self.width, self.signed = _layout(info)
         self.action = _action(info)
         self.effect = _Effect(info) if self.action == _OTHER else None
+        if self.effect is not None and self.effect.makes_new:
+            self.action = _NEW_FROM_MARK if self.effect.takes_slice else _NEW
 
 
 def _layout(info: pickletools.OpcodeInfo) -> tuple[int, int, bool]:
@@ -117,7 +119,7 @@ def _action(info: pickletools.OpcodeInfo) -> int:
 class _Effect:
     """The stack effect of an opcode the walk applies generically."""
 
-    __slots__ = ("below", "calls", "keys", "mutates", "pushes", "takes_slice")
+    __slots__ = ("below", "calls", "keys", "makes_new", "mutates", "pushes", "takes_slice")
 
     def __init__(self, info: pickletools.OpcodeInfo) -> None:
         before = [item.name for item in info.stack_before]
@@ -127,6 +129,15 @@ class _Effect:
         self.keys = info.name if info.name in _KEY_OPS else None
         self.calls = info.name in _CALL_OPS
         self.mutates = info.name in _MUTATORS
+        # A new object from what it pops, hashing nothing (TUPLE1, REDUCE, BINPERSID...):
+        # a quarter of a state dict's opcodes, so the walk applies these inline. Those
+        # with a slice take nothing below it (TUPLE, LIST), so the slice is all they pop.
+        self.makes_new = (
+            self.pushes
+            and not self.mutates
+            and self.keys is None
+            and (self.below > 0 if not self.takes_slice else self.below == 0)
+        )
 
 
 _OPS: list[_Op | None] = [None] * 256  # by opcode byte
@@ -158,8 +169,11 @@ class _Scan:
         One loop decodes each opcode and applies the common ones inline (a call per
         opcode is most of the cost at 3 million opcodes); the rest go to ``_apply``.
         """
-        stack, memo, ops = self.stack, self.memo, _OPS
+        stack, memo, ops, marks = self.stack, self.memo, _OPS, self.marks
         pos, end, count = 0, len(data), 0
+        # Locals: the loop runs 30 times per tensor of a state dict.
+        max_opcodes, fixed, from_bytes, mark_ = MAX_OPCODES, _FIXED, int.from_bytes, _MARK
+        leaf, put, get, new, new_from_mark = _LEAF, _PUT, _GET, _NEW, _NEW_FROM_MARK
         while True:
             if pos >= end:
                 raise _corrupt("it ends before its STOP opcode")
@@ -167,26 +181,53 @@ class _Scan:
             if op is None:
                 raise _corrupt(f"unknown opcode {data[pos]:#04x} at byte {pos}")
             count += 1
-            if count > MAX_OPCODES:
+            if count > max_opcodes:
                 raise PickleBudgetError(f"pickle has more than {MAX_OPCODES} opcodes (budget)")
             start = pos + 1
-            pos = start + op.width if op.layout == _FIXED else _argument_end(op, data, start)
+            binary = op.layout == fixed
+            pos = start + op.width if binary else _argument_end(op, data, start)
             if pos > end:
                 raise _corrupt(f"{op.name} argument runs past the end of the pickle")
             action = op.action
-            if action == _LEAF:  # most opcodes: a new int, string, None or empty container
+            if action == put:
+                index = (
+                    from_bytes(data[start:pos], "little")
+                    if binary
+                    else _text_index(data, start, pos)
+                )
+                if index == len(memo) and stack and stack[-1] is not mark_:  # in order
+                    memo[index] = stack[-1]  # not a MARK, checked
+                else:
+                    self._memo_put(index)
+            elif action == leaf:  # a new int, string, None or empty container
                 stack.append([1, 1])
-            elif action == _PUT:
-                self._memo_put(_memo_index(op, data, start, pos))
-            elif action == _GET:
-                index = _memo_index(op, data, start, pos)
+            elif action == new:  # TUPLE1, REDUCE, BINPERSID...: from the objects below
+                below = op.effect.below  # type: ignore[union-attr]  # set for _NEW
+                parts = stack[-below:]
+                if len(parts) < below or mark_ in parts:
+                    raise _corrupt("an opcode needs an object on the stack")
+                del stack[-below:]
+                stack.append(self._new_node(op, parts))  # type: ignore[arg-type]
+            elif action == get:
+                index = (
+                    from_bytes(data[start:pos], "little")
+                    if binary
+                    else _text_index(data, start, pos)
+                )
                 node = memo.get(index)
                 if node is None:
                     raise _corrupt(f"memo index {index!r} was never stored")
                 stack.append(node)
+            elif action == new_from_mark:  # TUPLE, LIST: from the objects above the MARK
+                if not marks:
+                    raise _corrupt("no MARK for a stack slice")
+                mark = marks.pop()
+                parts = stack[mark + 1 :]  # no MARK among them: it was the innermost
+                del stack[mark:]
+                stack.append(self._new_node(op, parts))  # type: ignore[arg-type]
             elif action == _MARK_OP:
-                self.marks.append(len(stack))
-                stack.append(_MARK)
+                marks.append(len(stack))
+                stack.append(mark_)
             elif action == _OTHER:
                 self._apply(op)
                 if op.name == "STOP":
@@ -217,12 +258,7 @@ class _Scan:
         if effect.keys is not None:
             self._charge_keys(effect.keys, popped, args)
         if effect.calls:
-            self.constructed += sum(map(_SIZE, popped)) + sum(map(_SIZE, args))
-            if self.constructed > MAX_CONSTRUCTOR_NODES:
-                raise PickleBudgetError(
-                    f"pickle hands constructors over {MAX_CONSTRUCTOR_NODES} nodes "
-                    "(budget); shared references expand it"
-                )
+            self._charge_constructor(sum(map(_SIZE, popped)) + sum(map(_SIZE, args)))
         if not effect.pushes:
             return
         if effect.mutates and popped:
@@ -236,6 +272,23 @@ class _Scan:
         ]
         self._check_depth(node[1])
         self.stack.append(node)
+
+    def _new_node(self, op: _Op, parts: list[Node]) -> Node:
+        """The node of a new object made from ``parts`` (what ``op`` popped)."""
+        size = sum(map(_SIZE, parts))
+        if op.effect.calls:  # type: ignore[union-attr]  # every _NEW opcode has an effect
+            self._charge_constructor(size)
+        depth = 1 + max(map(_DEPTH, parts), default=0)
+        self._check_depth(depth)
+        return [min(_SATURATED, 1 + size), depth]
+
+    def _charge_constructor(self, nodes: int) -> None:
+        self.constructed += nodes
+        if self.constructed > MAX_CONSTRUCTOR_NODES:
+            raise PickleBudgetError(
+                f"pickle hands constructors over {MAX_CONSTRUCTOR_NODES} nodes "
+                "(budget); shared references expand it"
+            )
 
     def _grow(self, target: Node, added: list[Node] | tuple[Node, ...]) -> None:
         # The container keeps its identity, so memo references to it see it grow; it
@@ -322,11 +375,9 @@ def _argument_end(op: _Op, data: bytes, pos: int) -> int:
     return pos
 
 
-def _memo_index(op: _Op, data: bytes, start: int, end: int) -> int:
-    """The memo index a GET or PUT opcode names (its argument is data[start:end])."""
-    if op.layout == _FIXED:
-        return int.from_bytes(data[start:end], "little")
-    text = data[start : end - 1]  # GET and PUT spell it in decimal, then a newline
+def _text_index(data: bytes, start: int, end: int) -> int:
+    """The memo index a text GET or PUT names: data[start:end] is decimal, then a newline."""
+    text = data[start : end - 1]
     try:
         return int(text)
     except ValueError:
