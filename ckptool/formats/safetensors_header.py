@@ -223,7 +223,9 @@ def _entries_in_bulk(
     # Each span holds exactly its shape's elements (a negative span never does).
     if spans != list(map(operator.mul, map(math.prod, shapes), map(_ITEMSIZES.get, codes))):
         return None
-    if not _tile(sorted(zip(begins, ends, strict=True)), data_len):
+    # Spans are non-negative (checked above), so ranges that chain in header order tile;
+    # writers list tensors in data order, so only other files pay for the sort.
+    if not (_tile(begins, ends, data_len) or _tiles_when_sorted(begins, ends, data_len)):
         return None
     rows = zip(  # in TensorMeta's field order
         map(tuple, shapes),  # shape
@@ -252,12 +254,19 @@ def _all_counts(values: list[Any]) -> bool:
     return not values or (_types(values) == {int} and min(values) >= 0 and max(values) < 2**63)
 
 
-def _tile(ranges: list[tuple[int, int]], data_len: int) -> bool:
-    """Sorted [begin, end) ranges cover 0..data_len exactly: each begins where the one
-    before it ends."""
-    begins = list(map(operator.itemgetter(0), ranges))
-    ends = list(map(operator.itemgetter(1), ranges))
+def _tile(begins: list[int], ends: list[int], data_len: int) -> bool:
+    """[begin, end) ranges, in this order, cover 0..data_len exactly: each begins where
+    the one before it ends."""
     return begins[0] == 0 and ends[-1] == data_len and begins[1:] == ends[:-1]
+
+
+def _tiles_when_sorted(begins: list[int], ends: list[int], data_len: int) -> bool:
+    ranges = sorted(zip(begins, ends, strict=True))
+    return _tile(
+        list(map(operator.itemgetter(0), ranges)),
+        list(map(operator.itemgetter(1), ranges)),
+        data_len,
+    )
 
 
 def _entries_one_by_one(
