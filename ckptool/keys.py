@@ -295,7 +295,7 @@ def diff(
     best = suggestions[0] if suggestions else None
     tied = tuple(s for s in suggestions if best and s.matched == best.matched)
     # With tied, different prefixes there is no single fix to recommend; the report lists them.
-    fix = _compose_fix(source, target, transforms, best, hooks) if len(tied) <= 1 else None
+    fix = _compose_fix(source, target, result, best, hooks) if len(tied) <= 1 else None
     if fix is not None and not _replays(source, target, fix.transforms, hooks):
         fix = None
     return dataclasses.replace(
@@ -686,21 +686,23 @@ def _replays(
 def _compose_fix(
     source: Mapping[str, TensorMeta],
     target: Mapping[str, TensorMeta],
-    given: Transforms,
+    as_given: KeyDiff,
     best: Suggestion | None,
     hooks: HookPlacement | None = None,
 ) -> Fix | None:
-    """The given transforms plus the best prefix fix plus --drop/--reinit for what remains."""
-    base, steps = given, []
+    """The given transforms (``as_given`` compared with them) plus the best prefix fix
+    plus --drop/--reinit for what remains."""
+    given = as_given.transforms
+    base, steps, after = given, [], as_given  # without a prefix fix, compared already
     if best is not None:
         base = with_suggestion(given, best)
         steps = [
             FixStep(" ".join(best.flags), Reason.PREFIX, matched=best.matched, total=best.total)
         ]
-    try:
-        after = _compare(source, target, apply_transforms(source, base), base, hooks)
-    except TransformError:
-        return None
+        try:
+            after = _compare(source, target, apply_transforms(source, base), base, hooks)
+        except TransformError:
+            return None
     nesting = _nesting_rename(source, target, base, after, hooks)
     if nesting is not None:
         base, after, step = nesting
