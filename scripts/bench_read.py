@@ -115,7 +115,10 @@ def run(argv: list[str]) -> tuple[float, float, float | None]:
 def from_tree(name: str, argv: list[str], tree: str) -> tuple[str, list[str]]:
     """(label, argv) of a ckptool command run from another checkout (a git worktree of
     an older commit, say): a change measured against the code before it in one run."""
-    return f"{name} [{os.path.basename(tree.rstrip('/'))}]", ["env", f"PYTHONPATH={tree}", *argv]
+    # PYTHONSAFEPATH: `python -m`/`-c` put the working directory first on sys.path, so
+    # run from the repository root they imported its ckptool, not the tree's.
+    label = f"{name} [{os.path.basename(tree.rstrip('/'))}]"
+    return label, ["env", f"PYTHONPATH={tree}", "PYTHONSAFEPATH=1", *argv]
 
 
 def contenders(pt: str, st: str) -> dict[str, list[str]]:
