@@ -136,9 +136,12 @@ def with_hooks(
         return keys, None
     given, judged = keys.transforms, keys
     if keys.fix is not None:
-        # Under the fix's renames (--strip module.) the hooks see the model's names;
-        # under the names as given they would act on the wrong modules.
-        renamed = dataclasses.replace(keys.fix.transforms, drop=given.drop, reinit=given.reinit)
+        # Under the fix's module renames (--strip module.) the hooks see the model's
+        # names; under the names as given they would act on the wrong modules. Its renames
+        # of single tensors are left out: they may do what a hook does (weight_g).
+        renamed = dataclasses.replace(
+            keys.fix.module_transforms, drop=given.drop, reinit=given.reinit
+        )
         if renamed != given:
             judged = diff(meta.tensors, target, renamed, suggest=False)
     placement = hook_placement(built, meta, judged)

@@ -605,6 +605,7 @@ class Reason(str, enum.Enum):
     MISSING = "missing"
     TIED = "tied"  # no flag: adapt writes the name from its tie partner
     NESTING = "nesting"  # a rename moving layers one module level deeper or shallower
+    RENAMED = "renamed"  # a rename pairing a tensor the model lacks with one it misses
 
 
 @dataclass(frozen=True)
@@ -616,6 +617,7 @@ class FixStep:
     keys: tuple[str, ...] = ()
     matched: int = 0  # for PREFIX: names that match after it, out of total
     total: int = 0
+    rule: tuple[str, str] | None = None  # for RENAMED: the (pattern, replacement)
 
 
 @dataclass(frozen=True)
@@ -626,6 +628,14 @@ class Fix:
     steps: tuple[FixStep, ...]
     kept_numel: int = 0  # the model's learned values the checkpoint provides after the fix
     model_numel: int = 0  # all of its learned values (see learned_numel)
+
+    @property
+    def module_transforms(self) -> Transforms:
+        """The transforms without the renames of single tensors: the names the model's
+        load hooks expect (they rename ``weight_g`` themselves)."""
+        singles = {s.rule for s in self.steps if s.reason is Reason.RENAMED}
+        kept = tuple(r for r in self.transforms.rename if r not in singles)
+        return dataclasses.replace(self.transforms, rename=kept)
 
     @property
     def keeps_little(self) -> bool:
@@ -707,6 +717,8 @@ def _compose_fix(
     if nesting is not None:
         base, after, step = nesting
         steps.append(step)
+    base, after, renames = _rename_tensors(source, target, base, after, hooks)
+    steps += renames
     drop, reinit = _cover_remaining(after)
     steps += _steps("--drop", drop, after) + _steps("--reinit", reinit, after)
     if after.through_tie:
@@ -744,20 +756,14 @@ def _nesting_rename(
             rule = _nesting_rule(module, partner.rpartition(".")[0])
             if rule is not None:
                 rules[rule] += 1
-    best: tuple[Transforms, KeyDiff, tuple[str, str]] | None = None
+    best: tuple[Transforms, KeyDiff, tuple[str, ...], tuple[str, str]] | None = None
     for rule, _ in rules.most_common(MAX_NESTING_RULES):
-        candidate = dataclasses.replace(base, rename=(*base.rename, rule))
-        try:
-            trial = _compare(source, target, apply_transforms(source, candidate), candidate, hooks)
-        except TransformError:
-            continue
-        if len(trial.matched) > len((best[1] if best else after).matched):
-            best = (candidate, trial, rule)
+        renamed = _with_rename(source, target, base, after, rule, hooks)
+        if renamed is not None and (best is None or len(renamed[1].matched) > len(best[1].matched)):
+            best = (*renamed, rule)
     if best is None:
         return None
-    transforms, trial, rule = best
-    before = set(after.matched)
-    moved = tuple(n for n in trial.matched if n not in before)
+    transforms, trial, moved, rule = best
     flag = Transforms(rename=(rule,)).flags()[0]
     return transforms, trial, FixStep(flag, Reason.NESTING, moved)
 
@@ -795,6 +801,165 @@ def _module_pattern(module: str) -> tuple[str, str, int]:
             pattern.append(re.escape(segment))
             repl.append(segment.replace("\\", "\\\\"))
     return r"\.".join(pattern), ".".join(repl), groups
+
+
+# Tensor names that differ between ports of the same layer: TF-era LayerNorm
+# (gamma/beta) and weight norm before and after torch's parametrizations. Tails, both ways.
+KNOWN_RENAMES = (
+    ("gamma", "weight"),
+    ("beta", "bias"),
+    ("weight_g", "parametrizations.weight.original0"),
+    ("weight_v", "parametrizations.weight.original1"),
+)
+# How many renames of tensors are tried (each costs one comparison); past that the
+# module is dropped and re-initialised as before.
+MAX_TENSOR_RENAMES = 8
+
+
+def _rename_tensors(
+    source: Mapping[str, TensorMeta],
+    target: Mapping[str, TensorMeta],
+    base: Transforms,
+    after: KeyDiff,
+    hooks: HookPlacement | None,
+) -> tuple[Transforms, KeyDiff, list[FixStep]]:
+    """Renames that keep trained tensors a --drop would throw away: an unexpected key
+    and a missing key of the same shape and dtype, paired by a known port rename
+    (``LayerNorm.gamma`` -> ``LayerNorm.weight``) or as the only such pair in their
+    module whose leaf names contain one another (``w2.weight`` -> ``w2.weight_orig``).
+    A tail renamed in several modules gets one rule for all of them, else one rule per
+    tensor; each rule is kept only if it loses no matched name and matches more (one
+    comparison each)."""
+    steps: list[FixStep] = []
+    tries = 0
+    for general, singles in _rename_rules(source, target, after):
+        for rule in (general, *singles) if general else singles:
+            if tries == MAX_TENSOR_RENAMES:
+                return base, after, steps
+            tries += 1
+            renamed = _with_rename(source, target, base, after, rule, hooks)
+            if renamed is None:
+                continue
+            base, after, moved = renamed
+            flag = Transforms(rename=(rule,)).flags()[0]
+            steps.append(FixStep(flag, Reason.RENAMED, moved, rule=rule))
+            if rule is general:
+                break
+    return base, after, steps
+
+
+def _rename_rules(
+    source: Mapping[str, TensorMeta], target: Mapping[str, TensorMeta], after: KeyDiff
+) -> list[tuple[tuple[str, str] | None, list[tuple[str, str]]]]:
+    """Per differing tail (``gamma`` -> ``weight``): a rule for every name ending so
+    (None for a single pair), and a rule for each pair by its full names."""
+    original = after.original
+    missing = set(after.unexplained_missing)
+
+    def same_tensor(old: str, new: str) -> bool:
+        src, tgt = source[original.get(old, old)], target[new]
+        return src.shape == tgt.shape and src.dtype == tgt.dtype
+
+    pairs = [(old, new) for old in after.unexpected for new in _known_partners(old)
+             if new in missing and same_tensor(old, new)]  # fmt: skip
+    paired = {name for pair in pairs for name in pair}
+    pairs += [
+        (old, new)
+        for old, new in _only_pairs_by_module(
+            [k for k in after.unexpected if k not in paired],
+            [k for k in missing if k not in paired],
+        )
+        if same_tensor(old, new) and _one_name_holds_the_other(old, new)
+    ]
+    by_tail: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for old, new in pairs:
+        by_tail.setdefault(_differing_tails(old, new), []).append((old, new))
+    return [
+        (
+            _tail_rule(old_tail, new_tail, [old for old, _ in group]) if len(group) > 1 else None,
+            [(f"^{re.escape(old)}$", _literal(new)) for old, new in group],
+        )
+        for (old_tail, new_tail), group in by_tail.items()
+    ]
+
+
+def _tail_rule(old_tail: str, new_tail: str, olds: list[str]) -> tuple[str, str]:
+    """One rename for every name ending in ``old_tail`` under the module name these all
+    share (``LayerNorm.weight`` -> ``LayerNorm.gamma``, not every ``.weight``)."""
+    modules = [old[: -len(old_tail)].rstrip(".").split(".") for old in olds]
+    shared: list[str] = []
+    for segments in zip(*(reversed(m) for m in modules), strict=False):
+        if len(set(segments)) > 1 or segments[0].isdigit():
+            break
+        shared.insert(0, segments[0])
+    tail = ".".join(filter(None, (*shared, old_tail)))
+    replacement = ".".join(filter(None, (*shared, new_tail)))
+    return f"(^|\\.){re.escape(tail)}$", "\\g<1>" + _literal(replacement)
+
+
+def _known_partners(name: str) -> Iterator[str]:
+    for old_tail, new_tail in (*KNOWN_RENAMES, *((b, a) for a, b in KNOWN_RENAMES)):
+        if name == old_tail or name.endswith("." + old_tail):
+            yield name[: len(name) - len(old_tail)] + new_tail
+
+
+def _only_pairs_by_module(unexpected: list[str], missing: list[str]) -> list[tuple[str, str]]:
+    """(unexpected, missing) where each is its module's only unexpected and only missing key."""
+
+    def by_module(names: list[str]) -> dict[str, list[str]]:
+        modules: dict[str, list[str]] = {}
+        for name in names:
+            modules.setdefault(name.rpartition(".")[0], []).append(name)
+        return modules
+
+    olds, news = by_module(unexpected), by_module(missing)
+    return [(old[0], news[m][0]) for m, old in olds.items()
+            if len(old) == 1 and len(news.get(m, ())) == 1]  # fmt: skip
+
+
+def _one_name_holds_the_other(old: str, new: str) -> bool:
+    """``weight`` and ``weight_orig``, ``var`` and ``running_var``: likely one tensor
+    renamed. ``k_bias`` and ``v_bias`` are two tensors of two designs, not paired: a wrong
+    guess would load trained values into the wrong place, where a drop re-initialises."""
+    old_leaf, new_leaf = old.rpartition(".")[2], new.rpartition(".")[2]
+    return old_leaf in new_leaf or new_leaf in old_leaf
+
+
+def _differing_tails(old: str, new: str) -> tuple[str, str]:
+    """The names past their longest common module path: ('a.b.gamma', 'a.b.weight') ->
+    ('gamma', 'weight')."""
+    common = 0
+    for a, b in zip(old.split("."), new.split("."), strict=False):
+        if a != b:
+            break
+        common += 1
+    return ".".join(old.split(".")[common:]), ".".join(new.split(".")[common:])
+
+
+def _literal(name: str) -> str:
+    """``name`` as a re.sub replacement that inserts it verbatim."""
+    return name.replace("\\", "\\\\")
+
+
+def _with_rename(
+    source: Mapping[str, TensorMeta],
+    target: Mapping[str, TensorMeta],
+    base: Transforms,
+    after: KeyDiff,
+    rule: tuple[str, str],
+    hooks: HookPlacement | None,
+) -> tuple[Transforms, KeyDiff, tuple[str, ...]] | None:
+    """``base`` plus the rename ``rule``, if it keeps every name matched so far and
+    matches more; with the diff after it and the names it newly matches."""
+    candidate = dataclasses.replace(base, rename=(*base.rename, rule))
+    try:
+        trial = _compare(source, target, apply_transforms(source, candidate), candidate, hooks)
+    except TransformError:
+        return None
+    before = set(after.matched)
+    if not before.issubset(trial.matched) or len(trial.matched) <= len(before):
+        return None
+    return candidate, trial, tuple(n for n in trial.matched if n not in before)
 
 
 def _steps(flag: str, prefixes: Sequence[str], after: KeyDiff) -> list[FixStep]:

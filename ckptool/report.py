@@ -442,6 +442,8 @@ def _describe_step(step: FixStep) -> str:
         return f"{_prefix_words(step.flag)}: then {step.matched}/{step.total} keys match"
     if step.reason is Reason.NESTING:
         return f"{names} sit one module level off the model's: add {step.flag}"
+    if step.reason is Reason.RENAMED:
+        return f"{names} in the checkpoint under another name (same shape, dtype): add {step.flag}"
     if step.reason is Reason.TIED:
         return (
             f"{names} missing, but tied in the model to names the checkpoint provides: "

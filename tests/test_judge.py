@@ -182,3 +182,31 @@ def test_a_new_head_keeps_the_weights_the_hooks_load(run_cli, zoo: dict, tmp_pat
     log = ckptool.load_into(live, source, drop=["fc."])  # the same verdict in memory
     assert torch.equal(live.conv.parametrizations.weight.original1, state["conv.weight_v"])
     assert "fc.weight" in log.filled
+
+
+def test_parametrized_names_into_the_old_model_are_renamed_back(
+    run_cli, zoo: dict, tmp_path: Path
+) -> None:
+    """The other way has no hook: a checkpoint of the parametrized model into the old
+    weight-norm model. torch refuses it; the fix renames original0/1 to weight_g/weight_v
+    (it dropped the conv before, re-initialising it) and the adapted file loads with the
+    trained values."""
+    models = zoo["models"]
+    torch.manual_seed(0)
+    new = models.New()  # type: ignore[attr-defined]
+    source = tmp_path / "parametrized.safetensors"
+    save_file({k: v.contiguous() for k, v in new.state_dict().items()}, source)
+    assert not _torch_accepts(zoo, "Old", source)
+    spec = ("--model", f"{zoo['spec']}:Old")
+    shown = run_cli("diff", source, *spec)
+    assert shown.exit_code == 1 and "under another name" in shown.stdout, shown.output
+    assert "--drop" not in shown.stdout and "--reinit" not in shown.stdout
+    out = tmp_path / "old.pt"
+    result = run_cli("adapt", source, *spec, "--auto", "--strict", "-o", out)
+    assert result.exit_code == 0, result.output
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        old = models.Old()  # type: ignore[attr-defined]
+    old.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    x = torch.randn(2, 2, 6)
+    assert torch.equal(old.eval()(x), new.eval()(x))

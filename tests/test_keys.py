@@ -15,6 +15,7 @@ from ckptool.errors import command_line_voice
 from ckptool.formats.meta import TensorMeta
 from ckptool.keys import (
     MAX_STARTSWITH_PREFIXES,
+    MAX_TENSOR_RENAMES,
     SCORING_BLOCK,
     PrefixIndex,
     Reason,
@@ -453,3 +454,111 @@ def test_a_layer_nested_one_level_off_is_renamed_not_reinitialised(deeper: bool)
     assert len(result.fix.steps[0].keys) == 10
     fixed = diff(metas(source | common), metas(target | common), result.fix.transforms)
     assert fixed.compatible and len(fixed.matched) == 12
+
+
+def _fix_kinds(result) -> list[Reason]:
+    assert result.fix is not None, result
+    return [s.reason for s in result.fix.steps]
+
+
+def test_a_tensor_renamed_inside_its_module_is_renamed_not_dropped() -> None:
+    """One unexpected and one missing key in the same module, same shape and dtype, one
+    leaf name inside the other: the fix renames it. Before, it dropped the module,
+    throwing the trained tensor away and re-initialising its new name."""
+    source = {f"experts.{e}.w{w}.weight": (4,) for e in range(3) for w in (1, 2)}
+    target = dict(source)
+    target["experts.1.w2.weight_orig"] = target.pop("experts.1.w2.weight")
+    result = diff(metas(source), metas(target))
+    assert _fix_kinds(result) == [Reason.RENAMED]
+    assert result.fix is not None and not result.fix.transforms.drop
+    assert result.fix.steps[0].keys == ("experts.1.w2.weight_orig",)
+    fixed = diff(metas(source), metas(target), result.fix.transforms)
+    assert fixed.compatible and len(fixed.matched) == 6
+    assert fixed.renamed == {"experts.1.w2.weight": "experts.1.w2.weight_orig"}
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (("gamma", "beta"), ("weight", "bias")),
+        (("weight", "bias"), ("gamma", "beta")),
+        (
+            ("weight_g", "weight_v"),
+            ("parametrizations.weight.original0", "parametrizations.weight.original1"),
+        ),
+        (
+            ("parametrizations.weight.original0", "parametrizations.weight.original1"),
+            ("weight_g", "weight_v"),
+        ),
+    ],
+    ids=["tf-layernorm", "to-tf-layernorm", "weight-norm-to-parametrized", "parametrized-to-old"],
+)
+def test_known_port_renames_get_one_rule_per_tail(old: tuple, new: tuple) -> None:
+    """Two same-shaped tensors per module (gamma and beta are both (768,)): only a known
+    port rename can pair them, and one rule covers every module."""
+    layers = [f"encoder.layer.{i}.LayerNorm" for i in range(8)] + ["LayerNorm"]
+    common = {"encoder.layer.0.dense.weight": (8, 8)}
+    source = {f"{m}.{leaf}": (8,) for m in layers for leaf in old} | common
+    target = {f"{m}.{leaf}": (8,) for m in layers for leaf in new} | common
+    result = diff(metas(source), metas(target))
+    assert _fix_kinds(result) == [Reason.RENAMED, Reason.RENAMED]
+    assert result.fix is not None and len(result.fix.transforms.rename) == 2
+    fixed = diff(metas(source), metas(target), result.fix.transforms)
+    assert fixed.compatible and len(fixed.matched) == len(target)
+    assert all(o.rpartition(old[0])[0] == n.rpartition(new[0])[0]
+               for o, n in fixed.renamed.items() if o.endswith(old[0]))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("source_leaf", "target_leaf", "target_meta"),
+    [
+        ("k_bias", "v_bias", ((4,), "float32")),  # two designs, not one tensor renamed
+        ("weight", "weight_orig", ((5,), "float32")),  # another shape
+        ("weight", "weight_orig", ((4,), "int64")),  # another dtype
+    ],
+    ids=["unrelated-names", "shape", "dtype"],
+)
+def test_tensors_that_may_differ_are_not_paired(
+    source_leaf: str, target_leaf: str, target_meta: tuple
+) -> None:
+    shape, dtype = target_meta
+    common = {"attn.proj.weight": TensorMeta(shape=(4, 4), dtype="float32")}
+    source = common | {f"attn.{source_leaf}": TensorMeta(shape=(4,), dtype="float32")}
+    target = common | {f"attn.{target_leaf}": TensorMeta(shape=shape, dtype=dtype)}
+    result = diff(source, target)
+    assert Reason.RENAMED not in _fix_kinds(result)
+    assert result.fix is not None and not result.fix.transforms.rename
+    assert result.fix.transforms.explains(f"attn.{target_leaf}")
+
+
+def test_two_candidates_in_one_module_are_not_guessed() -> None:
+    source = metas({"m.a": (4,), "m.b": (4,), "m.keep": (2,)})
+    target = metas({"m.a_new": (4,), "m.b_new": (4,), "m.keep": (2,)})
+    assert Reason.RENAMED not in _fix_kinds(diff(source, target))
+
+
+def test_a_tail_rule_that_would_break_matched_names_falls_back_to_one_per_tensor() -> None:
+    """'weight' -> 'weight_orig' in three modules of four: the rule for every '.weight'
+    would match more names but unmatch l0's, so each tensor gets its own rule."""
+    source = {f"l{i}.weight": (4,) for i in range(4)}
+    target = dict(source)
+    for i in (1, 2, 3):
+        target[f"l{i}.weight_orig"] = target.pop(f"l{i}.weight")
+    result = diff(metas(source), metas(target))
+    assert _fix_kinds(result) == [Reason.RENAMED] * 3
+    assert result.fix is not None and not result.fix.transforms.drop
+    patterns = [p for p, _ in result.fix.transforms.rename]
+    assert patterns == [f"^l{i}\\.weight$" for i in (1, 2, 3)]
+    assert diff(metas(source), metas(target), result.fix.transforms).compatible
+
+
+def test_tensor_renames_are_capped() -> None:
+    """Each rename tried costs a comparison of every name: past MAX_TENSOR_RENAMES the
+    rest is dropped and re-initialised as before."""
+    count = MAX_TENSOR_RENAMES + 3
+    source = {f"l{i}.w{i}": (4,) for i in range(count)} | {"keep.weight": (9,)}
+    target = {f"l{i}.w{i}_orig": (4,) for i in range(count)} | {"keep.weight": (9,)}
+    result = diff(metas(source), metas(target))
+    assert _fix_kinds(result).count(Reason.RENAMED) == MAX_TENSOR_RENAMES
+    assert result.fix is not None and len(result.fix.transforms.drop) == 3
+    assert diff(metas(source), metas(target), result.fix.transforms).fits_after_adapt

@@ -814,3 +814,52 @@ def test_adapt_that_works_searches_no_prefix_and_a_refusal_still_hints(
     with pytest.raises(IncompatibleError, match=r"add strip=\('module\.',\)"):
         adapt(ckpt, model=MLP(), out=str(tmp_path / "no.safetensors"))
     assert searches, "the refusal's hint comes from the search"
+
+
+TINY_BERT = """
+import torch
+from transformers import BertConfig, BertModel
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=32)
+    return BertModel(config).eval()
+"""
+
+
+def test_tf_era_layernorm_names_keep_their_weights(run_cli, tmp_path: Path) -> None:
+    """BERT checkpoints converted from TensorFlow (and pytorch-pretrained-bert's) name
+    LayerNorm's tensors gamma/beta. diff offers two renames where it offered a --drop of
+    every LayerNorm (re-initialising them); adapt --auto writes a file transformers'
+    BertModel loads strictly, with the same outputs as the original model."""
+    pytest.importorskip("transformers")
+    (tmp_path / "tiny_bert.py").write_text(TINY_BERT)
+    spec = ("--model", f"{tmp_path / 'tiny_bert.py'}:tiny_bert")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import tiny_bert
+    finally:
+        sys.path.remove(str(tmp_path))
+    model = tiny_bert.tiny_bert()
+    tf_names = {
+        k.replace("Norm.weight", "Norm.gamma").replace("Norm.bias", "Norm.beta"): v
+        for k, v in model.state_dict().items()
+    }
+    source = tmp_path / "bert-tf-names.pt"
+    torch.save(tf_names, source)
+    shown = run_cli("diff", source, *spec)
+    fix = next(line for line in shown.stdout.splitlines() if "fix:" in line)
+    assert shown.exit_code == 1 and fix.count("--rename") == 2, shown.output
+    assert "--drop" not in fix and "--reinit" not in fix
+    out = tmp_path / "bert.safetensors"
+    result = run_cli("adapt", source, *spec, "--auto", "--strict", "-o", out)
+    assert result.exit_code == 0, result.output
+    fresh = tiny_bert.tiny_bert()
+    torch.nn.init.zeros_(fresh.embeddings.LayerNorm.weight)
+    from safetensors.torch import load_file
+
+    fresh.load_state_dict(load_file(out), strict=True)
+    ids = torch.tensor([[1, 5, 9, 2]])
+    assert torch.equal(fresh(ids).last_hidden_state, model(ids).last_hidden_state)
