@@ -1130,13 +1130,15 @@ class SortedNames:
 # --- grouping names for humans -------------------------------------------------------
 
 _NUMBER = re.compile(r"\d+")
+_NUMBER_SPLIT = re.compile(r"(\d+)")  # split keeps the numbers: text, number, text, ...
 # Number positions in one name beyond which it is not folded (real names have under 8).
 MAX_FOLDED_NUMBERS = 16
 
 
 def fold_names(names: Iterable[str]) -> list[str]:
     """Group names for display: ``fc.{weight,bias}``, ``layer{1..4}.{0,1}.conv1.weight``."""
-    return [label for label, _ in fold_rows([(n, None) for n in names])]
+    # Labels only: a report folds 100k matched names to show three rows.
+    return [label for label, _ in _fold(((n, None) for n in names), members=False)]
 
 
 def fold_rows(rows: Iterable[tuple[str, object]]) -> list[tuple[str, list[str]]]:
@@ -1145,24 +1147,27 @@ def fold_rows(rows: Iterable[tuple[str, object]]) -> list[tuple[str, list[str]]]
     Returns (label, member names) in first-appearance order. The signature is, for
     example, (shape, dtype) so that a folded row still has one shape.
     """
-    by_leaf = _merge_leaves(rows)
-    groups: dict[tuple[str, object], list[tuple[tuple[str, ...], list[str]]]] = {}
-    for label, signature, members in by_leaf:
-        template = _NUMBER.sub("#", label)
-        numbers = tuple(_NUMBER.findall(label))
-        groups.setdefault((template, signature), []).append((numbers, members))
+    return _fold(rows, members=True)
+
+
+def _fold(rows: Iterable[tuple[str, object]], *, members: bool) -> list[tuple[str, list[str]]]:
+    """fold_rows; without ``members`` every member list is empty (not built)."""
+    groups: dict[tuple[str, object], dict[tuple[str, ...], list[str]]] = {}
+    for label, signature, names in _merge_leaves(rows, members):
+        pieces = _NUMBER_SPLIT.split(label)
+        template, numbers = "#".join(pieces[::2]), tuple(pieces[1::2])
+        groups.setdefault((template, signature), {})[numbers] = names
     folded: list[tuple[str, list[str]]] = []
-    for (template, _), entries in groups.items():
+    for (template, _), by_numbers in groups.items():
         if template.count("#") > MAX_FOLDED_NUMBERS:
             # Folding recurses once per number position: a crafted name with a thousand
             # numbers is shown as it is.
             folded.extend(
-                (_render_literal(template, numbers), members) for numbers, members in entries
+                (_render_literal(template, numbers), names) for numbers, names in by_numbers.items()
             )
             continue
-        members_by_numbers = {numbers: members for numbers, members in entries}
-        for block in _product_blocks(list(members_by_numbers)):
-            names = [m for combo in _expand(block) for m in members_by_numbers[combo]]
+        for block in _product_blocks(list(by_numbers)):
+            names = [m for combo in _expand(block) for m in by_numbers[combo]] if members else []
             folded.append((_render(template, block), names))
     return folded
 
@@ -1172,8 +1177,11 @@ def _render_literal(template: str, numbers: tuple[str, ...]) -> str:
     return pieces[0] + "".join(n + piece for n, piece in zip(numbers, pieces[1:], strict=True))
 
 
-def _merge_leaves(rows: Iterable[tuple[str, object]]) -> list[tuple[str, object, list[str]]]:
-    """``bn1.weight`` and ``bn1.bias`` with equal signatures become ``bn1.{weight,bias}``.
+def _merge_leaves(
+    rows: Iterable[tuple[str, object]], members: bool
+) -> list[tuple[str, object, list[str]]]:
+    """``bn1.weight`` and ``bn1.bias`` with equal signatures become ``bn1.{weight,bias}``
+    (with the member names when ``members``, else an empty list).
 
     Only named leaves merge: numbered ones (``w0``, ``blocks.7``) fold by number instead,
     which keeps labels short (``w{0..999}``) and the folding linear.
@@ -1189,11 +1197,12 @@ def _merge_leaves(rows: Iterable[tuple[str, object]]) -> list[tuple[str, object,
     merged = []
     for (module, signature, whole), leaves in by_module.items():
         if whole:
-            merged.append((module, signature, leaves))
+            merged.append((module, signature, leaves if members else []))
             continue
         leaf = leaves[0] if len(leaves) == 1 else "{" + ",".join(leaves) + "}"
         label = f"{module}.{leaf}" if module else leaf
-        merged.append((label, signature, [f"{module}.{x}" if module else x for x in leaves]))
+        names = [f"{module}.{x}" if module else x for x in leaves] if members else []
+        merged.append((label, signature, names))
     return merged
 
 
@@ -1201,9 +1210,12 @@ Block = tuple[tuple[str, ...], ...]  # one set of values per number position
 
 
 def _product_blocks(combos: list[tuple[str, ...]]) -> list[Block]:
-    """Split number tuples into blocks, each the full Cartesian product of its value sets."""
+    """Split distinct number tuples into blocks, each the full Cartesian product of its
+    value sets."""
     if not combos or not combos[0]:
         return [()] if combos else []
+    if len(combos[0]) == 1:  # the last position: one block of its (distinct) values
+        return [(tuple(combo[0] for combo in combos),)]
     by_first: dict[str, list[tuple[str, ...]]] = {}
     for combo in combos:
         by_first.setdefault(combo[0], []).append(combo[1:])
