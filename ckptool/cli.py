@@ -37,6 +37,7 @@ from ckptool.errors import (
     UnsafeCheckpointError,
     UsageError,
     command_line_voice,
+    shell_word,
 )
 from ckptool.threads import configure_threads, prefer_sleeping_workers
 
@@ -344,9 +345,9 @@ def diff(
 def _model_flags(
     model: str, model_args: tuple[str, ...], num_classes: int | None, head: str | None
 ) -> list[str]:
-    flags = [f"--model {model}", *(f"--model-arg {a}" for a in model_args)]
+    flags = [f"--model {shell_word(model)}", *(f"--model-arg {shell_word(a)}" for a in model_args)]
     flags += [f"--num-classes {num_classes}"] if num_classes is not None else []
-    flags += [f"--head {head}"] if head else []
+    flags += [f"--head {shell_word(head)}"] if head else []
     return flags
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import shlex
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,16 @@ def on_command_line() -> bool:
     return _ON_COMMAND_LINE.get()
 
 
+def shell_word(value: object, *, quoted: bool = False) -> str:
+    """``value`` as one shell word that the shell takes literally: a fix printed from a
+    crafted file's names (``x; rm -rf ~ #``) must not run anything when pasted.
+    ``quoted`` keeps single quotes even where none is needed (a regex reads better so)."""
+    text = str(value)
+    if quoted and "'" not in text:
+        return f"'{text}'"
+    return shlex.quote(text)
+
+
 _NO_VALUE = object()
 # Parameters whose flag is not their name in dashes: one --model-arg per argument.
 _FLAGS = {"model_args": "--model-arg", "fmt": "--format"}
@@ -55,7 +66,7 @@ def option(
         flag = _FLAGS.get(name) or "--" + name.replace("_", "-")
         if value is _NO_VALUE or value is True:  # True: a flag that takes no value
             return flag
-        return f"{flag} '{value}'" if quoted else f"{flag} {value}"
+        return f"{flag} {shell_word(value, quoted=quoted)}"
     if python is not None:
         return f"{name}={python}"
     return f"{name}=" if value is _NO_VALUE else f"{name}={value!r}"

@@ -16,10 +16,10 @@ import itertools
 import operator
 import re
 from collections import Counter
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ckptool.errors import TransformError, on_command_line, option
+from ckptool.errors import TransformError, on_command_line, option, shell_word
 from ckptool.formats.meta import TensorMeta, numels, tied_views
 
 # Prefixes that wrappers add: DataParallel/DDP, torch.compile, Lightning, detection heads.
@@ -63,11 +63,11 @@ class Transforms:
 
     def flags(self) -> list[str]:
         """The CLI flags that reproduce these transforms."""
-        out = [f"--strip {p}" for p in self.strip]
-        out += [f"--add-prefix {self.add_prefix}"] if self.add_prefix else []
-        out += [f"--rename '{pattern}={repl}'" for pattern, repl in self.rename]
-        out += [f"--drop {p}" for p in self.drop]
-        out += [f"--reinit {p}" for p in self.reinit]
+        out = [f"--strip {shell_word(p)}" for p in self.strip]
+        out += [f"--add-prefix {shell_word(self.add_prefix)}"] if self.add_prefix else []
+        out += [f"--rename {shell_word(f'{p}={r}', quoted=True)}" for p, r in self.rename]
+        out += [f"--drop {shell_word(p)}" for p in self.drop]
+        out += [f"--reinit {shell_word(p)}" for p in self.reinit]
         return out
 
     def words(self) -> str:
@@ -874,13 +874,91 @@ def _rename_rules(
     by_tail: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for old, new in pairs:
         by_tail.setdefault(_differing_tails(old, new), []).append((old, new))
-    return [
+    paired = {name for pair in pairs for name in pair}
+    by_index_style = _index_style_pairs(
+        [k for k in after.unexpected if k not in paired],
+        [k for k in missing if k not in paired],
+        same_tensor,
+    )
+    groups = [
         (
             _tail_rule(old_tail, new_tail, [old for old, _ in group]) if len(group) > 1 else None,
-            [(f"^{re.escape(old)}$", _literal(new)) for old, new in group],
+            group,
         )
         for (old_tail, new_tail), group in by_tail.items()
     ]
+    groups += [(_index_style_rule(joins, group), group) for joins, group in by_index_style.items()]
+    return [
+        (general, [(f"^{_escaped(old)}$", _literal(new)) for old, new in group])
+        for general, group in groups
+    ]
+
+
+def _joined(name: str) -> tuple[str, list[str]]:
+    """``a.norm.1.weight`` -> (``a.norm1.weight``, ["norm"]): each list index written
+    onto the module name before it (the words it joined). DenseNet's layers were
+    ``norm.1``, ``conv.1`` in old checkpoints and are ``norm1``, ``conv1`` now."""
+    segments: list[str] = []
+    words: list[str] = []
+    for segment in name.split("."):
+        if segment.isdigit() and segments and segments[-1][-1:].isalpha():
+            words.append(segments[-1])
+            segments[-1] += segment
+        else:
+            segments.append(segment)
+    return ".".join(segments), words
+
+
+def _index_style_pairs(
+    unexpected: list[str], missing: list[str], same_tensor: Callable[[str, str], bool]
+) -> dict[tuple[bool, tuple[str, ...]], list[tuple[str, str]]]:
+    """(unexpected, missing) pairs that differ only in ``norm.1`` against ``norm1``, each
+    the only one of its joined form; grouped by direction (True: the checkpoint has the
+    dots) and the words involved."""
+
+    def by_joined(names: list[str]) -> dict[str, list[tuple[str, list[str]]]]:
+        found: dict[str, list[tuple[str, list[str]]]] = {}
+        for name in names:
+            joined, words = _joined(name)
+            found.setdefault(joined, []).append((name, words))
+        return found
+
+    olds, news = by_joined(unexpected), by_joined(missing)
+    groups: dict[tuple[bool, tuple[str, ...]], list[tuple[str, str]]] = {}
+    for joined, old in olds.items():
+        new = news.get(joined, ())
+        if len(old) != 1 or len(new) != 1:
+            continue
+        (old_name, old_words), (new_name, new_words) = old[0], new[0]
+        if not same_tensor(old_name, new_name):
+            continue
+        splits = len(old_words) > len(new_words)  # the checkpoint writes more indexes apart
+        words = (
+            Counter(old_words) - Counter(new_words)
+            if splits
+            else Counter(new_words) - Counter(old_words)
+        )
+        groups.setdefault((splits, tuple(sorted(words))), []).append((old_name, new_name))
+    return groups
+
+
+def _index_style_rule(
+    joins: tuple[bool, tuple[str, ...]], group: list[tuple[str, str]]
+) -> tuple[str, str] | None:
+    """One rename for a group of index-style pairs: ``norm.1`` -> ``norm1`` (or back) for
+    the words involved, at the start of a segment, wherever they are."""
+    splits, words = joins
+    if len(group) < 2 or not words:
+        return None
+    alternatives = "|".join(map(_escaped, words))
+    if splits:
+        return f"(^|\\.)({alternatives})\\.(\\d+)(?=\\.|$)", "\\g<1>\\g<2>\\g<3>"
+    return f"(^|\\.)({alternatives})(\\d+)(?=\\.|$)", "\\g<1>\\g<2>.\\g<3>"
+
+
+def _escaped(text: str) -> str:
+    """``re.escape`` that also hides ``=``: a --rename flag is split at its first ``=``."""
+    return re.escape(text).replace("=", "\\x3d")
 
 
 def _tail_rule(old_tail: str, new_tail: str, olds: list[str]) -> tuple[str, str]:
@@ -1152,14 +1230,15 @@ def fold_rows(rows: Iterable[tuple[str, object]]) -> list[tuple[str, list[str]]]
 
 def _fold(rows: Iterable[tuple[str, object]], *, members: bool) -> list[tuple[str, list[str]]]:
     """fold_rows; without ``members`` every member list is empty (not built)."""
-    groups: dict[tuple[str, object], dict[tuple[str, ...], list[str]]] = {}
+    # A template is the text between the numbers (a tuple: a name may hold any character).
+    groups: dict[tuple[tuple[str, ...], object], dict[tuple[str, ...], list[str]]] = {}
     for label, signature, names in _merge_leaves(rows, members):
         pieces = _NUMBER_SPLIT.split(label)
-        template, numbers = "#".join(pieces[::2]), tuple(pieces[1::2])
+        template, numbers = tuple(pieces[::2]), tuple(pieces[1::2])
         groups.setdefault((template, signature), {})[numbers] = names
     folded: list[tuple[str, list[str]]] = []
     for (template, _), by_numbers in groups.items():
-        if template.count("#") > MAX_FOLDED_NUMBERS:
+        if len(template) - 1 > MAX_FOLDED_NUMBERS:
             # Folding recurses once per number position: a crafted name with a thousand
             # numbers is shown as it is.
             folded.extend(
@@ -1172,9 +1251,8 @@ def _fold(rows: Iterable[tuple[str, object]], *, members: bool) -> list[tuple[st
     return folded
 
 
-def _render_literal(template: str, numbers: tuple[str, ...]) -> str:
-    pieces = template.split("#")
-    return pieces[0] + "".join(n + piece for n, piece in zip(numbers, pieces[1:], strict=True))
+def _render_literal(template: tuple[str, ...], numbers: tuple[str, ...]) -> str:
+    return template[0] + "".join(n + text for n, text in zip(numbers, template[1:], strict=True))
 
 
 def _merge_leaves(
@@ -1236,12 +1314,11 @@ def _expand(block: Block) -> list[tuple[str, ...]]:
     return combos
 
 
-def _render(template: str, block: Block) -> str:
-    pieces = template.split("#")
-    out = [pieces[0]]
-    for values, piece in zip(block, pieces[1:], strict=True):
+def _render(template: tuple[str, ...], block: Block) -> str:
+    out = [template[0]]
+    for values, text in zip(block, template[1:], strict=True):
         out.append(_render_values(values))
-        out.append(piece)
+        out.append(text)
     return "".join(out)
 
 

@@ -13,6 +13,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from ckptool.errors import shell_word
 from ckptool.formats.bounded import listed, visible
 from ckptool.formats.meta import CheckpointMeta, TensorMeta, itemsizes
 from ckptool.keys import (
@@ -472,7 +473,7 @@ def fix_command(fix: Fix, source: str, model_args: Sequence[str]) -> str:
     flags = fix.transforms.flags()
     if len(flags) > MAX_FIX_FLAGS:
         return f"needs {len(flags) // 2} transform flags, too many to print; diff --json lists them"
-    return " ".join(["ckptool adapt", source, *model_args, *flags, "-o OUT"])
+    return " ".join(["ckptool adapt", shell_word(source), *model_args, *flags, "-o OUT"])
 
 
 # --- surgery -------------------------------------------------------------------------

@@ -461,6 +461,7 @@ def safetensors_cases() -> dict[str, tuple[bytes, int, str]]:
         "st_metadata_not_dict.safetensors": (safetensors_bytes({**good_header(), "__metadata__": ["x"]}, data16), UNREADABLE, "__metadata__"),
         "st_escape_sequences_in_name.safetensors": (safetensors_bytes({"\x1b[31mred\x1b]0;pwned\x07": st_entry()}, data16), OK, ""),
         "st_markup_in_name.safetensors": (safetensors_bytes({"[/b]": st_entry(), "[bold red]x": st_entry(offsets=(16, 32))}, bytes(32)), OK, ""),
+        "st_shell_and_hash_in_names.safetensors": (safetensors_bytes({"x; touch pwned #.weight": st_entry(), "y'$(id)'.bias": st_entry(offsets=(16, 32))}, bytes(32)), OK, ""),
         "st_flat_names_1000.safetensors": (flat_names(1000), OK, ""),
         "st_flat_names_25000.safetensors": (flat_names(25000), OK, ""),
         "st_empty_header.safetensors": (safetensors_bytes({}), OK, ""),

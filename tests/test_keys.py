@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -195,8 +196,9 @@ def test_vgg_head_is_covered_by_its_own_index() -> None:
         (["b.0.w", "b.1.w", "b.3.w"], ["b.{0,1,3}.w"]),
         (["l1.0.w", "l1.1.w", "l2.0.w"], ["l1.{0,1}.w", "l2.0.w"]),
         (["blocks.07.w", "blocks.08.w", "blocks.09.w"], ["blocks.{07..09}.w"]),
+        (["x #.w", "x#1.w", "x#2.w"], ["x #.w", "x#{1,2}.w"]),  # crashed: '#' was the template's
     ],
-    ids=["leaves", "resnet-grid", "gappy", "not-a-product", "zero-padded"],
+    ids=["leaves", "resnet-grid", "gappy", "not-a-product", "zero-padded", "hash-sign"],
 )
 def test_fold_names(names: list[str], expected: list[str]) -> None:
     assert fold_names(names) == expected
@@ -216,7 +218,7 @@ def expand(label: str) -> list[str]:
     return [x for o in options for x in expand(label[: match.start()] + o + label[match.end() :])]
 
 
-segment = st.sampled_from(["layer", "conv", "bn", "blocks", "fc", "attn", "mlp"])
+segment = st.sampled_from(["layer", "conv", "bn", "blocks", "fc", "attn", "mlp", "h#"])
 numbered = st.builds(
     lambda s, n: f"{s}{n}" if n is not None else s, segment, st.none() | st.integers(0, 12)
 )
@@ -562,3 +564,63 @@ def test_tensor_renames_are_capped() -> None:
     assert _fix_kinds(result).count(Reason.RENAMED) == MAX_TENSOR_RENAMES
     assert result.fix is not None and len(result.fix.transforms.drop) == 3
     assert diff(metas(source), metas(target), result.fix.transforms).fits_after_adapt
+
+
+@pytest.mark.parametrize("checkpoint_has_dots", [True, False], ids=["old-to-new", "new-to-old"])
+def test_densenet_index_style_names_get_one_rename_per_word(checkpoint_has_dots: bool) -> None:
+    """Old DenseNet checkpoints name a layer's parts norm.1, conv.1, norm.2 where the
+    model says norm1, conv1, norm2: every layer's tensors were 'unexpected' and the
+    verdict was "not for this model". One rename per word keeps them all."""
+    joined = {}
+    for block in (1, 2):
+        for layer in (1, 2, 3):
+            stem = f"features.denseblock{block}.denselayer{layer}"
+            for i in (1, 2):
+                joined |= {f"{stem}.norm{i}.{leaf}": (8,) for leaf in ("weight", "bias")}
+                joined[f"{stem}.conv{i}.weight"] = (8, 8, 1, 1)
+    joined |= {"features.conv0.weight": (8, 3, 7, 7), "classifier.weight": (10, 8)}
+    dotted = {re.sub(r"\.(norm|conv)(\d)\.", r".\1.\2.", k): v for k, v in joined.items()}
+    source, target = (dotted, joined) if checkpoint_has_dots else (joined, dotted)
+    result = diff(metas(source), metas(target))
+    assert _fix_kinds(result) == [Reason.RENAMED, Reason.RENAMED]
+    assert result.fix is not None and not result.fix.transforms.drop
+    fixed = diff(metas(source), metas(target), result.fix.transforms)
+    assert fixed.compatible and len(fixed.matched) == len(target)
+    same_layer = re.compile(r"\.(norm|conv)\.?(\d)\.")
+    assert all(
+        same_layer.sub(r".\1\2.", old) == same_layer.sub(r".\1\2.", new)
+        for old, new in fixed.renamed.items()
+    )
+
+
+def test_a_list_index_is_not_joined_onto_a_numbered_module() -> None:
+    """layer1.0 (block 0 of layer1) and layer10 are different modules: never paired."""
+    source = metas({"layer1.0.conv.weight": (4,), "stem.weight": (2,)})
+    target = metas({"layer10.conv.weight": (4,), "stem.weight": (2,)})
+    assert Reason.RENAMED not in _fix_kinds(diff(source, target))
+
+
+def test_names_with_an_equals_sign_get_a_rename_flag_that_parses_back() -> None:
+    """--rename is split at its first '=': a pattern must not hold one."""
+    source = metas({"attn.w=1": (4,), "keep.weight": (2,)})
+    target = metas({"attn.w=1_orig": (4,), "keep.weight": (2,)})
+    result = diff(source, target)
+    assert result.fix is not None and _fix_kinds(result) == [Reason.RENAMED]
+    (flag,) = result.fix.transforms.flags()
+    item = shlex.split(flag)[1]
+    parsed = Transforms.from_flags(rename=[item])
+    assert diff(source, target, parsed).compatible
+
+
+@pytest.mark.parametrize(
+    ("source", "target"),
+    [
+        ({"m.n.1.k.2.w": (4,)}, {"m.n1.k.2.w": (4,), "m.n.1.k2.w": (4,)}),  # which one?
+        ({"m.norm.1.w": (4,)}, {"m.norm1.w": (5,)}),  # another shape
+    ],
+    ids=["two-candidates", "shape"],
+)
+def test_index_style_pairs_need_one_candidate_of_the_same_shape(source: dict, target: dict) -> None:
+    common = {"keep.weight": (2,)}
+    result = diff(metas(source | common), metas(target | common))
+    assert Reason.RENAMED not in _fix_kinds(result)

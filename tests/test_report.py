@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from conftest import WriteCheckpoint
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ckptool.compare import diff_checkpoint
 from ckptool.formats import read_metadata
@@ -93,3 +93,31 @@ def test_a_verdict_with_many_fix_steps_stays_one_readable_line(
     assert "... and 9 more steps (--json lists every flag)" in line
     fix = json.loads(run_cli("diff", a, b, "--json").stdout)["fix"]
     assert sum(flag.startswith("--drop m") for flag in fix) == 12, fix
+
+
+def test_a_printed_fix_pasted_into_a_shell_runs_nothing_but_adapt(run_cli, tmp_path: Path) -> None:
+    """A crafted file's names (and a path with spaces and $) go into the printed fix as
+    shell words: pasted into bash it runs adapt with exactly those names, no command
+    hidden in them."""
+    import shlex
+    import subprocess
+
+    from conftest import MLP, seeded_state
+
+    state = seeded_state(MLP)
+    state["x; touch pwned1 #.weight"] = torch.zeros(3)
+    state["y'$(touch pwned2)'.bias"] = torch.zeros(1)
+    state["head.bias'$(touch pwned3)"] = head_bias = state.pop("head.bias")  # a --rename
+    source = tmp_path / "my $HOME ckpt.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, source)
+    spec = f"{Path(__file__).parent / 'conftest.py'}:MLP"
+    shown = run_cli("diff", source, "--model", spec)
+    line = next(x for x in shown.stdout.splitlines() if x.startswith("  fix: "))
+    command = line.removeprefix("  fix: ").replace(" -o OUT", " -o out.safetensors")
+    words = shlex.split(command)
+    assert words[2] == str(source) and words[-2:] == ["-o", "out.safetensors"], words
+    assert {"x; touch pwned1 #.", "y'$(touch pwned2)'."} <= set(words), words
+    done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert torch.equal(load_file(tmp_path / "out.safetensors")["head.bias"], head_bias)
+    assert not list(tmp_path.glob("pwned*")) and not list(Path.cwd().glob("pwned*"))

@@ -244,7 +244,7 @@ def test_missing_directory_and_unknown_suffix(
     result = run_cli("convert", source, "-o", tmp_path / "nope" / "x.safetensors")
     assert result.exit_code == 5 and "does not exist" in result.stderr
     result = run_cli("convert", source, "-o", tmp_path / "x.weights")
-    assert result.exit_code == 2 and "--format safetensors|pt" in result.stderr
+    assert result.exit_code == 2 and "add --format safetensors or --format pt" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -863,3 +863,30 @@ def test_tf_era_layernorm_names_keep_their_weights(run_cli, tmp_path: Path) -> N
     fresh.load_state_dict(load_file(out), strict=True)
     ids = torch.tensor([[1, 5, 9, 2]])
     assert torch.equal(fresh(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
+def test_old_densenet_keys_are_renamed_not_called_another_model(run_cli, tmp_path: Path) -> None:
+    """DenseNet checkpoints from before torchvision renamed norm.1 -> norm1 (the keys its
+    own loader rewrites by regex): diff said "not for this model"; now the fix is two
+    renames and adapt --auto writes every tensor bit for bit under the new names."""
+    import re
+
+    torch.manual_seed(0)
+    state = torchvision.models.densenet121(weights=None).state_dict()
+    old = {
+        re.sub(r"(denselayer\d+\.(?:norm|conv))(\d)\.", r"\1.\2.", k): v for k, v in state.items()
+    }
+    source = tmp_path / "densenet121-old.pth"
+    torch.save(old, source)
+    spec = ("--model", "torchvision:densenet121")
+    shown = run_cli("diff", source, *spec)
+    fix = next(line for line in shown.stdout.splitlines() if "fix:" in line)
+    assert fix.count("--rename") == 2 and "--drop" not in fix and "--reinit" not in fix, fix
+    out = tmp_path / "densenet121.safetensors"
+    result = run_cli("adapt", source, *spec, "--auto", "--strict", "-o", out)
+    assert result.exit_code == 0, result.output
+    from safetensors.torch import load_file
+
+    written = load_file(out)
+    assert written.keys() == state.keys()
+    assert all(torch.equal(written[k], v) for k, v in state.items())

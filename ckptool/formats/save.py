@@ -56,7 +56,7 @@ def output_format_for(out: str, explicit: str | None) -> OutputFormat:
     if suffix not in _SUFFIXES:
         raise UsageError(
             f"{out}: cannot tell the format from {suffix or 'no suffix'!r}; "
-            f"add {option('fmt', 'safetensors|pt')}"
+            f"add {option('fmt', 'safetensors')} or {option('fmt', 'pt')}"
         )
     return _SUFFIXES[suffix]
 
