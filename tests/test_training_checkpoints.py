@@ -188,20 +188,25 @@ def _opcodes(*parts: bytes) -> bytes:
     return b"\x80\x02" + b"".join(parts) + b"."
 
 
-def _tensor_pickle(size_ops: bytes, key_ops: bytes = b"X\x01\x00\x00\x000") -> bytes:
-    """{'w': _rebuild_tensor_v2(storage, 0, SIZE, (1,), False, OrderedDict())}."""
+def _tensor_pickle(
+    size_ops: bytes,
+    key_ops: bytes = b"X\x01\x00\x00\x000",
+    offset_ops: bytes = b"K\x00",
+    stride_ops: bytes = b"K\x01\x85",
+    location_ops: bytes = b"X\x03\x00\x00\x00cpu",
+) -> bytes:
+    """{'w': _rebuild_tensor_v2(storage, OFFSET, SIZE, STRIDE, False, OrderedDict())}."""
     storage = (  # persistent id ('storage', FloatStorage, KEY, 'cpu', 4)
-        b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\n"
-        + key_ops
-        + b"X\x03\x00\x00\x00cpuK\x04tQ"
+        b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\n" + key_ops + location_ops + b"K\x04tQ"
     )
     return _opcodes(
         b"}X\x01\x00\x00\x00w",
         b"ctorch._utils\n_rebuild_tensor_v2\n(",
         storage,
-        b"K\x00",
+        offset_ops,
         size_ops,
-        b"K\x01\x85\x89ccollections\nOrderedDict\n)RtR",  # stride, requires_grad, hooks
+        stride_ops,
+        b"\x89ccollections\nOrderedDict\n)RtR",  # requires_grad, hooks
         b"s",
     )
 
@@ -219,3 +224,34 @@ def test_a_tensor_that_needs_an_opaque_result_is_refused() -> None:
         load_restricted(_tensor_pickle(b"K\x04\x85", b"cmylib\nkey\n)R"), path="evil.pt")
     kept = load_restricted(_opcodes(b"}X\x01\x00\x00\x00acmylib\nConfig\n)Rs"), path="x.pt")
     assert kept.opaque == frozenset({"mylib.Config"})  # the same global as plain data: kept
+
+
+@pytest.mark.parametrize(
+    ("part", "ops"),
+    [
+        ("size", b"J\xff\xff\xff\xff\x85"),  # (-1,)
+        ("stride", b"X\x01\x00\x00\x001\x85"),  # ('1',)
+        ("stride", b"\x88\x85"),  # (True,): a bool is no stride
+        ("offset", b"J\xff\xff\xff\xff"),  # -1
+    ],
+    ids=["negative-size", "text-stride", "bool-stride", "negative-offset"],
+)
+def test_a_malformed_size_stride_or_offset_is_corrupt(part: str, ops: bytes) -> None:
+    """Only ints make a tensor's geometry; anything else is a corrupt file (exit 3)."""
+    ops_for = {"size_ops": b"K\x04\x85", part + "_ops": ops}
+    with pytest.raises(ckptool.CheckpointReadError, match="malformed size"):
+        load_restricted(_tensor_pickle(**ops_for), path="bad.pt")
+
+
+@pytest.mark.parametrize(
+    "storage_ops",
+    [
+        {"key_ops": b"X\x2c\x01\x00\x00" + b"k" * 300},  # a 300-character record key
+        {"location_ops": b"K\x00"},  # location 0, not a device name
+        {"key_ops": b"K\x00"},  # key 0, not a record name
+    ],
+    ids=["long-key", "int-location", "int-key"],
+)
+def test_a_malformed_storage_reference_is_corrupt(storage_ops: dict) -> None:
+    with pytest.raises(ckptool.CheckpointReadError, match="malformed storage reference"):
+        load_restricted(_tensor_pickle(b"K\x04\x85", **storage_ops), path="bad.pt")

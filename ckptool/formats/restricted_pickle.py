@@ -28,7 +28,7 @@ import io
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, BinaryIO, NamedTuple, NoReturn
 
 from ckptool.errors import CheckpointReadError, UnsafeCheckpointError
 from ckptool.formats.bounded import is_count, listed, short_repr
@@ -341,6 +341,28 @@ _PLAIN = frozenset({int, str, bool, float, type(None)})
 
 
 def _meta_from_storage(storage: Any, offset: Any, size: Any, stride: Any, dtype: str) -> TensorMeta:
+    well_formed = (
+        isinstance(storage, StorageRef)
+        and is_count(offset)
+        and _int_tuple(size)
+        and _int_tuple(stride)
+    )
+    if not well_formed:  # (a storage, ints and tuples of ints hold no opaque object)
+        _refuse_malformed_tensor(storage, offset, size, stride)
+    if len(size) != len(stride):
+        raise CheckpointReadError(f"tensor has {len(size)} sizes but {len(stride)} strides")
+    return PickledTensor(
+        shape=tuple(size),
+        dtype=dtype,
+        storage=storage.key,
+        storage_offset=offset,
+        stride=tuple(stride),
+    )
+
+
+def _refuse_malformed_tensor(storage: Any, offset: Any, size: Any, stride: Any) -> NoReturn:
+    """Why these tensor arguments are refused: an opaque object among them is unsafe
+    (it would have to run), anything else is corrupt."""
     for value, what in (
         (storage, "storage"),
         (offset, "offset"),
@@ -350,19 +372,9 @@ def _meta_from_storage(storage: Any, offset: Any, size: Any, stride: Any, dtype:
         _needs_data(value, what)
     if not isinstance(storage, StorageRef):
         raise CheckpointReadError(f"tensor rebuilt from {type(storage).__name__}, not a storage")
-    if not _int_tuple(size) or not _int_tuple(stride) or not is_count(offset):
-        raise CheckpointReadError(
-            f"tensor has malformed size {short_repr(size)}, stride {short_repr(stride)} "
-            f"or storage offset {short_repr(offset)}"
-        )
-    if len(size) != len(stride):
-        raise CheckpointReadError(f"tensor has {len(size)} sizes but {len(stride)} strides")
-    return PickledTensor(
-        shape=tuple(size),
-        dtype=dtype,
-        storage=storage.key,
-        storage_offset=offset,
-        stride=tuple(stride),
+    raise CheckpointReadError(
+        f"tensor has malformed size {short_repr(size)}, stride {short_repr(stride)} "
+        f"or storage offset {short_repr(offset)}"
     )
 
 
@@ -519,17 +531,18 @@ class MetaUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"):
             raise CheckpointReadError(f"unsupported persistent id {short_repr(pid)}")
         storage_type, key, location, numel = pid[1:5]
-        _needs_data(pid[1:5], "storage reference")
-        if isinstance(storage_type, type) and issubclass(storage_type, _Inert):
-            # An unsafe storage type, already recorded by find_class: keep scanning.
-            return StorageRef(key="?", dtype="?", location="?", numel=0)
-        if not (
+        well_formed = (
             isinstance(storage_type, _StorageType)
             and isinstance(key, str)
             and isinstance(location, str)
             and is_count(numel)
             and len(key) + len(location) <= _MAX_PID_TEXT
-        ):
+        )
+        if not well_formed:  # (a storage type, strings and an int hold no opaque object)
+            _needs_data(pid[1:5], "storage reference")
+            if isinstance(storage_type, type) and issubclass(storage_type, _Inert):
+                # An unsafe storage type, already recorded by find_class: keep scanning.
+                return StorageRef(key="?", dtype="?", location="?", numel=0)
             raise CheckpointReadError(
                 f"malformed storage reference (type, key, location, numel) = {short_repr(pid[1:5])}"
             )
