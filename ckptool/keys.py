@@ -18,6 +18,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from ckptool.errors import TransformError, on_command_line, option, shell_word
 from ckptool.formats.meta import TensorMeta, numels, tied_views
@@ -155,20 +156,58 @@ def _strip_all(current: dict[str, str], prefix: str) -> dict[str, str]:
 
 def _rename(current: dict[str, str], pattern: str, repl: str) -> dict[str, str]:
     regex = re.compile(pattern)
-    renamed: dict[str, str] = {}
-    for name, original in current.items():
+    rule = option("rename", f"{pattern}={repl}", quoted=True)
+    # An anchored pattern can only match names that start with its literal text: a fix
+    # renaming one tensor of 100k runs re.sub once, not 100k times.
+    prefix = _literal_prefix(pattern)
+    candidates = (n for n in current if n.startswith(prefix)) if prefix else current
+    changes: dict[str, str] = {}
+    for name in candidates:
         try:
             new = regex.sub(repl, name)
         except (re.error, IndexError) as e:
-            rule = option("rename", f"{pattern}={repl}", quoted=True)
             raise TransformError(f"{rule}: bad replacement ({e})") from e
-        if new in renamed:
-            raise TransformError(
-                f"{option('rename', f'{pattern}={repl}', quoted=True)} maps both "
-                f"{renamed[new]!r} and {original!r} to {new!r}"
-            )
-        renamed[new] = original
+        if new != name:
+            changes[name] = new
+    renamed = {changes.get(name, name): original for name, original in current.items()}
+    if len(renamed) < len(current):
+        _refuse_collision(current, changes, rule)
     return renamed
+
+
+def _refuse_collision(current: dict[str, str], changes: dict[str, str], rule: str) -> NoReturn:
+    """Name the first two checkpoint keys that a rename maps to one name."""
+    seen: dict[str, str] = {}
+    for name, original in current.items():
+        new = changes.get(name, name)
+        if new in seen:
+            raise TransformError(f"{rule} maps both {seen[new]!r} and {original!r} to {new!r}")
+        seen[new] = original
+    raise AssertionError("no collision")  # the caller saw fewer names come out
+
+
+def _literal_prefix(pattern: str) -> str:
+    """The text every match of ``pattern`` starts with if it is anchored with ``^``
+    (``^model\\.layers\\.5`` -> ``model.layers.5``); "" when unsure (alternation, a
+    quantifier on the last character, no anchor)."""
+    if not pattern.startswith("^") or "|" in pattern:
+        return ""
+    literal: list[str] = []
+    chars = iter(pattern[1:])
+    for char in chars:
+        if char == "\\":
+            escaped = next(chars, "")
+            if not escaped or escaped.isalnum():  # \d, \x3d, \A...: not one literal character
+                break
+            literal.append(escaped)
+        elif char in "*?{":  # the character before it may be absent
+            literal = literal[:-1]
+            break
+        elif char in ".^$+[]()":
+            break
+        else:
+            literal.append(char)
+    return "".join(literal)
 
 
 @dataclass(frozen=True)

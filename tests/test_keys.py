@@ -22,6 +22,7 @@ from ckptool.keys import (
     Reason,
     SortedNames,
     Transforms,
+    _literal_prefix,
     apply_transforms,
     covering_prefixes,
     diff,
@@ -624,3 +625,77 @@ def test_index_style_pairs_need_one_candidate_of_the_same_shape(source: dict, ta
     common = {"keep.weight": (2,)}
     result = diff(metas(source | common), metas(target | common))
     assert Reason.RENAMED not in _fix_kinds(result)
+
+
+pattern_pieces = st.lists(
+    st.sampled_from(
+        [
+            "a",
+            "b",
+            ".",
+            "\\.",
+            "\\d",
+            "1",
+            "*",
+            "?",
+            "+",
+            "{0,2}",
+            "(",
+            ")",
+            "|",
+            "$",
+            "[ab]",
+            "\\x3d",
+            "=",
+        ]
+    ),
+    max_size=8,
+).map(lambda parts: "^" + "".join(parts))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "prefix"),
+    [
+        ("^model\\.layers\\.7\\.w$", "model.layers.7.w"),
+        ("^ab?c", "a"),  # b may be absent
+        ("^ab*", "a"),
+        ("^a{0,2}b", ""),
+        ("^ab+c", "ab"),  # at least one b
+        ("^a\\db", "a"),
+        ("^a\\x3db", "a"),
+        ("^a|b", ""),  # (^a)|(b)
+        ("(^|\\.)gamma$", ""),
+        ("a^", ""),
+    ],
+)
+def test_literal_prefix(pattern: str, prefix: str) -> None:
+    assert _literal_prefix(pattern) == prefix
+
+
+@given(pattern_pieces, st.lists(st.text("ab.1=", max_size=6), max_size=12, unique=True))
+def test_a_rename_only_skips_names_its_pattern_cannot_match(pattern: str, names: list) -> None:
+    """The literal-prefix shortcut is sound: every name the regex matches starts with it."""
+    try:
+        regex = re.compile(pattern)
+    except re.error:
+        assume(False)
+    prefix = _literal_prefix(pattern)
+    for name in names:
+        if regex.match(name):
+            assert name.startswith(prefix), (pattern, prefix, name)
+
+
+def test_renaming_one_of_many_names_runs_the_regex_once(monkeypatch) -> None:
+    names = [f"model.layers.{i}.w" for i in range(1000)]
+    compiled = re.compile(r"^model\.layers\.7\.w$")
+    calls = []
+
+    class Counting:
+        def sub(self, repl: str, name: str) -> str:
+            calls.append(name)
+            return compiled.sub(repl, name)
+
+    monkeypatch.setattr("ckptool.keys.re.compile", lambda pattern: Counting())
+    renaming = apply_transforms(names, Transforms(rename=((compiled.pattern, "model.seven.w"),)))
+    assert renaming.mapping["model.seven.w"] == "model.layers.7.w" and len(renaming.mapping) == 1000
+    assert calls == ["model.layers.7.w"]
