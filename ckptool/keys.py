@@ -864,9 +864,10 @@ def _rename_tensors(
 ) -> tuple[Transforms, KeyDiff, list[FixStep]]:
     """Renames that keep trained tensors a --drop would throw away: an unexpected key
     and a missing key of the same shape and dtype, paired by a known port rename
-    (``LayerNorm.gamma`` -> ``LayerNorm.weight``) or as the only such pair in their
-    module whose leaf names contain one another (``w2.weight`` -> ``w2.weight_orig``).
-    A tail renamed in several modules gets one rule for all of them, else one rule per
+    (``LayerNorm.gamma`` -> ``LayerNorm.weight``), as the only such pair in their
+    module whose leaf names contain one another (``w2.weight`` -> ``w2.weight_orig``),
+    or as the only pair differing in an index written apart (``norm.1`` -> ``norm1``).
+    A change repeated across modules gets one rule for all of them, else one rule per
     tensor; each rule is kept only if it loses no matched name and matches more (one
     comparison each)."""
     steps: list[FixStep] = []
@@ -890,8 +891,9 @@ def _rename_tensors(
 def _rename_rules(
     source: Mapping[str, TensorMeta], target: Mapping[str, TensorMeta], after: KeyDiff
 ) -> list[tuple[tuple[str, str] | None, list[tuple[str, str]]]]:
-    """Per differing tail (``gamma`` -> ``weight``): a rule for every name ending so
-    (None for a single pair), and a rule for each pair by its full names."""
+    """Per kind of change (a differing tail such as ``gamma`` -> ``weight``, or indexes
+    joined onto the same words): one rule for all its pairs (None for a single pair),
+    and a rule for each pair by its full names."""
     original = after.original
     missing = set(after.unexplained_missing)
 
