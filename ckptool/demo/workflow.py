@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptool.demo import DIGITS, PRETRAINED, TRANSFER_CLASSES
+from ckptool.errors import shell_word as q  # printed paths are pasted into a shell
 
 MODEL = "ckptool.demo:DigitsNet"
 SHOTS = 10  # training images per class: the few-sample regime where transfer should help
@@ -100,26 +101,27 @@ def run(folder: str, *, seed: int = 0) -> Iterator[Step]:
     checkpoint, train_dir, val_dir, shots, held_out = prepare(folder, seed=seed)
     yield Step(
         f"data: {shots} training images of digits 6-9 ({SHOTS} per class), {held_out} to validate",
-        f"ls {train_dir} {val_dir}",
+        f"ls {q(train_dir)} {q(val_dir)}",
         None,
     )
     yield Step(
         "what is in the pretrained checkpoint",
-        f"ckptool inspect {checkpoint}",
+        f"ckptool inspect {q(checkpoint)}",
         read_metadata(checkpoint),
     )
     classes = len(TRANSFER_CLASSES)
     target = f"--model {MODEL} --num-classes {classes}"
     yield Step(
         "why it does not fit a 4-class model",
-        f"ckptool diff {checkpoint} {target}",
+        f"ckptool diff {q(checkpoint)} {target}",
         diff_checkpoint(checkpoint, model=MODEL, num_classes=classes),
     )
     adapted = os.path.join(folder, "digits_6to9_start.safetensors")
     fix = Transforms(strip=("module.",), drop=("fc.",))
     yield Step(
         "write a checkpoint that loads strictly",
-        f"ckptool adapt {checkpoint} {target} --strip module. --drop fc. -o {adapted} --force",
+        f"ckptool adapt {q(checkpoint)} {target} --strip module. --drop fc. "
+        f"-o {q(adapted)} --force",
         adapt(
             checkpoint, model=MODEL, num_classes=classes, transforms=fix, out=adapted, force=True
         ),
@@ -153,11 +155,12 @@ def _finetune_step(
         seed=seed,
         device="cpu",
     )
-    flags = f"--weights {weights} " if weights else ""
+    flags = f"--weights {q(weights)} " if weights else ""
     command = (
-        f"ckptool finetune --model {MODEL} {flags}--strategy {spec.strategy} --data {train_dir} "
-        f"--val-data {val_dir} --image-size 8 --no-augment --epochs {spec.epochs} "
-        f"--batch-size {BATCH_SIZE} --lr {spec.lr} --device cpu -o {out} --force"
+        f"ckptool finetune --model {MODEL} {flags}--strategy {spec.strategy} "
+        f"--data {q(train_dir)} --val-data {q(val_dir)} --image-size 8 --no-augment "
+        f"--epochs {spec.epochs} --batch-size {BATCH_SIZE} --lr {spec.lr} --device cpu "
+        f"-o {q(out)} --force"
     )
     result = finetune(
         MODEL,
