@@ -864,8 +864,8 @@ def _rename_tensors(
 ) -> tuple[Transforms, KeyDiff, list[FixStep]]:
     """Renames that keep trained tensors a --drop would throw away: an unexpected key
     and a missing key of the same shape and dtype, paired by a known port rename
-    (``LayerNorm.gamma`` -> ``LayerNorm.weight``), as the only such pair in their
-    module whose leaf names contain one another (``w2.weight`` -> ``w2.weight_orig``),
+    (``LayerNorm.gamma`` -> ``LayerNorm.weight``), as names of one module whose leaf
+    names contain one another and fit no other (``w2.weight`` -> ``w2.weight_orig``),
     or as the only pair differing in an index written apart (``norm.1`` -> ``norm1``).
     A change repeated across modules gets one rule for all of them, else one rule per
     tensor; each rule is kept only if it loses no matched name and matches more (one
@@ -904,14 +904,11 @@ def _rename_rules(
     pairs = [(old, new) for old in after.unexpected for new in _known_partners(old)
              if new in missing and same_tensor(old, new)]  # fmt: skip
     paired = {name for pair in pairs for name in pair}
-    pairs += [
-        (old, new)
-        for old, new in _only_pairs_by_module(
-            [k for k in after.unexpected if k not in paired],
-            [k for k in missing if k not in paired],
-        )
-        if same_tensor(old, new) and _one_name_holds_the_other(old, new)
-    ]
+    pairs += _only_pairs_by_module(
+        [k for k in after.unexpected if k not in paired],
+        [k for k in missing if k not in paired],
+        lambda old, new: same_tensor(old, new) and _one_name_holds_the_other(old, new),
+    )
     by_tail: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for old, new in pairs:
         by_tail.setdefault(_differing_tails(old, new), []).append((old, new))
@@ -1022,8 +1019,12 @@ def _known_partners(name: str) -> Iterator[str]:
             yield name[: len(name) - len(old_tail)] + new_tail
 
 
-def _only_pairs_by_module(unexpected: list[str], missing: list[str]) -> list[tuple[str, str]]:
-    """(unexpected, missing) where each is its module's only unexpected and only missing key."""
+def _only_pairs_by_module(
+    unexpected: list[str], missing: list[str], fits: Callable[[str, str], bool]
+) -> list[tuple[str, str]]:
+    """(unexpected, missing) pairs in one module that ``fits``, where neither name fits
+    any other name of its module: a new tensor beside a renamed one (``scale`` added,
+    ``weight`` -> ``weight_orig``) does not hide the rename, two candidates do."""
 
     def by_module(names: list[str]) -> dict[str, list[str]]:
         modules: dict[str, list[str]] = {}
@@ -1032,8 +1033,20 @@ def _only_pairs_by_module(unexpected: list[str], missing: list[str]) -> list[tup
         return modules
 
     olds, news = by_module(unexpected), by_module(missing)
-    return [(old[0], news[m][0]) for m, old in olds.items()
-            if len(old) == 1 and len(news.get(m, ())) == 1]  # fmt: skip
+    pairs = []
+    for module, old_names in olds.items():
+        new_names = news.get(module, [])
+        if len(old_names) * len(new_names) > MAX_MODULE_PAIRINGS:  # 100k flat names at the root
+            continue
+        fitting = [(old, new) for old in old_names for new in new_names if fits(old, new)]
+        olds_seen = Counter(old for old, _ in fitting)
+        news_seen = Counter(new for _, new in fitting)
+        pairs += [(old, new) for old, new in fitting if olds_seen[old] == news_seen[new] == 1]
+    return pairs
+
+
+# Pairs of names tried in one module (each unexpected with each missing key).
+MAX_MODULE_PAIRINGS = 64
 
 
 def _one_name_holds_the_other(old: str, new: str) -> bool:

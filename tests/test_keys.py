@@ -535,9 +535,23 @@ def test_tensors_that_may_differ_are_not_paired(
 
 
 def test_two_candidates_in_one_module_are_not_guessed() -> None:
-    source = metas({"m.a": (4,), "m.b": (4,), "m.keep": (2,)})
-    target = metas({"m.a_new": (4,), "m.b_new": (4,), "m.keep": (2,)})
+    source = metas({"m.w": (4,), "m.keep": (2,)})
+    target = metas({"m.w_a": (4,), "m.w_b": (4,), "m.keep": (2,)})
     assert Reason.RENAMED not in _fix_kinds(diff(source, target))
+
+
+def test_names_that_tell_their_partners_apart_are_paired() -> None:
+    """Two renamed tensors of one shape, and a new same-shaped tensor beside them: each
+    old name fits exactly one new name, so both are renamed and only the new one is
+    re-initialised (before, the module was dropped whole)."""
+    source = metas({"m.left": (4,), "m.right": (4,), "m.bias": (2,)})
+    target = metas({"m.left_new": (4,), "m.right_new": (4,), "m.scale": (4,), "m.bias": (2,)})
+    result = diff(source, target)
+    assert _fix_kinds(result) == [Reason.RENAMED, Reason.RENAMED, Reason.MISSING]
+    assert result.fix is not None and result.fix.transforms.reinit == ("m.scale",)
+    fixed = diff(source, target, result.fix.transforms)
+    assert fixed.fits_after_adapt
+    assert fixed.renamed == {"m.left": "m.left_new", "m.right": "m.right_new"}
 
 
 def test_a_tail_rule_that_would_break_matched_names_falls_back_to_one_per_tensor() -> None:
@@ -699,3 +713,17 @@ def test_renaming_one_of_many_names_runs_the_regex_once(monkeypatch) -> None:
     renaming = apply_transforms(names, Transforms(rename=((compiled.pattern, "model.seven.w"),)))
     assert renaming.mapping["model.seven.w"] == "model.layers.7.w" and len(renaming.mapping) == 1000
     assert calls == ["model.layers.7.w"]
+
+
+def test_pairing_inside_a_module_is_not_quadratic(monkeypatch) -> None:
+    """Every unexpected name against every missing one of its module: 2,000 x 2,000
+    flat names would be 4 million tries (a crafted pair of files could ask 10^10), so a
+    module with more than MAX_MODULE_PAIRINGS candidate pairs is not paired at all."""
+    import ckptool.keys as keys
+
+    tries = []
+    monkeypatch.setattr(keys, "_one_name_holds_the_other", lambda *pair: tries.append(pair))
+    source = metas({f"u{i}": (4,) for i in range(2000)})
+    target = metas({f"m{i}": (4,) for i in range(2000)})
+    diff(source, target)
+    assert len(tries) <= keys.MAX_MODULE_PAIRINGS
