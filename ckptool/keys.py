@@ -15,6 +15,7 @@ import functools
 import itertools
 import operator
 import re
+import shlex
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -78,6 +79,18 @@ class Transforms:
             return " ".join(self.flags())
         fields = dataclasses.asdict(self)
         return ", ".join(f"{name}={value!r}" for name, value in fields.items() if value)
+
+    def keywords(self) -> str:
+        """These transforms as ``load_into``'s keyword arguments (the flags' values):
+        ``strip=['module.'], drop=['fc.']``."""
+        values: list[tuple[str, object]] = [
+            ("strip", list(self.strip)),
+            ("add_prefix", self.add_prefix),
+            ("rename", [f"{pattern}={repl}" for pattern, repl in self.rename]),
+            ("drop", list(self.drop)),
+            ("reinit", list(self.reinit)),
+        ]
+        return ", ".join(f"{name}={value!r}" for name, value in values if value)
 
     def explains(self, name: str) -> bool:
         """True if ``name`` lies under a --drop or --reinit prefix."""
@@ -335,7 +348,9 @@ def diff(
     tied = tuple(s for s in suggestions if best and s.matched == best.matched)
     # With tied, different prefixes there is no single fix to recommend; the report lists them.
     fix = _compose_fix(source, target, result, best, hooks) if len(tied) <= 1 else None
-    if fix is not None and not _replays(source, target, fix.transforms, hooks):
+    if fix is not None and not (
+        _parses_back(fix.transforms) and _replays(source, target, fix.transforms, hooks)
+    ):
         fix = None
     return dataclasses.replace(
         result,
@@ -717,6 +732,26 @@ def _applies(source: Iterable[str], transforms: Transforms) -> bool:
     return True
 
 
+def _parses_back(transforms: Transforms) -> bool:
+    """The printed flags, split as a shell splits them and parsed as the CLI parses
+    them, give these transforms: what the user pastes is what was replayed."""
+    values: dict[str, list[str]] = {}
+    for flag in transforms.flags():
+        name, value = shlex.split(flag)
+        values.setdefault(name, []).append(value)
+    try:
+        parsed = Transforms.from_flags(
+            strip=values.get("--strip", []),
+            add_prefix=next(iter(values.get("--add-prefix", [])), None),
+            rename=values.get("--rename", []),
+            drop=values.get("--drop", []),
+            reinit=values.get("--reinit", []),
+        )
+    except TransformError:
+        return False
+    return parsed == transforms
+
+
 def _replays(
     source: Mapping[str, TensorMeta],
     target: Mapping[str, TensorMeta],
@@ -989,9 +1024,10 @@ def _index_style_rule(
     if len(group) < 2 or not words:
         return None
     alternatives = "|".join(map(_escaped, words))
+    # No lookahead: (?= holds an '=', where a --rename flag is split.
     if splits:
-        return f"(^|\\.)({alternatives})\\.(\\d+)(?=\\.|$)", "\\g<1>\\g<2>\\g<3>"
-    return f"(^|\\.)({alternatives})(\\d+)(?=\\.|$)", "\\g<1>\\g<2>.\\g<3>"
+        return f"(^|\\.)({alternatives})\\.(\\d+)(\\.|$)", "\\g<1>\\g<2>\\g<3>\\g<4>"
+    return f"(^|\\.)({alternatives})(\\d+)(\\.|$)", "\\g<1>\\g<2>.\\g<3>\\g<4>"
 
 
 def _escaped(text: str) -> str:

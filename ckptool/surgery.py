@@ -523,7 +523,8 @@ def load_into(
 
 
 def _not_strict(path: str, model: nn.Module, keys: KeyDiff) -> str:
-    fix = f"; fix: {' '.join(keys.fix.transforms.flags())}" if keys.fix else ""
+    # load_into is Python only: the fix as its keyword arguments, ready to pass back.
+    fix = f"; fix: load_into(..., {keys.fix.transforms.keywords()})" if keys.fix else ""
     return f"{path} does not load strictly into {type(model).__name__}: {_misfits(keys)}{fix}"
 
 

@@ -23,6 +23,7 @@ from ckptool.keys import (
     SortedNames,
     Transforms,
     _literal_prefix,
+    _parses_back,
     apply_transforms,
     covering_prefixes,
     diff,
@@ -727,3 +728,31 @@ def test_pairing_inside_a_module_is_not_quadratic(monkeypatch) -> None:
     target = metas({f"m{i}": (4,) for i in range(2000)})
     diff(source, target)
     assert len(tries) <= keys.MAX_MODULE_PAIRINGS
+
+
+@pytest.mark.parametrize(
+    ("transforms", "parses"),
+    [
+        (Transforms(rename=(("(^|\\.)(norm)\\.(\\d+)(\\.|$)", "\\g<1>\\g<2>\\g<3>\\g<4>"),)), True),
+        (Transforms(drop=("x; touch y #.",), rename=(("^a'b$", "c"),)), True),
+        (Transforms(rename=(("a(?=b)", "c"),)), False),  # split at the lookahead's '='
+        (Transforms(rename=(("^a=b$", "c"),)), False),  # parses, as '^a' -> 'b$=c'
+    ],
+    ids=["index-style", "shell-syntax", "lookahead", "equals-in-pattern"],
+)
+def test_a_fix_is_printed_only_if_its_flags_parse_back(
+    transforms: Transforms, parses: bool
+) -> None:
+    assert _parses_back(transforms) is parses
+
+
+def test_a_fix_whose_flags_would_not_parse_back_is_not_printed(monkeypatch) -> None:
+    """The safety net under every rule generator: one that forgot to hide '=' makes a
+    fix whose printed --rename means something else; diff offers no fix instead."""
+    import ckptool.keys as keys
+
+    monkeypatch.setattr(keys, "_escaped", re.escape)  # '=' left in the pattern
+    source = metas({"attn.w=1": (4,), "keep.weight": (2,)})
+    target = metas({"attn.w=1_orig": (4,), "keep.weight": (2,)})
+    result = diff(source, target)
+    assert result.fix is None or _parses_back(result.fix.transforms)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -644,7 +645,8 @@ def test_load_into_loads_in_place_or_raises_with_the_diff(
     model = MLP(num_classes=5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(
-        ckptool.IncompatibleCheckpointError, match=r"fix: --strip module\. --drop head\."
+        ckptool.IncompatibleCheckpointError,
+        match=r"fix: load_into\(\.\.\., strip=\['module\.'\], drop=\['head\.'\]\)",
     ) as caught:
         ckptool.load_into(model, source)
     assert caught.value.diff.shape_mismatch == () and len(caught.value.diff.unexpected) == 4
@@ -883,10 +885,38 @@ def test_old_densenet_keys_are_renamed_not_called_another_model(run_cli, tmp_pat
     fix = next(line for line in shown.stdout.splitlines() if "fix:" in line)
     assert fix.count("--rename") == 2 and "--drop" not in fix and "--reinit" not in fix, fix
     out = tmp_path / "densenet121.safetensors"
-    result = run_cli("adapt", source, *spec, "--auto", "--strict", "-o", out)
+    words = shlex.split(fix.removeprefix("  fix: "))  # the printed fix, as pasted
+    assert words[:2] == ["ckptool", "adapt"] and words[-2:] == ["-o", "OUT"]
+    result = run_cli(*words[1:-1], str(out), "--strict")
     assert result.exit_code == 0, result.output
     from safetensors.torch import load_file
 
     written = load_file(out)
     assert written.keys() == state.keys()
     assert all(torch.equal(written[k], v) for k, v in state.items())
+
+
+def test_load_into_suggests_keywords_that_load_when_passed_back(tmp_path: Path) -> None:
+    """The fix in load_into's error is its own keyword arguments: read back as Python
+    literals and passed back, the old DenseNet-style names load strictly."""
+    import ast
+    import re
+
+    class Layer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm1, self.conv1 = torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 4, 1)
+
+    model = torch.nn.Sequential(Layer(), Layer())
+    old = {re.sub(r"\.(norm|conv)1\.", r".\1.1.", k): v for k, v in model.state_dict().items()}
+    source = tmp_path / "old-names.pt"
+    torch.save(old, source)
+    with pytest.raises(ckptool.IncompatibleCheckpointError) as caught:
+        ckptool.load_into(torch.nn.Sequential(Layer(), Layer()), source)
+    keywords = str(caught.value).rsplit("fix: load_into(..., ", 1)[1].removesuffix(")")
+    call = ast.parse(f"load_into({keywords})", mode="eval").body
+    assert isinstance(call, ast.Call)
+    kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg}
+    fresh = torch.nn.Sequential(Layer(), Layer())
+    ckptool.load_into(fresh, source, **kwargs)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
