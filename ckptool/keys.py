@@ -161,7 +161,7 @@ def _strip_all(current: dict[str, str], prefix: str) -> dict[str, str]:
         raise TransformError(
             f"{option('strip', prefix, quoted=True)}: {len(lacking)}/{len(current)} keys do "
             f"not start with it (e.g. {lacking[0]!r}); stripping is all-or-nothing, to strip "
-            f"only where present use {option('rename', f'^{re.escape(prefix)}=', quoted=True)}"
+            f"only where present use {option('rename', f'^{name_pattern(prefix)}=', quoted=True)}"
         )
     return {k[len(prefix) :]: v for k, v in current.items()}
 
@@ -581,7 +581,7 @@ def _renamed(names: Sequence[str], strip: str, add: str, everywhere: bool) -> li
 def _prefix_transforms(strip: str, add: str, everywhere: bool) -> Transforms:
     if everywhere or not strip:
         return Transforms(strip=(strip,) if strip else (), add_prefix=add or None)
-    return Transforms(rename=((f"^{re.escape(strip)}", add.replace("\\", "\\\\")),))
+    return Transforms(rename=((f"^{name_pattern(strip)}", name_replacement(add)),))
 
 
 def _complexity(s: Suggestion) -> tuple[int, bool, list[str]]:
@@ -844,11 +844,11 @@ def _nesting_rule(module: str, wanted: str) -> tuple[str, str] | None:
     every layer of a list (``prefilt_layers.{0..4}``)."""
     if wanted.startswith(module + ".") and "." not in wanted[len(module) + 1 :]:
         pattern, repl, groups = _module_pattern(module)
-        extra = wanted[len(module) + 1 :].replace("\\", "\\\\")
+        extra = name_replacement(wanted[len(module) + 1 :])
         return f"^{pattern}\\.([^.]+)$", f"{repl}.{extra}.\\{groups + 1}"
     if module.startswith(wanted + ".") and "." not in module[len(wanted) + 1 :]:
         pattern, repl, groups = _module_pattern(wanted)
-        extra = re.escape(module[len(wanted) + 1 :])
+        extra = name_pattern(module[len(wanted) + 1 :])
         return f"^{pattern}\\.{extra}\\.([^.]+)$", f"{repl}.\\{groups + 1}"
     return None
 
@@ -862,8 +862,8 @@ def _module_pattern(module: str) -> tuple[str, str, int]:
             pattern.append(r"(\d+)")
             repl.append(f"\\{groups}")
         else:
-            pattern.append(re.escape(segment))
-            repl.append(segment.replace("\\", "\\\\"))
+            pattern.append(name_pattern(segment))
+            repl.append(name_replacement(segment))
     return r"\.".join(pattern), ".".join(repl), groups
 
 
@@ -952,7 +952,7 @@ def _rename_rules(
     ]
     groups += [(_index_style_rule(joins, group), group) for joins, group in by_index_style.items()]
     return [
-        (general, [(f"^{_escaped(old)}$", _literal(new)) for old, new in group])
+        (general, [(f"^{name_pattern(old)}$", name_replacement(new)) for old, new in group])
         for general, group in groups
     ]
 
@@ -1013,14 +1013,14 @@ def _index_style_rule(
     splits, words = joins
     if len(group) < 2 or not words:
         return None
-    alternatives = "|".join(map(_escaped, words))
+    alternatives = "|".join(map(name_pattern, words))
     # No lookahead: (?= holds an '=', where a --rename flag is split.
     if splits:
         return f"(^|\\.)({alternatives})\\.(\\d+)(\\.|$)", "\\g<1>\\g<2>\\g<3>\\g<4>"
     return f"(^|\\.)({alternatives})(\\d+)(\\.|$)", "\\g<1>\\g<2>.\\g<3>\\g<4>"
 
 
-def _escaped(text: str) -> str:
+def name_pattern(text: str) -> str:
     """``re.escape`` that also hides ``=``: a --rename flag is split at its first ``=``."""
     return re.escape(text).replace("=", "\\x3d")
 
@@ -1036,7 +1036,7 @@ def _tail_rule(old_tail: str, new_tail: str, olds: list[str]) -> tuple[str, str]
         shared.insert(0, segments[0])
     tail = ".".join(filter(None, (*shared, old_tail)))
     replacement = ".".join(filter(None, (*shared, new_tail)))
-    return f"(^|\\.){re.escape(tail)}$", "\\g<1>" + _literal(replacement)
+    return f"(^|\\.){name_pattern(tail)}$", "\\g<1>" + name_replacement(replacement)
 
 
 def _known_partners(name: str) -> Iterator[str]:
@@ -1094,7 +1094,7 @@ def _differing_tails(old: str, new: str) -> tuple[str, str]:
     return ".".join(old.split(".")[common:]), ".".join(new.split(".")[common:])
 
 
-def _literal(name: str) -> str:
+def name_replacement(name: str) -> str:
     """``name`` as a re.sub replacement that inserts it verbatim."""
     return name.replace("\\", "\\\\")
 

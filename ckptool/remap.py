@@ -10,12 +10,12 @@ model lacks may be skipped, but never in two different ways). Pure key logic: no
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ckptool.errors import IncompatibleError, option
 from ckptool.formats.meta import TensorMeta
+from ckptool.keys import name_pattern, name_replacement
 
 # Module counts above this make the alignment table too big to be worth it (n * m cells).
 MAX_MODULES = 20_000
@@ -122,7 +122,7 @@ def _two_choices(src: Sequence[Module], tgt: Sequence[Module], ways: list[list[i
 def remap_transforms(mapping: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     """The mapping as exact-name --rename rules (what adapt applies and records)."""
     return tuple(
-        (f"^{re.escape(old)}$", new.replace("\\", "\\\\"))
+        (f"^{name_pattern(old)}$", name_replacement(new))
         for old, new in mapping.items()
         if old != new
     )

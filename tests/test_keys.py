@@ -751,8 +751,21 @@ def test_a_fix_whose_flags_would_not_parse_back_is_not_printed(monkeypatch) -> N
     fix whose printed --rename means something else; diff offers no fix instead."""
     import ckptool.keys as keys
 
-    monkeypatch.setattr(keys, "_escaped", re.escape)  # '=' left in the pattern
+    monkeypatch.setattr(keys, "name_pattern", re.escape)  # '=' left in the pattern
     source = metas({"attn.w=1": (4,), "keep.weight": (2,)})
     target = metas({"attn.w=1_orig": (4,), "keep.weight": (2,)})
     result = diff(source, target)
     assert result.fix is None or _parses_back(result.fix.transforms)
+
+
+def test_a_prefix_with_an_equals_sign_is_renamed_away_by_a_flag_that_parses_back() -> None:
+    """Every rename generator escapes names one way (name_pattern): the prefix rename
+    printed '^m=1\\.=' (split as '^m' -> '1\\.='), then no fix once printed fixes had to
+    parse back; now '^m\\x3d1\\.='."""
+    source = metas({"m=1.w": (4,), "m=1.v": (4,), "m=1.u": (4,), "x": (2,)})
+    target = metas({"w": (4,), "v": (4,), "u": (4,), "x": (2,)})
+    result = diff(source, target)
+    assert result.fix is not None and _parses_back(result.fix.transforms)
+    (flag,) = result.fix.transforms.flags()
+    parsed = Transforms.from_flags(rename=[shlex.split(flag)[1]])
+    assert diff(source, target, parsed).compatible
