@@ -346,11 +346,14 @@ def diff(
     best = suggestions[0] if suggestions else None
     tied = tuple(s for s in suggestions if best and s.matched == best.matched)
     # With tied, different prefixes there is no single fix to recommend; the report lists them.
-    fix = _compose_fix(source, target, result, best, hooks) if len(tied) <= 1 else None
-    if fix is not None and not (
-        _parses_back(fix.transforms) and _replays(source, target, fix.transforms, hooks)
-    ):
-        fix = None
+    composed = _compose_fix(source, target, result, best, hooks) if len(tied) <= 1 else None
+    fix = None
+    if composed is not None:
+        candidate, last = composed
+        if _parses_back(candidate.transforms) and _replays(
+            source, target, candidate.transforms, hooks, last
+        ):
+            fix = candidate
     return dataclasses.replace(
         result,
         suggestions=tuple(suggestions),
@@ -747,11 +750,20 @@ def _replays(
     target: Mapping[str, TensorMeta],
     transforms: Transforms,
     hooks: HookPlacement | None,
+    last: KeyDiff,
 ) -> bool:
     """A fix is printed only if running it works: the transforms apply, every flag
-    matches something, and adapt's output would load strictly with something kept."""
+    matches something, and adapt's output would load strictly with something kept.
+
+    ``last`` is the composer's last comparison: when the fix added no flag after it,
+    it is the replay's comparison already (a 100k-name diff saves one pass), and only
+    the flag checks that ``diff`` makes before comparing remain."""
     try:
-        replayed = diff(source, target, transforms, suggest=False, hooks=hooks)
+        if last.transforms == transforms:
+            _check_prefixes_match(source, target, transforms)
+            replayed = last
+        else:
+            replayed = diff(source, target, transforms, suggest=False, hooks=hooks)
     except TransformError:
         return False
     return replayed.fits_after_adapt and bool(replayed.matched)
@@ -763,9 +775,10 @@ def _compose_fix(
     as_given: KeyDiff,
     best: Suggestion | None,
     hooks: HookPlacement | None = None,
-) -> Fix | None:
+) -> tuple[Fix, KeyDiff] | None:
     """The given transforms (``as_given`` compared with them) plus the best prefix fix
-    plus --drop/--reinit for what remains."""
+    plus --drop/--reinit for what remains; with the last comparison made (with the fix's
+    transforms, unless --drop/--reinit were added after it)."""
     given = as_given.transforms
     base, steps, after = given, [], as_given  # without a prefix fix, compared already
     if best is not None:
@@ -791,7 +804,7 @@ def _compose_fix(
     if fix == given and not after.through_tie:
         return None
     kept = learned_numel(target, (*after.matched, *after.through_tie, *after.hook_filled))
-    return Fix(fix, tuple(steps), kept, learned_numel(target, target))
+    return Fix(fix, tuple(steps), kept, learned_numel(target, target)), after
 
 
 def _nesting_rename(

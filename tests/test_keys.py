@@ -437,6 +437,15 @@ def test_a_fix_is_offered_only_if_it_replays() -> None:
     assert diff(source, target, result.fix.transforms).compatible
 
 
+def test_a_fix_never_keeps_a_given_flag_that_its_prefix_fix_breaks() -> None:
+    """The user's --drop module.fc. names keys before the --strip module. that the fix
+    adds; after it the flag matches nothing, so that fix would fail when run."""
+    source = metas({f"module.{k}": v for k, v in RESNET_LIKE.items()})
+    result = diff(source, metas(RESNET_LIKE), Transforms(drop=("module.fc.",)))
+    fixed = result.fix and diff(source, metas(RESNET_LIKE), result.fix.transforms)
+    assert result.fix is None or fixed.compatible
+
+
 def test_nothing_kept_under_any_prefix_offers_no_fix() -> None:
     source = metas({"encoder.conv.kernel": (8, 3), "encoder.conv.offset": (8,)})
     result = diff(source, metas(RESNET_LIKE))
