@@ -140,7 +140,7 @@ def with_hooks(
         # names; under the names as given they would act on the wrong modules. Its renames
         # of single tensors are left out: they may do what a hook does (weight_g).
         renamed = dataclasses.replace(
-            keys.fix.module_transforms, drop=given.drop, reinit=given.reinit
+            keys.fix.module_transforms, drop=keys.fix.moved(given.drop), reinit=given.reinit
         )
         if renamed != given:
             judged = diff(meta.tensors, target, renamed, suggest=False)

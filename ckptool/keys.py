@@ -662,6 +662,7 @@ class Reason(str, enum.Enum):
     TIED = "tied"  # no flag: adapt writes the name from its tie partner
     NESTING = "nesting"  # a rename moving layers one module level deeper or shallower
     RENAMED = "renamed"  # a rename pairing a tensor the model lacks with one it misses
+    MOVED = "moved"  # a given --drop, moved with the keys the prefix fix renames
 
 
 @dataclass(frozen=True)
@@ -673,7 +674,8 @@ class FixStep:
     keys: tuple[str, ...] = ()
     matched: int = 0  # for PREFIX: names that match after it, out of total
     total: int = 0
-    rule: tuple[str, str] | None = None  # for RENAMED: the (pattern, replacement)
+    # for RENAMED: the (pattern, replacement); for MOVED: the (given, moved) prefix
+    rule: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -692,6 +694,11 @@ class Fix:
         singles = {s.rule for s in self.steps if s.reason is Reason.RENAMED}
         kept = tuple(r for r in self.transforms.rename if r not in singles)
         return dataclasses.replace(self.transforms, rename=kept)
+
+    def moved(self, drop: Sequence[str]) -> tuple[str, ...]:
+        """Given --drop prefixes as they apply under the fix's renames (see Reason.MOVED)."""
+        moves = dict(s.rule for s in self.steps if s.reason is Reason.MOVED and s.rule)
+        return tuple(moves.get(prefix, prefix) for prefix in drop)
 
     @property
     def keeps_little(self) -> bool:
@@ -782,11 +789,12 @@ def _compose_fix(
     given = as_given.transforms
     base, steps, after = given, [], as_given  # without a prefix fix, compared already
     if best is not None:
-        base = with_suggestion(given, best)
         steps = [
             FixStep(" ".join(best.flags), Reason.PREFIX, matched=best.matched, total=best.total)
         ]
         try:
+            base, moved = _drops_moved(source, target, with_suggestion(given, best), best)
+            steps += moved
             after = _compare(source, target, apply_transforms(source, base), base, hooks)
         except TransformError:
             return None
@@ -805,6 +813,39 @@ def _compose_fix(
         return None
     kept = learned_numel(target, (*after.matched, *after.through_tie, *after.hook_filled))
     return Fix(fix, tuple(steps), kept, learned_numel(target, target)), after
+
+
+def _drops_moved(
+    source: Mapping[str, TensorMeta],
+    target: Mapping[str, TensorMeta],
+    transforms: Transforms,
+    prefix_fix: Suggestion,
+) -> tuple[Transforms, list[FixStep]]:
+    """``transforms`` with each given --drop prefix that covers no key once the prefix
+    fix renames the keys moved with them (``--drop module.fc.`` -> ``--drop fc.`` after
+    ``--strip module.``): the user named the keys as the report showed them, and --drop
+    applies after every rename. Prefixes that still cover a key stay as given (they may
+    name the model's keys: --drop fc. fills the head from the model's init).
+
+    Raises:
+        TransformError: as :func:`apply_transforms`.
+    """
+    if not transforms.drop:
+        return transforms, []
+    renamed = apply_transforms(source, dataclasses.replace(transforms, drop=()))
+    names = SortedNames([*renamed.mapping, *target])
+    drop, steps = [], []
+    for prefix in transforms.drop:
+        if names.count_under(prefix):
+            drop.append(prefix)
+            continue
+        # If the moved prefix covers nothing either, the replay refuses the fix.
+        moved = transform_prefix(prefix, prefix_fix.transforms)
+        drop.append(moved)
+        steps.append(
+            FixStep(f"--drop {shell_word(moved)}", Reason.MOVED, (prefix,), rule=(prefix, moved))
+        )
+    return dataclasses.replace(transforms, drop=tuple(drop)), steps
 
 
 def _nesting_rename(

@@ -13,7 +13,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ckptool.errors import shell_word
+from ckptool.errors import option, shell_word
 from ckptool.formats.bounded import listed, visible
 from ckptool.formats.meta import CheckpointMeta, TensorMeta, itemsizes
 from ckptool.keys import (
@@ -445,6 +445,8 @@ def _describe_step(step: FixStep) -> str:
         return f"{names} sit one module level off the model's: add {step.flag}"
     if step.reason is Reason.RENAMED:
         return f"{names} in the checkpoint under another name (same shape, dtype): add {step.flag}"
+    if step.reason is Reason.MOVED:
+        return f"{option('drop', step.keys[0])} names keys before that change: {step.flag} after it"
     if step.reason is Reason.TIED:
         return (
             f"{names} missing, but tied in the model to names the checkpoint provides: "

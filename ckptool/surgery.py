@@ -640,10 +640,13 @@ def _misfits(keys: KeyDiff) -> str:
 
 
 def _fix_hint(keys: KeyDiff) -> str:
-    """The flags the fix adds to those given, as 'add ...' ('' if none)."""
+    """The flags the fix adds to those given, as 'add ...' ('' if none); the whole fix
+    as 'use ...' if it moved a given --drop (adding to it would keep the old one)."""
     if keys.fix is None:
         return ""
     given, fix = keys.transforms, keys.fix.transforms
+    if keys.fix.moved(given.drop) != given.drop:
+        return f"use {fix.words()}"
     extra = Transforms(
         strip=tuple(p for p in fix.strip if p not in given.strip),
         add_prefix=fix.add_prefix if fix.add_prefix != given.add_prefix else None,

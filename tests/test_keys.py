@@ -437,13 +437,27 @@ def test_a_fix_is_offered_only_if_it_replays() -> None:
     assert diff(source, target, result.fix.transforms).compatible
 
 
-def test_a_fix_never_keeps_a_given_flag_that_its_prefix_fix_breaks() -> None:
-    """The user's --drop module.fc. names keys before the --strip module. that the fix
-    adds; after it the flag matches nothing, so that fix would fail when run."""
+def test_a_given_drop_moves_with_the_keys_the_prefix_fix_renames() -> None:
+    """The user's --drop module.fc. names keys as the report showed them, before the
+    --strip module. that the fix adds; --drop applies after it, so kept as given it would
+    match nothing and the fix would fail when run (before, diff offered no fix at all)."""
     source = metas({f"module.{k}": v for k, v in RESNET_LIKE.items()})
     result = diff(source, metas(RESNET_LIKE), Transforms(drop=("module.fc.",)))
-    fixed = result.fix and diff(source, metas(RESNET_LIKE), result.fix.transforms)
-    assert result.fix is None or fixed.compatible
+    assert result.fix is not None
+    assert result.fix.transforms.flags() == ["--strip module.", "--drop fc."]
+    assert _fix_kinds(result) == [Reason.PREFIX, Reason.MOVED]
+    assert result.fix.moved(("module.fc.", "layer1.")) == ("fc.", "layer1.")
+    fixed = diff(source, metas(RESNET_LIKE), result.fix.transforms)
+    assert fixed.compatible and fixed.dropped == ("module.fc.weight", "module.fc.bias")
+
+
+def test_a_given_drop_that_still_covers_keys_is_not_moved() -> None:
+    """--drop fc. already names the model's keys (fill from init): it stays as given."""
+    source = metas({f"module.{k}": v for k, v in RESNET_LIKE.items()})
+    result = diff(source, metas(RESNET_LIKE), Transforms(drop=("fc.",)))
+    assert result.fix is not None
+    assert result.fix.transforms.flags() == ["--strip module.", "--drop fc."]
+    assert _fix_kinds(result) == [Reason.PREFIX]
 
 
 def test_nothing_kept_under_any_prefix_offers_no_fix() -> None:

@@ -160,6 +160,10 @@ print("sympy" in sys.modules)
     ("flags", "message"),
     [
         ((), "no checkpoint key matches the model.*add --strip module. --drop fc. \\(or --auto\\)"),
+        (  # the given --drop named the keys before the strip: adding would keep it
+            ("--drop", "module.fc."),
+            "no checkpoint key matches the model.*use --strip module. --drop fc. \\(or --auto\\)",
+        ),
         (
             ("--strip", "module."),
             "shape mismatch: fc.weight \\[1000, 512\\] -> \\[5, 512\\].*add --drop fc.",
@@ -169,7 +173,7 @@ print("sympy" in sys.modules)
             "--strict: shape mismatch fc.\\{weight,bias\\}; add --drop fc.",
         ),
     ],
-    ids=["nothing-matches", "shape-mismatch", "strict"],
+    ids=["nothing-matches", "drop-before-strip", "shape-mismatch", "strict"],
 )
 def test_adapt_refusals_exit_1_and_write_nothing(
     run_cli, dataparallel_resnet18: Path, tmp_path: Path, flags: tuple[str, ...], message: str
@@ -180,6 +184,26 @@ def test_adapt_refusals_exit_1_and_write_nothing(
     result = run_cli("adapt", dataparallel_resnet18, *RESNET, *flags, "-o", out)
     assert result.exit_code == 1 and re.search(message, result.stderr), result.stderr
     assert list(tmp_path.iterdir()) == [dataparallel_resnet18]
+
+
+def test_a_drop_named_before_the_strip_is_moved_by_the_printed_fix(
+    run_cli, dataparallel_resnet18: Path, tmp_path: Path
+) -> None:
+    """A user drops the old head by the names inspect shows (module.fc.); --drop applies
+    after --strip, so the printed fix and --auto move it to fc. (before, diff said the
+    file was not for this model)."""
+    shown = run_cli("diff", dataparallel_resnet18, *RESNET, "--drop", "module.fc.")
+    assert "--drop module.fc. names keys before that change: --drop fc. after it" in shown.stdout
+    fix = next(x for x in shown.stdout.splitlines() if x.startswith("  fix: "))
+    assert fix.endswith(f"{' '.join(RESNET)} --strip module. --drop fc. -o OUT"), fix
+    for extra in (("--strip", "module.", "--drop", "fc."), ("--drop", "module.fc.", "--auto")):
+        out = tmp_path / f"out{len(extra)}.safetensors"
+        done = run_cli("adapt", dataparallel_resnet18, *RESNET, *extra, "-o", out)
+        assert done.exit_code == 0, done.stderr
+        state = ckptool.load_state_dict(out)
+        torchvision.models.resnet18(weights=None, num_classes=5).load_state_dict(state)
+        source = torch.load(dataparallel_resnet18, weights_only=True)["state_dict"]
+        assert torch.equal(state["conv1.weight"], source["module.conv1.weight"])
 
 
 def test_adapt_auto_and_dry_run(run_cli, dataparallel_resnet18: Path, tmp_path: Path) -> None:
