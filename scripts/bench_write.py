@@ -83,12 +83,16 @@ def contenders(
     runs = _contenders(pt, st, model, gigabytes, out_dir)
     if baseline_tree is None:
         return runs
-    twins = {}
+    # Each baseline runs right beside its command (see main): on this VM a write is
+    # slowed by what ran before it (a 2 GB file just deleted, the disk's burst budget),
+    # so running all baselines at the end of a round biased the comparison.
+    paired = {}
     for name, (argv, output) in runs.items():
+        paired[name] = (argv, output)
         if name.startswith("ckptool"):
             label, twin = from_tree(name, argv, baseline_tree)
-            twins[label] = (twin, output)
-    return {**runs, **twins}
+            paired[label] = (twin, output)
+    return paired
 
 
 def _contenders(
@@ -171,9 +175,9 @@ def main() -> int:
         pt, st, model = make_inputs(workdir, args.gb)
         runs = contenders(pt, st, model, args.gb, workdir, args.baseline_tree)
         samples: dict[tuple[str, bool], list[tuple[float, float]]] = {}
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats):
             for busy in modes:
-                for name, (argv, output) in runs.items():
+                for name, (argv, output) in _round(runs, swapped=repeat % 2 == 1):
                     samples.setdefault((name, busy), []).append(measure(argv, busy))
                     if output is not None:
                         os.unlink(os.path.join(workdir, output))
@@ -182,6 +186,19 @@ def main() -> int:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def _round(
+    runs: dict[str, tuple[list[str], str | None]], *, swapped: bool
+) -> list[tuple[str, tuple[list[str], str | None]]]:
+    """The runs in order, each baseline twin (``name [tree]``) beside its command; in
+    every other round the twin goes first, so neither always follows the same run."""
+    order = list(runs.items())
+    if swapped:
+        for i in range(len(order) - 1):
+            if order[i + 1][0].startswith(order[i][0] + " ["):
+                order[i], order[i + 1] = order[i + 1], order[i]
+    return order
 
 
 def report(

@@ -10,6 +10,7 @@ import errno
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,45 @@ def test_fsync_happens_before_the_rename(tmp_path: Path, monkeypatch) -> None:
     with atomic_output(str(tmp_path / "out.bin")) as temp:
         temp.file.write(b"data")
     assert order[:2] == ["fsync", "replace"], order
+
+
+@pytest.mark.parametrize("fadvise", [True, False], ids=["linux", "no-fadvise"])
+def test_write_back_starts_for_every_compared_range(
+    tmp_path: Path, monkeypatch, fadvise: bool
+) -> None:
+    """The output's bytes go to disk while the copy runs (the final fsync then waits for
+    little): each tensor's bytes are handed over once, after they compared equal, in
+    both output formats; without posix_fadvise (macOS) the same file is written."""
+    advised: list[tuple[int, int]] = []
+
+    def record(fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_DONTNEED
+        advised.append((offset, offset + length))
+
+    monkeypatch.setattr(write, "CHUNK", 4096)  # a tensor spans many chunks
+    monkeypatch.setattr(write, "_FADVISE", record if fadvise else None)
+    source = tmp_path / "source.safetensors"
+    save_file(_state(6.0), source)
+    for out in (tmp_path / "out.safetensors", tmp_path / "out.pt"):
+        advised.clear()
+        assert ckptool.convert(source, str(out)).output
+        loaded = ckptool.load_state_dict(out)
+        assert all(torch.equal(loaded[k], v) for k, v in _state(6.0).items())
+        tensors = ckptool.read_metadata(out).tensors.values()
+        expected = {(t.file_offset, t.file_offset + t.storage_nbytes) for t in tensors}
+        assert _merged(advised) == (_merged(expected) if fadvise else []), out
+        assert sum(b - a for a, b in advised) == (sum(b - a for a, b in expected) * fadvise)
+
+
+def _merged(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Adjacent [start, end) ranges joined."""
+    joined: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if joined and joined[-1][1] == start:
+            joined[-1] = (joined[-1][0], end)
+        else:
+            joined.append((start, end))
+    return joined
 
 
 def test_bytes_that_differ_after_writing_fail_verification_with_exit_5(
