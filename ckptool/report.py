@@ -309,7 +309,7 @@ def render_diff(report: CheckpointDiff, console: Console) -> None:
     if keys.shape_mismatch:
         console.print(_mismatch_table(keys.shape_mismatch, console))
     if report.values is not None:
-        _render_values(report.values, console)
+        _render_values(report.values, keys, console)
     if report.torch_accepts:
         console.print(
             "compatible: the model's own load_state_dict(strict=True) accepts it as it is"
@@ -350,7 +350,15 @@ def _mismatch_table(mismatches: Sequence[ShapeMismatch], console: Console) -> Ta
     return table
 
 
-def _render_values(values: ValueDiff, console: Console) -> None:
+def _render_values(values: ValueDiff, keys: KeyDiff, console: Console) -> None:
+    if not values.compared:
+        # "0/0 changed" reads as "nothing changed": say why nothing was compared.
+        flags = offered_fix_flags(keys)
+        rerun = f"; rerun with {' '.join(flags)} --values" if flags else ""
+        console.print(
+            f"values: none compared, no tensor matches by name and shape{rerun}", markup=False
+        )
+        return
     changed = [c.key for c in values.changed]
     console.print(
         f"values: {len(changed)}/{values.compared} compared tensors changed, "

@@ -85,6 +85,12 @@ def test_diff_values_shows_only_the_head_moved(run_cli, write_checkpoint: WriteC
     assert sorted(values["unchanged"]) == ["body.bias", "body.weight", "head.bias"]
     human = run_cli("diff", a, b, "--strip", "module.", "--values")
     assert "values: 1/4 compared tensors changed, 3 bit-identical" in human.stdout
+    # Without the --strip no name matches: not "0/0 changed", but why, and the flags.
+    unmatched = run_cli("diff", a, b, "--values")
+    assert (
+        "values: none compared, no tensor matches by name and shape; rerun with "
+        "--strip module. --values"
+    ) in unmatched.stdout, unmatched.stdout
 
 
 def test_values_treats_nan_and_negative_zero_by_bits(
