@@ -25,8 +25,10 @@ from ckptool.errors import (
     CheckpointReadError,
     IncompatibleCheckpointError,
     IncompatibleError,
+    TransformError,
     UsageError,
     option,
+    shell_word,
 )
 from ckptool.formats import CheckpointMeta, read_metadata
 from ckptool.formats.bounded import listed
@@ -58,11 +60,14 @@ from ckptool.formats.write import (
 from ckptool.keys import (
     KeyDiff,
     ShapeMismatch,
+    Suggestion,
     Transforms,
+    apply_transforms,
     diff,
     fold_names,
     learned_numel,
     mostly_init,
+    suggest_prefixes,
     under_prefix,
 )
 
@@ -967,8 +972,11 @@ def _take_origins(
             )
         if not any(under_prefix(n, prefix) for n in metas[index].tensors):
             raise UsageError(
-                f"{_take_words(prefix, index)}: {metas[index].path} has no keys under {prefix!r}"
+                f"{_take_words(prefix, index)}: {metas[index].path} has no keys under "
+                f"{prefix!r}{_naming_hint(metas[0], metas[index])}"
             )
+        if not any(under_prefix(n, prefix) for n in metas[0].tensors):
+            _refuse_renamed_copies(metas[0], metas[index], prefix, index)
     origin: dict[str, int] = {}
     placed: set[str] = set()
     for name in metas[0].tensors:
@@ -982,6 +990,57 @@ def _take_origins(
         if prefix not in placed:
             origin.update({n: index for n in metas[index].tensors if under_prefix(n, prefix)})
     return origin
+
+
+def _refuse_renamed_copies(
+    base: CheckpointMeta, other: CheckpointMeta, prefix: str, index: int
+) -> None:
+    """Keys the base lacks are added (a trained head onto a headless backbone), but not
+    when they are the base's own keys under another prefix (``module.layer4.`` for
+    ``layer4.``): that would keep both copies and replace nothing."""
+    change = _prefix_change(base, other)
+    if change is None:
+        return
+    renamed = apply_transforms(list(other.tensors), change.transforms).mapping
+    copies = [
+        (old, new)
+        for new, old in renamed.items()
+        if under_prefix(old, prefix) and new in base.tensors
+    ]
+    if copies:
+        old, new = copies[0]
+        raise UsageError(
+            f"{_take_words(prefix, index)}: the base has no keys under {prefix!r}, and "
+            f"{other.path}'s are the base's under another name ({old!r} is its {new!r}): "
+            f"they would be added beside them, replacing nothing{_naming_hint(base, other)}"
+        )
+
+
+def _prefix_change(base: CheckpointMeta, other: CheckpointMeta) -> Suggestion | None:
+    """The prefix change (--strip module., ...) that makes more of ``other``'s names the
+    base's than match as they are, and applies without two names colliding; or None."""
+    names, wanted = list(other.tensors), list(base.tensors)
+    as_they_are = sum(n in base.tensors for n in names)
+    for found in suggest_prefixes(names, wanted, baseline=as_they_are):
+        try:
+            apply_transforms(names, found.transforms)
+        except TransformError:
+            continue
+        return found
+    return None
+
+
+def _naming_hint(base: CheckpointMeta, other: CheckpointMeta) -> str:
+    """'; OTHER names its keys differently: ...' when a prefix change makes them the base's."""
+    change = _prefix_change(base, other)
+    if change is None:
+        return ""
+    flags = " ".join(change.flags)
+    return (
+        f"; {other.path} names its keys differently ({change.matched} match the base's "
+        f"after {flags}): give the inputs the same names first (ckptool adapt "
+        f"{shell_word(other.path)} --model SPEC {flags} -o OUT)"
+    )
 
 
 def _take_words(prefix: str, index: int) -> str:
@@ -1003,7 +1062,8 @@ def _check_same_keys(metas: Sequence[CheckpointMeta]) -> None:
             )[0]
             raise IncompatibleError(
                 f"{option('average', True)}: input {index} ({meta.path}) differs from the base: "
-                f"{', '.join(problems)} (e.g. {example!r}); average needs identical keys and shapes"
+                f"{', '.join(problems)} (e.g. {example!r}); average needs identical keys and "
+                f"shapes{_naming_hint(base, meta)}"
             )
 
 

@@ -567,6 +567,60 @@ def test_merge_errors(
     assert not (tmp_path / "m.safetensors").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (
+            ("--take", "module.head.=1"),
+            2,
+            "'module.head.weight' is its 'head.weight'.*replacing nothing",
+        ),
+        (("--take", "head.=1"), 2, "has no keys under 'head.'"),
+        (("--average",), 1, "average needs identical keys and shapes"),
+    ],
+    ids=["renamed-copies", "prefix-of-the-base", "average"],
+)
+def test_merge_of_inputs_named_differently_says_how_they_match(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path, args, code: int, message: str
+) -> None:
+    """A DataParallel OTHER: taking its module.head. would add a second head beside the
+    base's (a file no model loads strictly); every refusal names the prefix change."""
+    import re
+
+    a = write_checkpoint(seeded_state(MLP), "a.pt")
+    b = write_checkpoint(wrap(seeded_state(MLP), "module."), "b.pt")
+    result = run_cli("merge", a, b, *args, "-o", tmp_path / "m.safetensors")
+    assert result.exit_code == code and re.search(message, result.stderr), result.stderr
+    hint = "b.pt names its keys differently (4 match the base's after --strip module.)"
+    assert hint in result.stderr and "ckptool adapt" in result.stderr, result.stderr
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_merge_take_adds_a_head_the_base_lacks(
+    write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    """Keys the base has under no name (a headless backbone) are added, not refused."""
+    full = seeded_state(MLP)
+    backbone = {k: v for k, v in full.items() if not k.startswith("head.")}
+    paths = [write_checkpoint(backbone, "backbone.pt"), write_checkpoint(full, "full.pt")]
+    log = merge([str(p) for p in paths], str(tmp_path / "m.safetensors"), take=[("head.", 1)])
+    merged = ckptool.load_state_dict(tmp_path / "m.safetensors")
+    assert sorted(merged) == sorted(full) and log.output
+    assert torch.equal(merged["head.weight"], full["head.weight"])
+
+
+def test_merge_take_judges_names_against_how_they_already_match(
+    write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    """OTHER names its keys as the base does (p.a, p.c); --strip p. would match only the
+    base's stray 'b' (1 name against 2): p.b is a new key, not a renamed copy of 'b'."""
+    base = {"p.a": torch.zeros(2), "p.c": torch.zeros(2), "b": torch.zeros(2)}
+    other = {"p.a": torch.ones(2), "p.c": torch.ones(2), "p.b": torch.ones(2)}
+    paths = [write_checkpoint(base, "base.pt"), write_checkpoint(other, "other.pt")]
+    merge([str(p) for p in paths], str(tmp_path / "m.safetensors"), take=[("p.b", 1)])
+    assert sorted(ckptool.load_state_dict(tmp_path / "m.safetensors")) == ["b", "p.a", "p.b", "p.c"]
+
+
 def test_api_errors_are_typed(dataparallel_resnet18: Path, tmp_path: Path) -> None:
     with pytest.raises(IncompatibleError):
         adapt(
