@@ -26,12 +26,14 @@ from ckptool.formats.load import tensor_buffer
 from ckptool.formats.meta import DTYPE_SIZES
 from ckptool.formats.save import output_format_for
 from ckptool.formats.write import ComputedBytes, OutTensor, check_output
+from ckptool.keys import suggest_prefixes
 from ckptool.surgery import (
     Cast,
     SourceBytes,
     SurgeryLog,
     finished,
     provenance,
+    renaming_command,
     save_hashed,
 )
 
@@ -228,6 +230,22 @@ def _merged_tensor(
     return OutTensor(name, written, meta.shape, data)
 
 
+def _renaming_hint(base: CheckpointMeta, pairs: list[LoraPair]) -> str:
+    """How the base's names become the adapter's, when a prefix change does it (a
+    DataParallel base holds module.fc1.weight for the adapter's fc1)."""
+    adapted = {f"{pair.module}.weight" for pair in pairs}
+    if not adapted.isdisjoint(base.tensors):
+        return ""  # some names agree already: a module is missing, not a prefix
+    found = suggest_prefixes(list(base.tensors), list(adapted))
+    if not found or found[0].matched < len(adapted):
+        return ""
+    flags = " ".join(found[0].flags)
+    return (
+        f"the base names its keys differently (the adapter's match after {flags}): "
+        f"rename them first ({renaming_command(base.path, flags)})"
+    )
+
+
 def _check_fits(
     base: CheckpointMeta,
     adapter: CheckpointMeta,
@@ -240,7 +258,8 @@ def _check_fits(
         if weight is None:
             raise IncompatibleError(
                 f"{adapter.path} adapts {pair.module}, which {base.path} lacks "
-                f"(no {pair.module}.weight); is this the adapter's base model?"
+                f"(no {pair.module}.weight); "
+                + (_renaming_hint(base, pairs) or "is this the adapter's base model?")
             )
         a, b = adapter.tensors[pair.a].shape, adapter.tensors[pair.b].shape
         expected = _update_shape(a, b, pair, settings)

@@ -1038,9 +1038,14 @@ def _naming_hint(base: CheckpointMeta, other: CheckpointMeta) -> str:
     flags = " ".join(change.flags)
     return (
         f"; {other.path} names its keys differently ({change.matched} match the base's "
-        f"after {flags}): give the inputs the same names first (ckptool adapt "
-        f"{shell_word(other.path)} --model SPEC {flags} -o OUT)"
+        f"after {flags}): give the inputs the same names first "
+        f"({renaming_command(other.path, flags)})"
     )
+
+
+def renaming_command(path: str, flags: str) -> str:
+    """The command that renames a checkpoint's keys (adapt needs the model's spec)."""
+    return f"ckptool adapt {shell_word(path)} --model SPEC {flags} -o OUT"
 
 
 def _take_words(prefix: str, index: int) -> str:

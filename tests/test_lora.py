@@ -114,6 +114,11 @@ def _broken(tmp_path: Path, case: str) -> tuple[Path, Path]:
         tensors["base_model.model.k.lora_A.weight"] = torch.zeros(4, 8)
         tensors["base_model.model.k.lora_B.weight"] = torch.zeros(8, 4)
         save_file(tensors, weights)
+    elif case.startswith("dataparallel base"):
+        state = torch.load(base, weights_only=True)
+        if case.endswith("lacking v"):  # a prefix alone does not explain it
+            del state["v.weight"]
+        torch.save({f"module.{k}": v for k, v in state.items()}, base)
     elif case == "A without B":
         tensors = load_file(weights)
         del tensors["base_model.model.v.lora_B.weight"]
@@ -130,7 +135,14 @@ def _broken(tmp_path: Path, case: str) -> tuple[Path, Path]:
         ("truncated adapter", 3, "adapter_model.safetensors"),
         ("config missing", 3, "no adapter_config.json"),
         ("config not json", 3, "not valid JSON"),
-        ("module the base lacks", 1, "adapts k, which .* lacks"),
+        ("module the base lacks", 1, "adapts k, which .* lacks .*is this the adapter's base"),
+        (
+            "dataparallel base",
+            1,
+            "adapts q, which .* lacks .*the adapter's match after --strip module.\\): rename them "
+            "first \\(ckptool adapt .*base.pt --model SPEC --strip module. -o OUT\\)",
+        ),
+        ("dataparallel base lacking v", 1, "adapts q, which .* lacks .*is this the adapter's base"),
         ("A without B", 3, "not both lora_A and lora_B"),
         ("dora", 2, "use_dora adapters are not supported"),
     ],
