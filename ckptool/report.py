@@ -697,7 +697,7 @@ class ActivityBar:
             SpinnerColumn(),
             TextColumn("{task.description}"),
             BarColumn(),
-            DownloadColumn(binary_units=True),
+            _bytes_column(DownloadColumn),
             TransferSpeedColumn(),
             TimeRemainingColumn(),
             TimeElapsedColumn(),
@@ -712,13 +712,29 @@ class ActivityBar:
         # Drawn at once, the last phase's end included: a phase may end before the
         # next timed refresh.
         self._progress.refresh()
-        self._progress.reset(self._task, description=name, total=total_bytes, refresh=True)
+        # A new task, not a reset one: reset keeps the last total when given None, and a
+        # phase without bytes ("verify and sync") showed "0.0/1.9 GiB" that never moved.
+        self._progress.remove_task(self._task)
+        self._task = self._progress.add_task(name, total=total_bytes)
+        self._progress.refresh()
 
     def advance(self, nbytes: int) -> None:
         self._progress.update(self._task, advance=nbytes)
 
     def __exit__(self, *_: object) -> None:
         self._progress.stop()
+
+
+def _bytes_column(download_column: Any) -> Any:
+    """Bytes done/total, and nothing for a phase that moves no known number of bytes
+    (rich's column shows "0/? bytes" there)."""
+    from rich.text import Text
+
+    class BytesColumn(download_column):  # type: ignore[misc]
+        def render(self, task: Any) -> Any:
+            return Text("") if task.total is None else super().render(task)
+
+    return BytesColumn(binary_units=True)
 
 
 class EpochProgress:

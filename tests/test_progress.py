@@ -63,6 +63,11 @@ def test_convert_shows_phases_and_bytes_on_a_terminal(source: Path, tmp_path: Pa
     assert code == 0, stderr
     assert "write out.pt" in stderr and "verify and sync to disk" in stderr, stderr
     assert "8.0/8.0 MiB" in stderr, stderr  # bytes done / total, at the end of the write
+    # A phase that moves no counted bytes shows none (it showed the write's 0.0/8.0 MiB).
+    # (Escape codes split each drawn line into pieces: rejoin them, cut at each redraw.)
+    drawn = re.split(r"\d:\d\d:\d\d", stderr.replace("\n", ""))
+    verify = [part for part in drawn if "verify and sync to disk" in part]
+    assert verify and not any("MiB" in part or "bytes" in part for part in verify), verify
     assert f"wrote {out}" in stdout, stdout  # the report, on stdout
     assert "write out.pt" not in stdout and "\x1b" not in stdout  # no bar in the report
 
