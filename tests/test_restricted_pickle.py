@@ -113,6 +113,15 @@ def test_malformed_opcode_arguments_are_corrupt(pickle_bytes: bytes, message: st
         check_pickle_budgets(pickle_bytes)
 
 
+def test_node_sizes_saturate_instead_of_growing_without_bound() -> None:
+    """Shared references double a size per level (2**70 here, under every budget while
+    nothing hashes or constructs it): the scan caps sizes at 2**62, so its sums stay
+    machine-sized however the references multiply."""
+    scan = pickle_scan._Scan()
+    scan.run(craft.PROTO2 + craft.doubling_tuple(70)[0] + craft.STOP)
+    assert max(size for size, _ in scan.memo.values()) == pickle_scan._SATURATED
+
+
 @pytest.mark.parametrize(
     "ops",
     [
