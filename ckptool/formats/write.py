@@ -406,7 +406,8 @@ def _start_write_back(out_fd: int, position: int, length: int) -> None:
     A hint: where it is missing, the final fsync writes everything, as before.
     """
     if _FADVISE is not None:
-        _FADVISE(out_fd, position, length, os.POSIX_FADV_DONTNEED)
+        with contextlib.suppress(OSError):  # a hint: a filesystem may refuse it
+            _FADVISE(out_fd, position, length, os.POSIX_FADV_DONTNEED)
 
 
 _FADVISE = getattr(os, "posix_fadvise", None)  # not on macOS or Windows
