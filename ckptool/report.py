@@ -471,7 +471,10 @@ def _prefix_words(flags: str) -> str:
     """'--strip module. --add-prefix bert.' -> "strip 'module.', add prefix 'bert.'"."""
     if flags.startswith("--rename "):  # a prefix only some keys have: shown as given
         return flags.removeprefix("--")
-    words = flags.split()
+    import shlex
+
+    # The flags are shell words: a prefix may hold spaces and quotes ('my module.').
+    words = shlex.split(flags)
     pairs = zip(words[::2], words[1::2], strict=True)
     return ", ".join(
         f"{flag.removeprefix('--').replace('-', ' ')} {value!r}" for flag, value in pairs

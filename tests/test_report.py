@@ -95,6 +95,31 @@ def test_a_verdict_with_many_fix_steps_stays_one_readable_line(
     assert sum(flag.startswith("--drop m") for flag in fix) == 12, fix
 
 
+def test_a_prefix_with_spaces_and_quotes_is_described_and_pasted(run_cli, tmp_path: Path) -> None:
+    """The verdict reads the prefix step's shell words back: a prefix holding a space
+    or a quote crashed it (split on spaces); now it is shown, and pasted it runs."""
+    import shlex
+    import subprocess
+
+    from conftest import MLP, seeded_state
+
+    state = seeded_state(MLP)
+    prefix = "my 'module$(touch pwned)."
+    source = tmp_path / "ckpt.safetensors"
+    save_file({prefix + k: v.contiguous() for k, v in state.items()}, source)
+    spec = f"{Path(__file__).parent / 'conftest.py'}:MLP"
+    shown = run_cli("diff", source, "--model", spec)
+    assert shown.exit_code == 1, shown.output
+    assert f"incompatible: strip {prefix!r}: then 4/4 keys match" in shown.stdout, shown.stdout
+    line = next(x for x in shown.stdout.splitlines() if x.startswith("  fix: "))
+    command = line.removeprefix("  fix: ").replace(" -o OUT", " -o out.safetensors")
+    assert shlex.split(command)[-4:-2] == ["--strip", prefix], command
+    done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert sorted(load_file(tmp_path / "out.safetensors")) == sorted(state)
+    assert not list(tmp_path.glob("pwned*")) and not list(Path.cwd().glob("pwned*"))
+
+
 def test_a_printed_fix_pasted_into_a_shell_runs_nothing_but_adapt(run_cli, tmp_path: Path) -> None:
     """A crafted file's names (and a path with spaces and $) go into the printed fix as
     shell words: pasted into bash it runs adapt with exactly those names, no command
