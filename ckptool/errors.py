@@ -43,9 +43,30 @@ def shell_word(value: object, *, quoted: bool = False) -> str:
     crafted file's names (``x; rm -rf ~ #``) must not run anything when pasted.
     ``quoted`` keeps single quotes even where none is needed (a regex reads better so)."""
     text = str(value)
+    if not text.isprintable():
+        return _ansi_c_quoted(text)
     if quoted and "'" not in text:
         return f"'{text}'"
     return shlex.quote(text)
+
+
+def _ansi_c_quoted(text: str) -> str:
+    """``$'...'`` with each unprintable character escaped (bash, zsh, ksh): a tab or a
+    newline inside plain quotes would be printed, and pasted, as something else."""
+    out = []
+    for char in text:
+        code = ord(char)
+        if char in "\\'":
+            out.append("\\" + char)
+        elif char.isprintable():
+            out.append(char)
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "$'" + "".join(out) + "'"
 
 
 _NO_VALUE = object()

@@ -676,6 +676,7 @@ class FixStep:
     total: int = 0
     # for RENAMED: the (pattern, replacement); for MOVED: the (given, moved) prefix
     rule: tuple[str, str] | None = None
+    prefix: Transforms | None = None  # for PREFIX: the prefix change itself
 
 
 @dataclass(frozen=True)
@@ -790,7 +791,13 @@ def _compose_fix(
     base, steps, after = given, [], as_given  # without a prefix fix, compared already
     if best is not None:
         steps = [
-            FixStep(" ".join(best.flags), Reason.PREFIX, matched=best.matched, total=best.total)
+            FixStep(
+                " ".join(best.flags),
+                Reason.PREFIX,
+                matched=best.matched,
+                total=best.total,
+                prefix=best.transforms,
+            )
         ]
         try:
             base, moved = _drops_moved(source, target, with_suggestion(given, best), best)

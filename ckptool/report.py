@@ -22,6 +22,7 @@ from ckptool.keys import (
     KeyDiff,
     Reason,
     ShapeMismatch,
+    Transforms,
     common_dotted_prefix,
     fold_names,
     fold_rows,
@@ -447,8 +448,8 @@ def _problems(keys: KeyDiff) -> str:
 
 def _describe_step(step: FixStep) -> str:
     names = capped(fold_names(step.keys), 3)
-    if step.reason is Reason.PREFIX:
-        return f"{_prefix_words(step.flag)}: then {step.matched}/{step.total} keys match"
+    if step.reason is Reason.PREFIX and step.prefix is not None:
+        return f"{_prefix_words(step.prefix)}: then {step.matched}/{step.total} keys match"
     if step.reason is Reason.NESTING:
         return f"{names} sit one module level off the model's: add {step.flag}"
     if step.reason is Reason.RENAMED:
@@ -467,18 +468,13 @@ def _describe_step(step: FixStep) -> str:
     return f"{names} missing from the checkpoint: add {step.flag}"
 
 
-def _prefix_words(flags: str) -> str:
-    """'--strip module. --add-prefix bert.' -> "strip 'module.', add prefix 'bert.'"."""
-    if flags.startswith("--rename "):  # a prefix only some keys have: shown as given
-        return flags.removeprefix("--")
-    import shlex
-
-    # The flags are shell words: a prefix may hold spaces and quotes ('my module.').
-    words = shlex.split(flags)
-    pairs = zip(words[::2], words[1::2], strict=True)
-    return ", ".join(
-        f"{flag.removeprefix('--').replace('-', ' ')} {value!r}" for flag, value in pairs
-    )
+def _prefix_words(change: Transforms) -> str:
+    """--strip module. --add-prefix bert. -> "strip 'module.', add prefix 'bert.'"; a
+    rename (a prefix only some keys have) is shown as its flag."""
+    words = [f"strip {p!r}" for p in change.strip]
+    words += [f"add prefix {change.add_prefix!r}"] if change.add_prefix else []
+    words += [flag.removeprefix("--") for flag in Transforms(rename=change.rename).flags()]
+    return ", ".join(words)
 
 
 def fix_command(fix: Fix, source: str, model_args: Sequence[str]) -> str:
