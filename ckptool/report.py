@@ -430,8 +430,20 @@ def _not_for_this_model(keys: KeyDiff) -> str:
     where = f"; nearest: {' '.join(nearest.flags)}" if nearest else ""
     return (
         f"{named}/{keys.target_total} of the target's keys match under any prefix{values} "
-        f"({_problems(keys)}): this checkpoint is not for this model, so no fix is "
-        f"offered{where}"
+        f"({_problems(keys)}): {_why_no_fix(keys)}{where}"
+    )
+
+
+def _why_no_fix(keys: KeyDiff) -> str:
+    """"Not for this model", unless the given --drop/--reinit throw the values away: then
+    the file may well be for it, and the user may mean it."""
+    given = Transforms(drop=keys.transforms.drop, reinit=keys.transforms.reinit)
+    if given == Transforms() or keys.fix is None:
+        return "this checkpoint is not for this model, so no fix is offered"
+    return (
+        f"most of the model would be fresh initialisation, as the given {given.words()} "
+        f"discard the rest, so no fix is offered (if that is intended: adapt "
+        f"{keys.fix.transforms.words()} --allow-mostly-init)"
     )
 
 

@@ -583,6 +583,7 @@ def _non_finite(tensor: torch.Tensor) -> bool:
 
 def _whole_fix(found: KeyDiff) -> Transforms:
     """--auto: the whole fix ``diff`` prints (renames, drops, re-inits), not a part of it."""
+    given = found.transforms
     if found.ambiguous:
         options = " or ".join(s.transforms.words() for s in found.ambiguous)
         raise UsageError(
@@ -591,6 +592,13 @@ def _whole_fix(found: KeyDiff) -> Transforms:
         )
     if found.compatible or (found.fits_after_adapt and found.fix is None):
         return found.transforms
+    if found.fix is not None and found.fix.keeps_little and (given.drop or given.reinit):
+        raise IncompatibleError(
+            f"{option('auto', True)}: most of the model would be fresh initialisation, as the "
+            f"given {Transforms(drop=given.drop, reinit=given.reinit).words()} discard the "
+            f"rest; if that is intended, pass the whole fix instead: "
+            f"{found.fix.transforms.words()} {option('allow_mostly_init', True)}"
+        )
     if found.fix is None or found.fix.keeps_little:
         raise IncompatibleError(
             f"{option('auto', True)}: no transform keeps a meaningful part of this checkpoint, "

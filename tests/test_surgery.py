@@ -206,6 +206,31 @@ def test_a_drop_named_before_the_strip_is_moved_by_the_printed_fix(
         assert torch.equal(state["conv1.weight"], source["module.conv1.weight"])
 
 
+def test_values_the_given_flags_discard_are_not_called_another_model(
+    run_cli, dataparallel_resnet18: Path, tmp_path: Path
+) -> None:
+    """--reinit layer4. discards three quarters of ResNet-18's values: diff said "this
+    checkpoint is not for this model"; it is, the user's own flags did it. diff and
+    adapt --auto say so and give the whole fix with --allow-mostly-init, which runs."""
+    import re
+
+    given = ("--reinit", "layer4.", "--drop", "module.fc.")
+    shown = run_cli("diff", dataparallel_resnet18, *RESNET, *given)
+    assert shown.exit_code == 1 and "not for this model" not in shown.stdout, shown.stdout
+    assert "as the given --drop module.fc. --reinit layer4. discard the rest" in shown.stdout
+    refused = run_cli(
+        "adapt", dataparallel_resnet18, *RESNET, *given, "--auto", "-o", tmp_path / "x.pt"
+    )
+    assert refused.exit_code == 1, refused.output
+    found = re.search(r"pass the whole fix instead: (.*)$", refused.stderr.strip())
+    assert found and "--strip module. --drop fc. --reinit layer4." in found[1], refused.stderr
+    out = tmp_path / "mostly_init.safetensors"
+    done = run_cli("adapt", dataparallel_resnet18, *RESNET, *found[1].split(), "-o", out)
+    assert done.exit_code == 0, done.output
+    source = torch.load(dataparallel_resnet18, weights_only=True)["state_dict"]
+    assert torch.equal(ckptool.load_state_dict(out)["conv1.weight"], source["module.conv1.weight"])
+
+
 def test_adapt_auto_and_dry_run(run_cli, dataparallel_resnet18: Path, tmp_path: Path) -> None:
     result = run_cli(
         "adapt",
