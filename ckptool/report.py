@@ -435,8 +435,8 @@ def _not_for_this_model(keys: KeyDiff) -> str:
 
 
 def _why_no_fix(keys: KeyDiff) -> str:
-    """"Not for this model", unless the given --drop/--reinit throw the values away: then
-    the file may well be for it, and the user may mean it."""
+    """Why no fix: the file is not for this model, unless the given --drop/--reinit throw
+    the values away (then it may well be for it, and the user may mean it)."""
     given = Transforms(drop=keys.transforms.drop, reinit=keys.transforms.reinit)
     if given == Transforms() or keys.fix is None:
         return "this checkpoint is not for this model, so no fix is offered"
