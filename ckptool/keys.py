@@ -687,6 +687,7 @@ class Fix:
     steps: tuple[FixStep, ...]
     kept_numel: int = 0  # the model's learned values the checkpoint provides after the fix
     model_numel: int = 0  # all of its learned values (see learned_numel)
+    given_discards: int = 0  # learned values under the given --drop/--reinit prefixes
 
     @property
     def module_transforms(self) -> Transforms:
@@ -705,6 +706,13 @@ class Fix:
     def keeps_little(self) -> bool:
         """The fix would leave most of the model at its fresh initialisation: no fix at all."""
         return mostly_init(self.kept_numel, self.model_numel)
+
+    @property
+    def keeps_little_by_choice(self) -> bool:
+        """It keeps little because the given --drop/--reinit discard values the checkpoint
+        has: without them it would not (the file is for this model; the user may mean it)."""
+        kept_without = self.kept_numel + self.given_discards
+        return self.keeps_little and not mostly_init(kept_without, self.model_numel)
 
 
 # Below this share of the model's values from the checkpoint, a "fix" is no fix: the file
@@ -819,7 +827,20 @@ def _compose_fix(
     if fix == given and not after.through_tie:
         return None
     kept = learned_numel(target, (*after.matched, *after.through_tie, *after.hook_filled))
-    return Fix(fix, tuple(steps), kept, learned_numel(target, target)), after
+    discards = _given_discards(target, given, steps)
+    return Fix(fix, tuple(steps), kept, learned_numel(target, target), discards), after
+
+
+def _given_discards(
+    target: Mapping[str, TensorMeta], given: Transforms, steps: Sequence[FixStep]
+) -> int:
+    """Learned values of the model's names under the given --drop (as the fix moved
+    them) and --reinit prefixes: what the user's own flags leave to initialisation."""
+    moves = dict(s.rule for s in steps if s.reason is Reason.MOVED and s.rule)
+    prefixes = [*(moves.get(p, p) for p in given.drop), *given.reinit]
+    if not prefixes:
+        return 0
+    return learned_numel(target, PrefixIndex(prefixes).covered(target))
 
 
 def _drops_moved(

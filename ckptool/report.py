@@ -438,7 +438,7 @@ def _why_no_fix(keys: KeyDiff) -> str:
     """Why no fix: the file is not for this model, unless the given --drop/--reinit throw
     the values away (then it may well be for it, and the user may mean it)."""
     given = Transforms(drop=keys.transforms.drop, reinit=keys.transforms.reinit)
-    if given == Transforms() or keys.fix is None:
+    if keys.fix is None or not keys.fix.keeps_little_by_choice:
         return "this checkpoint is not for this model, so no fix is offered"
     return (
         f"most of the model would be fresh initialisation, as the given {given.words()} "

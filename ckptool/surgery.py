@@ -592,7 +592,7 @@ def _whole_fix(found: KeyDiff) -> Transforms:
         )
     if found.compatible or (found.fits_after_adapt and found.fix is None):
         return found.transforms
-    if found.fix is not None and found.fix.keeps_little and (given.drop or given.reinit):
+    if found.fix is not None and found.fix.keeps_little_by_choice:
         raise IncompatibleError(
             f"{option('auto', True)}: most of the model would be fresh initialisation, as the "
             f"given {Transforms(drop=given.drop, reinit=given.reinit).words()} discard the "
