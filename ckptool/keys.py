@@ -699,8 +699,7 @@ class Fix:
 
     def moved(self, drop: Sequence[str]) -> tuple[str, ...]:
         """Given --drop prefixes as they apply under the fix's renames (see Reason.MOVED)."""
-        moves = dict(s.rule for s in self.steps if s.reason is Reason.MOVED and s.rule)
-        return tuple(moves.get(prefix, prefix) for prefix in drop)
+        return _apply_moves(self.steps, drop)
 
     @property
     def keeps_little(self) -> bool:
@@ -836,11 +835,16 @@ def _given_discards(
 ) -> int:
     """Learned values of the model's names under the given --drop (as the fix moved
     them) and --reinit prefixes: what the user's own flags leave to initialisation."""
-    moves = dict(s.rule for s in steps if s.reason is Reason.MOVED and s.rule)
-    prefixes = [*(moves.get(p, p) for p in given.drop), *given.reinit]
+    prefixes = [*_apply_moves(steps, given.drop), *given.reinit]
     if not prefixes:
         return 0
     return learned_numel(target, PrefixIndex(prefixes).covered(target))
+
+
+def _apply_moves(steps: Sequence[FixStep], drop: Sequence[str]) -> tuple[str, ...]:
+    """``drop`` with each prefix a MOVED step moved replaced by where it moved."""
+    moves = dict(s.rule for s in steps if s.reason is Reason.MOVED and s.rule)
+    return tuple(moves.get(prefix, prefix) for prefix in drop)
 
 
 def _drops_moved(

@@ -979,9 +979,10 @@ def _take_origins(
                 f"{_take_words(prefix, index)}: inputs are numbered 0 (BASE) to {len(metas) - 1}"
             )
         if not any(under_prefix(n, prefix) for n in metas[index].tensors):
+            change = _prefix_change(metas[0], metas[index])
             raise UsageError(
                 f"{_take_words(prefix, index)}: {metas[index].path} has no keys under "
-                f"{prefix!r}{_naming_hint(metas[0], metas[index])}"
+                f"{prefix!r}{_naming_hint(metas[index], change)}"
             )
         if not any(under_prefix(n, prefix) for n in metas[0].tensors):
             _refuse_renamed_copies(metas[0], metas[index], prefix, index)
@@ -1020,7 +1021,7 @@ def _refuse_renamed_copies(
         raise UsageError(
             f"{_take_words(prefix, index)}: the base has no keys under {prefix!r}, and "
             f"{other.path}'s are the base's under another name ({old!r} is its {new!r}): "
-            f"they would be added beside them, replacing nothing{_naming_hint(base, other)}"
+            f"they would be added beside them, replacing nothing{_naming_hint(other, change)}"
         )
 
 
@@ -1038,9 +1039,9 @@ def _prefix_change(base: CheckpointMeta, other: CheckpointMeta) -> Suggestion | 
     return None
 
 
-def _naming_hint(base: CheckpointMeta, other: CheckpointMeta) -> str:
-    """'; OTHER names its keys differently: ...' when a prefix change makes them the base's."""
-    change = _prefix_change(base, other)
+def _naming_hint(other: CheckpointMeta, change: Suggestion | None) -> str:
+    """'; OTHER names its keys differently: ...' when ``change`` (see _prefix_change)
+    makes them the base's."""
     if change is None:
         return ""
     flags = " ".join(change.flags)
@@ -1076,7 +1077,7 @@ def _check_same_keys(metas: Sequence[CheckpointMeta]) -> None:
             raise IncompatibleError(
                 f"{option('average', True)}: input {index} ({meta.path}) differs from the base: "
                 f"{', '.join(problems)} (e.g. {example!r}); average needs identical keys and "
-                f"shapes{_naming_hint(base, meta)}"
+                f"shapes{_naming_hint(meta, _prefix_change(base, meta))}"
             )
 
 
