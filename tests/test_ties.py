@@ -7,6 +7,7 @@ torch loads the names in order), and the fix must never re-initialise it.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,38 @@ def test_diff_cli_offers_adapt_without_flags_for_a_tie(models, run_cli, tmp_path
     result = run_cli("diff", source, "--model", f"{models[1]}:TiedEmbedding")
     assert result.exit_code == 1
     assert "tied in the model" in result.stdout and "--reinit" not in result.stdout
+
+
+def _buffer_saved_shards(tmp_path: Path, shards: list[dict[str, torch.Tensor]]) -> Path:
+    """A sharded .bin checkpoint whose shards were saved through a buffer: every
+    torch.save zip then names its storages archive/data/0, archive/data/1, ..."""
+    import io
+    import json
+
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        buffer = io.BytesIO()
+        torch.save(shard, buffer)
+        name = f"model-{i:05d}-of-{len(shards):05d}.bin"
+        (tmp_path / name).write_bytes(buffer.getvalue())
+        weight_map.update(dict.fromkeys(shard, name))
+    index = tmp_path / "model.bin.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index
+
+
+def test_shards_with_the_same_storage_keys_are_not_tied(tmp_path: Path, run_cli) -> None:
+    shared = torch.full((3,), 2.0)
+    index = _buffer_saved_shards(
+        tmp_path,
+        [{"a.weight": torch.ones(3)}, {"b.weight": shared, "c.weight": shared}],
+    )
+    meta = ckptool.read_metadata(index)
+    # b and c are one tensor in their shard; a (another file, same record name) is not
+    assert meta.shared_groups() == [["b.weight", "c.weight"]]
+    assert meta.nbytes == 24  # a's 12 bytes and the 12 that b and c share
+    torch.save({"a.weight": torch.ones(3)}, tmp_path / "one.pt")
+    result = run_cli("diff", tmp_path / "one.pt", index)
+    assert result.exit_code == 1
+    assert "tied to a provided key" not in result.stdout
+    assert re.search(r"missing +\| 2 ", result.stdout), result.stdout  # b and c

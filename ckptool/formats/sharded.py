@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ckptool.errors import CheckpointReadError
@@ -56,11 +56,12 @@ def read_sharded_meta(path: str, read_shard: Callable[[str], CheckpointMeta]) ->
     shards = sorted(set(weight_map.values()))
     file_size = os.path.getsize(path)
     metadata: dict[str, str] = {}
+    storages: set[str] = set()
     for shard in shards:
         meta = read_shard(shard)
         file_size += meta.file_size
         metadata.update(meta.metadata)
-        for name, tensor in meta.tensors.items():
+        for name, tensor in _own_storages(meta.tensors, shard, storages).items():
             if weight_map.get(name) != shard:
                 raise CheckpointReadError(
                     f"{path}: tensor {name!r} is in {os.path.basename(shard)!r} "
@@ -81,6 +82,23 @@ def read_sharded_meta(path: str, read_shard: Callable[[str], CheckpointMeta]) ->
         file_size=file_size,
         files=(path, *shards),
     )
+
+
+def _own_storages(
+    tensors: Mapping[str, TensorMeta], shard: str, seen: set[str]
+) -> Mapping[str, TensorMeta]:
+    """``tensors`` with storage keys no earlier shard used (``seen``, updated): a
+    storage key names bytes within one file, and two torch.save shards written through
+    a buffer both hold ``archive/data/0``; taken as one storage, their tensors would
+    read as tied. On a clash the shard's keys are scoped by its path, unique to it."""
+    keys = {t.storage for t in tensors.values() if t.storage is not None}
+    if not keys & seen:
+        seen |= keys
+        return tensors
+    return {
+        name: t._replace(storage=f"{shard}:{t.storage}") if t.storage is not None else t
+        for name, t in tensors.items()
+    }
 
 
 def _shard_name(shard: Any) -> str:
