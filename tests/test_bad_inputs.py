@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import Result
 from conftest import REPO
 
@@ -224,3 +225,79 @@ def test_path_with_markup_and_escapes_is_printed_literally(run_cli, tmp_path: Pa
     missing = run_cli("inspect", tmp_path / "gone[/b]\x1b[2J.pt")
     assert missing.exit_code == 3 and "\x1b" not in missing.stderr
     assert "gone[/b]\\x1b[2J.pt" in missing.stderr
+
+
+def _header_bytes(path: Path, header: bytes, data: bytes = bytes(4)) -> Path:
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+    return path
+
+
+ENTRY = b'{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+
+
+@pytest.mark.parametrize(
+    ("header", "match"),
+    [
+        # UTF-16 decodes as JSON for json.loads(bytes); safetensors reads UTF-8 only
+        (('{"a":' + ENTRY.decode() + "}").encode("utf-16-le"), "not valid JSON"),
+        # a surrogate written as UTF-8 bytes: not UTF-8 (json.loads let it pass)
+        (b'{"a\xed\xa0\x80":' + ENTRY + b"}", "not valid UTF-8 \\(byte 3\\)"),
+        # escapes of half a character, in a name and in a metadata value
+        (b'{"a\\ud800":' + ENTRY + b"}", r"'a\\ud800' holds the lone surrogate"),
+        (b'{"a":' + ENTRY + b',"__metadata__":{"k":"\\udc00"}}', r"'\\udc00' holds"),
+    ],
+    ids=["utf16", "utf8-surrogate", "escaped-name", "escaped-metadata"],
+)
+def test_headers_safetensors_refuses_are_refused(
+    run_cli, tmp_path: Path, header: bytes, match: str
+) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    path = _header_bytes(tmp_path / "crafted.safetensors", header)
+    with pytest.raises(SafetensorError):
+        safe_open(str(path), framework="np")
+    result = run_cli("inspect", path)
+    assert result.exit_code == 3, result.output
+    assert len(result.stderr.splitlines()) == 1 and re.search(match, result.stderr)
+    with pytest.raises(CheckpointReadError, match=match):
+        ckptool.read_metadata(path)
+
+
+def test_escaped_surrogate_pair_is_one_character(tmp_path: Path) -> None:
+    """A pair of escapes is a whole character (safetensors reads it so): kept."""
+    path = _header_bytes(tmp_path / "pair.safetensors", b'{"a\\ud83d\\ude00":' + ENTRY + b"}")
+    assert list(ckptool.read_metadata(path).tensors) == ["a\U0001f600"]
+
+
+def test_pickled_name_with_half_a_character(tmp_path: Path) -> None:
+    """torch saves and loads a name holding a lone surrogate: ckptool shows it escaped,
+    copies it into a .pt as it was, and refuses a .safetensors that could not hold it."""
+    source = tmp_path / "sur.pt"
+    torch.save({"w\ud800": torch.ones(2), "b": torch.zeros(1)}, source)
+
+    def ckptool_cli(*args: object) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "ckptool", *map(str, args)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONIOENCODING": "utf-8"},
+        )
+
+    shown = ckptool_cli("inspect", source)
+    assert shown.returncode == 0, shown.stderr
+    assert "w\\ud800" in shown.stdout
+    out = tmp_path / "copy.pt"
+    copied = ckptool_cli("convert", source, "-o", out)
+    assert copied.returncode == 0, copied.stderr
+    assert list(torch.load(out, weights_only=True)) == ["w\ud800", "b"]
+    for target in (tmp_path / "out.safetensors", tmp_path / "sharded.safetensors"):
+        flags = ["--shard-size", "1KB"] if "sharded" in target.name else []
+        refused = ckptool_cli("convert", source, "-o", target, *flags)
+        assert refused.returncode == 5, refused.stderr
+        assert "safetensors cannot store the name 'w\\ud800'" in refused.stderr
+        # sharded: refused before the first shard is written, naming the index
+        assert refused.stderr.startswith(
+            f"ckptool: error: {target}{'.index.json' if flags else ':'}"
+        )
+        assert len(refused.stderr.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.pt", "sur.pt"]

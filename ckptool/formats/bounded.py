@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import reprlib
 from collections.abc import Sequence
 from typing import Any, TypeGuard
@@ -63,9 +64,26 @@ def is_count(value: Any) -> TypeGuard[int]:
 # C0 controls but tab and newline, DEL and C1: an ESC in a tensor name must not reach the
 # terminal as an escape sequence (it could retitle the window or hide lines).
 _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c not in (9, 10)}
+# A lone surrogate (a pickle's names may hold one: torch loads them) cannot be written to
+# a UTF-8 terminal at all: printing it would fail.
+_CONTROLS |= {c: f"\\u{c:04x}" for c in range(0xD800, 0xE000)}
+
+
+def lone_surrogate(strings: Sequence[str]) -> tuple[str, str] | None:
+    """The first string holding a lone surrogate, and that surrogate: half a character
+    that no UTF-8 text can hold (a JSON ``\\ud800`` escape, a pickle's name)."""
+    try:
+        "".join(strings).encode("utf-8")  # one pass in C over 100,000 names
+    except UnicodeEncodeError:
+        return next((s, m[0]) for s in strings if (m := _SURROGATE.search(s)))
+    return None
+
+
+_SURROGATE = re.compile("[\\ud800-\\udfff]")
 
 
 def visible(text: str, *, one_line: bool = False) -> str:
-    """``text`` with control characters written as ``\\xNN`` (newlines too if ``one_line``)."""
+    """``text`` with control characters written as ``\\xNN`` (newlines too if ``one_line``)
+    and lone surrogates as ``\\udNNN``."""
     text = text.translate(_CONTROLS)
     return text.replace("\n", "\\x0a") if one_line else text

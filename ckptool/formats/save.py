@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from ckptool import activity
 from ckptool.choices import OutputFormat
-from ckptool.errors import CheckpointReadError, UsageError, VerificationError, option
+from ckptool.errors import CheckpointReadError, OutputError, UsageError, VerificationError, option
+from ckptool.formats.bounded import lone_surrogate, short_str
 from ckptool.formats.meta import CheckpointMeta
 from ckptool.formats.safetensors_header import ALIASES_KEY, read_safetensors_meta
 from ckptool.formats.sharded import read_index
@@ -101,6 +102,8 @@ def save_tensors(
         else (list(tensors), {})
     )
     safetensors = fmt is OutputFormat.SAFETENSORS
+    if safetensors:
+        _refuse_unstorable_names(out, stored)
     # A .pt output has no metadata to hold a hash, so then the source is not hashed.
     payload = Payload(hashed if safetensors else None)
     payload.on_bytes = activity.advance
@@ -122,6 +125,18 @@ def save_tensors(
         verify_output(written, stored, payload, aliases=aliases)
         synced.result()
     return SavedFile((out,), sum(t.nbytes for t in stored), aliases)
+
+
+def _refuse_unstorable_names(out: str, tensors: Sequence[OutTensor]) -> None:
+    """A pickle's names may hold half a character (torch loads them); safetensors'
+    UTF-8 header cannot, and safetensors would refuse the file written."""
+    found = lone_surrogate([t.name for t in tensors])
+    if found is not None:
+        name, half = found
+        raise OutputError(
+            f"{out}: safetensors cannot store the name {short_str(name)!r}: it holds the lone "
+            f"surrogate {half!r} (half a character); write a .pt file or rename the key"
+        )
 
 
 def _read_back(temp: str, out: str, safetensors: bool) -> CheckpointMeta:
@@ -183,6 +198,7 @@ def save_sharded(
     index_path = out + ".index.json"
     plan = shard_plan(tensors, max_bytes)
     check_output(index_path, inputs=inputs, force=force)
+    _refuse_unstorable_names(index_path, tensors)  # before any shard is written
     previous = _indexed_shards(index_path)
     names = _fresh_shard_names(out.removesuffix(".safetensors"), len(plan), previous)
     for path in names:

@@ -73,7 +73,7 @@ def write_torch_zip(
 
 
 def _unicode(text: str) -> bytes:
-    raw = text.encode("utf-8")
+    raw = text.encode("utf-8", "surrogatepass")  # as pickle writes (and torch loads) names
     return b"X" + struct.pack("<I", len(raw)) + raw  # BINUNICODE
 
 
