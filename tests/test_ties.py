@@ -188,3 +188,11 @@ def test_shards_with_the_same_storage_keys_are_not_tied(tmp_path: Path, run_cli)
     assert result.exit_code == 1
     assert "tied to a provided key" not in result.stdout
     assert re.search(r"missing +\| 2 ", result.stdout), result.stdout  # b and c
+
+
+def test_empty_safetensors_tensors_at_one_offset_are_not_tied(tmp_path: Path) -> None:
+    """Two empty tensors start at the same byte: that makes them neither one tensor
+    nor a tie for diff to fill a missing name from."""
+    path = tmp_path / "empty.safetensors"
+    save_file({"a.bias": torch.zeros(0), "b.bias": torch.zeros(0), "c": torch.ones(2)}, path)
+    assert ckptool.read_metadata(path).shared_groups() == []

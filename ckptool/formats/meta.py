@@ -74,8 +74,10 @@ def union_length(spans: list[tuple[int, int]]) -> int:
 class TensorMeta(NamedTuple):
     """Shape, dtype and storage of one tensor, read from a header.
 
-    ``storage`` identifies the bytes the tensor views (a zip record, a legacy storage
-    key, a safetensors byte range); two tensors with the same ``storage`` share memory.
+    ``storage`` identifies the bytes the tensor views within its file (a zip record, a
+    legacy storage key, a safetensors tensor's own name: its byte range overlaps no
+    other's, and an alias gets its target's); two tensors with the same ``storage``
+    share memory.
 
     A named tuple rather than a frozen dataclass: as immutable, and built in C, which
     is most of what reading a 100,000-tensor header costs (2.5x faster to create).

@@ -259,16 +259,20 @@ def _entries_in_bulk(
     if not (_tile(begins, ends, data_len) or _tiles_when_sorted(begins, ends, data_len)):
         return None
     names = list(header)
-    dims = list(map(tuple, shapes))
+    tuples = list(map(tuple, shapes))
     dtypes = list(map(SAFETENSORS_DTYPES.get, codes))
     # Every check passed: the parsed JSON goes before the entries are made, so the two
-    # are never in memory at once (at 100,000 tensors, 60 MB and 37 MB).
+    # are never in memory at once (at 100,000 tensors, 56 MiB and 39 MiB).
     del entries, codes, shapes, offsets, bounds, ends
     header.clear()
+    # Layers repeat shapes (every expert of a MoE has the same): one tuple per shape.
+    canonical: dict[tuple[int, ...], tuple[int, ...]] = {}
+    dims = list(map(canonical.setdefault, tuples, tuples))
+    del tuples
     rows = zip(  # in TensorMeta's field order
         dims,  # shape
         dtypes,  # dtype
-        map(f"{path}@".__add__, map(str, begins)),  # storage
+        names,  # storage: each tensor's bytes are its own (aliases share the target's)
         itertools.repeat(0),  # storage_offset
         itertools.repeat(None),  # stride
         itertools.repeat(path),  # file
@@ -379,7 +383,7 @@ def _parse_entry(path: str, name: str, entry: Any, data_start: int) -> tuple[Ten
     tensor = TensorMeta(
         shape=tuple(shape),
         dtype=dtype,
-        storage=f"{path}@{begin}",
+        storage=name,
         file=path,
         file_offset=data_start + begin,
         storage_nbytes=end - begin,
