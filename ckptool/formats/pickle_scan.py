@@ -162,7 +162,10 @@ class _Scan:
     def __init__(self) -> None:
         self.stack: list[Node | None] = []
         self.marks: list[int] = []  # stack positions of the MARKs, innermost last
-        self.memo: dict[int, Node] = {}
+        # A list, as picklers number memo entries in order: a state dict memoizes ~8
+        # objects per tensor, and int keys in a dict cost ten times the memory.
+        self.memo: list[Node | None] = []  # None: a slot skipped (numbering from 1)
+        self.skipped = 0  # slots of ``memo`` that are None
         self.hashed = 0
         self.constructed = 0
 
@@ -173,7 +176,7 @@ class _Scan:
         opcode is most of the cost at 3 million opcodes); the rest go to ``_apply``.
         """
         stack, memo, ops, marks = self.stack, self.memo, _OPS, self.marks
-        pos, end, count = 0, len(data), 0
+        pos, end, count, gaps = 0, len(data), 0, 0
         # Locals: the loop runs 30 times per tensor of a state dict.
         max_opcodes, fixed, from_bytes, mark_ = MAX_OPCODES, _FIXED, int.from_bytes, _MARK
         leaf, put, get, new, new_from_mark = _LEAF, _PUT, _GET, _NEW, _NEW_FROM_MARK
@@ -199,10 +202,10 @@ class _Scan:
                     if binary
                     else _text_index(data, start, pos)
                 )
-                if index == len(memo) and stack and stack[-1] is not mark_:  # in order
-                    memo[index] = stack[-1]  # not a MARK, checked
+                if index == len(memo) and not gaps and stack and stack[-1] is not mark_:
+                    memo.append(stack[-1])  # in order; not a MARK, checked
                 else:
-                    self._memo_put(index)
+                    gaps = self._memo_put(index)
             elif action == leaf:  # a new int, string, None or empty container
                 stack.append([1, 1])
             elif action == new:  # TUPLE1, REDUCE, BINPERSID...: from the objects below
@@ -218,7 +221,7 @@ class _Scan:
                     if binary
                     else _text_index(data, start, pos)
                 )
-                node = memo.get(index)
+                node = memo[index] if 0 <= index < len(memo) else None
                 if node is None:
                     raise _corrupt(f"memo index {index!r} was never stored")
                 stack.append(node)
@@ -238,14 +241,15 @@ class _Scan:
                     return
             else:
                 self._step(action)
+                gaps = self.skipped  # MEMOIZE may fill a skipped slot
 
     def _step(self, action: int) -> None:
         stack = self.stack
         if action == _APPEND:  # one item into the list below it, often a million times
             item = self._pop()
             self._grow(self._top(), (item,))
-        elif action == _MEMOIZE:
-            self._memo_put(len(self.memo))
+        elif action == _MEMOIZE:  # the C unpickler's next index: the entries stored
+            self._memo_put(len(self.memo) - self.skipped)
         elif action == _DUP:
             stack.append(self._top())
         elif stack and stack[-1] is _MARK:  # POP; as the C unpickler, POP drops a MARK
@@ -327,16 +331,28 @@ class _Scan:
                 "members (budget); shared references expand them"
             )
 
-    def _memo_put(self, index: int | None) -> None:
+    def _memo_put(self, index: int | None) -> int:
         # Picklers number memo entries in order (from 0; Python 2's cPickle from 1). The
         # C unpickler sizes its memo by the largest index, so a larger one only reserves
         # memory: 2**31 would be 16 GB.
-        if index is None or not 0 <= index <= len(self.memo) + 1:
+        memo = self.memo
+        stored = len(memo) - self.skipped
+        if index is None or not 0 <= index <= stored + 1:
             raise PickleBudgetError(
-                f"pickle stores memo index {index!r} with {len(self.memo)} entries in use "
+                f"pickle stores memo index {index!r} with {stored} entries in use "
                 "(memo budget: indices are assigned in order)"
             )
-        self.memo[index] = self._top()
+        top = self._top()
+        if index < len(memo):
+            if memo[index] is None:
+                self.skipped -= 1
+            memo[index] = top
+        else:  # index <= stored + 1 <= len(memo) + 1
+            if index > len(memo):
+                memo.append(None)  # a slot skipped, as numbering from 1 does
+                self.skipped += 1
+            memo.append(top)
+        return self.skipped
 
     def _top(self) -> Node:
         top = self.stack[-1] if self.stack else _MARK
