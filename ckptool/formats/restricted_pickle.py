@@ -90,9 +90,13 @@ class _RefusesBuild:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per tensor of a state dict: no __dict__ each
 class StorageRef(_RefusesBuild):
     """A persistent-id storage reference: the record key, its dtype and element count."""
+
+    # Named here, or dataclass gives a frozen slotted class a __setstate__ of its own
+    # that sets the fields from the pickle's BUILD state.
+    __setstate__ = _RefusesBuild.__setstate__
 
     key: str
     dtype: str
