@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,7 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Tests must not write into the working tree: no example database, and hypothesis's
 # other caches (.hypothesis/constants) go to a temp directory.
-set_hypothesis_home_dir(tempfile.mkdtemp(prefix="ckptool-hypothesis-"))
+HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="ckptool-hypothesis-")
+set_hypothesis_home_dir(HYPOTHESIS_HOME)
+atexit.register(shutil.rmtree, HYPOTHESIS_HOME, ignore_errors=True)  # else one left per run
 # derandomize: CI sees the same examples on every run; a new failure is a new bug, not a draw.
 settings.register_profile("ckptool", database=None, derandomize=True)
 settings.load_profile("ckptool")
