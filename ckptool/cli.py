@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
-from ckptool import activity
+from ckptool import activity, jsontext
 from ckptool._version import __version__
 from ckptool.choices import (
     CastDtype,
@@ -197,7 +197,7 @@ def _emit_json(document: dict[str, Any]) -> None:
     # Indented for a person at a terminal; compact for a program, which for a 100k-tensor
     # checkpoint is 10x faster (only the compact form has json's C encoder).
     indent = 2 if sys.stdout.isatty() else None
-    click.echo(json.dumps(document, indent=indent))
+    click.echo(jsontext.dumps(document, indent=indent))
 
 
 def _show(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,8 +21,8 @@ class TensorChange:
     key: str
     changed: int  # elements whose bits differ
     numel: int
-    max_abs: float
-    rel_l2: float  # ||a - b|| / ||a||, 0 when a is all zeros and b equals it
+    max_abs: float  # over the changed elements; inf where one became or was NaN
+    rel_l2: float  # ||a - b|| / ||a|| (a's finite values), 0 when a is all zeros and b equals it
 
 
 @dataclass(frozen=True)
@@ -60,18 +61,21 @@ def _compare_pair(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorChange |
     if a.dtype == b.dtype and torch.equal(_bits(a), _bits(b)):
         return None
     a64, b64 = _as_float64(a), _as_float64(b)
-    delta = (a64 - b64).abs()
     differs = (_bits(a) != _bits(b)) if a.dtype == b.dtype else (a64 != b64)
     count = int(differs.sum())
     if count == 0:  # only the dtype differs (the key diff lists that): the values agree
         return None
-    norm = float(torch.linalg.vector_norm(a64)) if a.numel() else 0.0
-    change = float(torch.linalg.vector_norm(a64 - b64)) if a.numel() else 0.0
+    # Only changed elements count: a NaN kept bit for bit is no change (NaN - NaN would
+    # make the maximum NaN), and a value that became NaN is an infinite one, as the
+    # freeze guard reports it.
+    delta = torch.where(differs, (a64 - b64).abs(), 0.0).nan_to_num(nan=math.inf)
+    norm = float(torch.linalg.vector_norm(torch.where(a64.isfinite(), a64, 0.0)))
+    change = float(torch.linalg.vector_norm(delta))
     return TensorChange(
         key=name,
         changed=count,
         numel=a.numel(),
-        max_abs=float(delta.max()) if a.numel() else 0.0,
+        max_abs=float(delta.max()),
         rel_l2=change / norm if norm else change,
     )
 

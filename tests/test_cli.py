@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -96,12 +98,31 @@ def test_diff_values_shows_only_the_head_moved(run_cli, write_checkpoint: WriteC
 def test_values_treats_nan_and_negative_zero_by_bits(
     run_cli, write_checkpoint: WriteCheckpoint
 ) -> None:
-    a = write_checkpoint({"w": torch.tensor([float("nan"), 0.0])}, "a.pt")
-    b = write_checkpoint({"w": torch.tensor([float("nan"), -0.0])}, "b.pt")
-    doc = json.loads(run_cli("diff", a, b, "--values", "--json").stdout)
-    assert [c["changed"] for c in doc["values"]["changed"]] == [1]
-    same = json.loads(run_cli("diff", a, a, "--values", "--json").stdout)
+    a = write_checkpoint({"w": torch.tensor([float("nan"), 0.0, 1.0])}, "a.pt")
+    b = write_checkpoint({"w": torch.tensor([float("nan"), -0.0, 1.0])}, "b.pt")
+    doc = strict_json(run_cli("diff", a, b, "--values", "--json").stdout)
+    # The NaN kept bit for bit is no change: the only one, 0.0 -> -0.0, is numerically 0.
+    assert doc["values"]["changed"] == [
+        {"key": "w", "changed": 1, "numel": 3, "max_abs": 0.0, "rel_l2": 0.0}
+    ]
+    same = strict_json(run_cli("diff", a, a, "--values", "--json").stdout)
     assert same["values"]["unchanged"] == ["w"]
+    # A value that became NaN is an infinite change: inf on the terminal, null in JSON.
+    c = write_checkpoint({"w": torch.tensor([float("nan"), 0.0, float("nan")])}, "c.pt")
+    doc = strict_json(run_cli("diff", a, c, "--values", "--json").stdout)
+    assert doc["values"]["changed"] == [
+        {"key": "w", "changed": 1, "numel": 3, "max_abs": None, "rel_l2": None}
+    ]
+    assert re.search(r"w +\| 1/3 +\| inf +\| inf", run_cli("diff", a, c, "--values").stdout)
+
+
+def strict_json(text: str) -> Any:
+    """json.loads that refuses NaN and Infinity, as jq and JavaScript do."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 def test_inspect_human_and_json(run_cli, dataparallel_resnet18: Path) -> None:
@@ -433,3 +454,12 @@ def test_errors_speak_python_to_the_api_and_flags_to_the_command_line(
     model = "tests/conftest.py:MLP"
     result = run_cli("adapt", source, "--model", model, "-o", tmp_path / "a.safetensors")
     assert result.exit_code == 1 and "add --strip module." in result.stderr, result.stderr
+
+
+def test_json_documents_write_non_finite_numbers_as_null() -> None:
+    """report.json and every --json document go through jsontext.dumps."""
+    from ckptool import jsontext
+
+    document = {"a": [1.0, float("nan"), {"b": float("inf")}], "c": (2, -float("inf")), "d": "x"}
+    assert jsontext.dumps(document) == '{"a": [1.0, null, {"b": null}], "c": [2, null], "d": "x"}'
+    assert strict_json(jsontext.dumps(document, indent=2))["c"] == [2, None]
