@@ -165,6 +165,10 @@ class FrozenParameterError(CkptError):
         self.report = report
 
 
+class TrainingDivergedError(CkptError):
+    """Trainable weights became NaN or infinite: the run stopped, nothing was written."""
+
+
 def first_line(error: BaseException) -> str:
     """``TypeName: the first line of its message`` (at most 200 characters): a foreign
     exception named in one of ckptool's one-line errors."""

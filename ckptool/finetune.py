@@ -8,6 +8,7 @@ function: its features are computed once and the head trains on the cached featu
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ def finetune(
     Raises:
         UsageError: bad data layout or options; DataError: unreadable images;
         FrozenParameterError: the guard saw a frozen tensor change (nothing written);
+        TrainingDivergedError: trainable weights turned NaN or infinite (nothing written);
         OutputError: OUTDIR holds a previous run and ``force`` is false.
     """
     import torch
@@ -224,10 +226,11 @@ def _train(
 
 
 def _check_options(options: TrainOptions, weights: WeightOptions, strategy: str | None) -> None:
-    if options.epochs < 1 or options.batch_size < 1 or options.lr <= 0:
+    # (a NaN learning rate passes "lr <= 0" and turns every weight NaN at the first step)
+    if options.epochs < 1 or options.batch_size < 1 or not 0 < options.lr < math.inf:
         raise UsageError(
             f"{option('epochs')} and {option('batch_size')} must be at least 1 and "
-            f"{option('lr')} positive"
+            f"{option('lr')} positive and finite"
         )
     if options.optimizer not in ("sgd", "adamw"):
         raise UsageError(

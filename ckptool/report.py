@@ -852,10 +852,15 @@ def _epoch_line(m: EpochMetrics) -> str:
 
 
 def sparkline(values: Sequence[float]) -> str:
-    """A one-line chart: the terminal's picture of a learning curve."""
-    low, high = min(values), max(values)
+    """A one-line chart: the terminal's picture of a learning curve; a value that is not
+    finite (a validation loss that overflowed) is a ``?``, scaled by the others."""
+    finite = [v for v in values if math.isfinite(v)]
+    low, high = min(finite, default=0.0), max(finite, default=0.0)
     span = (high - low) or 1.0
-    return "".join(_SPARKS[round((v - low) / span * (len(_SPARKS) - 1))] for v in values)
+    return "".join(
+        _SPARKS[round((v - low) / span * (len(_SPARKS) - 1))] if math.isfinite(v) else "?"
+        for v in values
+    )
 
 
 def render_finetune(result: FinetuneResult, console: Console) -> None:

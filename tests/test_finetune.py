@@ -290,6 +290,14 @@ def test_torchrun_two_cpu_processes(setup: dict[str, Path], tmp_path: Path) -> N
         broken.stderr.count("frozen tensors changed at optimizer step 1") == 2
     )  # both ranks agree
     assert not (tmp_path / "never").exists()
+    # DDP: the ranks' losses differ, so they stop together at the end of an epoch
+    diverged = torchrun(
+        "--model", f"{setup['model']}:Tiny", "--strategy", "full", "--lr", "1e12", *common,
+        "-o", tmp_path / "diverged", cwd=tmp_path,
+    )  # fmt: skip
+    assert diverged.returncode != 0
+    assert diverged.stderr.count("training diverged after epoch ") == 2, diverged.stderr[-2000:]
+    assert not (tmp_path / "diverged").exists()
 
 
 def test_amp_on_cpu_uses_bf16_and_keeps_frozen_bits(run_cli, setup: dict[str, Path]) -> None:
@@ -376,3 +384,30 @@ def test_the_api_warns_about_thin_data(setup: dict[str, Path]) -> None:
     options = TrainOptions(epochs=1, image_size=16, batch_size=8, val_split=0.9)
     with pytest.warns(UserWarning, match="only 3 training images"):
         finetune(f"{setup['model']}:Tiny", str(setup["data"]), str(setup["out"]), options=options)
+
+
+def test_a_diverged_run_stops_and_writes_nothing(run_cli, setup: dict[str, Path]) -> None:
+    """A step's loss overflows first, and the run stops there (under DDP the ranks check
+    at the end of the epoch instead: test_torchrun_two_cpu_processes)."""
+    result = run_finetune(run_cli, setup, "--strategy", "full", "--lr", "1e12")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("ckptool: error: training diverged after a step of loss")
+    assert "hold NaN or infinite values" in result.stderr and "(it is 1e+12)" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert not setup["out"].exists()
+
+
+@pytest.mark.parametrize("lr", ["nan", "inf", "0", "-1"])
+def test_a_learning_rate_that_is_not_a_positive_number_is_refused(
+    run_cli, setup: dict[str, Path], lr: str
+) -> None:
+    result = run_finetune(run_cli, setup, "--lr", lr)
+    assert result.exit_code == 2 and "--lr positive and finite" in result.stderr
+    assert not setup["out"].exists()
+
+
+def test_sparklines_show_values_that_are_not_finite() -> None:
+    from ckptool.report import sparkline
+
+    assert sparkline([1.0, float("inf"), 0.0, float("nan")]) == "█?▁?"
+    assert sparkline([float("nan")]) == "?"

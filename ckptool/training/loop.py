@@ -4,6 +4,7 @@ precision; every optimizer step is checked by the freeze guard."""
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -15,7 +16,8 @@ from ckptool.distributed import (
     any_rank,
     sum_across,
 )
-from ckptool.errors import FrozenParameterError, UsageError
+from ckptool.errors import FrozenParameterError, TrainingDivergedError, UsageError
+from ckptool.formats.bounded import listed
 from ckptool.freezing import hold_frozen
 from ckptool.guard import FreezeGuard, GuardReport, violation_error
 from ckptool.training.cache import FeatureBatches
@@ -154,6 +156,8 @@ class Run:
         start = time.perf_counter()
         self.progress.start_epoch(epoch, self.options.epochs, len(train))
         train_loss, train_acc, seen = self._pass(train, optimizer)
+        # Every rank holds the same weights (DDP syncs the gradients): all stop together.
+        self._refuse_divergence(f"epoch {epoch}")
         val_loss, val_acc = (None, None)
         if val is not None:
             val_loss, val_acc, _ = self._pass(val, None)
@@ -185,6 +189,10 @@ class Run:
                 self.scaler.update()
                 self._agree_on_guard()
                 self.progress.advance(value, len(labels))
+                # A loss that is not finite is the first sign, and costs nothing to see;
+                # under DDP the ranks' losses differ, so they check at the epoch's end.
+                if not math.isfinite(value) and not self.context.active:
+                    self._refuse_divergence(f"a step of loss {value}")
             total_loss += value * len(labels)
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(labels)
@@ -194,6 +202,24 @@ class Run:
             )
             correct, seen = int(correct_sum), int(seen_sum)
         return total_loss / max(seen, 1), correct / max(seen, 1), seen
+
+    def _refuse_divergence(self, when: str) -> None:
+        """Stop once a trainable weight is NaN or infinite: no later step recovers it,
+        and the run would save it as its best epoch. (A step that fp16 loss scaling
+        skips leaves the weights finite.)"""
+        import torch
+
+        broken = [
+            name
+            for name, p in self.net.named_parameters()
+            if p.requires_grad and not bool(torch.isfinite(p).all())
+        ]
+        if broken:
+            raise TrainingDivergedError(
+                f"training diverged after {when}: {len(broken)} trainable tensors hold NaN "
+                f"or infinite values ({listed(broken, 3)}); nothing was written; "
+                f"lower --lr (it is {self.options.lr:g})"
+            )
 
     def _agree_on_guard(self) -> None:
         if not self.context.active:

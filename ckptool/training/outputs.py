@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from ckptool import jsontext
 from ckptool.choices import Strategy
 from ckptool.formats.write import atomic_output, committed_outputs, forget_committed
 from ckptool.freezing import chosen_strategy
@@ -89,7 +90,7 @@ def write_outputs(
         report_path = os.path.join(out_dir, "report.json")
         result = dataclasses.replace(result, outputs=(model_path, report_path, *curves))
         with atomic_output(report_path) as temp:
-            temp.file.write(json.dumps(result_json(result), indent=2).encode())
+            temp.file.write(jsontext.dumps(result_json(result), indent=2).encode())
     return result
 
 
