@@ -55,10 +55,19 @@ PIPED_WIDTH = 240
 
 class _SafeConsole(Console):
     """Renders every string as plain text: names and paths come from untrusted files, so
-    neither rich markup (``[/b]``) nor control characters in them may take effect."""
+    neither rich markup (``[/b]``) nor control characters in them may take effect, and
+    a newline in a name (``a\\n fake.weight | 1 | [9]``) cannot print a row of its own.
+    Lines meant as lines are :func:`lines_of` text."""
 
     def render_str(self, text: str, **kwargs: Any) -> Any:
-        return super().render_str(visible(text), **kwargs)
+        return super().render_str(visible(text, one_line=True), **kwargs)
+
+
+def lines_of(labels: Sequence[str]) -> Any:
+    """One table cell of several lines, each label on its own, newlines in them escaped."""
+    from rich.text import Text
+
+    return Text("\n".join(visible(label, one_line=True) for label in labels))
 
 
 def make_console(*, stderr: bool = False) -> Console:
@@ -338,7 +347,9 @@ def _categories_table(keys: KeyDiff, console: Console) -> Table:
         if names or label in ("matched", "missing", "unexpected", "shape mismatch"):
             # Matched keys are the unremarkable majority: a few labels are enough.
             limit = 3 if label == "matched" else MAX_LABELS
-            table.add_row(label, str(len(names)), capped(fold_names(names), limit, sep="\n"))
+            shown = fold_names(names)
+            more = [f"... and {len(shown) - limit} more"] if len(shown) > limit else []
+            table.add_row(label, str(len(names)), lines_of([*shown[:limit], *more]))
     return table
 
 

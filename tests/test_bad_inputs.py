@@ -301,3 +301,26 @@ def test_pickled_name_with_half_a_character(tmp_path: Path) -> None:
         )
         assert len(refused.stderr.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.pt", "sur.pt"]
+
+
+def test_a_newline_in_a_name_or_metadata_prints_no_line_of_its_own(run_cli, tmp_path: Path) -> None:
+    """A crafted name ending in a fake table row must not show as a tensor of its own."""
+    from safetensors.torch import save_file
+
+    fake = "evil\n fake.weight | 1 | [1000] | float32 | 1000"
+    path = tmp_path / "rows.safetensors"
+    save_file({"w": torch.zeros(2), fake: torch.zeros(1)}, path, metadata={"m": "a\n| x |"})
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, other)
+    shown = run_cli("inspect", path).stdout
+    compared = run_cli("diff", path, other).stdout
+    assert " evil\\x0a fake.weight" in shown and "m = a\\x0a| x |" in shown
+    assert "| evil\\x0a fake.weight" in compared  # the key cell: lines of names
+    assert "incompatible: evil\\x0a fake.weight" in compared  # the verdict
+    shown += compared
+    assert not any(line.startswith(" fake.weight") for line in shown.splitlines())
+    # the diff's key cells still list one name per line
+    many = {name: torch.zeros(1) for name in ("alpha.weight", "beta.x.bias", "gamma.mean")}
+    save_file(many, tmp_path / "many.safetensors")
+    table = run_cli("diff", tmp_path / "many.safetensors", other).stdout
+    assert re.search(r"\| alpha.weight *\n.*\| beta.x.bias *\n.*\| gamma.mean", table), table
