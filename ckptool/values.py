@@ -58,6 +58,9 @@ def compare_values(source: CheckpointMeta, target: CheckpointMeta, keys: KeyDiff
 def _compare_pair(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorChange | None:
     import torch
 
+    # A quantized tensor's bits are integers plus a scale and zero point (and viewing
+    # them as another dtype crashed the interpreter): it compares by the values it holds.
+    a, b = (t.dequantize() if t.is_quantized else t for t in (a, b))
     if a.dtype == b.dtype and torch.equal(_bits(a), _bits(b)):
         return None
     a64, b64 = _as_float64(a), _as_float64(b)

@@ -324,3 +324,48 @@ def test_a_newline_in_a_name_or_metadata_prints_no_line_of_its_own(run_cli, tmp_
     save_file(many, tmp_path / "many.safetensors")
     table = run_cli("diff", tmp_path / "many.safetensors", other).stdout
     assert re.search(r"\| alpha.weight *\n.*\| beta.x.bias *\n.*\| gamma.mean", table), table
+
+
+def test_quantized_tensors_are_read_compared_and_never_written_half(
+    run_cli, tmp_path: Path
+) -> None:
+    """A quantized state dict (torch.ao) loads with weights_only=True. Written as plain
+    integers its scale and zero point were lost and torch could not load the 'verified'
+    file; viewing its bits as another dtype crashed the interpreter (SIGSEGV)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates making quantized tensors
+        q = torch.quantize_per_tensor(torch.linspace(-1, 1, 16).reshape(4, 4), 0.1, 3, torch.qint8)
+    source = tmp_path / "quantized.pt"
+    torch.save({"q": q, "w": torch.ones(2)}, source)
+
+    def ckptool_cli(*args: object) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "ckptool", *map(str, args)]
+        return subprocess.run(command, capture_output=True, text=True)  # pytest shows no warnings
+
+    shown = ckptool_cli("inspect", source)
+    assert shown.returncode == 0 and "qint8" in shown.stdout
+    assert shown.stderr == ""  # no deprecation note of torch's own
+    compared = ckptool_cli("diff", source, source, "--values")
+    assert compared.returncode == 0, compared.stderr
+    assert "values: 0/2 compared tensors changed, 2 bit-identical" in compared.stdout
+    for out in ("copy.pt", "copy.safetensors"):
+        refused = run_cli("convert", source, "-o", tmp_path / out)
+        assert refused.exit_code == 3, refused.output
+        assert "'q' is a quantized tensor (qint8)" in refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quantized.pt"]
+
+
+def test_dtypes_safetensors_lacks_are_refused_for_safetensors_only(run_cli, tmp_path: Path) -> None:
+    source = tmp_path / "odd.pt"
+    torch.save({"a": torch.ones(3).to(torch.float8_e4m3fnuz), "b": torch.ones(2)}, source)
+    refused = run_cli("convert", source, "-o", tmp_path / "odd.safetensors")
+    assert refused.exit_code == 5 and len(refused.stderr.splitlines()) == 1
+    assert "safetensors has no float8_e4m3fnuz dtype (tensor 'a'); write a .pt" in refused.stderr
+    assert not (tmp_path / "odd.safetensors").exists()
+    copied = run_cli("convert", source, "-o", tmp_path / "copy.pt")
+    assert copied.exit_code == 0, copied.output
+    before, after = torch.load(source), torch.load(tmp_path / "copy.pt")
+    assert after["a"].dtype == torch.float8_e4m3fnuz
+    assert torch.equal(before["a"].view(torch.uint8), after["a"].view(torch.uint8))

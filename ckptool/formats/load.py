@@ -29,11 +29,16 @@ def torch_load_safely(path: str, *, mmap: bool) -> Any:
         CheckpointReadError: torch cannot read the file.
     """
     import pickle
+    import warnings
 
     import torch
 
     try:
-        return torch.load(path, weights_only=True, mmap=mmap, map_location="cpu")
+        with warnings.catch_warnings():
+            # torch's own deprecation notes (TypedStorage, quantized tensors) would be
+            # lines on stderr that the user cannot act on.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, weights_only=True, mmap=mmap, map_location="cpu")
     except pickle.UnpicklingError as e:
         # weights_only refusals land here; our own scan runs first, so this is rare.
         raise CheckpointReadError(f"{path}: torch refused to load it: {first_line(e)}") from e

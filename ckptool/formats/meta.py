@@ -21,6 +21,8 @@ DTYPE_SIZES: Mapping[str, int] = {
     "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1,
     "qint8": 1, "quint8": 1, "qint32": 4, "quint4x2": 1, "quint2x4": 1,
 }  # fmt: skip
+# Quantized tensors carry a scale and zero point beside their integers (torch only).
+QUANTIZED = frozenset({"qint8", "quint8", "qint32", "quint4x2", "quint2x4"})
 # The dtypes a --dtype cast applies to, and that consolidated ZeRO buffers widen from.
 FLOATING = frozenset({"float64", "float32", "float16", "bfloat16"})
 

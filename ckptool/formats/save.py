@@ -14,7 +14,7 @@ from ckptool import activity
 from ckptool.choices import OutputFormat
 from ckptool.errors import CheckpointReadError, OutputError, UsageError, VerificationError, option
 from ckptool.formats.bounded import lone_surrogate, short_str
-from ckptool.formats.meta import CheckpointMeta
+from ckptool.formats.meta import QUANTIZED, CheckpointMeta
 from ckptool.formats.safetensors_header import ALIASES_KEY, read_safetensors_meta
 from ckptool.formats.sharded import read_index
 from ckptool.formats.torch_pickle import read_zip_meta
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
 from ckptool.formats.write import (
+    SAFETENSORS_CODES,
     OutTensor,
     Payload,
     atomic_output,
@@ -102,8 +103,7 @@ def save_tensors(
         else (list(tensors), {})
     )
     safetensors = fmt is OutputFormat.SAFETENSORS
-    if safetensors:
-        _refuse_unstorable_names(out, stored)
+    refuse_unwritable(out, stored, safetensors=safetensors)
     # A .pt output has no metadata to hold a hash, so then the source is not hashed.
     payload = Payload(hashed if safetensors else None)
     payload.on_bytes = activity.advance
@@ -127,9 +127,30 @@ def save_tensors(
     return SavedFile((out,), sum(t.nbytes for t in stored), aliases)
 
 
-def _refuse_unstorable_names(out: str, tensors: Sequence[OutTensor]) -> None:
-    """A pickle's names may hold half a character (torch loads them); safetensors'
-    UTF-8 header cannot, and safetensors would refuse the file written."""
+def refuse_unwritable(out: str, tensors: Sequence[OutTensor], *, safetensors: bool) -> None:
+    """Refuse, before anything is written, tensors the output could not hold as they are.
+
+    Raises:
+        CheckpointReadError: a quantized tensor (its scale and zero point are torch's
+            own; written as plain integers, the file would not load).
+        OutputError: for safetensors, a dtype it has no code for, or a name holding half
+            a character (a pickle's names may; safetensors' UTF-8 header cannot).
+    """
+    quantized = next((t for t in tensors if t.dtype in QUANTIZED), None)
+    if quantized is not None:
+        raise CheckpointReadError(
+            f"{out}: not written: {short_str(quantized.name)!r} is a quantized tensor "
+            f"({quantized.dtype}), whose scale and zero point ckptool cannot write; "
+            "dequantize the model first, or keep this file as it is"
+        )
+    if not safetensors:
+        return
+    odd = next((t for t in tensors if t.dtype not in SAFETENSORS_CODES), None)
+    if odd is not None:
+        raise OutputError(
+            f"{out}: safetensors has no {odd.dtype} dtype (tensor {short_str(odd.name)!r}); "
+            "write a .pt file"
+        )
     found = lone_surrogate([t.name for t in tensors])
     if found is not None:
         name, half = found
@@ -198,7 +219,7 @@ def save_sharded(
     index_path = out + ".index.json"
     plan = shard_plan(tensors, max_bytes)
     check_output(index_path, inputs=inputs, force=force)
-    _refuse_unstorable_names(index_path, tensors)  # before any shard is written
+    refuse_unwritable(index_path, tensors, safetensors=True)  # before any shard is written
     previous = _indexed_shards(index_path)
     names = _fresh_shard_names(out.removesuffix(".safetensors"), len(plan), previous)
     for path in names:
