@@ -858,8 +858,10 @@ def _teardown_is_slow() -> bool:
     """Whether to skip the interpreter's teardown: with torch loaded it frees every
     module and runs its libraries' destructors, 0.5 s here after every command that
     needed torch (adapt, check, finetune...). Not while another thread runs: teardown
-    waits for it, a hard exit would cut it off."""
-    return "torch" in sys.modules and threading.active_count() == 1
+    waits for it, a hard exit would cut it off. Daemon threads (tqdm's monitor) count
+    for neither: teardown does not wait for them."""
+    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    return "torch" in sys.modules and all(t.daemon for t in others)
 
 
 def _exit_now(code: object) -> NoReturn:

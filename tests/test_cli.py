@@ -244,12 +244,17 @@ def test_a_live_thread_keeps_the_ordinary_exit() -> None:
     assert "torch" in sys.modules and cli._teardown_is_slow()
     release = __import__("threading").Event()
     worker = __import__("threading").Thread(target=release.wait)
-    worker.start()
+    daemon = __import__("threading").Thread(target=release.wait, daemon=True)
+    daemon.start()
     try:
+        assert cli._teardown_is_slow()  # teardown would not wait for a daemon thread
+        worker.start()
         assert not cli._teardown_is_slow()
     finally:
         release.set()
-        worker.join()
+        daemon.join()
+        if worker.is_alive():
+            worker.join()
 
 
 def test_console_script_piped_output_is_plain(dataparallel_resnet18: Path, tmp_path: Path) -> None:
