@@ -301,7 +301,7 @@ def _merged_bytes(
 ) -> memoryview:
     # The weight is read on its own, not through a mapping of the whole base: memory
     # holds one weight and its update at a time.
-    return tensor_buffer(_merged(base.alone(name), adapter, pair, settings), dtype)
+    return tensor_buffer(_merged(base.alone(name), adapter, pair, settings), dtype, name=name)
 
 
 def _merged(

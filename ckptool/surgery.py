@@ -191,7 +191,7 @@ class SourceBytes:
         return self._assembled[key], out_dtype
 
     def _tensor_bytes(self, name: str, dtype: str) -> memoryview:
-        return tensor_buffer(self.alone(name), dtype)
+        return tensor_buffer(self.alone(name), dtype, name=name)
 
     def alone(self, name: str) -> torch.Tensor:
         """Tensor ``name`` read on its own from the bytes located for it in this
@@ -355,7 +355,7 @@ def _adapt_plan(
             data, out_dtype = sources.data(provided, wanted_dtype)
         else:
             out_dtype = cast.target(name, wanted.dtype)
-            data = tensor_bytes(init[name], out_dtype)
+            data = tensor_bytes(init[name], out_dtype, name=name)
         plan.append(OutTensor(name, out_dtype, wanted.shape, data))
     for name in keys.hooked:
         old = original.get(name, name)
@@ -1102,4 +1102,4 @@ def _averaged(sources: Sequence[SourceBytes], name: str, dtype: str) -> memoryvi
     total = torch.zeros(sources[0].meta.tensors[name].shape, dtype=torch.float64)
     for source in sources:
         total += source.alone(name).to(torch.float64)
-    return tensor_buffer(total / len(sources), dtype)
+    return tensor_buffer(total / len(sources), dtype, name=name)

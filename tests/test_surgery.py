@@ -906,6 +906,41 @@ def test_keep_dtype_usage_errors(
     assert not out.exists()
 
 
+def test_a_cast_that_would_make_values_infinite_is_refused(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    """1e6 in float16 is inf: the file would hold it as if it had been trained so."""
+    from safetensors.torch import load_file
+
+    state = {
+        "bn.running_var": torch.tensor([1.0, 1e6, -7e4]),
+        "w": torch.ones(2),
+        "mask": torch.tensor([0.0, -float("inf")]),  # infinite already: stays so, allowed
+        "empty": torch.zeros(0),  # no extremes to check
+    }
+    source = write_checkpoint(state, "big.pt")
+    out = tmp_path / "half.safetensors"
+    refused = run_cli("convert", source, "-o", out, "--dtype", "float16")
+    assert refused.exit_code == 2 and len(refused.stderr.splitlines()) == 1, refused.output
+    assert (
+        "--dtype float16: 2 values of 'bn.running_var' (up to 1e+06) are beyond its range "
+        "(65504) and would become inf; keep the tensor with --keep-dtype bn.running_var"
+    ) in refused.stderr
+    assert not out.exists()
+    # merge --average casts through the same path
+    other = write_checkpoint(state, "big2.pt")
+    averaged = run_cli("merge", source, other, "--average", "--dtype", "float16", "-o", out)
+    assert averaged.exit_code == 2 and "2 values of 'bn.running_var'" in averaged.stderr
+    kept = run_cli("convert", source, "-o", out, "--dtype", "float16", "--keep-dtype", "bn.*")
+    assert kept.exit_code == 0, kept.output
+    written = load_file(out)
+    assert torch.equal(written["bn.running_var"], state["bn.running_var"])
+    assert written["w"].dtype == torch.float16
+    assert torch.equal(written["mask"], state["mask"].half())
+    # bfloat16 has float32's range: 1e6 stays finite
+    assert run_cli("convert", source, "-o", out, "--dtype", "bfloat16", "--force").exit_code == 0
+
+
 def test_adapt_that_works_searches_no_prefix_and_a_refusal_still_hints(
     write_checkpoint: WriteCheckpoint, tmp_path: Path, monkeypatch
 ) -> None:

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
-from ckptool.errors import CheckpointReadError, first_line
+from ckptool.errors import CheckpointReadError, UsageError, first_line, option
 from ckptool.formats import detect_format
+from ckptool.formats.bounded import short_str
 from ckptool.formats.containers import select_tensor_dict
 from ckptool.formats.dcp import Chunk, chunk_index, dcp_name, load_dcp_tensor
 from ckptool.formats.files import read_assembly
@@ -279,17 +280,49 @@ def _is_tensor(value: Any) -> bool:
     return isinstance(value, torch.Tensor)
 
 
-def tensor_buffer(tensor: torch.Tensor, dtype: str | None = None) -> memoryview:
+def tensor_buffer(tensor: torch.Tensor, dtype: str | None = None, *, name: str = "") -> memoryview:
     """Like :func:`tensor_bytes` without the final copy: a view of the (cast,
     contiguous) tensor's own memory, which it keeps alive."""
     import torch
 
     if dtype is not None and str(tensor.dtype) != f"torch.{dtype}":
-        tensor = tensor.to(getattr(torch, dtype))
+        tensor = _cast_in_range(tensor, getattr(torch, dtype), name)
     flat = tensor.detach().cpu().contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
 
 
-def tensor_bytes(tensor: torch.Tensor, dtype: str | None = None) -> bytes:
-    """The raw little-endian bytes of ``tensor`` (cast to ``dtype``), C-contiguous."""
-    return tensor_buffer(tensor, dtype).tobytes()
+def tensor_bytes(tensor: torch.Tensor, dtype: str | None = None, *, name: str = "") -> bytes:
+    """The raw little-endian bytes of ``tensor`` (cast to ``dtype``), C-contiguous.
+
+    Raises:
+        UsageError: the cast would turn finite values infinite (``name`` for the message).
+    """
+    return tensor_buffer(tensor, dtype, name=name).tobytes()
+
+
+def _cast_in_range(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """``tensor`` cast to ``dtype``, refusing values the cast would make infinite (1e6 in
+    float16 is inf): the written file would hold them as if they had been trained so."""
+    import torch
+
+    cast = tensor.to(dtype)
+    if not (tensor.is_floating_point() and cast.is_floating_point() and tensor.numel()):
+        return cast
+    # The extremes first: aminmax makes no tensor of the input's size (casts stream
+    # within 2x the largest tensor), and nearly every tensor ends the check here.
+    low, high = torch.aminmax(tensor)
+    limit = torch.finfo(dtype).max
+    if -limit <= float(low) and float(high) <= limit:
+        return cast
+    overflowed = cast.isinf() & tensor.isfinite()  # an infinite mask entry stays so
+    count = int(overflowed.sum())
+    if count:
+        largest = float(tensor[overflowed].abs().max())
+        limit = torch.finfo(dtype).max
+        raise UsageError(
+            f"{option('dtype', str(dtype).removeprefix('torch.'))}: {count} values of "
+            f"{short_str(name)!r} (up to {largest:.3g}) are beyond its range ({limit:.6g}) "
+            f"and would become inf; keep the tensor with {option('keep_dtype', name)} or "
+            "cast to bfloat16"
+        )
+    return cast
