@@ -714,6 +714,18 @@ class Fix:
         return self.keeps_little and not mostly_init(kept_without, self.model_numel)
 
 
+def discarded_by_choice(keys: KeyDiff) -> str | None:
+    """Why the fix keeps little when the given --drop/--reinit explain it (the file is
+    for this model; the user may mean it), in the words diff and ``--auto`` both say."""
+    if keys.fix is None or not keys.fix.keeps_little_by_choice:
+        return None
+    given = Transforms(drop=keys.transforms.drop, reinit=keys.transforms.reinit)
+    return (
+        f"most of the model would be fresh initialisation, as the given {given.words()} "
+        "discard the rest"
+    )
+
+
 # Below this share of the model's values from the checkpoint, a "fix" is no fix: the file
 # is likely for another model; adapt refuses to write it unless told.
 MOSTLY_INIT_SHARE = 0.5

@@ -24,6 +24,7 @@ from ckptool.keys import (
     ShapeMismatch,
     Transforms,
     common_dotted_prefix,
+    discarded_by_choice,
     fold_names,
     fold_rows,
 )
@@ -448,12 +449,11 @@ def _not_for_this_model(keys: KeyDiff) -> str:
 def _why_no_fix(keys: KeyDiff) -> str:
     """Why no fix: the file is not for this model, unless the given --drop/--reinit throw
     the values away (then it may well be for it, and the user may mean it)."""
-    given = Transforms(drop=keys.transforms.drop, reinit=keys.transforms.reinit)
-    if keys.fix is None or not keys.fix.keeps_little_by_choice:
+    by_choice = discarded_by_choice(keys)
+    if by_choice is None or keys.fix is None:
         return "this checkpoint is not for this model, so no fix is offered"
     return (
-        f"most of the model would be fresh initialisation, as the given {given.words()} "
-        f"discard the rest, so no fix is offered (if that is intended: adapt "
+        f"{by_choice}, so no fix is offered (if that is intended: adapt "
         f"{keys.fix.transforms.words()} --allow-mostly-init)"
     )
 

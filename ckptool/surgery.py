@@ -64,6 +64,7 @@ from ckptool.keys import (
     Transforms,
     apply_transforms,
     diff,
+    discarded_by_choice,
     fold_names,
     learned_numel,
     mostly_init,
@@ -583,7 +584,6 @@ def _non_finite(tensor: torch.Tensor) -> bool:
 
 def _whole_fix(found: KeyDiff) -> Transforms:
     """--auto: the whole fix ``diff`` prints (renames, drops, re-inits), not a part of it."""
-    given = found.transforms
     if found.ambiguous:
         options = " or ".join(s.transforms.words() for s in found.ambiguous)
         raise UsageError(
@@ -592,12 +592,11 @@ def _whole_fix(found: KeyDiff) -> Transforms:
         )
     if found.compatible or (found.fits_after_adapt and found.fix is None):
         return found.transforms
-    if found.fix is not None and found.fix.keeps_little_by_choice:
+    by_choice = discarded_by_choice(found)
+    if by_choice is not None and found.fix is not None:
         raise IncompatibleError(
-            f"{option('auto', True)}: most of the model would be fresh initialisation, as the "
-            f"given {Transforms(drop=given.drop, reinit=given.reinit).words()} discard the "
-            f"rest; if that is intended, pass the whole fix instead: "
-            f"{found.fix.transforms.words()} {option('allow_mostly_init', True)}"
+            f"{option('auto', True)}: {by_choice}; if that is intended, pass the whole fix "
+            f"instead: {found.fix.transforms.words()} {option('allow_mostly_init', True)}"
         )
     if found.fix is None or found.fix.keeps_little:
         raise IncompatibleError(
