@@ -21,7 +21,7 @@ from ckptool.distributed import (
     from_environment,
     shutdown,
 )
-from ckptool.errors import OutputError, UsageError, option
+from ckptool.errors import IncompatibleError, OutputError, UsageError, option
 from ckptool.formats.bounded import listed
 from ckptool.freezing import (
     FreezeSummary,
@@ -272,7 +272,22 @@ def _build(
         auto=weights.auto,
         on_mismatch=weights.on_mismatch,
     )
+    _refuse_non_finite_weights(net, weights.weights)
     return net, log
+
+
+def _refuse_non_finite_weights(net: nn.Module, source: str) -> None:
+    """A NaN in the starting parameters makes every loss NaN: the run would stop as
+    "diverged" and blame the learning rate. (Buffers may hold -inf masks on purpose.)"""
+    import torch
+
+    broken = [name for name, p in net.named_parameters() if not bool(torch.isfinite(p).all())]
+    if broken:
+        raise IncompatibleError(
+            f"{source}: the starting weights hold NaN or infinite values "
+            f"({listed(broken, 3)}); training cannot repair them; nothing was written "
+            "(ckptool check shows them too)"
+        )
 
 
 def _device(requested: str) -> torch.device:

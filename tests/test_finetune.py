@@ -397,6 +397,20 @@ def test_a_diverged_run_stops_and_writes_nothing(run_cli, setup: dict[str, Path]
     assert not setup["out"].exists()
 
 
+def test_starting_weights_with_nan_are_refused_before_training(
+    run_cli, setup: dict[str, Path]
+) -> None:
+    """Else every loss is NaN and the run stops as 'diverged', blaming the learning rate."""
+    state = torch.load(setup["weights"], weights_only=True)
+    state["module.features.3.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, setup["weights"])
+    result = run_finetune(run_cli, setup)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith(f"ckptool: error: {setup['weights']}: the starting weights")
+    assert "NaN or infinite values (features.3.weight)" in result.stderr
+    assert "--lr" not in result.stderr and not setup["out"].exists()
+
+
 @pytest.mark.parametrize("lr", ["nan", "inf", "0", "-1"])
 def test_a_learning_rate_that_is_not_a_positive_number_is_refused(
     run_cli, setup: dict[str, Path], lr: str
