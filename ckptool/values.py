@@ -63,7 +63,10 @@ def _compare_pair(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorChange |
     a, b = (t.dequantize() if t.is_quantized else t for t in (a, b))
     if a.dtype == b.dtype and torch.equal(_bits(a), _bits(b)):
         return None
-    a64, b64 = _as_float64(a), _as_float64(b)
+    # Complex values differ by |a - b| (a conjugate has a's magnitude: compared by
+    # magnitudes, the change was 0); everything else in float64.
+    wide = torch.complex128 if a.is_complex() or b.is_complex() else torch.float64
+    a64, b64 = a.detach().to(wide), b.detach().to(wide)
     differs = (_bits(a) != _bits(b)) if a.dtype == b.dtype else (a64 != b64)
     count = int(differs.sum())
     if count == 0:  # only the dtype differs (the key diff lists that): the values agree
@@ -91,11 +94,3 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     if t.dtype == torch.bool or width is None:
         return t
     return t.contiguous().view(width)
-
-
-def _as_float64(t: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    return (
-        t.detach().to(torch.float64) if not t.is_complex() else t.detach().abs().to(torch.float64)
-    )

@@ -116,6 +116,17 @@ def test_values_treats_nan_and_negative_zero_by_bits(
     assert re.search(r"w +\| 1/3 +\| inf +\| inf", run_cli("diff", a, c, "--values").stdout)
 
 
+def test_values_of_complex_tensors_differ_by_the_distance_between_them(
+    run_cli, write_checkpoint: WriteCheckpoint
+) -> None:
+    """A conjugate has the same magnitude: compared by magnitudes the change was 0."""
+    a = write_checkpoint({"c": torch.tensor([1 + 1j, 2 + 0j], dtype=torch.complex64)}, "a.pt")
+    b = write_checkpoint({"c": torch.tensor([1 - 1j, 2 + 0j], dtype=torch.complex64)}, "b.pt")
+    (change,) = strict_json(run_cli("diff", a, b, "--values", "--json").stdout)["values"]["changed"]
+    assert change["changed"] == 1 and change["max_abs"] == pytest.approx(2.0)
+    assert change["rel_l2"] == pytest.approx(2 / 6**0.5)
+
+
 def strict_json(text: str) -> Any:
     """json.loads that refuses NaN and Infinity, as jq and JavaScript do."""
 
