@@ -397,6 +397,19 @@ def test_a_diverged_run_stops_and_writes_nothing(run_cli, setup: dict[str, Path]
     assert not setup["out"].exists()
 
 
+@pytest.mark.parametrize(("optimizer", "lr"), [("sgd", "1e39"), ("adamw", "1e38")])
+def test_a_learning_rate_that_overflows_float32_is_divergence_not_a_crash(
+    run_cli, setup: dict[str, Path], optimizer: str, lr: str
+) -> None:
+    """SGD steps by -lr, AdamW by lr / (1 - beta1): past float32's largest value torch
+    raises inside the step (it was reported as an internal error)."""
+    result = run_finetune(run_cli, setup, "--optimizer", optimizer, "--lr", lr)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("ckptool: error: training diverged: an optimizer step")
+    assert f"lower --lr (it is {float(lr):g})" in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and not setup["out"].exists()
+
+
 def test_starting_weights_with_nan_are_refused_before_training(
     run_cli, setup: dict[str, Path]
 ) -> None:

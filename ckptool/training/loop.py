@@ -16,7 +16,7 @@ from ckptool.distributed import (
     any_rank,
     sum_across,
 )
-from ckptool.errors import FrozenParameterError, TrainingDivergedError, UsageError
+from ckptool.errors import FrozenParameterError, TrainingDivergedError, UsageError, first_line
 from ckptool.formats.bounded import listed
 from ckptool.freezing import hold_frozen
 from ckptool.guard import FreezeGuard, GuardReport, violation_error
@@ -185,7 +185,7 @@ class Run:
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
-                self.scaler.step(optimizer)
+                self._step(optimizer)
                 self.scaler.update()
                 self._agree_on_guard()
                 self.progress.advance(value, len(labels))
@@ -202,6 +202,19 @@ class Run:
             )
             correct, seen = int(correct_sum), int(seen_sum)
         return total_loss / max(seen, 1), correct / max(seen, 1), seen
+
+    def _step(self, optimizer: Any) -> None:
+        """The optimizer step; a learning rate too large for float32 fails inside it
+        (SGD's ``-lr``, AdamW's ``lr / (1 - beta1)``): that is divergence, not our bug."""
+        try:
+            self.scaler.step(optimizer)
+        except RuntimeError as e:
+            if "overflow" not in str(e):
+                raise
+            raise TrainingDivergedError(
+                f"training diverged: an optimizer step overflowed float32 ({first_line(e)}); "
+                f"nothing was written; lower --lr (it is {self.options.lr:g})"
+            ) from e
 
     def _refuse_divergence(self, when: str) -> None:
         """Stop once a trainable weight is NaN or infinite: no later step recovers it,
