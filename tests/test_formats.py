@@ -289,6 +289,25 @@ def test_sharded_checkpoint(tmp_path: Path, suffix: str) -> None:
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
 
 
+def test_an_index_may_name_shards_as_dot_slash_paths(tmp_path: Path) -> None:
+    """Writers that join paths write './model-00001-of-00002.safetensors' (transformers
+    loads it); a path that leaves the folder is still refused."""
+    state = seeded_state(ConvBN)
+    index = write_sharded(tmp_path, state, ".safetensors")
+    document = json.loads(index.read_text())
+    document["weight_map"] = {k: f"./{v}" for k, v in document["weight_map"].items()}
+    index.write_text(json.dumps(document))
+    meta = read_metadata(index)
+    assert len(meta.files) == 3 and set(meta.tensors) == set(state)
+    loaded = load_state_dict(index)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    first = next(iter(state))
+    document["weight_map"][first] = "./../" + document["weight_map"][first][2:]
+    index.write_text(json.dumps(document))
+    with pytest.raises(CheckpointReadError, match="is not a plain file name"):
+        read_metadata(index)
+
+
 @pytest.mark.parametrize("name", ["s.pt", "s.legacy.pt", "s.safetensors"])
 def test_load_state_dict_is_bit_exact(write_checkpoint: WriteCheckpoint, name: str) -> None:
     state = seeded_state(ConvBN)

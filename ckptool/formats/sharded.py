@@ -34,16 +34,23 @@ def read_index(path: str) -> dict[str, str]:
     folder = os.path.dirname(os.path.abspath(path))
     resolved = {}
     for name, shard in weight_map.items():
-        if os.path.basename(shard) != shard:
-            raise CheckpointReadError(
-                f"{path}: shard {shard!r} for {name!r} is not a plain file name"
-            )
-        resolved[name] = os.path.join(folder, shard)
+        resolved[name] = os.path.join(folder, _shard_file_name(path, name, shard))
     for shard in sorted(set(resolved.values())):
         if not os.path.lexists(shard):
             raise CheckpointReadError(f"{path}: shard {os.path.basename(shard)!r} is missing")
         require_regular_file(shard)
     return resolved
+
+
+def _shard_file_name(path: str, name: str, shard: str) -> str:
+    """The shard's file name in the index's folder. Writers that join paths write
+    ``./model-00001.safetensors`` (transformers loads it); anything that leaves the
+    folder, names a subfolder or is absolute is refused: an index must not make a
+    read, and so a write, take a file from elsewhere."""
+    plain = os.path.normpath(shard) if shard.startswith("./") else shard
+    if not plain or plain in (".", "..") or os.path.basename(plain) != plain:
+        raise CheckpointReadError(f"{path}: shard {shard!r} for {name!r} is not a plain file name")
+    return plain
 
 
 def read_sharded_meta(path: str, read_shard: Callable[[str], CheckpointMeta]) -> CheckpointMeta:
