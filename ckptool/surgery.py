@@ -58,6 +58,7 @@ from ckptool.formats.write import (
     sha256_file,
 )
 from ckptool.keys import (
+    DtypeMismatch,
     KeyDiff,
     ShapeMismatch,
     Suggestion,
@@ -902,8 +903,9 @@ def merge(
     """Combine checkpoints: ``take`` keys under a prefix from input N, or ``average`` all.
 
     Input 0 is the base. With ``average``, every input must have the same names and
-    shapes; floating tensors are averaged in float64 and stored in the base's dtype,
-    integer tensors (e.g. ``num_batches_tracked``) are taken from the base.
+    shapes; floating tensors (float8 too) are averaged in float64, complex ones in
+    complex128, and stored in the base's dtype; integer, bool and quantized tensors (e.g.
+    ``num_batches_tracked``) are taken from the base and listed in the log's ``taken``.
 
     Raises:
         UsageError: neither or both modes, a --take index out of range or a prefix
@@ -925,8 +927,12 @@ def merge(
         if average:
             _check_same_keys(metas)
             plan, log = _plan_average(sources, cast), _merge_log(metas, out, fmt_out, dry_run)
+            averaged = [n for n, t in metas[0].tensors.items() if t.dtype in AVERAGED]
             log = _replace(
-                log, averaged=tuple(n for n, t in metas[0].tensors.items() if t.dtype in FLOATING)
+                log,
+                averaged=tuple(averaged),
+                # Integers, bools, packed and quantized tensors: the base's, and said so.
+                taken={n: 0 for n, t in metas[0].tensors.items() if t.dtype not in AVERAGED},
             )
         else:
             origin = _take_origins(metas, take)
@@ -1064,6 +1070,7 @@ def _check_same_keys(metas: Sequence[CheckpointMeta]) -> None:
     base = metas[0]
     for index, meta in enumerate(metas[1:], start=1):
         keys = diff(meta.tensors, base.tensors, suggest=False)
+        _check_same_kind(index, meta, keys.dtype_mismatch)
         if keys.missing or keys.unexpected or keys.shape_mismatch:
             problems = [
                 f"{len(keys.missing)} missing",
@@ -1080,12 +1087,24 @@ def _check_same_keys(metas: Sequence[CheckpointMeta]) -> None:
             )
 
 
+def _check_same_kind(index: int, meta: CheckpointMeta, mismatches: Sequence[DtypeMismatch]) -> None:
+    """Dtypes may differ (float16 and float32 average in float64), but a complex tensor
+    averaged with a real one would lose its imaginary part, or gain a zero one."""
+    for m in mismatches:
+        if (m.source in COMPLEX) != (m.target in COMPLEX):
+            raise IncompatibleError(
+                f"{option('average', True)}: {m.key!r} is {m.source} in input {index} "
+                f"({meta.path}) but {m.target} in the base; complex and real tensors do "
+                "not average"
+            )
+
+
 def _plan_average(sources: Sequence[SourceBytes], cast: Cast) -> list[OutTensor]:
     """The averaged tensors as bytes made when written, one tensor at a time: planning
     (and a dry run) averages nothing, and memory holds one tensor's inputs at a time."""
     plan = []
     for name, meta in sources[0].meta.tensors.items():
-        if meta.dtype not in FLOATING:
+        if meta.dtype not in AVERAGED:
             plan.append(_planned(sources[0], name, cast))
             continue
         out_dtype = cast.target(name, meta.dtype)
@@ -1095,10 +1114,18 @@ def _plan_average(sources: Sequence[SourceBytes], cast: Cast) -> list[OutTensor]
     return plan
 
 
+# What --average averages: real floats in float64, complex in complex128 (a complex
+# tensor taken from the base would drop every other input's values without a word).
+# complex32 is left out: torch warns that it barely supports it.
+COMPLEX = frozenset({"complex64", "complex128"})
+AVERAGED = FLOATING | COMPLEX | {d for d in DTYPE_SIZES if d.startswith("float8_")}
+
+
 def _averaged(sources: Sequence[SourceBytes], name: str, dtype: str) -> memoryview:
     import torch
 
-    total = torch.zeros(sources[0].meta.tensors[name].shape, dtype=torch.float64)
+    wide = torch.complex128 if dtype in COMPLEX else torch.float64
+    total = torch.zeros(sources[0].meta.tensors[name].shape, dtype=wide)
     for source in sources:
-        total += source.alone(name).to(torch.float64)
+        total += source.alone(name).to(wide)
     return tensor_buffer(total / len(sources), dtype, name=name)

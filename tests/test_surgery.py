@@ -562,6 +562,45 @@ def test_merge_average(write_checkpoint: WriteCheckpoint, tmp_path: Path) -> Non
     assert "conv.weight" in log.averaged
 
 
+def test_merge_average_averages_complex_and_float8_and_names_what_it_takes_from_the_base(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    """Only float16..float64 were averaged: a complex or float8 tensor came from the base
+    without a word, dropping the other inputs' values."""
+    states = [
+        {
+            "w": torch.full((2,), v),
+            "c": torch.full((2,), complex(v, -v), dtype=torch.complex64),
+            "f8": torch.full((2,), v).to(torch.float8_e4m3fn),
+            "n": torch.tensor([int(v)]),
+        }
+        for v in (1.0, 3.0)
+    ]
+    paths = [write_checkpoint(s, f"s{i}.safetensors") for i, s in enumerate(states)]
+    out = tmp_path / "soup.safetensors"
+    result = run_cli("merge", *paths, "--average", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    soup = ckptool.load_state_dict(out)
+    assert torch.equal(soup["c"], torch.full((2,), 2 - 2j, dtype=torch.complex64))
+    assert torch.equal(soup["f8"].float(), torch.full((2,), 2.0))
+    assert torch.equal(soup["w"], torch.full((2,), 2.0)) and torch.equal(soup["n"], states[0]["n"])
+    assert "from input 0    1  n" in result.stdout
+    log = merge([str(p) for p in paths], str(tmp_path / "dry.pt"), average=True, dry_run=True)
+    assert set(log.averaged) == {"w", "c", "f8"} and log.taken == {"n": 0}
+
+
+def test_merge_average_refuses_a_complex_tensor_against_a_real_one(
+    write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    base = write_checkpoint({"c": torch.ones(2, dtype=torch.complex64)}, "base.safetensors")
+    real = write_checkpoint({"c": torch.ones(2)}, "real.safetensors")
+    with pytest.raises(
+        IncompatibleError, match=r"'c' is float32 in input 1 .* complex64 in the base"
+    ):
+        merge([str(base), str(real)], str(tmp_path / "soup.pt"), average=True)
+    assert not (tmp_path / "soup.pt").exists()
+
+
 def test_merge_average_dry_run_averages_nothing(
     write_checkpoint: WriteCheckpoint, tmp_path: Path, monkeypatch
 ) -> None:
