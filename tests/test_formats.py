@@ -289,6 +289,30 @@ def test_sharded_checkpoint(tmp_path: Path, suffix: str) -> None:
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
 
 
+def test_torch_save_without_crc32s_reads_as_torch_reads_it(run_cli, tmp_path: Path) -> None:
+    """torch.utils.serialization.config.save.compute_crc32 = False records every CRC-32
+    as 0; torch's reader never checks them, so the file loads in torch. It was refused
+    as a corrupt zip (exit 3)."""
+    import zipfile
+
+    from torch.utils.serialization import config
+
+    state = seeded_state(ConvBN)
+    path = tmp_path / "nocrc.pt"
+    config.save.compute_crc32 = False
+    try:
+        torch.save(state, path)
+    finally:
+        config.save.compute_crc32 = True
+    assert {info.CRC for info in zipfile.ZipFile(path).infolist()} == {0}
+    assert_meta_matches(path, state)
+    loaded = load_state_dict(path)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    out = tmp_path / "out.safetensors"
+    assert run_cli("convert", path, "-o", out).exit_code == 0
+    assert all(torch.equal(load_state_dict(out)[k], v) for k, v in state.items())
+
+
 def test_an_index_may_name_shards_as_dot_slash_paths(tmp_path: Path) -> None:
     """Writers that join paths write './model-00001-of-00002.safetensors' (transformers
     loads it); a path that leaves the folder is still refused."""

@@ -109,11 +109,11 @@ def _read_records(
     with zipfile.ZipFile(stream) as archive:
         records = _check_archive(path, archive, size)
         prefix = _archive_prefix(path, records)
-        pickle_bytes = read_bounded(archive, f"{prefix}data.pkl", path=path)
+        pickle_bytes = read_bounded(archive, f"{prefix}data.pkl", path=path, stream=stream)
         # Big-endian archives (rare) need torch to swap bytes; leave offsets unknown.
         relative = (
             _record_data_offsets(path, stream, records, archive.start_dir)
-            if _is_little_endian(archive, prefix)
+            if _is_little_endian(path, stream, archive, prefix)
             else {}
         )
     record_sizes = {info.filename: info.file_size for info in records.values()}
@@ -163,18 +163,33 @@ _ZIP_ERRORS = (
 )
 
 
-def read_bounded(archive: zipfile.ZipFile, name: str, *, path: str) -> bytes:
+def read_bounded(archive: zipfile.ZipFile, name: str, *, path: str, stream: BinaryIO) -> bytes:
     """Read one (stored, size-checked) entry, refusing pickles over the size budget."""
     if archive.getinfo(name).file_size > MAX_PICKLE_BYTES:
         raise CheckpointReadError(
             f"{path}: {name} is over the pickle size budget of {MAX_PICKLE_BYTES} bytes"
         )
-    return archive.read(name)
+    return _entry_bytes(path, stream, archive, name)
 
 
-def _is_little_endian(archive: zipfile.ZipFile, prefix: str) -> bool:
+def _entry_bytes(path: str, stream: BinaryIO, archive: zipfile.ZipFile, name: str) -> bytes:
+    """A stored entry's bytes, checked against its CRC-32 by zipfile, unless the CRC is
+    0: torch.save with ``torch.utils.serialization.config.save.compute_crc32 = False``
+    (a documented speed-up) records every CRC as 0, and torch's reader never checks
+    them, so such files load in torch; refusing them as corrupt would be wrong."""
+    info = archive.getinfo(name)
+    if info.CRC != 0 or info.file_size == 0:
+        return archive.read(name)
+    stream.seek(_local_data_offset(path, stream, info))
+    data = stream.read(info.file_size)
+    if len(data) != info.file_size:
+        raise CheckpointReadError(f"{path}: zip entry {name!r} is cut short; the file is truncated")
+    return data
+
+
+def _is_little_endian(path: str, stream: BinaryIO, archive: zipfile.ZipFile, prefix: str) -> bool:
     try:
-        return archive.read(f"{prefix}byteorder").strip() == b"little"
+        return _entry_bytes(path, stream, archive, f"{prefix}byteorder").strip() == b"little"
     except KeyError:  # written before torch recorded byte order: always little-endian
         return True
 
