@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -249,6 +250,24 @@ def test_dotted_key_with_dots_in_names(write_checkpoint: WriteCheckpoint) -> Non
     state = seeded_state(MLP)
     path = write_checkpoint({"model.ema": state, "model": {"x": 1}}, "dots.pt")
     assert set(read_metadata(path, key="model.ema").tensors) == set(state)
+
+
+@pytest.mark.parametrize(
+    ("keys", "words"),
+    [((0, 1), "keyed by int (e.g. 0)"), ((("a", 1),), "keyed by tuple (e.g. ('a', 1))")],
+)
+def test_tensors_under_keys_that_are_not_names_say_so(
+    write_checkpoint: WriteCheckpoint, keys: tuple, words: str
+) -> None:
+    """{0: t, 1: t} is a dict of tensors, but not a state dict: the refusal says why."""
+    path = write_checkpoint({k: torch.ones(2) for k in keys}, "unnamed.pt")
+    with pytest.raises(CheckpointReadError, match=re.escape(words) + ", not by name") as info:
+        read_metadata(path)
+    assert "and no dict of tensors" in str(info.value)
+    # Keys that are not names but hold no tensors directly: no hint about them.
+    nested = write_checkpoint({"layers": [torch.ones(2)], 3: "step"}, "nested.pt")
+    with pytest.raises(CheckpointReadError, match=r"and no dict of tensors$"):
+        read_metadata(nested)
 
 
 @pytest.mark.parametrize("key", ["nope", "epoch"], ids=["absent", "not-a-tensor-dict"])

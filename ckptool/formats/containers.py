@@ -124,6 +124,7 @@ def _find_tensor_dict(
     if not candidates:
         raise CheckpointReadError(
             f"{path}: holds {_describe(obj, is_tensor)} and no dict of tensors"
+            f"{_unnamed_keys_hint(obj, is_tensor)}"
         )
     if len(candidates) > 1:
         names = [name for name, _ in candidates]
@@ -135,6 +136,19 @@ def _find_tensor_dict(
         )
     name, found = candidates[0]
     return (name or None), found
+
+
+def _unnamed_keys_hint(obj: Any, is_tensor: Callable[[Any], bool]) -> str:
+    """Why a dict of tensors is not a state dict: its keys are not names (``{0: t}``)."""
+    if not isinstance(obj, Mapping) or not any(map(is_tensor, obj.values())):
+        return ""
+    key = next((k for k in obj if not isinstance(k, str)), None)
+    if key is None:
+        return ""
+    return (
+        f": its tensors are keyed by {type(key).__name__} (e.g. {short_repr(key)}), not by "
+        "name; a state dict maps names to tensors"
+    )
 
 
 def _follow_key(obj: Any, key: str, path: str) -> Any:
