@@ -87,6 +87,72 @@ def test_dtypes_and_empty_tensors(
     assert read_metadata(path).tensors["empty"].nbytes == 0
 
 
+def _raw_safetensors(path: Path, header: dict, data: bytes) -> Path:
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data)
+    return path
+
+
+def test_float4_and_fnuz_float8_safetensors_read_as_safetensors_reads_them(
+    run_cli, tmp_path: Path
+) -> None:
+    """safetensors 0.8 writes F4 (its header counts 4-bit values: the last dimension is
+    twice torch's float4_e2m1fn_x2), F8_E4M3FNUZ and F8_E5M2FNUZ; ckptool refused them
+    as unknown dtypes."""
+    from safetensors.torch import load_file, save_file
+
+    state = {
+        "f4": torch.randint(0, 256, (3, 5), dtype=torch.uint8).view(torch.float4_e2m1fn_x2),
+        # no bytes, so only the shape mapping tells [0, 6] in the header from torch's [0, 3]
+        "f4_empty": torch.zeros((0, 3), dtype=torch.uint8).view(torch.float4_e2m1fn_x2),
+        "e4": torch.linspace(-2, 2, 6).to(torch.float8_e4m3fnuz),
+        "e5": torch.linspace(-2, 2, 6).to(torch.float8_e5m2fnuz),
+    }
+    source = tmp_path / "packed.safetensors"
+    try:
+        save_file(state, str(source))
+    except (KeyError, TypeError, ValueError) as e:
+        pytest.skip(f"this safetensors cannot write these dtypes: {e}")
+    theirs = load_file(str(source))
+    meta = read_metadata(source)
+    for name, tensor in theirs.items():
+        assert meta.tensors[name].shape == tuple(tensor.shape)
+        assert meta.tensors[name].dtype == str(tensor.dtype).removeprefix("torch.")
+    for out in (tmp_path / "out.pt", tmp_path / "out.safetensors"):
+        assert run_cli("convert", source, "-o", out).exit_code == 0
+        back = load_state_dict(out)
+        for name, tensor in theirs.items():
+            assert back[name].dtype == tensor.dtype and back[name].shape == tensor.shape
+            assert torch.equal(back[name].view(torch.uint8), tensor.view(torch.uint8))
+    assert load_file(str(tmp_path / "out.safetensors")).keys() == theirs.keys()
+    # Without a non-empty F4 beside it, every byte count agrees with the header's shape.
+    empty = tmp_path / "empty.safetensors"
+    save_file({"f4_empty": state["f4_empty"], "e4": state["e4"]}, str(empty))
+    assert read_metadata(empty).tensors["f4_empty"].shape == (0, 3)
+
+
+@pytest.mark.parametrize("shape", [[3], [2, 3], []])
+def test_f4_with_half_a_pair_is_refused(tmp_path: Path, shape: list[int]) -> None:
+    path = _raw_safetensors(
+        tmp_path / "odd.safetensors",
+        {"t": {"dtype": "F4", "shape": shape, "data_offsets": [0, 2]}},
+        b"\0\0",
+    )
+    with pytest.raises(CheckpointReadError, match="must count whole pairs of 4-bit values"):
+        read_metadata(path)
+
+
+def test_a_0_dim_float4_tensor_is_not_written_as_safetensors(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    scalar = torch.zeros((), dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    source = write_checkpoint({"s": scalar}, "scalar.pt")
+    result = run_cli("convert", source, "-o", tmp_path / "out.safetensors")
+    assert result.exit_code == 5 and "'s' has none (0-dim); write a .pt file" in result.stderr
+    assert not (tmp_path / "out.safetensors").exists()
+
+
 def test_metadata_path_does_not_import_torch(write_checkpoint: WriteCheckpoint) -> None:
     paths = [
         write_checkpoint(seeded_state(ConvBN), n) for n in ("a.pt", "a.legacy.pt", "a.safetensors")

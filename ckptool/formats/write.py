@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 from ckptool.errors import CkptError, OutputError, VerificationError, option
 from ckptool.formats.meta import CheckpointMeta, TensorMeta
-from ckptool.formats.safetensors_header import SAFETENSORS_DTYPES
+from ckptool.formats.safetensors_header import SAFETENSORS_DTYPES, header_shape
 
 # torch dtype name -> safetensors code.
 SAFETENSORS_CODES = {name: code for code, name in SAFETENSORS_DTYPES.items()}
@@ -531,7 +531,7 @@ def write_safetensors(
     for tensor in tensors:
         header[tensor.name] = {
             "dtype": SAFETENSORS_CODES[tensor.dtype],
-            "shape": list(tensor.shape),
+            "shape": header_shape(tensor.dtype, tensor.shape),
             "data_offsets": [position, position + tensor.nbytes],
         }
         position += tensor.nbytes
