@@ -369,3 +369,17 @@ def test_dtypes_safetensors_lacks_are_refused_for_safetensors_only(run_cli, tmp_
     before, after = torch.load(source), torch.load(tmp_path / "copy.pt")
     assert after["a"].dtype == torch.complex32
     assert torch.equal(before["a"].view(torch.uint8), after["a"].view(torch.uint8))
+
+
+def test_a_torch_export_archive_is_named_as_such(run_cli, tmp_path: Path) -> None:
+    """A .pt2 is a zip like torch.save's, without data.pkl: 'not a torch.save file' did
+    not say what it is or how to get a state dict out of it."""
+    program = torch.export.export(torch.nn.Linear(3, 2), (torch.ones(1, 3),))
+    path = tmp_path / "model.pt2"
+    torch.export.save(program, path)
+    for command in (("inspect", path), ("convert", path, "-o", tmp_path / "out.safetensors")):
+        refused = run_cli(*command)
+        assert refused.exit_code == 3, refused.output
+        assert "is a torch.export archive (.pt2)" in refused.stderr
+        assert "torch.export.load" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    assert not (tmp_path / "out.safetensors").exists()

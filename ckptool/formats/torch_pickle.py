@@ -272,6 +272,11 @@ def _check_archive(
 
 def _archive_prefix(path: str, records: dict[str, zipfile.ZipInfo]) -> str:
     pickles = [name for name in records if name.endswith("data.pkl") and name.count("/") <= 1]
+    if any(name.endswith("/archive_format") for name in records):
+        raise CheckpointReadError(
+            f"{path}: is a torch.export archive (.pt2), not a torch.save state dict; load it "
+            "with torch.export.load and save its state_dict() instead"
+        )
     if len(pickles) != 1:
         raise CheckpointReadError(
             f"{path}: zip archive has no torch data.pkl; not a torch.save file"
