@@ -319,6 +319,7 @@ def check_adapt(case: Case, site: str, path: str, scratch: str) -> tuple[bool, s
     from safetensors.torch import load_file
 
     import ckptool
+    from ckptool.report import share_text
 
     def target() -> Any:
         model = case.build(site)
@@ -344,9 +345,9 @@ def check_adapt(case: Case, site: str, path: str, scratch: str) -> tuple[bool, s
     same = all(_equal(written[new], state[old]) for new, old in kept.items())
     # Through a tie the value lands in the one tensor both names share.
     same = same and all(_equal(loaded[a], state[kept[a]]) for a in log.aliases)
-    share = log.from_checkpoint / log.model_numel if log.model_numel else 1.0
+    share = share_text(log.from_checkpoint, log.model_numel) if log.model_numel else "100.0%"
     flags = " ".join(log.transforms) or "no flags"
-    return same, f"{note}{flags}; {len(kept)} kept bit-exact, {share:.0%} from ckpt"
+    return same, f"{note}{flags}; {len(kept)} kept bit-exact, {share} from ckpt"
 
 
 def _source_of(name: str, log: Any) -> str:

@@ -152,3 +152,19 @@ def test_a_printed_fix_pasted_into_a_shell_runs_nothing_but_adapt(run_cli, tmp_p
     assert done.returncode == 0, done.stderr
     assert torch.equal(load_file(tmp_path / "out.safetensors")["head.bias"], head_bias)
     assert not list(tmp_path.glob("pwned*")) and not list(Path.cwd().glob("pwned*"))
+
+
+@pytest.mark.parametrize(
+    ("part", "whole", "text"),
+    [
+        (22_713_216, 22_714_371, ">99.9%"),  # MiniLM with a 3-class head reinitialised
+        (5, 5, "100.0%"),
+        (1, 1_000_000, "<0.1%"),
+        (0, 7, "0.0%"),
+        (1, 8, "12.5%"),
+    ],
+)
+def test_a_share_reads_100_or_0_percent_only_when_it_is(part: int, whole: int, text: str) -> None:
+    from ckptool.report import share_text
+
+    assert share_text(part, whole) == text
