@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ckptool.errors import ModelSpecError, UsageError, option
+from ckptool.formats.bounded import listed
 from ckptool.formats.meta import TensorMeta
 
 if TYPE_CHECKING:
@@ -353,6 +354,7 @@ def model_tensor_meta(model: nn.Module) -> dict[str, TensorMeta]:
     from torch.nn import Parameter
 
     state = model.state_dict(keep_vars=True)  # the Parameter objects: identity is a tie
+    _refuse_extra_state_objects(state)
     # A model built with every parameter frozen (a metric such as LPIPS) says nothing
     # about which values are learned: then every parameter counts.
     any_trainable = any(isinstance(t, Parameter) and t.requires_grad for t in state.values())
@@ -370,6 +372,22 @@ def model_tensor_meta(model: nn.Module) -> dict[str, TensorMeta]:
         )
         for name, t in state.items()
     }
+
+
+def _refuse_extra_state_objects(state: Mapping[str, object]) -> None:
+    """A module's ``get_extra_state()`` may return any object, and torch's strict load
+    then needs that key too; ckptool reads, compares and writes tensors only, so it can
+    neither judge nor produce a file that loads into such a model (it crashed here)."""
+    from torch import Tensor
+
+    objects = [name for name, value in state.items() if not isinstance(value, Tensor)]
+    if objects:
+        kind = type(state[objects[0]]).__name__
+        raise ModelSpecError(
+            f"the model's state_dict() holds {listed(objects, 3)}: extra state its modules "
+            f"keep as {kind}, not as a tensor; ckptool compares and writes tensors only, so "
+            "it cannot promise a strict load into this model"
+        )
 
 
 def build_or_copy(

@@ -336,6 +336,28 @@ def test_tensors_under_keys_that_are_not_names_say_so(
         read_metadata(nested)
 
 
+@pytest.mark.parametrize("tensors", [3, 30], ids=["few-tensors", "many-tensors"])
+def test_extra_state_kept_as_an_object_is_refused_not_dropped(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path, tensors: int
+) -> None:
+    """torch's strict load needs a module's extra state back; among 30 tensors the entry
+    was dropped without a word (convert wrote a file the model refuses), among 3 the
+    refusal did not say why."""
+    state: dict = {f"l{i}.weight": torch.ones(2) for i in range(tensors)}
+    state["l0._extra_state"] = {"calls": 3}
+    path = write_checkpoint(state, "extra.pt")
+    words = "l0._extra_state is modules' extra state kept as dict, not as a tensor"
+    with pytest.raises(CheckpointReadError, match=re.escape(words)):
+        read_metadata(path)
+    converted = run_cli("convert", path, "-o", tmp_path / "out.safetensors")
+    assert converted.exit_code == 3 and words in converted.stderr
+    assert not (tmp_path / "out.safetensors").exists()
+    state["l0._extra_state"] = torch.tensor([7.0])  # as a tensor it is read like any other
+    assert read_metadata(write_checkpoint(state, "tensor.pt")).tensors["l0._extra_state"].shape == (
+        1,
+    )
+
+
 @pytest.mark.parametrize("key", ["nope", "epoch"], ids=["absent", "not-a-tensor-dict"])
 def test_bad_key_is_usage_error(write_checkpoint: WriteCheckpoint, key: str) -> None:
     path = write_checkpoint({"state_dict": seeded_state(MLP), "epoch": 1}, "c.pt")

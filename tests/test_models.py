@@ -213,3 +213,54 @@ def test_model_that_cannot_be_built_on_meta_is_built_on_cpu(run_cli, tmp_path: P
     )
     assert adapted.exit_code == 0 and "built on the CPU instead" in adapted.stdout, adapted.stderr
     assert set(ckptool.load_state_dict(out)) == {"body.weight", "body.bias", "fc.weight", "fc.bias"}
+
+
+EXTRA_STATE_MODELS = '''
+import torch
+from torch import nn
+
+
+class DictState(nn.Linear):
+    """Extra state as an object: torch's strict load needs it back."""
+
+    def get_extra_state(self):
+        return {"calls": 3}
+
+    def set_extra_state(self, state):
+        self.calls = state["calls"]
+
+
+class TensorState(nn.Linear):
+    """Extra state as a tensor, as transformer_engine keeps its FP8 metadata."""
+
+    def get_extra_state(self):
+        return torch.tensor([7.0])
+
+    def set_extra_state(self, state):
+        self.extra = state
+
+
+def with_dict_state():
+    return nn.Sequential(DictState(64, 64), nn.Linear(64, 3))
+
+
+def with_tensor_state():
+    return nn.Sequential(TensorState(64, 64), nn.Linear(64, 3))
+'''
+
+
+def test_extra_state_that_is_not_a_tensor_is_refused_not_a_crash(run_cli, tmp_path: Path) -> None:
+    """model.state_dict() then holds a dict: the key logic crashed on its .shape."""
+    models = tmp_path / "extra.py"
+    models.write_text(EXTRA_STATE_MODELS)
+    source = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"0.weight": torch.ones(64, 64), "0.bias": torch.ones(64)}, source)
+    for command in ("diff", "check"):
+        result = run_cli(command, source, "--model", f"{models}:with_dict_state")
+        assert result.exit_code == 2, result.output
+        assert "holds 0._extra_state: extra state its modules keep as dict" in result.stderr
+        assert len(result.stderr.splitlines()) == 1
+    meta = model_tensor_meta(build_model(f"{models}:with_tensor_state"))
+    assert meta["0._extra_state"].shape == (1,) and not meta["0._extra_state"].learned

@@ -66,8 +66,36 @@ def select_tensor_dict(
         chosen_key: str | None = key
     else:
         chosen_key, found = _find_tensor_dict(obj, is_tensor, path)
+    _refuse_extra_state_objects(found, is_tensor, path)
     tensors = {k: v for k, v in found.items() if is_tensor(v)}
     return chosen_key, tensors, _other_entries(obj, chosen_key, is_tensor)
+
+
+def _refuse_extra_state_objects(
+    found: Mapping[str, Any], is_tensor: Callable[[Any], bool], path: str
+) -> None:
+    """torch's strict load needs a module's extra state back; a tensor-only copy (every
+    write ckptool makes) would silently drop it, so a state dict holding extra state as
+    an object is refused, not read without it."""
+    objects = _extra_state_objects(found, is_tensor)
+    if objects:
+        raise CheckpointReadError(f"{path}: {_extra_state_words(found, objects)}")
+
+
+def _extra_state_objects(found: Mapping[Any, Any], is_tensor: Callable[[Any], bool]) -> list[str]:
+    return [
+        k
+        for k, v in found.items()
+        if isinstance(k, str) and k.endswith(EXTRA_STATE) and not is_tensor(v)
+    ]
+
+
+def _extra_state_words(found: Mapping[str, Any], objects: list[str]) -> str:
+    return (
+        f"{listed(objects, 3)} is modules' extra state kept as {type(found[objects[0]]).__name__}, "
+        "not as a tensor; ckptool reads and writes tensors only, and a copy without it "
+        "would not load strictly"
+    )
 
 
 def module_versions(obj: Any, key: str | None, path: str) -> dict[str, int] | None:
@@ -124,7 +152,7 @@ def _find_tensor_dict(
     if not candidates:
         raise CheckpointReadError(
             f"{path}: holds {_describe(obj, is_tensor)} and no dict of tensors"
-            f"{_unnamed_keys_hint(obj, is_tensor)}"
+            f"{_why_not_a_state_dict(obj, is_tensor)}"
         )
     if len(candidates) > 1:
         names = [name for name, _ in candidates]
@@ -138,17 +166,23 @@ def _find_tensor_dict(
     return (name or None), found
 
 
-def _unnamed_keys_hint(obj: Any, is_tensor: Callable[[Any], bool]) -> str:
-    """Why a dict of tensors is not a state dict: its keys are not names (``{0: t}``)."""
+def _why_not_a_state_dict(obj: Any, is_tensor: Callable[[Any], bool]) -> str:
+    """Why a dict holding tensors is not read as a state dict: its keys are not names
+    (``{0: t}``), or modules' extra state in it is not a tensor."""
     if not isinstance(obj, Mapping) or not any(map(is_tensor, obj.values())):
         return ""
     key = next((k for k in obj if not isinstance(k, str)), None)
-    if key is None:
-        return ""
-    return (
-        f": its tensors are keyed by {type(key).__name__} (e.g. {short_repr(key)}), not by "
-        "name; a state dict maps names to tensors"
-    )
+    if key is not None:
+        return (
+            f": its tensors are keyed by {type(key).__name__} (e.g. {short_repr(key)}), not "
+            "by name; a state dict maps names to tensors"
+        )
+    extra = _extra_state_objects(obj, is_tensor)
+    return f": {_extra_state_words(obj, extra)}" if extra else ""
+
+
+# torch's state_dict key for what a module's get_extra_state() returns (any object).
+EXTRA_STATE = "_extra_state"
 
 
 def _follow_key(obj: Any, key: str, path: str) -> Any:
