@@ -63,6 +63,8 @@ def _compare_pair(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorChange |
     a, b = (t.dequantize() if t.is_quantized else t for t in (a, b))
     if a.dtype == b.dtype and torch.equal(_bits(a), _bits(b)):
         return None
+    if FLOAT4 in (str(a.dtype), str(b.dtype)):
+        return _compare_float4(name, a, b)
     # Complex values differ by |a - b| (a conjugate has a's magnitude: compared by
     # magnitudes, the change was 0); everything else in float64.
     wide = torch.complex128 if a.is_complex() or b.is_complex() else torch.float64
@@ -84,6 +86,50 @@ def _compare_pair(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorChange |
         max_abs=float(delta.max()),
         rel_l2=change / norm if norm else change,
     )
+
+
+FLOAT4 = "torch.float4_e2m1fn_x2"  # compared as a string: no torch import at module load
+# The eight magnitudes of e2m1 (fp4): a 4-bit code is a sign bit and one of these.
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def _compare_float4(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorChange:
+    """float4_e2m1fn_x2 holds two 4-bit values per element, and torch converts it to
+    nothing (``.to(float64)`` raised): each value is decoded from its code, and counts
+    are of 4-bit values. Against another dtype the elements do not correspond at all:
+    every value counts as changed, by an unknown (infinite) amount."""
+    if a.dtype != b.dtype:
+        return TensorChange(name, a.numel(), a.numel(), math.inf, math.inf)
+    codes_a, codes_b = (_float4_codes(t) for t in (a, b))
+    differs = codes_a != codes_b  # by code: -0 and 0 differ, as bits do elsewhere
+    values_a, values_b = (_float4_values(codes) for codes in (codes_a, codes_b))
+    delta = (values_a - values_b).abs()[differs]
+    import torch
+
+    norm = float(torch.linalg.vector_norm(values_a))
+    change = float(torch.linalg.vector_norm(delta))
+    return TensorChange(
+        key=name,
+        changed=int(differs.sum()),
+        numel=codes_a.numel(),
+        max_abs=float(delta.max()),
+        rel_l2=change / norm if norm else change,
+    )
+
+
+def _float4_codes(t: torch.Tensor) -> torch.Tensor:
+    """The 4-bit codes of a float4_e2m1fn_x2 tensor, low nibble first in each byte."""
+    import torch
+
+    packed = t.contiguous().view(torch.uint8).long()
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1)
+
+
+def _float4_values(codes: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    table = torch.tensor([*_E2M1, *(-v for v in _E2M1)], dtype=torch.float64)
+    return table[codes]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

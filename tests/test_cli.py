@@ -127,6 +127,30 @@ def test_values_of_complex_tensors_differ_by_the_distance_between_them(
     assert change["rel_l2"] == pytest.approx(2 / 6**0.5)
 
 
+def test_values_of_float4_tensors_are_decoded_not_a_crash(
+    run_cli, write_checkpoint: WriteCheckpoint
+) -> None:
+    """torch converts float4_e2m1fn_x2 to nothing, so --values raised an internal error.
+    Each byte holds two e2m1 codes: 0x21 is (0.5, 1.0); 0xA1 is (0.5, -1.0); 0x08 is
+    (-0.0, 0.0)."""
+
+    def fp4(*codes: int) -> torch.Tensor:
+        return torch.tensor(codes, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+
+    a = write_checkpoint({"x": fp4(0x21, 0x00)}, "a.pt")
+    b = write_checkpoint({"x": fp4(0xA1, 0x08)}, "b.pt")
+    (change,) = strict_json(run_cli("diff", a, b, "--values", "--json").stdout)["values"]["changed"]
+    # Two of four 4-bit values changed: 1.0 -> -1.0 by 2, and 0.0 -> -0.0 by 0.
+    assert (change["changed"], change["numel"], change["max_abs"]) == (2, 4, 2.0)
+    assert change["rel_l2"] == pytest.approx(2 / (0.5**2 + 1.0**2) ** 0.5)
+    assert strict_json(run_cli("diff", a, a, "--values", "--json").stdout)["values"]["unchanged"]
+    other = write_checkpoint({"x": torch.zeros(2)}, "other.pt")  # same shape, other dtype
+    (change,) = strict_json(run_cli("diff", a, other, "--values", "--json").stdout)["values"][
+        "changed"
+    ]
+    assert change["changed"] == 2 and change["max_abs"] is None  # infinite: unknowable
+
+
 def strict_json(text: str) -> Any:
     """json.loads that refuses NaN and Infinity, as jq and JavaScript do."""
 
