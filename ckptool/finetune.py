@@ -23,6 +23,7 @@ from ckptool.distributed import (
 )
 from ckptool.errors import IncompatibleError, OutputError, UsageError, option
 from ckptool.formats.bounded import listed
+from ckptool.formats.load import holds_non_finite
 from ckptool.freezing import (
     FreezeSummary,
     freeze_for_training,
@@ -279,9 +280,7 @@ def _build(
 def _refuse_non_finite_weights(net: nn.Module, source: str) -> None:
     """A NaN in the starting parameters makes every loss NaN: the run would stop as
     "diverged" and blame the learning rate. (Buffers may hold -inf masks on purpose.)"""
-    import torch
-
-    broken = [name for name, p in net.named_parameters() if not bool(torch.isfinite(p).all())]
+    broken = [name for name, p in net.named_parameters() if holds_non_finite(p)]
     if broken:
         raise IncompatibleError(
             f"{source}: the starting weights hold NaN or infinite values "

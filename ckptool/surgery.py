@@ -36,6 +36,7 @@ from ckptool.formats.dcp import chunk_assembly, dcp_name
 from ckptool.formats.files import read_assembly
 from ckptool.formats.load import (
     TensorReader,
+    holds_non_finite,
     open_tensors,
     read_tensor_alone,
     tensor_buffer,
@@ -547,7 +548,7 @@ def load_matched(model: nn.Module, meta: CheckpointMeta, keys: KeyDiff) -> tuple
     with open_tensors(meta) as reader, torch.no_grad():
         for name in keys.matched:
             tensor = reader.get(original.get(name, name))
-            if _non_finite(tensor):
+            if holds_non_finite(tensor):
                 non_finite.append(name)
             state[name].copy_(tensor)
     return tuple(non_finite)
@@ -573,14 +574,7 @@ def _load_through_hooks(
             f"{meta.path}: the model's loading left {', '.join(result.unexpected_keys[:3])} "
             "unused, though its hooks took them on the meta device"
         )
-    return tuple(name for name, tensor in state.items() if _non_finite(tensor))
-
-
-def _non_finite(tensor: torch.Tensor) -> bool:
-    """A floating tensor holding NaN or inf (what check reports and load warns of)."""
-    import torch
-
-    return tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    return tuple(name for name, tensor in state.items() if holds_non_finite(tensor))
 
 
 def _whole_fix(found: KeyDiff) -> Transforms:

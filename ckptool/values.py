@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ckptool.formats.load import open_tensors
+from ckptool.formats.load import FLOAT4, open_tensors
 from ckptool.formats.meta import CheckpointMeta
 from ckptool.keys import KeyDiff
 
@@ -88,7 +88,6 @@ def _compare_pair(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorChange |
     )
 
 
-FLOAT4 = "torch.float4_e2m1fn_x2"  # compared as a string: no torch import at module load
 # The eight magnitudes of e2m1 (fp4): a 4-bit code is a sign bit and one of these.
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 

@@ -815,6 +815,40 @@ def test_load_into_loads_in_place_or_raises_with_the_diff(
     same.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=True)
 
 
+def _fp8_model() -> torch.nn.Module:
+    """FP8 inference weights: a frozen float8_e4m3fn weight beside a float32 bias."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    weight = model[0].weight.detach().to(torch.float8_e4m3fn)
+    model[0].weight = torch.nn.Parameter(weight, requires_grad=False)
+    return model
+
+
+def test_load_into_fp8_weights(write_checkpoint: WriteCheckpoint) -> None:
+    """torch has no isfinite for float8_e4m3fn: the finiteness check crashed load_into."""
+    torch.manual_seed(0)
+    state = _fp8_model().state_dict()
+    source = write_checkpoint(state, "fp8.safetensors")
+    model = _fp8_model()
+    log = ckptool.load_into(model, source)
+    assert set(log.kept) == {"0.weight", "0.bias"}
+    assert torch.equal(model[0].weight.view(torch.uint8), state["0.weight"].view(torch.uint8))
+
+
+def test_non_finite_values_are_found_in_every_floating_dtype(monkeypatch) -> None:
+    from ckptool.formats import load
+
+    nan_e4m3 = torch.tensor([0x38, 0x7F], dtype=torch.uint8).view(torch.float8_e4m3fn)  # 1, NaN
+    assert load.holds_non_finite(nan_e4m3)
+    assert not load.holds_non_finite(torch.ones(3).to(torch.float8_e4m3fn))
+    assert load.holds_non_finite(torch.tensor([1.0, float("inf")]).to(torch.float8_e5m2))
+    assert load.holds_non_finite(torch.tensor([float("inf")]))
+    fp4 = torch.tensor([0xFF], dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    assert not load.holds_non_finite(fp4)  # e2m1 has no NaN or inf (this was a crash)
+    monkeypatch.setattr(load, "_WIDEN_CHUNK", 2)  # the NaN sits in the last chunk
+    late = torch.tensor([0x38] * 5 + [0x7F], dtype=torch.uint8).view(torch.float8_e4m3fn)
+    assert load.holds_non_finite(late) and not load.holds_non_finite(late[:5])
+
+
 def test_lightning_sub_tree_into_the_backbone_alone(
     run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
 ) -> None:

@@ -291,6 +291,28 @@ def tensor_buffer(tensor: torch.Tensor, dtype: str | None = None, *, name: str =
     return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
 
 
+# torch's name for fp4 (two e2m1 codes a byte): it converts to nothing, so helpers that
+# widen values decode it themselves.
+FLOAT4 = "torch.float4_e2m1fn_x2"
+# float8 is checked for NaN through float32, this many values at a time.
+_WIDEN_CHUNK = 1 << 24
+
+
+def holds_non_finite(tensor: torch.Tensor) -> bool:
+    """A floating tensor holding NaN or inf. torch has no ``isfinite`` for most float8
+    dtypes (a crash in load_into with FP8 weights) and none for float4, whose e2m1 codes
+    are all finite; float8 is checked through float32, which holds each of its values."""
+    import torch
+
+    if not tensor.is_floating_point() or str(tensor.dtype) == FLOAT4:
+        return False
+    if tensor.element_size() > 1:
+        return not bool(torch.isfinite(tensor).all())
+    flat = tensor.detach().reshape(-1)
+    starts = range(0, flat.numel(), _WIDEN_CHUNK)
+    return any(not bool(torch.isfinite(flat[i : i + _WIDEN_CHUNK].float()).all()) for i in starts)
+
+
 def tensor_bytes(tensor: torch.Tensor, dtype: str | None = None, *, name: str = "") -> bytes:
     """The raw little-endian bytes of ``tensor`` (cast to ``dtype``), C-contiguous.
 
