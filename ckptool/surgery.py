@@ -122,6 +122,36 @@ class Cast:
     def keeps(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.keep)
 
+    def notes(self, tensors: Mapping[str, TensorMeta]) -> tuple[str, ...]:
+        """What the cast leaves that one might expect it to change: float8 and float4
+        weights (an FP8 checkpoint's) keep their dtype, since dequantizing them takes
+        their scales; the scales themselves are cast like any float32 tensor."""
+        if self.dtype is None:
+            return ()
+        low = [n for n, t in tensors.items() if t.dtype in LOW_PRECISION]
+        if not low:
+            return ()
+        scales = [
+            n
+            for n, t in tensors.items()
+            if "scale" in n.rpartition(".")[2] and self.target(n, t.dtype) != t.dtype
+        ]
+        note = (
+            f"{len(low)} float8/float4 tensors keep their dtype ({listed(low, 3)}): "
+            f"{option('dtype')} casts float16/32/64 and bfloat16; dequantizing FP8 weights "
+            "takes their scales, which is not a cast"
+        )
+        if scales:
+            note += (
+                f"; tensors named like scales were cast ({listed(scales, 3)}): "
+                f"{option('keep_dtype', '*scale*', quoted=True)} keeps them"
+            )
+        return (note,)
+
+
+# The float8 and float4 dtypes: block-scaled weights, which a --dtype cast leaves alone.
+LOW_PRECISION = frozenset(d for d in DTYPE_SIZES if d.startswith(("float8_", "float4_")))
+
 
 @dataclass(frozen=True)
 class SurgeryLog:
@@ -308,7 +338,8 @@ def adapt(
         log = _replace(log, transforms=("--remap", *shown))
     log = _replace(
         log,
-        notes=_adapt_notes(built.note, keys, remap_note),
+        notes=_adapt_notes(built.note, keys, remap_note)
+        + cast.notes({n: meta.tensors[keys.original.get(n, n)] for n in keys.matched}),
         from_checkpoint=learned_numel(target, [*from_source, *keys.hook_filled]),
         model_numel=learned_numel(target, target),
     )
@@ -854,6 +885,7 @@ def convert(
         kept=tuple(meta.tensors),
         cast=_casts(meta, cast),
         dry_run=dry_run,
+        notes=cast.notes(meta.tensors),
     )
     if dry_run:
         return log

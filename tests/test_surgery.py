@@ -832,6 +832,12 @@ def test_load_into_fp8_weights(write_checkpoint: WriteCheckpoint) -> None:
     log = ckptool.load_into(model, source)
     assert set(log.kept) == {"0.weight", "0.bias"}
     assert torch.equal(model[0].weight.view(torch.uint8), state["0.weight"].view(torch.uint8))
+    # adapt says, as convert does, what a --dtype cast leaves in float8
+    out = source.parent / "bf16.safetensors"
+    cast = ckptool.adapt(source, model=_fp8_model(), out=str(out), dtype="bfloat16")
+    assert any(
+        n.startswith("1 float8/float4 tensors keep their dtype (0.weight)") for n in cast.notes
+    )
 
 
 def test_non_finite_values_are_found_in_every_floating_dtype(monkeypatch) -> None:
@@ -979,6 +985,38 @@ def test_keep_dtype_usage_errors(
     result = run_cli("convert", source, "-o", out, *flags)
     assert result.exit_code == 2 and re.search(message, result.stderr), result.output
     assert not out.exists()
+
+
+def test_a_cast_of_an_fp8_checkpoint_says_what_it_leaves_and_what_it_casts(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    """--dtype bfloat16 on an FP8 checkpoint left the float8 weights as they were and
+    rounded their float32 scales to bfloat16, without a word."""
+    state = {
+        "layer.weight": torch.randn(16, 16).to(torch.float8_e4m3fn),
+        "layer.weight_scale_inv": torch.full((2, 2), 1 / 3),
+        "norm.weight": torch.ones(16),
+    }
+    source = write_checkpoint(state, "fp8.safetensors")
+    out = tmp_path / "out.safetensors"
+    result = run_cli("convert", source, "-o", out, "--dtype", "bfloat16", "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    (note,) = document["notes"]
+    assert note.startswith("1 float8/float4 tensors keep their dtype (layer.weight)")
+    assert "tensors named like scales were cast (layer.weight_scale_inv)" in note
+    assert set(document["cast"]) == {"layer.weight_scale_inv", "norm.weight"}
+    kept = run_cli(
+        "convert", source, "-o", out, "--dtype", "bfloat16", "--keep-dtype", "*scale*", "--force"
+    )
+    assert kept.exit_code == 0 and "keep their dtype" in kept.stdout
+    assert "named like scales" not in kept.stdout
+    written = ckptool.load_state_dict(out)
+    assert written["layer.weight_scale_inv"].dtype == torch.float32
+    assert written["layer.weight"].dtype == torch.float8_e4m3fn
+    plain = write_checkpoint({"w": torch.ones(2)}, "plain.safetensors")
+    quiet = run_cli("convert", plain, "-o", tmp_path / "p.safetensors", "--dtype", "bfloat16")
+    assert quiet.exit_code == 0 and "note" not in quiet.stdout
 
 
 def test_a_cast_that_would_make_values_infinite_is_refused(
