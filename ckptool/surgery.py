@@ -929,13 +929,15 @@ def merge(
     """Combine checkpoints: ``take`` keys under a prefix from input N, or ``average`` all.
 
     Input 0 is the base. With ``average``, every input must have the same names and
-    shapes; floating tensors (float8 too) are averaged in float64, complex ones in
-    complex128, and stored in the base's dtype; integer, bool and quantized tensors (e.g.
-    ``num_batches_tracked``) are taken from the base and listed in the log's ``taken``.
+    shapes; floating tensors are averaged in float64, complex ones in complex128, and
+    stored in the base's dtype; integer, bool and quantized tensors (e.g.
+    ``num_batches_tracked``) are taken from the base and listed in the log's ``taken``,
+    as are float8/float4 weights when every input holds the same bits (else refused).
 
     Raises:
         UsageError: neither or both modes, a --take index out of range or a prefix
-            with no keys; IncompatibleError: inputs that cannot be averaged.
+            with no keys; IncompatibleError: inputs that cannot be averaged (also while
+            writing: float8/float4 weights that differ).
     """
     if len(inputs) < 2:
         raise UsageError("merge needs a BASE and at least one OTHER checkpoint")
@@ -1130,6 +1132,10 @@ def _plan_average(sources: Sequence[SourceBytes], cast: Cast) -> list[OutTensor]
     (and a dry run) averages nothing, and memory holds one tensor's inputs at a time."""
     plan = []
     for name, meta in sources[0].meta.tensors.items():
+        if meta.dtype in LOW_PRECISION:
+            same = functools.partial(_identical_in_all, sources, name)
+            plan.append(OutTensor(name, meta.dtype, meta.shape, ComputedBytes(meta.nbytes, same)))
+            continue
         if meta.dtype not in AVERAGED:
             plan.append(_planned(sources[0], name, cast))
             continue
@@ -1142,9 +1148,33 @@ def _plan_average(sources: Sequence[SourceBytes], cast: Cast) -> list[OutTensor]
 
 # What --average averages: real floats in float64, complex in complex128 (a complex
 # tensor taken from the base would drop every other input's values without a word).
-# complex32 is left out: torch warns that it barely supports it.
+# complex32 is left out: torch warns that it barely supports it. float8/float4 weights
+# are not averaged: see _identical_in_all.
 COMPLEX = frozenset({"complex64", "complex128"})
-AVERAGED = FLOATING | COMPLEX | {d for d in DTYPE_SIZES if d.startswith("float8_")}
+AVERAGED = FLOATING | COMPLEX
+
+
+def _identical_in_all(sources: Sequence[SourceBytes], name: str) -> memoryview:
+    """The base's float8/float4 tensor, if every input holds the same bits. Such weights
+    are codes times per-block scales held in other tensors; averaging the codes (or
+    the scales) apart is not averaging the weights, and dequantizing them is not
+    ckptool's to guess, so inputs that differ are refused (at write time: nothing is
+    written)."""
+    import torch
+
+    def bits(source: SourceBytes) -> torch.Tensor:
+        return source.alone(name).contiguous().view(torch.uint8)
+
+    base = bits(sources[0])
+    for index, source in enumerate(sources[1:], start=1):
+        if not torch.equal(bits(source), base):
+            raise IncompatibleError(
+                f"{option('average', True)}: {name!r} ({sources[0].meta.tensors[name].dtype}) "
+                f"differs in input {index} ({source.meta.path}): float8/float4 weights "
+                "average only after dequantizing them with their scales, which ckptool does "
+                "not do"
+            )
+    return tensor_buffer(base)
 
 
 def _averaged(sources: Sequence[SourceBytes], name: str, dtype: str) -> memoryview:

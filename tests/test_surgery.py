@@ -564,16 +564,17 @@ def test_merge_average(write_checkpoint: WriteCheckpoint, tmp_path: Path) -> Non
     assert "conv.weight" in log.averaged
 
 
-def test_merge_average_averages_complex_and_float8_and_names_what_it_takes_from_the_base(
+def test_merge_average_averages_complex_and_names_what_it_takes_from_the_base(
     run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
 ) -> None:
-    """Only float16..float64 were averaged: a complex or float8 tensor came from the base
-    without a word, dropping the other inputs' values."""
+    """Only float16..float64 were averaged: a complex tensor came from the base without
+    a word, dropping the other inputs' values. float8 weights, the same in every input
+    (a frozen FP8 base), are the base's, and listed so."""
     states = [
         {
             "w": torch.full((2,), v),
             "c": torch.full((2,), complex(v, -v), dtype=torch.complex64),
-            "f8": torch.full((2,), v).to(torch.float8_e4m3fn),
+            "f8": torch.full((2,), 1.5).to(torch.float8_e4m3fn),
             "n": torch.tensor([int(v)]),
         }
         for v in (1.0, 3.0)
@@ -584,11 +585,31 @@ def test_merge_average_averages_complex_and_float8_and_names_what_it_takes_from_
     assert result.exit_code == 0, result.stderr
     soup = ckptool.load_state_dict(out)
     assert torch.equal(soup["c"], torch.full((2,), 2 - 2j, dtype=torch.complex64))
-    assert torch.equal(soup["f8"].float(), torch.full((2,), 2.0))
+    assert torch.equal(soup["f8"].view(torch.uint8), states[0]["f8"].view(torch.uint8))
     assert torch.equal(soup["w"], torch.full((2,), 2.0)) and torch.equal(soup["n"], states[0]["n"])
-    assert "from input 0    1  n" in result.stdout
+    assert "from input 0    2  f8, n" in result.stdout
     log = merge([str(p) for p in paths], str(tmp_path / "dry.pt"), average=True, dry_run=True)
-    assert set(log.averaged) == {"w", "c", "f8"} and log.taken == {"n": 0}
+    assert set(log.averaged) == {"w", "c"} and log.taken == {"f8": 0, "n": 0}
+
+
+def test_merge_average_refuses_float8_weights_that_differ(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    """float8 weights are codes times scales held elsewhere: averaging the codes is not
+    averaging the weights (it was done, silently)."""
+    paths = [
+        write_checkpoint(
+            {"w": torch.full((2,), v).to(torch.float8_e4m3fn), "s": torch.full((1,), v)},
+            f"fp8_{i}.safetensors",
+        )
+        for i, v in enumerate((1.0, 3.0))
+    ]
+    out = tmp_path / "soup.safetensors"
+    result = run_cli("merge", *paths, "--average", "-o", out)
+    assert result.exit_code == 1 and len(result.stderr.splitlines()) == 1
+    assert "'w' (float8_e4m3fn) differs in input 1" in result.stderr
+    assert "average only after dequantizing them with their scales" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
 
 
 def test_merge_average_refuses_a_complex_tensor_against_a_real_one(
