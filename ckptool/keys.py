@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from ckptool.errors import TransformError, on_command_line, option, shell_word
-from ckptool.formats.meta import TensorMeta, numels, tied_views
+from ckptool.formats.meta import LOW_PRECISION, SCALE_SUFFIXES, TensorMeta, numels, tied_views
 
 # Prefixes that wrappers add: DataParallel/DDP, torch.compile, Lightning, detection heads.
 KNOWN_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "encoder.", "net.")
@@ -284,6 +284,10 @@ class KeyDiff:
     # written as they are; model keys they fill, not written.
     hooked: tuple[str, ...] = ()
     hook_filled: tuple[str, ...] = ()
+    # Matched float8/float4 tensors whose scale the checkpoint holds beside them, going
+    # into a higher-precision tensor: (name, the scale's checkpoint name). Loaded without
+    # the scale the weights are wrong, so nothing fits until they are dequantized.
+    scaled_codes: tuple[tuple[str, str], ...] = ()
 
     @property
     def original(self) -> dict[str, str]:
@@ -300,8 +304,14 @@ class KeyDiff:
     @property
     def fits_after_adapt(self) -> bool:
         """``adapt`` with these transforms writes a file that loads strictly: nothing
-        unexpected or mismatched, every missing key re-initialised or written via its tie."""
-        return not self.unexpected and not self.shape_mismatch and not self.unexplained_missing
+        unexpected or mismatched, every missing key re-initialised or written via its tie,
+        and no scaled float8 codes loaded as weights."""
+        return (
+            not self.unexpected
+            and not self.shape_mismatch
+            and not self.unexplained_missing
+            and not self.scaled_codes
+        )
 
     @property
     def compatible(self) -> bool:
@@ -465,6 +475,34 @@ def _compare(
         through_tie=through_tie,
         hooked=tuple(filter(consumed.__contains__, absent)),
         hook_filled=tuple(filter(filled.__contains__, lacking)),
+        scaled_codes=_scaled_codes(source, mapping, dtype_mismatch),
+    )
+
+
+def _scaled_codes(
+    source: Mapping[str, TensorMeta], mapping: Mapping[str, str], mismatches: list[DtypeMismatch]
+) -> tuple[tuple[str, str], ...]:
+    """Matched float8/float4 tensors going into a wider dtype whose scale the checkpoint
+    holds (under any transforms: a --drop of the scale does not make the codes weights)."""
+    found = []
+    for m in mismatches:
+        if m.source in LOW_PRECISION and m.target not in LOW_PRECISION:
+            own = mapping[m.key]
+            scale = next((own + s for s in SCALE_SUFFIXES if own + s in source), None)
+            if scale is not None:
+                found.append((m.key, scale))
+    return tuple(found)
+
+
+def scaled_codes_words(keys: KeyDiff) -> str:
+    """Why scaled float8 codes do not fit a wider model, and what would."""
+    name, scale = keys.scaled_codes[0]
+    more = f" (and {len(keys.scaled_codes) - 1} more)" if len(keys.scaled_codes) > 1 else ""
+    kind = next(m for m in keys.dtype_mismatch if m.key == name)
+    return (
+        f"{name}{more} holds {kind.source} codes scaled by {scale}, and the target wants "
+        f"{kind.target}: loaded without their scales the weights are wrong (dropping the "
+        "scales throws them away); dequantize them first, which ckptool does not do"
     )
 
 

@@ -27,6 +27,7 @@ from ckptool.keys import (
     discarded_by_choice,
     fold_names,
     fold_rows,
+    scaled_codes_words,
 )
 
 if TYPE_CHECKING:
@@ -267,6 +268,7 @@ def diff_json(report: CheckpointDiff) -> dict[str, Any]:
         # Incompatible and no fix offered because none keeps a meaningful part of it.
         "fix_keeps_little": not report.compatible
         and not keys.ambiguous
+        and not keys.scaled_codes
         and offered_fix_flags(keys) is None,
         "matched": list(keys.matched),
         "missing": list(keys.missing),
@@ -278,6 +280,7 @@ def diff_json(report: CheckpointDiff) -> dict[str, Any]:
         "dtype_mismatch": [
             {"key": m.key, "source": m.source, "target": m.target} for m in keys.dtype_mismatch
         ],
+        "scaled_codes": dict(keys.scaled_codes),
         "dropped": list(keys.dropped),
         "reinit": list(keys.reinit),
         "renamed": dict(keys.renamed),
@@ -421,6 +424,8 @@ def verdict(keys: KeyDiff) -> str:
         filled = [k for k in keys.missing if keys.transforms.explains(k)]
         tail = f"; {capped(fold_names(filled), 4)} filled from the model's init" if filled else ""
         return f"compatible: {len(keys.matched)}/{keys.target_total} keys match{tail}"
+    if keys.scaled_codes:
+        return f"incompatible: {scaled_codes_words(keys)}"
     if keys.ambiguous:
         options = " or ".join(" ".join(s.flags) for s in keys.ambiguous)
         best = keys.ambiguous[0]

@@ -42,7 +42,14 @@ from ckptool.formats.load import (
     tensor_buffer,
     tensor_bytes,
 )
-from ckptool.formats.meta import DTYPE_SIZES, FLOATING, Assembly, Format, TensorMeta
+from ckptool.formats.meta import (
+    DTYPE_SIZES,
+    FLOATING,
+    LOW_PRECISION,
+    Assembly,
+    Format,
+    TensorMeta,
+)
 from ckptool.formats.save import (
     SavedFile,
     output_format_for,
@@ -70,6 +77,7 @@ from ckptool.keys import (
     fold_names,
     learned_numel,
     mostly_init,
+    scaled_codes_words,
     suggest_prefixes,
     under_prefix,
 )
@@ -147,10 +155,6 @@ class Cast:
                 f"{option('keep_dtype', '*scale*', quoted=True)} keeps them"
             )
         return (note,)
-
-
-# The float8 and float4 dtypes: block-scaled weights, which a --dtype cast leaves alone.
-LOW_PRECISION = frozenset(d for d in DTYPE_SIZES if d.startswith(("float8_", "float4_")))
 
 
 @dataclass(frozen=True)
@@ -616,6 +620,8 @@ def _whole_fix(found: KeyDiff) -> Transforms:
             f"{option('auto', True)}: ambiguous, {options} match equally many keys; pass one "
             "explicitly"
         )
+    if found.scaled_codes:
+        raise IncompatibleError(f"{option('auto', True)}: {scaled_codes_words(found)}")
     if found.compatible or (found.fits_after_adapt and found.fix is None):
         return found.transforms
     by_choice = discarded_by_choice(found)
@@ -644,6 +650,8 @@ def _accepted(keys: KeyDiff, *, policy: MismatchPolicy, strict: bool) -> bool:
 
 def _refuse_incompatible(keys: KeyDiff, *, policy: MismatchPolicy, strict: bool) -> None:
     """``keys`` must come with its suggestions (``diff(suggest=True)``): the hint."""
+    if keys.scaled_codes:  # whatever the flags: written as weights, the codes are wrong
+        raise IncompatibleError(scaled_codes_words(keys))
     hint = _fix_hint(keys)
     if not keys.matched:
         # Writing the model's init under a new name would look like success; it is not.
@@ -674,7 +682,9 @@ def _misfits(keys: KeyDiff) -> str:
         ("missing", list(keys.unexplained_missing)),
         ("unexpected", list(keys.unexpected)),
     )
-    return "; ".join(f"{what} {', '.join(fold_names(names)[:3])}" for what, names in found if names)
+    parts = [f"{what} {', '.join(fold_names(names)[:3])}" for what, names in found if names]
+    scaled = [scaled_codes_words(keys)] if keys.scaled_codes else []
+    return "; ".join(scaled + parts)
 
 
 def _fix_hint(keys: KeyDiff) -> str:

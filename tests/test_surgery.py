@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -859,6 +860,65 @@ def test_load_into_fp8_weights(write_checkpoint: WriteCheckpoint) -> None:
     assert any(
         n.startswith("1 float8/float4 tensors keep their dtype (0.weight)") for n in cast.notes
     )
+
+
+FP8_MODEL = """
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(64, 64, bias=False)
+        self.norm = nn.LayerNorm(64)
+"""
+
+
+def test_scaled_fp8_weights_are_never_loaded_as_weights(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    """An FP8 checkpoint (codes plus weight_scale_inv) against a float32 model: the fix
+    was '--drop proj.weight_scale_inv', and adapt (even without it) wrote the codes as
+    the weights, wrong by the scale."""
+    spec_file = tmp_path / "net.py"
+    spec_file.write_text(FP8_MODEL)
+    spec = f"{spec_file}:Net"
+    weight = torch.randn(64, 64)
+    scale = weight.abs().max() / 448
+    source = write_checkpoint(
+        {
+            "proj.weight": (weight / scale).to(torch.float8_e4m3fn),
+            "proj.weight_scale_inv": scale.reshape(1, 1),
+            "norm.weight": torch.ones(64),
+            "norm.bias": torch.zeros(64),
+        },
+        "fp8.safetensors",
+    )
+    words = "proj.weight holds float8_e4m3fn codes scaled by proj.weight_scale_inv"
+    shown = run_cli("diff", source, "--model", spec, "--json")
+    document = json.loads(shown.stdout)
+    assert shown.exit_code == 1 and document["fix"] is None
+    assert document["scaled_codes"] == {"proj.weight": "proj.weight_scale_inv"}
+    assert not document["fix_keeps_little"]
+    dropped = run_cli("diff", source, "--model", spec, "--drop", "proj.weight_scale_inv")
+    assert dropped.exit_code == 1 and f"incompatible: {words}" in dropped.stdout
+    out = tmp_path / "out.safetensors"
+    for flags in ((), ("--auto",), ("--drop", "proj.weight_scale_inv")):
+        refused = run_cli("adapt", source, "--model", spec, *flags, "-o", out)
+        assert refused.exit_code == 1 and words in refused.stderr, flags
+    assert not out.exists()
+    with pytest.raises(IncompatibleError, match=re.escape(words)):
+        ckptool.load_into(ckptool.build_model(spec), source, drop=["proj.weight_scale_inv"])
+    # An FP8 model (float8 weights, its own scale parameter) takes the same file as it is.
+    fp8_net = tmp_path / "fp8net.py"
+    fp8_net.write_text(
+        FP8_MODEL.replace("from torch import nn", "import torch\nfrom torch import nn")
+        + "        self.proj.weight = nn.Parameter(\n"
+        "            self.proj.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)\n"
+        "        self.proj.register_buffer('weight_scale_inv', torch.ones(1, 1))\n"
+    )
+    fits = run_cli("diff", source, "--model", f"{fp8_net}:Net")
+    assert fits.exit_code == 0, fits.stdout
 
 
 def test_non_finite_values_are_found_in_every_floating_dtype(monkeypatch) -> None:

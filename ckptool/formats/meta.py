@@ -25,6 +25,12 @@ DTYPE_SIZES: Mapping[str, int] = {
 QUANTIZED = frozenset({"qint8", "quint8", "qint32", "quint4x2", "quint2x4"})
 # The dtypes a --dtype cast applies to, and that consolidated ZeRO buffers widen from.
 FLOATING = frozenset({"float64", "float32", "float16", "bfloat16"})
+# float8 and float4: block-scaled weights (codes times scales held in other tensors),
+# which a cast leaves alone and an average or a load without the scales gets wrong.
+LOW_PRECISION = frozenset(d for d in DTYPE_SIZES if d.startswith(("float8_", "float4_")))
+# How checkpoints name a low-precision weight's scale: NAME + suffix (DeepSeek's
+# weight_scale_inv, compressed-tensors' weight_scale).
+SCALE_SUFFIXES = ("_scale_inv", "_scale")
 
 
 class Format(str, enum.Enum):
