@@ -383,3 +383,31 @@ def test_a_torch_export_archive_is_named_as_such(run_cli, tmp_path: Path) -> Non
         assert "is a torch.export archive (.pt2)" in refused.stderr
         assert "torch.export.load" in refused.stderr and len(refused.stderr.splitlines()) == 1
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "head", "what"),
+    [
+        ("model.gguf", b"GGUF\x03\x00\x00\x00" + bytes(64), "is a GGUF file (llama.cpp)"),
+        ("model.h5", b"\x89HDF\r\n\x1a\n" + bytes(64), "is an HDF5 file (Keras .h5 weights?)"),
+        ("weights.npy", None, "is a NumPy .npy array"),
+        ("weights.npz", None, "is a NumPy .npz archive"),
+        ("model.onnx", b"\x08\x07\x12\x07pytorch" + bytes(32), "not a recognised checkpoint"),
+    ],
+)
+def test_weights_of_other_frameworks_are_named(
+    run_cli, tmp_path: Path, name: str, head: bytes | None, what: str
+) -> None:
+    """A GGUF, Keras or NumPy file handed to ckptool is named as what it is."""
+    import numpy as np
+
+    path = tmp_path / name
+    if name.endswith(".npy"):
+        np.save(path, np.ones(3))
+    elif name.endswith(".npz"):
+        np.savez(path, w=np.ones(3))
+    else:
+        path.write_bytes(head or b"")
+    refused = run_cli("inspect", path)
+    assert refused.exit_code == 3 and f"{path}: {what}" in refused.stderr
+    assert len(refused.stderr.splitlines()) == 1

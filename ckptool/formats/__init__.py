@@ -155,7 +155,7 @@ def detect_format(path: str) -> Format:
         return Format.ZERO
     require_regular_file(path)
     with open(path, "rb") as f:
-        head = f.read(9)
+        head = f.read(_MAGIC_BYTES)
         size = os.fstat(f.fileno()).st_size
     if not head:
         raise CheckpointReadError(f"{path}: file is empty")
@@ -164,14 +164,24 @@ def detect_format(path: str) -> Format:
     # A safetensors header length such as 384 starts with byte 0x80, like a pickle: a
     # length that fits the file decides; otherwise the reader reports the bad length.
     fits = int.from_bytes(head[:8], "little") + 8 <= size
-    if len(head) == 9 and head[8:9] == b"{" and (fits or not looks_like_pickle(head)):
+    if len(head) >= 9 and head[8:9] == b"{" and (fits or not looks_like_pickle(head)):
         return Format.SAFETENSORS
     if looks_like_pickle(head):
         return Format.TORCH_LEGACY
+    other = next((what for magic, what in _OTHER_FORMATS if head.startswith(magic)), None)
+    what = f"is {other}, not a PyTorch checkpoint" if other else "not a recognised checkpoint"
     raise CheckpointReadError(
-        f"{path}: not a recognised checkpoint (expected safetensors, a torch.save zip "
-        "or legacy file, or a *.index.json)"
+        f"{path}: {what} (expected safetensors, a torch.save zip or legacy file, or a *.index.json)"
     )
+
+
+_MAGIC_BYTES = 9
+# Weight files of other frameworks that users hand to a PyTorch tool: named, not guessed.
+_OTHER_FORMATS = (
+    (b"GGUF", "a GGUF file (llama.cpp)"),
+    (b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras .h5 weights?)"),
+    (b"\x93NUMPY", "a NumPy .npy array"),
+)
 
 
 def _read_meta_with_torch(path: str, file_format: Format, *, key: str | None) -> CheckpointMeta:

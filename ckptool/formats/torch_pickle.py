@@ -277,6 +277,8 @@ def _archive_prefix(path: str, records: dict[str, zipfile.ZipInfo]) -> str:
             f"{path}: is a torch.export archive (.pt2), not a torch.save state dict; load it "
             "with torch.export.load and save its state_dict() instead"
         )
+    if records and all(name.endswith(".npy") for name in records):
+        raise CheckpointReadError(f"{path}: is a NumPy .npz archive, not a torch.save file")
     if len(pickles) != 1:
         raise CheckpointReadError(
             f"{path}: zip archive has no torch data.pkl; not a torch.save file"
