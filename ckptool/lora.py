@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptool.errors import CheckpointReadError, IncompatibleError, UsageError
 from ckptool.formats import CheckpointMeta, read_metadata
-from ckptool.formats.adapters import CONFIG_NAME, PEFT_PREFIX, describe_adapter
+from ckptool.formats.adapters import CONFIG_NAME, PEFT_PREFIX, TOKENS_SUFFIX, describe_adapter
 from ckptool.formats.load import tensor_buffer
 from ckptool.formats.meta import DTYPE_SIZES
 from ckptool.formats.save import output_format_for
@@ -55,6 +55,8 @@ class LoraSettings:
     fan_in_fan_out: bool
     rank_pattern: Mapping[str, int]
     alpha_pattern: Mapping[str, float]
+    # trainable_token_indices: a list (the input embedding's) or {module pattern: list}
+    token_indices: list[int] | Mapping[str, list[int]] | None = None
 
     def scale(self, module: str) -> float:
         r = _pattern_value(self.rank_pattern, module, self.r)
@@ -108,7 +110,36 @@ def read_settings(config: Mapping[str, Any] | None, path: str) -> LoraSettings:
         bool(config.get("fan_in_fan_out")),
         ranks,
         alphas,
+        _token_indices(config.get("trainable_token_indices"), path),
     )
+
+
+def _token_indices(raw: Any, path: str) -> list[int] | dict[str, list[int]] | None:
+    if raw is None:
+        return None
+    if _token_ids(raw):
+        return list(raw)
+    if isinstance(raw, dict) and all(isinstance(k, str) and _token_ids(v) for k, v in raw.items()):
+        return {key: list(ids) for key, ids in raw.items()}
+    raise CheckpointReadError(
+        f"{path}: {CONFIG_NAME}'s trainable_token_indices must be a list of token ids or "
+        "a mapping of module names to such lists"
+    )
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(_count(i) or (type(i) is int and i == 0) for i in value)
+
+
+def tokens_of(settings: LoraSettings, module: str) -> list[int] | None:
+    """The token ids whose rows the adapter trained for ``module``: peft's list form
+    names the input embedding (the one module the adapter has rows for), the mapping
+    form names modules by peft's rule (the longest key the module name ends with)."""
+    raw = settings.token_indices
+    if raw is None or isinstance(raw, list):
+        return raw
+    matches = [key for key in raw if re.fullmatch(rf"(?:.*\.)?(?:{re.escape(key)})", module)]
+    return raw[max(matches, key=len)] if matches else None
 
 
 def _count(value: Any) -> bool:
@@ -127,11 +158,16 @@ class LoraPair:
     embedding: bool
 
 
-def lora_pairs(adapter: CheckpointMeta) -> tuple[list[LoraPair], dict[str, str]]:
-    """(the A/B pairs, {base name: adapter name} of tensors saved whole)."""
+def lora_pairs(adapter: CheckpointMeta) -> tuple[list[LoraPair], dict[str, str], dict[str, str]]:
+    """(the A/B pairs, {base name: adapter name} of tensors saved whole, {base weight
+    name: adapter name} of trainable token rows)."""
     parts: dict[str, dict[str, str]] = {}
-    saved = {}
+    saved, tokens = {}, {}
     for name in adapter.tensors:
+        if name.endswith(TOKENS_SUFFIX):
+            module = name.removesuffix(TOKENS_SUFFIX).removeprefix(PEFT_PREFIX)
+            tokens[f"{module}.weight"] = name
+            continue
         match = _LORA_KEY.match(name)
         if match is None:
             saved[name.removeprefix(PEFT_PREFIX)] = name
@@ -148,7 +184,7 @@ def lora_pairs(adapter: CheckpointMeta) -> tuple[list[LoraPair], dict[str, str]]
                 f"{a} and {b}; the adapter is incomplete"
             )
         pairs.append(LoraPair(module, found[a], found[b], embedding))
-    return pairs, saved
+    return pairs, saved, tokens
 
 
 def merge_lora(
@@ -176,9 +212,10 @@ def merge_lora(
     if info is None:
         raise UsageError(f"{adapter_meta.path}: holds no lora_A/lora_B tensors; not an adapter")
     settings = read_settings(info.config, adapter_meta.path)
-    pairs, saved = lora_pairs(adapter_meta)
+    pairs, saved, tokens = lora_pairs(adapter_meta)
     by_weight = {f"{pair.module}.weight": pair for pair in pairs}
     _check_fits(base_meta, adapter_meta, pairs, saved, settings)
+    rows = _token_rows(base_meta, adapter_meta, tokens, settings, by_weight)
     fmt_out = output_format_for(out, fmt)
     if not dry_run:
         check_output(out, inputs=(*base_meta.files, *adapter_meta.files), force=force)
@@ -188,8 +225,10 @@ def merge_lora(
         sources=(base_meta.path, adapter_meta.path),
         output=out,
         format=fmt_out.value,
-        kept=tuple(n for n in base_meta.tensors if n not in by_weight and n not in saved),
-        merged=tuple(by_weight),
+        kept=tuple(
+            n for n in base_meta.tensors if n not in by_weight and n not in saved and n not in rows
+        ),
+        merged=(*by_weight, *rows),
         taken={name: 1 for name in saved},
         dry_run=dry_run,
         notes=(f"adapter: {info.summary}",),
@@ -199,7 +238,9 @@ def merge_lora(
     with ExitStack() as stack:
         base_bytes, adapter_bytes = SourceBytes(base_meta, stack), SourceBytes(adapter_meta, stack)
         plan = [
-            _merged_tensor(name, base_bytes, adapter_bytes, by_weight, saved, settings, cast)
+            _rows_replaced(name, base_bytes, adapter_bytes, rows[name], cast)
+            if name in rows
+            else _merged_tensor(name, base_bytes, adapter_bytes, by_weight, saved, settings, cast)
             for name in base_meta.tensors
         ]
         metadata = provenance("merge-lora", base_meta, adapter=os.path.basename(adapter_meta.path))
@@ -228,6 +269,79 @@ def _merged_tensor(
     source, source_name = (adapter, saved[name]) if name in saved else (base, name)
     data, written = source.data(source_name, out_dtype)
     return OutTensor(name, written, meta.shape, data)
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Rows of an embedding the adapter trained (peft's trainable tokens)."""
+
+    delta: str  # the adapter tensor: one new row per token id
+    ids: tuple[int, ...]
+
+
+def _token_rows(
+    base: CheckpointMeta,
+    adapter: CheckpointMeta,
+    tokens: Mapping[str, str],
+    settings: LoraSettings,
+    by_weight: Mapping[str, LoraPair],
+) -> dict[str, TokenRows]:
+    """{base weight name: its trained rows}, each checked against the base's weight.
+
+    Raises: CheckpointReadError (no token ids for a module, or ids that do not fit its
+    rows); IncompatibleError (the base lacks the weight); UsageError (LoRA on the same
+    weight: the order peft applies them in is not ckptool's to guess).
+    """
+    rows = {}
+    for weight_name, delta in tokens.items():
+        module = weight_name.removesuffix(".weight")
+        ids = tokens_of(settings, module)
+        weight, new = base.tensors.get(weight_name), adapter.tensors[delta]
+        if weight is None:
+            raise IncompatibleError(
+                f"{adapter.path} trains token rows of {module}, which {base.path} lacks "
+                f"(no {weight_name}); is this the adapter's base model?"
+            )
+        if weight_name in by_weight:
+            raise UsageError(
+                f"{adapter.path}: {module} has both LoRA and trainable tokens; merge-lora "
+                "merges one or the other"
+            )
+        if ids is None or len(weight.shape) != 2 or len(new.shape) != 2:
+            raise CheckpointReadError(
+                f"{adapter.path}: trainable tokens on {module} without their token ids in "
+                f"{CONFIG_NAME} (trainable_token_indices), or not a 2-D embedding"
+            )
+        vocab, width = weight.shape
+        fits = new.shape == (len(ids), width) and len(set(ids)) == len(ids)
+        if not fits or any(i >= vocab for i in ids):
+            raise CheckpointReadError(
+                f"{adapter.path}: {len(ids)} trainable token ids for {module} (up to "
+                f"{max(ids, default=0)}) do not fit its rows {list(new.shape)} and the base's "
+                f"embedding {list(weight.shape)}"
+            )
+        rows[weight_name] = TokenRows(delta, tuple(ids))
+    return rows
+
+
+def _rows_replaced(
+    name: str, base: SourceBytes, adapter: SourceBytes, rows: TokenRows, cast: Cast
+) -> OutTensor:
+    """The base's embedding with the trained rows in place of the old ones, as peft's
+    TrainableTokensLayer.merge writes them (index_copy: replaced, not added)."""
+    meta = base.meta.tensors[name]
+    out_dtype = cast.target(name, meta.dtype)
+
+    def replaced() -> memoryview:
+        import torch
+
+        weight = base.alone(name).clone()
+        new_rows = adapter.tensor(rows.delta).to(weight.dtype)
+        weight.index_copy_(0, torch.tensor(rows.ids), new_rows)
+        return tensor_buffer(weight, out_dtype, name=name)
+
+    length = meta.numel * DTYPE_SIZES[out_dtype]
+    return OutTensor(name, out_dtype, meta.shape, ComputedBytes(length, replaced))
 
 
 def _renaming_hint(base: CheckpointMeta, pairs: list[LoraPair]) -> str:

@@ -56,6 +56,10 @@ VARIANTS = {
     ),
     "modules_to_save": (Net, {"target_modules": ["q"], "modules_to_save": ["head"]}),
     "fan_in_fan_out": (GptLike, {"target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True}),
+    # peft's trainable tokens: new rows for tokens 1, 3 and 7 replace the embedding's
+    "trainable tokens": (
+        Net, {"target_modules": ["q"], "trainable_token_indices": {"emb": [1, 3, 7]}}
+    ),
 }  # fmt: skip
 
 
@@ -100,6 +104,37 @@ def test_merge_streams_one_tensor_at_a_time_and_keeps_the_rest_as_bytes(tmp_path
     assert log.kept and all(torch.equal(untouched[k], original[k]) for k in log.kept)
 
 
+def _train_tokens(adapter: Path, base: Path, ids: list[int]) -> None:
+    """Add trained rows for ``ids`` of emb to an adapter, as peft saves them."""
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    width = torch.load(base, weights_only=True)["emb.weight"].shape[1]
+    tensors["base_model.model.emb.token_adapter.trainable_tokens_delta"] = torch.ones(
+        len(ids), width
+    )
+    save_file(tensors, weights)
+
+
+def test_trainable_token_rows_replace_the_embeddings_rows(tmp_path: Path) -> None:
+    """The rows are replaced, not added to (peft's index_copy); the others are kept."""
+    base, adapter, _ = _adapter(
+        Net, {"target_modules": ["q"], "trainable_token_indices": {"emb": [1, 3]}}, tmp_path
+    )
+    _train_tokens(adapter, base, ids=[1, 3])
+    out = tmp_path / "merged.safetensors"
+    log = ckptool.merge_lora(base, adapter, str(out))
+    embedding, original = load_file(out)["emb.weight"], torch.load(base)["emb.weight"]
+    assert torch.equal(embedding[[1, 3]], torch.ones(2, 8))
+    assert torch.equal(embedding[[0, 2, 4]], original[[0, 2, 4]])
+    assert "emb.weight" in log.merged and "emb.weight" not in log.kept
+    summary = ckptool.read_metadata(adapter)
+    from ckptool.formats.adapters import describe_adapter
+
+    info = describe_adapter(summary.path, summary.tensors)
+    assert info is not None and info.tokens == ("emb",) and info.saved == ()
+    assert info.summary.endswith("; trainable tokens on emb")
+
+
 def _broken(tmp_path: Path, case: str) -> tuple[Path, Path]:
     base, adapter, _ = _adapter(Net, {"target_modules": ["q", "v"]}, tmp_path)
     weights = adapter / "adapter_model.safetensors"
@@ -123,6 +158,11 @@ def _broken(tmp_path: Path, case: str) -> tuple[Path, Path]:
         tensors = load_file(weights)
         del tensors["base_model.model.v.lora_B.weight"]
         save_file(tensors, weights)
+    elif case.startswith("token ids"):
+        _train_tokens(adapter, base, ids=[1, 3])
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        config["trainable_token_indices"] = {"emb": [1, 99]} if "range" in case else None
+        (adapter / "adapter_config.json").write_text(json.dumps(config))
     elif case == "dora":
         config = json.loads((adapter / "adapter_config.json").read_text())
         (adapter / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
@@ -145,6 +185,8 @@ def _broken(tmp_path: Path, case: str) -> tuple[Path, Path]:
         ("dataparallel base lacking v", 1, "adapts q, which .* lacks .*is this the adapter's base"),
         ("A without B", 3, "not both lora_A and lora_B"),
         ("dora", 2, "use_dora adapters are not supported"),
+        ("token ids out of range", 3, "2 trainable token ids for emb \\(up to 99\\) do not fit"),
+        ("token ids missing", 3, "trainable tokens on emb without their token ids"),
     ],
 )
 def test_broken_inputs_get_one_line(

@@ -21,6 +21,9 @@ from ckptool.formats.files import parse_json, require_regular_file
 from ckptool.formats.meta import TensorMeta
 
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B|embedding_A|embedding_B)(?:\.[^.]+)?$")
+# peft's trainable tokens (``trainable_token_indices``): new rows for some tokens of an
+# embedding, which replace the base's rows when merged.
+TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -34,6 +37,7 @@ class AdapterInfo:
     ranks: tuple[int, ...]  # distinct ranks, ascending
     saved: tuple[str, ...]  # full copies (modules_to_save), base-model names
     config: Mapping[str, Any] | None
+    tokens: tuple[str, ...] = ()  # modules with trainable token rows, base-model names
 
     @property
     def summary(self) -> str:
@@ -51,6 +55,8 @@ class AdapterInfo:
         if self.saved:
             plural = "s" if len(self.saved) != 1 else ""
             text += f"; {len(self.saved)} tensor{plural} saved whole (modules_to_save)"
+        if self.tokens:
+            text += f"; trainable tokens on {', '.join(self.tokens)}"
         return text
 
 
@@ -83,9 +89,11 @@ def describe_adapter(path: str, tensors: Mapping[str, TensorMeta]) -> AdapterInf
             modules.setdefault(module, 0)
     if not modules:
         return None
-    saved = tuple(n.removeprefix(PEFT_PREFIX) for n in tensors if n not in lora_names)
+    others = [n.removeprefix(PEFT_PREFIX) for n in tensors if n not in lora_names]
+    saved = tuple(n for n in others if not n.endswith(TOKENS_SUFFIX))
+    tokens = tuple(n.removesuffix(TOKENS_SUFFIX) for n in others if n.endswith(TOKENS_SUFFIX))
     ranks = tuple(sorted({r for r in modules.values() if r}))
-    return AdapterInfo(tuple(modules), ranks, saved, _read_config(path))
+    return AdapterInfo(tuple(modules), ranks, saved, _read_config(path), tokens)
 
 
 def _read_config(path: str) -> Mapping[str, Any] | None:
