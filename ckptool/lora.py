@@ -10,6 +10,7 @@ time; every other base tensor is copied as bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -23,7 +24,7 @@ from ckptool.errors import CheckpointReadError, IncompatibleError, UsageError
 from ckptool.formats import CheckpointMeta, read_metadata
 from ckptool.formats.adapters import CONFIG_NAME, PEFT_PREFIX, TOKENS_SUFFIX, describe_adapter
 from ckptool.formats.load import tensor_buffer
-from ckptool.formats.meta import DTYPE_SIZES
+from ckptool.formats.meta import DTYPE_SIZES, tied_views
 from ckptool.formats.save import output_format_for
 from ckptool.formats.write import ComputedBytes, OutTensor, check_output
 from ckptool.keys import suggest_prefixes
@@ -216,6 +217,10 @@ def merge_lora(
     by_weight = {f"{pair.module}.weight": pair for pair in pairs}
     _check_fits(base_meta, adapter_meta, pairs, saved, settings)
     rows = _token_rows(base_meta, adapter_meta, tokens, settings, by_weight)
+    # A weight tied to others in the base (an embedding and an lm_head): one tensor,
+    # merged once; each of its names is written with the merged values (otherwise the
+    # stale copy wins on load, whichever name loads last).
+    partners = _tied_partners(base_meta, [*by_weight, *rows], adapter_meta.path)
     fmt_out = output_format_for(out, fmt)
     if not dry_run:
         check_output(out, inputs=(*base_meta.files, *adapter_meta.files), force=force)
@@ -226,9 +231,11 @@ def merge_lora(
         output=out,
         format=fmt_out.value,
         kept=tuple(
-            n for n in base_meta.tensors if n not in by_weight and n not in saved and n not in rows
+            n
+            for n in base_meta.tensors
+            if n not in by_weight and n not in saved and n not in rows and n not in partners
         ),
-        merged=(*by_weight, *rows),
+        merged=(*by_weight, *rows, *partners),
         taken={name: 1 for name in saved},
         dry_run=dry_run,
         notes=(f"adapter: {info.summary}",),
@@ -237,10 +244,16 @@ def merge_lora(
         return log
     with ExitStack() as stack:
         base_bytes, adapter_bytes = SourceBytes(base_meta, stack), SourceBytes(adapter_meta, stack)
+
+        def planned(name: str) -> OutTensor:
+            if name in rows:
+                return _rows_replaced(name, base_bytes, adapter_bytes, rows[name], cast)
+            return _merged_tensor(name, base_bytes, adapter_bytes, by_weight, saved, settings, cast)
+
         plan = [
-            _rows_replaced(name, base_bytes, adapter_bytes, rows[name], cast)
-            if name in rows
-            else _merged_tensor(name, base_bytes, adapter_bytes, by_weight, saved, settings, cast)
+            dataclasses.replace(planned(partners[name]), name=name)
+            if name in partners
+            else planned(name)
             for name in base_meta.tensors
         ]
         metadata = provenance("merge-lora", base_meta, adapter=os.path.basename(adapter_meta.path))
@@ -322,6 +335,25 @@ def _token_rows(
             )
         rows[weight_name] = TokenRows(delta, tuple(ids))
     return rows
+
+
+def _tied_partners(base: CheckpointMeta, changed: list[str], adapter: str) -> dict[str, str]:
+    """{name: the changed name it is tied to} for every other name of a changed tensor.
+
+    Raises: UsageError when two names of one tied tensor are both changed (peft would
+    apply both updates to the one tensor; merge-lora merges one per tensor).
+    """
+    partners: dict[str, str] = {}
+    for names in tied_views(base.tensors).values():
+        adapted = [n for n in names if n in changed]
+        if len(adapted) > 1:
+            raise UsageError(
+                f"{adapter} updates {' and '.join(adapted)}, which are one tensor in "
+                f"{base.path}; merge-lora merges one update per tensor"
+            )
+        if adapted:
+            partners.update((n, adapted[0]) for n in names if n != adapted[0])
+    return partners
 
 
 def _rows_replaced(
