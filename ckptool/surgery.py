@@ -49,6 +49,7 @@ from ckptool.formats.meta import (
     Assembly,
     Format,
     TensorMeta,
+    tied_views,
 )
 from ckptool.formats.save import (
     SavedFile,
@@ -973,8 +974,8 @@ def merge(
                 taken={n: 0 for n, t in metas[0].tensors.items() if t.dtype not in AVERAGED},
             )
         else:
-            origin = _take_origins(metas, take)
-            log = _replace(_merge_log(metas, out, fmt_out, dry_run), taken=origin)
+            origin, followed = _keep_ties_whole(metas, _take_origins(metas, take))
+            log = _replace(_merge_log(metas, out, fmt_out, dry_run), taken=origin, notes=followed)
             plan = [_planned(sources[i], name, cast) for name, i in origin.items()]
         if dry_run:
             return log
@@ -1042,6 +1043,43 @@ def _take_origins(
         if prefix not in placed:
             origin.update({n: index for n in metas[index].tensors if under_prefix(n, prefix)})
     return origin
+
+
+def _keep_ties_whole(
+    metas: Sequence[CheckpointMeta], origin: dict[str, int]
+) -> tuple[dict[str, int], tuple[str, ...]]:
+    """Names that are one tensor in the base (an embedding and its lm_head) come from one
+    input: a --take of one of them takes the others from the same input, where they are
+    one tensor too (else a load lets whichever name comes last win); notes say so.
+
+    Raises: UsageError when a take splits such a tensor in a way no input can fill.
+    """
+    notes = []
+    for names in tied_views(metas[0].tensors).values():
+        if len({origin.get(n) for n in names}) <= 1:
+            continue  # the whole tensor comes from one input
+        chosen = {origin[n] for n in names if origin.get(n, 0) != 0}
+        shown = " and ".join(names)
+        index = min(chosen)
+        tied_there = any(set(names) <= set(g) for g in tied_views(metas[index].tensors).values())
+        if len(chosen) > 1 or not tied_there:
+            where = (
+                "inputs " + ", ".join(map(str, sorted(chosen)))
+                if len(chosen) > 1
+                else (f"input {index}, which does not hold them as one tensor")
+            )
+            raise UsageError(
+                f"{option('take', True)}: {shown} are one tensor in the base, but would come "
+                f"from {where}: a load would keep whichever name comes last; take them from "
+                "one input that ties them too"
+            )
+        followers = [n for n in names if origin.get(n) != index]
+        origin.update(dict.fromkeys(followers, index))
+        notes.append(
+            f"{', '.join(followers)} taken from input {index} too: one tensor with "
+            f"{next(n for n in names if n not in followers)} (tied)"
+        )
+    return origin, tuple(notes)
 
 
 def _refuse_renamed_copies(

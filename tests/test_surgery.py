@@ -565,6 +565,55 @@ def test_merge_average(write_checkpoint: WriteCheckpoint, tmp_path: Path) -> Non
     assert "conv.weight" in log.averaged
 
 
+class _TiedLM(torch.nn.Module):
+    def __init__(self, tied: bool = True) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(12, 8)
+        self.body = torch.nn.Linear(8, 8)
+        self.lm_head = torch.nn.Linear(8, 12, bias=False)
+        if tied:
+            self.lm_head.weight = self.emb.weight
+
+
+def test_merge_take_of_one_name_of_a_tied_tensor_takes_the_others(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    """--take emb.=1 took emb.weight from input 1 and lm_head.weight, the same tensor,
+    from the base: loaded into the tied model, the base's (the last name) won."""
+    torch.manual_seed(0)
+    base = write_checkpoint(_TiedLM().state_dict(), "base.pt")
+    other_state = _TiedLM().state_dict()
+    other = write_checkpoint(other_state, "other.pt")
+    out = tmp_path / "merged.pt"
+    result = run_cli("merge", base, other, "--take", "emb.=1", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert "lm_head.weight taken from input 1 too: one tensor with emb.weight (tied)" in (
+        result.stdout
+    )
+    model = _TiedLM()
+    model.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    assert torch.equal(model.lm_head.weight, other_state["emb.weight"])
+    untied = write_checkpoint(_TiedLM(tied=False).state_dict(), "untied.pt")
+    refused = run_cli("merge", base, untied, "--take", "emb.=1", "-o", tmp_path / "no.pt")
+    assert refused.exit_code == 2 and "are one tensor in the base" in refused.stderr
+    assert "which does not hold them as one tensor" in refused.stderr
+    assert not (tmp_path / "no.pt").exists()
+    split = run_cli(
+        "merge",
+        base,
+        other,
+        other,
+        "--take",
+        "emb.=1",
+        "--take",
+        "lm_head.=2",
+        "-o",
+        out,
+        "--force",
+    )
+    assert split.exit_code == 2 and "would come from inputs 1, 2" in split.stderr
+
+
 def test_merge_average_averages_complex_and_names_what_it_takes_from_the_base(
     run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
 ) -> None:
