@@ -15,7 +15,7 @@ from rich.table import Table
 
 from ckptool.errors import option, shell_word
 from ckptool.formats.bounded import listed, visible
-from ckptool.formats.meta import CheckpointMeta, TensorMeta, itemsizes
+from ckptool.formats.meta import NOT_A_TENSOR, CheckpointMeta, TensorMeta, itemsizes
 from ckptool.keys import (
     Fix,
     FixStep,
@@ -204,8 +204,15 @@ def render_inspect(meta: CheckpointMeta, console: Console) -> None:
     )
     console.print(f"  dtypes      {dtypes or '-'}")
     for entry in meta.containers:
-        marker = "  <- tensors" if entry.kind == "tensors" else ""
-        console.print(f"  container   {entry.name}: {entry.summary}{marker}", markup=False)
+        if entry.kind == NOT_A_TENSOR:
+            line = (
+                f"  not tensor  {entry.name}: {entry.summary} (beside the tensors; writes "
+                "leave it out)"
+            )
+        else:
+            marker = "  <- tensors" if entry.kind == "tensors" else ""
+            line = f"  container   {entry.name}: {entry.summary}{marker}"
+        console.print(line, markup=False)
     for key, value in meta.metadata.items():
         console.print(f"  metadata    {key} = {value[:100]}", markup=False)
     adapter = _adapter_json(meta)

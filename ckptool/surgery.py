@@ -46,6 +46,7 @@ from ckptool.formats.meta import (
     DTYPE_SIZES,
     FLOATING,
     LOW_PRECISION,
+    NOT_A_TENSOR,
     Assembly,
     Format,
     TensorMeta,
@@ -344,7 +345,8 @@ def adapt(
     log = _replace(
         log,
         notes=_adapt_notes(built.note, keys, remap_note)
-        + cast.notes({n: meta.tensors[keys.original.get(n, n)] for n in keys.matched}),
+        + cast.notes({n: meta.tensors[keys.original.get(n, n)] for n in keys.matched})
+        + not_tensor_notes(meta),
         from_checkpoint=learned_numel(target, [*from_source, *keys.hook_filled]),
         model_numel=learned_numel(target, target),
     )
@@ -360,6 +362,18 @@ def adapt(
         metadata = provenance("adapt", meta, transforms, model=model_label(model))
         saved = save_hashed(out, plan, fmt_out, meta, metadata, force=force)
     return finished(log, saved.paths, saved.nbytes, init_method=method)
+
+
+def not_tensor_notes(meta: CheckpointMeta) -> tuple[str, ...]:
+    """Values among the tensors that are not tensors (a step counter): every write holds
+    tensors only, so it says what it leaves out rather than drop them unseen."""
+    found = [f"{e.name}: {e.summary}" for e in meta.containers if e.kind == NOT_A_TENSOR]
+    if not found:
+        return ()
+    return (
+        f"left out {len(found)} value(s) beside the tensors that are not tensors "
+        f"({listed(found, 3)})",
+    )
 
 
 def _adapt_notes(build_note: str | None, keys: KeyDiff, remap_note: str) -> tuple[str, ...]:
@@ -896,7 +910,7 @@ def convert(
         kept=tuple(meta.tensors),
         cast=_casts(meta, cast),
         dry_run=dry_run,
-        notes=cast.notes(meta.tensors),
+        notes=cast.notes(meta.tensors) + not_tensor_notes(meta),
     )
     if dry_run:
         return log

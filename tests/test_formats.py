@@ -336,6 +336,24 @@ def test_tensors_under_keys_that_are_not_names_say_so(
         read_metadata(nested)
 
 
+def test_values_beside_the_tensors_are_listed_and_writes_say_they_leave_them_out(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    """{12 tensors, 'step': 5}: inspect showed nothing of 'step', and convert dropped it
+    without a word."""
+    state: dict = {f"l{i}.weight": torch.ones(2) for i in range(12)} | {"step": 5}
+    path = write_checkpoint(state, "flat.pt")
+    document = json.loads(run_cli("inspect", path, "--json").stdout)
+    assert {"name": "step", "kind": "not_tensor", "summary": "5"} in document["containers"]
+    assert "not tensor  step: 5 (beside the tensors" in run_cli("inspect", path).stdout
+    converted = run_cli("convert", path, "-o", tmp_path / "out.safetensors", "--json")
+    assert converted.exit_code == 0, converted.stderr
+    (note,) = json.loads(converted.stdout)["notes"]
+    assert note == "left out 1 value(s) beside the tensors that are not tensors (step: 5)"
+    plain = write_checkpoint({"w": torch.ones(2)}, "plain.pt")
+    assert json.loads(run_cli("inspect", plain, "--json").stdout)["containers"] == []
+
+
 @pytest.mark.parametrize("tensors", [3, 30], ids=["few-tensors", "many-tensors"])
 def test_extra_state_kept_as_an_object_is_refused_not_dropped(
     run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path, tensors: int

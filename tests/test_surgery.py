@@ -57,6 +57,15 @@ def test_classic_adapt_loads_strictly_and_keeps_backbone_bits(
     assert (out.stat().st_mode & 0o777) == 0o666 & ~_umask()
 
 
+def test_adapt_says_it_leaves_out_values_that_are_not_tensors(
+    write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    state = torchvision.models.resnet18(weights=None).state_dict() | {"step": 5}
+    source = write_checkpoint(state, "r18_step.pt")
+    log = adapt(source, model="torchvision:resnet18", out=str(tmp_path / "out.safetensors"))
+    assert "left out 1 value(s) beside the tensors that are not tensors (step: 5)" in log.notes
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -12,7 +12,7 @@ from typing import Any
 
 from ckptool.errors import AmbiguousContainerError, CheckpointReadError, UsageError, option
 from ckptool.formats.bounded import listed, short_repr, short_str
-from ckptool.formats.meta import ContainerEntry
+from ckptool.formats.meta import NOT_A_TENSOR, ContainerEntry
 
 # How deep to look for tensor dicts: {'a': {'b': {'c': state_dict}}} is as deep as seen.
 MAX_DEPTH = 3
@@ -68,7 +68,8 @@ def select_tensor_dict(
         chosen_key, found = _find_tensor_dict(obj, is_tensor, path)
     _refuse_extra_state_objects(found, is_tensor, path)
     tensors = {k: v for k, v in found.items() if is_tensor(v)}
-    return chosen_key, tensors, _other_entries(obj, chosen_key, is_tensor)
+    entries = _other_entries(obj, chosen_key, is_tensor) + _beside_tensors(found, is_tensor)
+    return chosen_key, tensors, entries
 
 
 def _refuse_extra_state_objects(
@@ -218,6 +219,22 @@ def _other_entries(
         label = short_str(name)
         role = "tensors" if label == chosen or chosen.startswith(f"{label}.") else "other"
         entries.append(ContainerEntry(label, role, _describe(value, is_tensor)))
+    return tuple(entries)
+
+
+def _beside_tensors(
+    found: Mapping[str, Any], is_tensor: Callable[[Any], bool]
+) -> tuple[ContainerEntry, ...]:
+    """The values among the tensors that are not tensors (a counter, a step), which
+    would otherwise vanish from the report and from every copy without a word."""
+    others = [(k, v) for k, v in found.items() if not is_tensor(v)]
+    entries = [
+        ContainerEntry(short_str(k), NOT_A_TENSOR, _describe(v, is_tensor))
+        for k, v in others[:MAX_ENTRIES_LISTED]
+    ]
+    if len(others) > MAX_ENTRIES_LISTED:
+        more = len(others) - MAX_ENTRIES_LISTED
+        entries.append(ContainerEntry("...", NOT_A_TENSOR, f"and {more} more entries"))
     return tuple(entries)
 
 

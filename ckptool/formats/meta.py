@@ -235,9 +235,15 @@ class Assembly:
     stored_dtype: str
 
 
+# The kind of a non-tensor value inside the chosen tensor dict ({..., "step": 5}):
+# listed by inspect, left out by every write.
+NOT_A_TENSOR = "not_tensor"
+
+
 @dataclass(frozen=True)
 class ContainerEntry:
-    """A top-level entry of a checkpoint file that is not the chosen tensor dict."""
+    """A top-level entry of a checkpoint file that is not the chosen tensor dict, or
+    (kind NOT_A_TENSOR) a value inside that dict that is not a tensor."""
 
     name: str
     kind: str
