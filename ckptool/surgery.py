@@ -1158,9 +1158,11 @@ def _take_words(prefix: str, index: int) -> str:
 
 def _check_same_keys(metas: Sequence[CheckpointMeta]) -> None:
     base = metas[0]
+    base_ties = list(tied_views(base.tensors).values())
     for index, meta in enumerate(metas[1:], start=1):
         keys = diff(meta.tensors, base.tensors, suggest=False)
         _check_same_kind(index, meta, keys.dtype_mismatch)
+        _check_same_ties(index, meta, base_ties)
         if keys.missing or keys.unexpected or keys.shape_mismatch:
             problems = [
                 f"{len(keys.missing)} missing",
@@ -1174,6 +1176,20 @@ def _check_same_keys(metas: Sequence[CheckpointMeta]) -> None:
                 f"{option('average', True)}: input {index} ({meta.path}) differs from the base: "
                 f"{', '.join(problems)} (e.g. {example!r}); average needs identical keys and "
                 f"shapes{_naming_hint(meta, _prefix_change(base, meta))}"
+            )
+
+
+def _check_same_ties(index: int, meta: CheckpointMeta, base_ties: list[list[str]]) -> None:
+    """Names that are one tensor in the base must be one in every input: else their
+    averages differ, and loading the soup into the tied model keeps whichever comes last."""
+    if not base_ties:
+        return
+    there = [set(group) for group in tied_views(meta.tensors).values()]
+    for names in base_ties:
+        if not any(set(names) <= group for group in there):
+            raise IncompatibleError(
+                f"{option('average', True)}: {' and '.join(names)} are one tensor in the base "
+                f"but not in input {index} ({meta.path}): their averages would differ"
             )
 
 

@@ -623,6 +623,27 @@ def test_merge_take_of_one_name_of_a_tied_tensor_takes_the_others(
     assert split.exit_code == 2 and "would come from inputs 1, 2" in split.stderr
 
 
+def test_merge_average_refuses_inputs_that_do_not_tie_what_the_base_ties(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    """The base's emb and lm_head are one tensor; averaged with an input where they are
+    two, their averages differed and a load kept whichever came last."""
+    torch.manual_seed(0)
+    base = write_checkpoint(_TiedLM().state_dict(), "base.pt")
+    tied = write_checkpoint(_TiedLM().state_dict(), "tied.pt")
+    untied = write_checkpoint(_TiedLM(tied=False).state_dict(), "untied.pt")
+    out = tmp_path / "soup.pt"
+    assert run_cli("merge", base, tied, "--average", "-o", out).exit_code == 0
+    soup = torch.load(out, weights_only=True)
+    assert torch.equal(soup["emb.weight"], soup["lm_head.weight"])
+    refused = run_cli("merge", base, untied, "--average", "-o", tmp_path / "no.pt")
+    assert refused.exit_code == 1 and len(refused.stderr.splitlines()) == 1
+    assert "emb.weight and lm_head.weight are one tensor in the base but not in input 1" in (
+        refused.stderr
+    )
+    assert not (tmp_path / "no.pt").exists()
+
+
 def test_merge_average_averages_complex_and_names_what_it_takes_from_the_base(
     run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
 ) -> None:
