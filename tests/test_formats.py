@@ -354,6 +354,27 @@ def test_values_beside_the_tensors_are_listed_and_writes_say_they_leave_them_out
     assert json.loads(run_cli("inspect", plain, "--json").stdout)["containers"] == []
 
 
+def test_a_small_state_dict_with_counters_is_read_and_one_with_a_config_says_why_not(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    """{'w': t, 'b': t, 'step': 5}: two tensors of three entries fell under the 90% rule
+    and torch's own file was refused as 'no dict of tensors'."""
+    small = write_checkpoint({"w": torch.ones(2), "b": torch.ones(2), "step": 5}, "small.pt")
+    meta = read_metadata(small)
+    assert set(meta.tensors) == {"w", "b"}
+    assert [(c.name, c.kind) for c in meta.containers] == [("step", "not_tensor")]
+    out = tmp_path / "small.safetensors"
+    converted = run_cli("convert", small, "-o", out)
+    assert converted.exit_code == 0 and "left out 1 value(s)" in converted.stdout
+    odd = write_checkpoint({"w": torch.ones(2), "b": torch.ones(2), "cfg": {"a": 1}}, "cfg.pt")
+    with pytest.raises(CheckpointReadError) as info:
+        read_metadata(odd)
+    assert str(info.value).endswith(
+        "holds dict (3 entries, 2 tensors) and no dict of tensors: beside its tensors it "
+        "holds cfg: dict (1 entry), which are neither tensors nor plain values"
+    )
+
+
 @pytest.mark.parametrize("tensors", [3, 30], ids=["few-tensors", "many-tensors"])
 def test_extra_state_kept_as_an_object_is_refused_not_dropped(
     run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path, tensors: int

@@ -116,7 +116,9 @@ def module_versions(obj: Any, key: str | None, path: str) -> dict[str, int] | No
 def _is_tensor_dict(
     obj: Any, is_tensor: Callable[[Any], bool], budget: _WalkBudget | None = None
 ) -> bool:
-    """A dict with string keys whose values are mostly tensors (a few counters allowed)."""
+    """A dict with string keys whose values are tensors, beside a few other values or
+    any number of plain scalars (``{"w": t, "b": t, "step": 5}``: a small model's
+    counters; inspect lists them and writes say they leave them out)."""
     if not isinstance(obj, Mapping) or not obj:
         return False
     if budget is not None:
@@ -124,7 +126,14 @@ def _is_tensor_dict(
     if not all(isinstance(k, str) for k in obj):
         return False
     tensor_count = sum(1 for v in obj.values() if is_tensor(v))
-    return tensor_count > 0 and tensor_count >= 0.9 * len(obj)
+    if tensor_count == 0:
+        return False
+    others = (v for v in obj.values() if not is_tensor(v))
+    return tensor_count >= 0.9 * len(obj) or all(map(_is_plain_scalar, others))
+
+
+def _is_plain_scalar(value: Any) -> bool:
+    return value is None or type(value) in (int, float, bool, str)
 
 
 def _candidates(
@@ -179,7 +188,13 @@ def _why_not_a_state_dict(obj: Any, is_tensor: Callable[[Any], bool]) -> str:
             "by name; a state dict maps names to tensors"
         )
     extra = _extra_state_objects(obj, is_tensor)
-    return f": {_extra_state_words(obj, extra)}" if extra else ""
+    if extra:
+        return f": {_extra_state_words(obj, extra)}"
+    odd = [(k, v) for k, v in obj.items() if not is_tensor(v) and not _is_plain_scalar(v)]
+    if not odd:
+        return ""
+    shown = ", ".join(f"{short_str(k)}: {_describe(v, is_tensor)}" for k, v in odd[:3])
+    return f": beside its tensors it holds {shown}, which are neither tensors nor plain values"
 
 
 # torch's state_dict key for what a module's get_extra_state() returns (any object).
@@ -250,7 +265,8 @@ def _describe(value: Any, is_tensor: Callable[[Any], bool]) -> str:
             )
         tensors = sum(1 for v in value.values() if is_tensor(v))
         suffix = f", {tensors} tensors" if tensors else ""
-        return f"dict ({len(value)} entries{suffix})"
+        entries = "entry" if len(value) == 1 else "entries"
+        return f"dict ({len(value)} {entries}{suffix})"
     if isinstance(value, list | tuple):
         return f"{type(value).__name__} of {len(value)}"
     if isinstance(value, str):
