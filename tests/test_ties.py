@@ -196,3 +196,32 @@ def test_empty_safetensors_tensors_at_one_offset_are_not_tied(tmp_path: Path) ->
     path = tmp_path / "empty.safetensors"
     save_file({"a.bias": torch.zeros(0), "b.bias": torch.zeros(0), "c": torch.ones(2)}, path)
     assert ckptool.read_metadata(path).shared_groups() == []
+
+
+def test_a_sharded_output_keeps_ties(tmp_path: Path, run_cli) -> None:
+    """convert --shard-size stored both names of a tie in full and lost the tie: a later
+    merge-lora or merge --take of one name then left the other stale. Each alias now
+    goes with its target into that shard's ckptool.aliases; the index lists stored
+    names only, as transformers writes tied weights."""
+    import json
+
+    embed = torch.randn(10, 6)
+    state = {"embed.weight": embed, "mix.weight": torch.randn(6, 6), "out.weight": embed}
+    source = tmp_path / "tied.pt"
+    torch.save(state, source)
+    out = tmp_path / "sharded" / "model.safetensors"
+    out.parent.mkdir()
+    assert run_cli("convert", source, "-o", out, "--shard-size", "200B").exit_code == 0
+    index = json.loads((out.parent / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == {"embed.weight", "mix.weight"}
+    meta = ckptool.read_metadata(out.parent)
+    assert meta.shared_groups() == [["embed.weight", "out.weight"]]
+    loaded = ckptool.load_state_dict(out.parent)
+    assert loaded["out.weight"] is loaded["embed.weight"]
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    model = nn.Module()
+    model.embed, model.out = nn.Embedding(10, 6), nn.Linear(6, 10, bias=False)
+    model.mix = nn.Linear(6, 6, bias=False)
+    model.out.weight = model.embed.weight
+    model.load_state_dict(dict(loaded), strict=True)
+    assert torch.equal(model.out.weight, embed)

@@ -270,7 +270,8 @@ class _DictHandle:
 
 
 def _aliases(meta: CheckpointMeta) -> dict[str, str]:
-    raw = meta.metadata.get(ALIASES_KEY) if meta.format is Format.SAFETENSORS else None
+    stored_once = meta.format in (Format.SAFETENSORS, Format.SHARDED)
+    raw = meta.metadata.get(ALIASES_KEY) if stored_once else None
     return dict(json.loads(raw)) if raw else {}
 
 

@@ -223,7 +223,11 @@ def save_sharded(
     Any failure or interrupt before the commit removes the new shards again.
     """
     index_path = out + ".index.json"
-    plan = shard_plan(tensors, max_bytes)
+    # Tied names are stored once, as in a single file: each alias goes with its target
+    # into that shard's ckptool.aliases, and the index lists stored names only (what
+    # transformers' index readers expect for tied weights).
+    stored, aliases = split_aliases(tensors)
+    plan = _with_aliases_beside_targets(shard_plan(stored, max_bytes), tensors, aliases)
     check_output(index_path, inputs=inputs, force=force)
     refuse_unwritable(index_path, tensors, safetensors=True)  # before any shard is written
     previous = _indexed_shards(index_path)
@@ -233,7 +237,7 @@ def save_sharded(
     before = len(committed_outputs())
     try:
         weight_map, total = _write_shards(
-            names, plan, inputs=inputs, force=force, metadata=metadata
+            names, plan, inputs=inputs, force=force, metadata=metadata, aliases=aliases
         )
         index = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}
         with atomic_output(index_path, replace=force) as temp:
@@ -245,7 +249,20 @@ def save_sharded(
             _remove_files(committed)
         raise
     _remove_files(sorted(previous - {os.path.abspath(p) for p in names}))
-    return SavedFile((*names, index_path), total, {})
+    return SavedFile((*names, index_path), total, aliases)
+
+
+def _with_aliases_beside_targets(
+    plan: list[list[OutTensor]], tensors: Sequence[OutTensor], aliases: Mapping[str, str]
+) -> list[list[OutTensor]]:
+    """Each shard of ``plan`` plus the aliases of the tensors it stores (no bytes)."""
+    if not aliases:
+        return plan
+    by_name = {t.name: t for t in tensors}
+    shard_of = {t.name: i for i, shard in enumerate(plan) for t in shard}
+    for alias, target in aliases.items():
+        plan[shard_of[target]].append(by_name[alias])
+    return plan
 
 
 def _write_shards(
@@ -255,8 +272,9 @@ def _write_shards(
     inputs: Sequence[str],
     force: bool,
     metadata: Mapping[str, str] | None,
+    aliases: Mapping[str, str],
 ) -> tuple[dict[str, str], int]:
-    """Write each shard; return the weight map and the bytes of tensor data."""
+    """Write each shard; return the weight map (stored names) and the bytes of tensor data."""
     weight_map: dict[str, str] = {}
     total = 0
     for shard_path, shard in zip(names, plan, strict=True):
@@ -264,10 +282,11 @@ def _write_shards(
         # and removes only its own shards.
         saved = save_tensors(
             shard_path, shard, fmt=OutputFormat.SAFETENSORS, inputs=inputs, force=force,
-            metadata=metadata,
+            metadata=metadata, dedupe_tied=True,
         )  # fmt: skip
         total += saved.nbytes
-        weight_map.update(dict.fromkeys((t.name for t in shard), os.path.basename(shard_path)))
+        stored = (t.name for t in shard if t.name not in aliases)
+        weight_map.update(dict.fromkeys(stored, os.path.basename(shard_path)))
     return weight_map, total
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from ckptool.errors import CheckpointReadError
 from ckptool.formats.files import parse_json, require_regular_file
 from ckptool.formats.meta import CheckpointMeta, Format, TensorMeta
+from ckptool.formats.safetensors_header import ALIASES_KEY
 
 # An index lists each tensor once with a short file name: ~100 bytes per tensor.
 MAX_INDEX_BYTES = 100 * 1024 * 1024
@@ -64,12 +66,16 @@ def read_sharded_meta(path: str, read_shard: Callable[[str], CheckpointMeta]) ->
     file_size = os.path.getsize(path)
     metadata: dict[str, str] = {}
     storages: set[str] = set()
+    aliases: dict[str, str] = {}  # name -> the stored name it views (ckptool.aliases)
     for shard in shards:
         meta = read_shard(shard)
         file_size += meta.file_size
         metadata.update(meta.metadata)
+        recorded = _recorded_aliases(meta)
         for name, tensor in _own_storages(meta.tensors, shard, storages).items():
-            if weight_map.get(name) != shard:
+            if name in recorded and name not in weight_map:
+                aliases[name] = recorded[name]  # stored once, under the index's name
+            elif weight_map.get(name) != shard:
                 raise CheckpointReadError(
                     f"{path}: tensor {name!r} is in {os.path.basename(shard)!r} "
                     f"but the index says {_shard_name(weight_map.get(name))}"
@@ -81,6 +87,11 @@ def read_sharded_meta(path: str, read_shard: Callable[[str], CheckpointMeta]) ->
             f"{path}: {len(absent)} indexed tensors are in no shard, e.g. {absent[0]!r}"
         )
     ordered = {name: tensors[name] for name in weight_map}
+    ordered.update((alias, tensors[alias]) for alias in aliases)
+    # Each shard records its own aliases; the checkpoint's are all of them.
+    metadata.pop(ALIASES_KEY, None)
+    if aliases:
+        metadata[ALIASES_KEY] = json.dumps(aliases)
     return CheckpointMeta(
         path=path,
         format=Format.SHARDED,
@@ -89,6 +100,16 @@ def read_sharded_meta(path: str, read_shard: Callable[[str], CheckpointMeta]) ->
         file_size=file_size,
         files=(path, *shards),
     )
+
+
+def _recorded_aliases(meta: CheckpointMeta) -> dict[str, str]:
+    """The names a shard's ``ckptool.aliases`` metadata maps to its stored tensors (the
+    safetensors reader has checked them and given each its target's bytes)."""
+    raw = meta.metadata.get(ALIASES_KEY)
+    if raw is None:
+        return {}
+    found = json.loads(raw)
+    return {a: t for a, t in found.items() if isinstance(a, str) and isinstance(t, str)}
 
 
 def _own_storages(
