@@ -551,6 +551,28 @@ def test_distributed_checkpoint_directory(tmp_path: Path, nested: bool) -> None:
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
 
 
+def test_distributed_checkpoint_values_are_listed_and_extra_state_refused(
+    run_cli, tmp_path: Path
+) -> None:
+    """DCP keeps non-tensors as pickled bytes items: ckptool showed nothing of 'step' or
+    'note', and a module's extra state inside the model vanished from every write."""
+    state = seeded_state(ConvBN)
+    folder = save_dcp({"model": state, "step": 3, "note": "x"}, tmp_path / "dcp")
+    meta = read_metadata(folder)
+    summary = "a pickled value (not read)"
+    assert [(c.name, c.kind, c.summary) for c in meta.containers][1:] == [
+        ("step", "other", summary),
+        ("note", "other", summary),
+    ]
+    bare = save_dcp(dict(state) | {"counter": 7}, tmp_path / "bare")
+    converted = run_cli("convert", bare, "-o", tmp_path / "bare.safetensors")
+    assert converted.exit_code == 0 and "left out 1 value(s)" in converted.stdout
+    assert "(counter: a pickled value (not read))" in converted.stdout
+    extra = save_dcp({"model": dict(state) | {"bn._extra_state": {"calls": 2}}}, tmp_path / "x")
+    with pytest.raises(CheckpointReadError, match=r"bn\._extra_state is modules' extra state"):
+        read_metadata(extra)
+
+
 def test_distributed_checkpoint_with_hostile_metadata_is_refused(tmp_path: Path) -> None:
     import os
     import pickle

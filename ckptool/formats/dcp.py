@@ -15,12 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 from ckptool.errors import CheckpointReadError
 from ckptool.formats.bounded import is_count, short_repr, short_str
-from ckptool.formats.containers import select_tensor_dict
+from ckptool.formats.containers import EXTRA_STATE, MAX_ENTRIES_LISTED, select_tensor_dict
 from ckptool.formats.files import require_regular_file
 from ckptool.formats.meta import (
     DTYPE_SIZES,
+    NOT_A_TENSOR,
     Assembly,
     CheckpointMeta,
+    ContainerEntry,
     Format,
     Piece,
     TensorMeta,
@@ -89,6 +91,8 @@ def read_dcp_meta(folder: str, *, key: str | None) -> CheckpointMeta:
     chosen, found, containers = select_tensor_dict(
         nested, key=key, is_tensor=lambda v: isinstance(v, TensorMeta), path=folder
     )
+    values = [fqn for fqn, t in flat.items() if t is None]
+    containers += _pickled_values(folder, values, chosen)
     size = sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
     declared = sum(t.nbytes for t in tensors.values())
     if declared > size:
@@ -106,6 +110,28 @@ def read_dcp_meta(folder: str, *, key: str | None) -> CheckpointMeta:
         file_size=size,
         files=tuple(sorted(os.path.join(folder, n) for n in os.listdir(folder))),
     )
+
+
+def _pickled_values(folder: str, fqns: list[str], chosen: str | None) -> tuple[ContainerEntry, ...]:
+    """DCP's non-tensor items (a ``step``, a config), which ckptool does not read: listed,
+    as torch.save's are; inside the chosen state dict they are left out of writes, and
+    a module's extra state there is refused (a copy without it would not load strictly).
+    """
+    entries = []
+    for fqn in fqns:
+        inside = chosen is None or fqn.startswith(f"{chosen}.")
+        name = fqn.removeprefix(f"{chosen}.") if chosen and inside else fqn
+        parts = name.split(".")
+        if inside and EXTRA_STATE in parts:  # DCP flattens a dict value into its keys
+            held = ".".join(parts[: parts.index(EXTRA_STATE) + 1])
+            raise CheckpointReadError(
+                f"{folder}: {short_str(held)} is modules' extra state kept as a pickled "
+                "value, not as a tensor; ckptool reads and writes tensors only, and a copy "
+                "without it would not load strictly"
+            )
+        kind = NOT_A_TENSOR if inside else "other"
+        entries.append(ContainerEntry(short_str(name), kind, "a pickled value (not read)"))
+    return tuple(entries[:MAX_ENTRIES_LISTED])
 
 
 def _tensor_meta(folder: str, fqn: str, entry: Any) -> TensorMeta | None:
