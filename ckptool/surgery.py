@@ -1069,10 +1069,11 @@ def _keep_ties_whole(
     Raises: UsageError when a take splits such a tensor in a way no input can fill.
     """
     notes = []
-    for names in tied_views(metas[0].tensors).values():
-        if len({origin.get(n) for n in names}) <= 1:
-            continue  # the whole tensor comes from one input
-        chosen = {origin[n] for n in names if origin.get(n, 0) != 0}
+    for tied in tied_views(metas[0].tensors).values():
+        names = [n for n in tied if n in origin]  # a take may replace some of them
+        if len({origin[n] for n in names}) <= 1:
+            continue  # what is left of the tensor comes from one input
+        chosen = {origin[n] for n in names if origin[n] != 0}
         shown = " and ".join(names)
         index = min(chosen)
         tied_there = any(set(names) <= set(g) for g in tied_views(metas[index].tensors).values())
@@ -1087,7 +1088,7 @@ def _keep_ties_whole(
                 f"from {where}: a load would keep whichever name comes last; take them from "
                 "one input that ties them too"
             )
-        followers = [n for n in names if origin.get(n) != index]
+        followers = [n for n in names if origin[n] != index]
         origin.update(dict.fromkeys(followers, index))
         notes.append(
             f"{', '.join(followers)} taken from input {index} too: one tensor with "

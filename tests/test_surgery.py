@@ -621,6 +621,13 @@ def test_merge_take_of_one_name_of_a_tied_tensor_takes_the_others(
         "--force",
     )
     assert split.exit_code == 2 and "would come from inputs 1, 2" in split.stderr
+    # A take that replaces emb.weight by other names leaves lm_head.weight alone: no split
+    # (this crashed: min() of no inputs).
+    renamed = write_checkpoint({"emb.other": torch.ones(3)}, "renamed.pt")
+    replaced = run_cli("merge", base, renamed, "--take", "emb.=1", "-o", out, "--force")
+    assert replaced.exit_code == 0, replaced.stderr
+    kept = {"emb.other", "body.weight", "body.bias", "lm_head.weight"}
+    assert set(torch.load(out, weights_only=True)) == kept
 
 
 def test_merge_average_refuses_inputs_that_do_not_tie_what_the_base_ties(
