@@ -411,3 +411,28 @@ def test_weights_of_other_frameworks_are_named(
     refused = run_cli("inspect", path)
     assert refused.exit_code == 3 and f"{path}: {what}" in refused.stderr
     assert len(refused.stderr.splitlines()) == 1
+
+
+def test_a_byteorder_record_of_megabytes_is_refused_before_it_is_read(
+    run_cli, tmp_path: Path
+) -> None:
+    """torch writes 'little' or 'big'; the record was read whole, so a crafted one could
+    make inspect read gigabytes into memory."""
+    import io
+    import zipfile
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, buffer)
+    crafted = io.BytesIO()
+    with zipfile.ZipFile(buffer) as src, zipfile.ZipFile(crafted, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            dst.writestr(
+                info, b"little" + b" " * (1 << 20) if info.filename.endswith("byteorder") else data
+            )
+    path = tmp_path / "big_byteorder.pt"
+    path.write_bytes(crafted.getvalue())
+    refused = run_cli("inspect", path)
+    assert refused.exit_code == 3 and "byteorder' is 1048582 bytes" in refused.stderr

@@ -188,10 +188,19 @@ def _entry_bytes(path: str, stream: BinaryIO, archive: zipfile.ZipFile, name: st
 
 
 def _is_little_endian(path: str, stream: BinaryIO, archive: zipfile.ZipFile, prefix: str) -> bool:
+    name = f"{prefix}byteorder"
     try:
-        return _entry_bytes(path, stream, archive, f"{prefix}byteorder").strip() == b"little"
+        size = archive.getinfo(name).file_size
     except KeyError:  # written before torch recorded byte order: always little-endian
         return True
+    if size > MAX_BYTEORDER_BYTES:  # read whole, a crafted record could be gigabytes
+        raise CheckpointReadError(
+            f"{path}: zip entry {name!r} is {size} bytes; torch writes 'little' or 'big'"
+        )
+    return _entry_bytes(path, stream, archive, name).strip() == b"little"
+
+
+MAX_BYTEORDER_BYTES = 16
 
 
 def _record_data_offsets(
