@@ -32,6 +32,7 @@ from ckptool.errors import (
 )
 from ckptool.formats import CheckpointMeta, read_metadata
 from ckptool.formats.bounded import listed
+from ckptool.formats.containers import MORE_ENTRIES, entries_counted
 from ckptool.formats.dcp import chunk_assembly, dcp_name
 from ckptool.formats.files import read_assembly
 from ckptool.formats.load import (
@@ -367,12 +368,15 @@ def adapt(
 def not_tensor_notes(meta: CheckpointMeta) -> tuple[str, ...]:
     """Values among the tensors that are not tensors (a step counter): every write holds
     tensors only, so it says what it leaves out rather than drop them unseen."""
-    found = [f"{e.name}: {e.summary}" for e in meta.containers if e.kind == NOT_A_TENSOR]
-    if not found:
+    values = [e for e in meta.containers if e.kind == NOT_A_TENSOR]
+    if not values:
         return ()
+    shown = [f"{e.name}: {e.summary}" for e in values if e.name != MORE_ENTRIES][:3]
+    total = entries_counted(values)
+    rest = f" and {total - len(shown)} more" if total > len(shown) else ""
     return (
-        f"left out {len(found)} value(s) beside the tensors that are not tensors "
-        f"({listed(found, 3)})",
+        f"left out {total} value(s) beside the tensors that are not tensors "
+        f"({', '.join(shown)}{rest})",
     )
 
 

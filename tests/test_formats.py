@@ -352,6 +352,11 @@ def test_values_beside_the_tensors_are_listed_and_writes_say_they_leave_them_out
     assert note == "left out 1 value(s) beside the tensors that are not tensors (step: 5)"
     plain = write_checkpoint({"w": torch.ones(2)}, "plain.pt")
     assert json.loads(run_cli("inspect", plain, "--json").stdout)["containers"] == []
+    # Past the 100 entries inspect lists, the note still counts them all.
+    many = write_checkpoint(state | {f"s{i}": i for i in range(150)}, "many.pt")
+    counted = run_cli("convert", many, "-o", tmp_path / "many.safetensors", "--json")
+    (note,) = json.loads(counted.stdout)["notes"]
+    assert note.startswith("left out 151 value(s)") and note.endswith("and 148 more)")
 
 
 def test_a_small_state_dict_with_counters_is_read_and_one_with_a_config_says_why_not(

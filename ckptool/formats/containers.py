@@ -7,7 +7,7 @@ The tensor dict is found by shape, not by a list of names, so unknown wrappers w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ckptool.errors import AmbiguousContainerError, CheckpointReadError, UsageError, option
@@ -249,8 +249,19 @@ def _beside_tensors(
     ]
     if len(others) > MAX_ENTRIES_LISTED:
         more = len(others) - MAX_ENTRIES_LISTED
-        entries.append(ContainerEntry("...", NOT_A_TENSOR, f"and {more} more entries"))
+        entries.append(ContainerEntry(MORE_ENTRIES, NOT_A_TENSOR, f"and {more} more entries"))
     return tuple(entries)
+
+
+# The name of the entry that stands for those past MAX_ENTRIES_LISTED.
+MORE_ENTRIES = "..."
+
+
+def entries_counted(entries: Sequence[ContainerEntry]) -> int:
+    """How many values ``entries`` stand for, the ones past the listing included."""
+    listed_here = [e for e in entries if e.name != MORE_ENTRIES]
+    more = [int(e.summary.split()[1]) for e in entries if e.name == MORE_ENTRIES]
+    return len(listed_here) + sum(more)
 
 
 def _describe(value: Any, is_tensor: Callable[[Any], bool]) -> str:

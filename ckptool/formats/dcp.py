@@ -15,7 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from ckptool.errors import CheckpointReadError
 from ckptool.formats.bounded import is_count, short_repr, short_str
-from ckptool.formats.containers import EXTRA_STATE, MAX_ENTRIES_LISTED, select_tensor_dict
+from ckptool.formats.containers import (
+    EXTRA_STATE,
+    MAX_ENTRIES_LISTED,
+    MORE_ENTRIES,
+    select_tensor_dict,
+)
 from ckptool.formats.files import require_regular_file
 from ckptool.formats.meta import (
     DTYPE_SIZES,
@@ -131,7 +136,14 @@ def _pickled_values(folder: str, fqns: list[str], chosen: str | None) -> tuple[C
             )
         kind = NOT_A_TENSOR if inside else "other"
         entries.append(ContainerEntry(short_str(name), kind, "a pickled value (not read)"))
-    return tuple(entries[:MAX_ENTRIES_LISTED])
+    listed_entries: list[ContainerEntry] = []
+    for kind in (NOT_A_TENSOR, "other"):
+        of_kind = [e for e in entries if e.kind == kind]
+        listed_entries += of_kind[:MAX_ENTRIES_LISTED]
+        if len(of_kind) > MAX_ENTRIES_LISTED:
+            more = len(of_kind) - MAX_ENTRIES_LISTED
+            listed_entries.append(ContainerEntry(MORE_ENTRIES, kind, f"and {more} more entries"))
+    return tuple(listed_entries)
 
 
 def _tensor_meta(folder: str, fqn: str, entry: Any) -> TensorMeta | None:
