@@ -569,6 +569,8 @@ def test_distributed_checkpoint_values_are_listed_and_extra_state_refused(
         ("step", "other", summary),
         ("note", "other", summary),
     ]
+    with pytest.raises(UsageError, match=r"key='step' is a pickled value \(not read\)"):
+        read_metadata(folder, key="step")
     bare = save_dcp(dict(state) | {"counter": 7}, tmp_path / "bare")
     converted = run_cli("convert", bare, "-o", tmp_path / "bare.safetensors")
     assert converted.exit_code == 0 and "left out 1 value(s)" in converted.stdout

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ckptool.errors import CheckpointReadError
+from ckptool.errors import CheckpointReadError, UsageError, option
 from ckptool.formats.bounded import is_count, short_repr, short_str
 from ckptool.formats.containers import (
     EXTRA_STATE,
@@ -92,11 +92,16 @@ def read_dcp_meta(folder: str, *, key: str | None) -> CheckpointMeta:
         raise CheckpointReadError(f"{folder}: DCP state_dict_metadata is not a dict of names")
     flat = {fqn: _tensor_meta(folder, fqn, entry) for fqn, entry in entries.items()}
     tensors = {fqn: t for fqn, t in flat.items() if t is not None}
+    values = [fqn for fqn, t in flat.items() if t is None]
+    if key is not None and key in values:  # as torch.save's '--key epoch is 5'
+        raise UsageError(
+            f"{folder}: {option('key', key, quoted=True)} is a pickled value (not read), not "
+            "a tensor dict"
+        )
     nested = _nest_containers(tensors)
     chosen, found, containers = select_tensor_dict(
         nested, key=key, is_tensor=lambda v: isinstance(v, TensorMeta), path=folder
     )
-    values = [fqn for fqn, t in flat.items() if t is None]
     containers += _pickled_values(folder, values, chosen)
     size = sum(e.stat().st_size for e in os.scandir(folder) if e.is_file())
     declared = sum(t.nbytes for t in tensors.values())
