@@ -32,7 +32,6 @@ from ckptool.errors import (
 )
 from ckptool.formats import CheckpointMeta, read_metadata
 from ckptool.formats.bounded import listed
-from ckptool.formats.containers import MORE_ENTRIES, entries_counted
 from ckptool.formats.dcp import chunk_assembly, dcp_name
 from ckptool.formats.files import read_assembly
 from ckptool.formats.load import (
@@ -371,8 +370,8 @@ def not_tensor_notes(meta: CheckpointMeta) -> tuple[str, ...]:
     values = [e for e in meta.containers if e.kind == NOT_A_TENSOR]
     if not values:
         return ()
-    shown = [f"{e.name}: {e.summary}" for e in values if e.name != MORE_ENTRIES][:3]
-    total = entries_counted(values)
+    shown = [f"{e.name}: {e.summary}" for e in values[:3]]  # the capped entry comes last
+    total = sum(e.count for e in values)
     rest = f" and {total - len(shown)} more" if total > len(shown) else ""
     return (
         f"left out {total} value(s) beside the tensors that are not tensors "

@@ -8,11 +8,13 @@ The tensor dict is found by shape, not by a list of names, so unknown wrappers w
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from ckptool.errors import AmbiguousContainerError, CheckpointReadError, UsageError, option
 from ckptool.formats.bounded import listed, short_repr, short_str
 from ckptool.formats.meta import NOT_A_TENSOR, ContainerEntry
+
+T = TypeVar("T")
 
 # How deep to look for tensor dicts: {'a': {'b': {'c': state_dict}}} is as deep as seen.
 MAX_DEPTH = 3
@@ -92,10 +94,14 @@ def _extra_state_objects(found: Mapping[Any, Any], is_tensor: Callable[[Any], bo
 
 
 def _extra_state_words(found: Mapping[str, Any], objects: list[str]) -> str:
+    return extra_state_refusal(objects, type(found[objects[0]]).__name__)
+
+
+def extra_state_refusal(names: Sequence[str], kept_as: str) -> str:
+    """Why a state dict holding modules' extra state as an object is not read."""
     return (
-        f"{listed(objects, 3)} is modules' extra state kept as {type(found[objects[0]]).__name__}, "
-        "not as a tensor; ckptool reads and writes tensors only, and a copy without it "
-        "would not load strictly"
+        f"{listed(names, 3)} is modules' extra state kept as {kept_as}, not as a tensor; "
+        "ckptool reads and writes tensors only, and a copy without it would not load strictly"
     )
 
 
@@ -225,15 +231,24 @@ def _other_entries(
 ) -> tuple[ContainerEntry, ...]:
     if chosen is None or not isinstance(obj, Mapping):
         return ()
-    entries = []
-    for index, (name, value) in enumerate(obj.items()):
-        if index == MAX_ENTRIES_LISTED:
-            more = len(obj) - MAX_ENTRIES_LISTED
-            entries.append(ContainerEntry("...", "other", f"and {more} more entries"))
-            break
-        label = short_str(name)
+
+    def entry(item: tuple[Any, Any]) -> ContainerEntry:
+        label = short_str(item[0])
         role = "tensors" if label == chosen or chosen.startswith(f"{label}.") else "other"
-        entries.append(ContainerEntry(label, role, _describe(value, is_tensor)))
+        return ContainerEntry(label, role, _describe(item[1], is_tensor))
+
+    return capped_entries(list(obj.items()), entry, "other")
+
+
+def capped_entries(
+    items: Sequence[T], entry: Callable[[T], ContainerEntry], kind: str
+) -> tuple[ContainerEntry, ...]:
+    """The first MAX_ENTRIES_LISTED items as entries, then one that stands for the rest
+    (described only as listed: a crafted file may hold millions)."""
+    entries = [entry(item) for item in items[:MAX_ENTRIES_LISTED]]
+    if len(items) > MAX_ENTRIES_LISTED:
+        more = len(items) - MAX_ENTRIES_LISTED
+        entries.append(ContainerEntry("...", kind, f"and {more} more entries", count=more))
     return tuple(entries)
 
 
@@ -243,25 +258,11 @@ def _beside_tensors(
     """The values among the tensors that are not tensors (a counter, a step), which
     would otherwise vanish from the report and from every copy without a word."""
     others = [(k, v) for k, v in found.items() if not is_tensor(v)]
-    entries = [
-        ContainerEntry(short_str(k), NOT_A_TENSOR, _describe(v, is_tensor))
-        for k, v in others[:MAX_ENTRIES_LISTED]
-    ]
-    if len(others) > MAX_ENTRIES_LISTED:
-        more = len(others) - MAX_ENTRIES_LISTED
-        entries.append(ContainerEntry(MORE_ENTRIES, NOT_A_TENSOR, f"and {more} more entries"))
-    return tuple(entries)
 
+    def entry(item: tuple[str, Any]) -> ContainerEntry:
+        return ContainerEntry(short_str(item[0]), NOT_A_TENSOR, _describe(item[1], is_tensor))
 
-# The name of the entry that stands for those past MAX_ENTRIES_LISTED.
-MORE_ENTRIES = "..."
-
-
-def entries_counted(entries: Sequence[ContainerEntry]) -> int:
-    """How many values ``entries`` stand for, the ones past the listing included."""
-    listed_here = [e for e in entries if e.name != MORE_ENTRIES]
-    more = [int(e.summary.split()[1]) for e in entries if e.name == MORE_ENTRIES]
-    return len(listed_here) + sum(more)
+    return capped_entries(others, entry, NOT_A_TENSOR)
 
 
 def _describe(value: Any, is_tensor: Callable[[Any], bool]) -> str:

@@ -17,8 +17,8 @@ from ckptool.errors import CheckpointReadError, UsageError, option
 from ckptool.formats.bounded import is_count, short_repr, short_str
 from ckptool.formats.containers import (
     EXTRA_STATE,
-    MAX_ENTRIES_LISTED,
-    MORE_ENTRIES,
+    capped_entries,
+    extra_state_refusal,
     select_tensor_dict,
 )
 from ckptool.formats.files import require_regular_file
@@ -134,21 +134,15 @@ def _pickled_values(folder: str, fqns: list[str], chosen: str | None) -> tuple[C
         parts = name.split(".")
         if inside and EXTRA_STATE in parts:  # DCP flattens a dict value into its keys
             held = ".".join(parts[: parts.index(EXTRA_STATE) + 1])
-            raise CheckpointReadError(
-                f"{folder}: {short_str(held)} is modules' extra state kept as a pickled "
-                "value, not as a tensor; ckptool reads and writes tensors only, and a copy "
-                "without it would not load strictly"
-            )
+            refusal = extra_state_refusal([short_str(held)], "a pickled value")
+            raise CheckpointReadError(f"{folder}: {refusal}")
         kind = NOT_A_TENSOR if inside else "other"
         entries.append(ContainerEntry(short_str(name), kind, "a pickled value (not read)"))
-    listed_entries: list[ContainerEntry] = []
+    listed_entries: tuple[ContainerEntry, ...] = ()
     for kind in (NOT_A_TENSOR, "other"):
         of_kind = [e for e in entries if e.kind == kind]
-        listed_entries += of_kind[:MAX_ENTRIES_LISTED]
-        if len(of_kind) > MAX_ENTRIES_LISTED:
-            more = len(of_kind) - MAX_ENTRIES_LISTED
-            listed_entries.append(ContainerEntry(MORE_ENTRIES, kind, f"and {more} more entries"))
-    return tuple(listed_entries)
+        listed_entries += capped_entries(of_kind, lambda e: e, kind)
+    return listed_entries
 
 
 def _tensor_meta(folder: str, fqn: str, entry: Any) -> TensorMeta | None:

@@ -248,6 +248,7 @@ class ContainerEntry:
     name: str
     kind: str
     summary: str
+    count: int = 1  # the values it stands for: more for the one past a capped listing
 
 
 @dataclass(frozen=True)
