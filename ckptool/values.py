@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ckptool.formats.load import FLOAT4, open_tensors
-from ckptool.formats.meta import CheckpointMeta
+from ckptool.formats.load import open_tensors
+from ckptool.formats.meta import FLOAT4, CheckpointMeta
 from ckptool.keys import KeyDiff
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def _compare_pair(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorChange |
     a, b = (t.dequantize() if t.is_quantized else t for t in (a, b))
     if a.dtype == b.dtype and torch.equal(_bits(a), _bits(b)):
         return None
-    if FLOAT4 in (str(a.dtype), str(b.dtype)):
+    if f"torch.{FLOAT4}" in (str(a.dtype), str(b.dtype)):
         return _compare_float4(name, a, b)
     # Complex values differ by |a - b| (a conjugate has a's magnitude: compared by
     # magnitudes, the change was 0); everything else in float64.
@@ -77,15 +77,19 @@ def _compare_pair(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorChange |
     # make the maximum NaN), and a value that became NaN is an infinite one, as the
     # freeze guard reports it.
     delta = torch.where(differs, (a64 - b64).abs(), 0.0).nan_to_num(nan=math.inf)
-    norm = float(torch.linalg.vector_norm(torch.where(a64.isfinite(), a64, 0.0)))
+    return _measured(name, count, a.numel(), delta, torch.where(a64.isfinite(), a64, 0.0))
+
+
+def _measured(
+    name: str, changed: int, numel: int, delta: torch.Tensor, reference: torch.Tensor
+) -> TensorChange:
+    """The change's size: its largest element and its L2 norm relative to ``reference``
+    (the first tensor's finite values)."""
+    import torch
+
+    norm = float(torch.linalg.vector_norm(reference))
     change = float(torch.linalg.vector_norm(delta))
-    return TensorChange(
-        key=name,
-        changed=count,
-        numel=a.numel(),
-        max_abs=float(delta.max()),
-        rel_l2=change / norm if norm else change,
-    )
+    return TensorChange(name, changed, numel, float(delta.max()), change / norm if norm else change)
 
 
 # The eight magnitudes of e2m1 (fp4): a 4-bit code is a sign bit and one of these.
@@ -103,17 +107,7 @@ def _compare_float4(name: str, a: torch.Tensor, b: torch.Tensor) -> TensorChange
     differs = codes_a != codes_b  # by code: -0 and 0 differ, as bits do elsewhere
     values_a, values_b = (_float4_values(codes) for codes in (codes_a, codes_b))
     delta = (values_a - values_b).abs()[differs]
-    import torch
-
-    norm = float(torch.linalg.vector_norm(values_a))
-    change = float(torch.linalg.vector_norm(delta))
-    return TensorChange(
-        key=name,
-        changed=int(differs.sum()),
-        numel=codes_a.numel(),
-        max_abs=float(delta.max()),
-        rel_l2=change / norm if norm else change,
-    )
+    return _measured(name, int(differs.sum()), codes_a.numel(), delta, values_a)
 
 
 def _float4_codes(t: torch.Tensor) -> torch.Tensor:

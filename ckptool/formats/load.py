@@ -15,7 +15,7 @@ from ckptool.formats.bounded import short_str
 from ckptool.formats.containers import select_tensor_dict
 from ckptool.formats.dcp import Chunk, chunk_index, dcp_name, load_dcp_tensor
 from ckptool.formats.files import read_assembly
-from ckptool.formats.meta import CheckpointMeta, Format, TensorMeta
+from ckptool.formats.meta import FLOAT4, CheckpointMeta, Format, TensorMeta
 from ckptool.formats.safetensors_header import ALIASES_KEY
 from ckptool.formats.sharded import read_index
 
@@ -292,9 +292,6 @@ def tensor_buffer(tensor: torch.Tensor, dtype: str | None = None, *, name: str =
     return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")
 
 
-# torch's name for fp4 (two e2m1 codes a byte): it converts to nothing, so helpers that
-# widen values decode it themselves.
-FLOAT4 = "torch.float4_e2m1fn_x2"
 # float8 is checked for NaN through float32, this many values at a time.
 _WIDEN_CHUNK = 1 << 24
 
@@ -305,7 +302,7 @@ def holds_non_finite(tensor: torch.Tensor) -> bool:
     are all finite; float8 is checked through float32, which holds each of its values."""
     import torch
 
-    if not tensor.is_floating_point() or str(tensor.dtype) == FLOAT4:
+    if not tensor.is_floating_point() or str(tensor.dtype) == f"torch.{FLOAT4}":
         return False
     if tensor.element_size() > 1:
         return not bool(torch.isfinite(tensor).all())

@@ -25,6 +25,9 @@ DTYPE_SIZES: Mapping[str, int] = {
 QUANTIZED = frozenset({"qint8", "quint8", "qint32", "quint4x2", "quint2x4"})
 # The dtypes a --dtype cast applies to, and that consolidated ZeRO buffers widen from.
 FLOATING = frozenset({"float64", "float32", "float16", "bfloat16"})
+# fp4: two e2m1 codes a byte, one element a pair; torch converts it to nothing, so code
+# that widens values or maps shapes treats it by name.
+FLOAT4 = "float4_e2m1fn_x2"
 # float8 and float4: block-scaled weights (codes times scales held in other tensors),
 # which a cast leaves alone and an average or a load without the scales gets wrong.
 LOW_PRECISION = frozenset(d for d in DTYPE_SIZES if d.startswith(("float8_", "float4_")))

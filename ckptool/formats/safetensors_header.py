@@ -19,7 +19,7 @@ from typing import Any
 from ckptool.errors import CheckpointReadError
 from ckptool.formats.bounded import is_count, lone_surrogate, short_str
 from ckptool.formats.files import parse_json, require_regular_file
-from ckptool.formats.meta import DTYPE_SIZES, CheckpointMeta, Format, TensorMeta
+from ckptool.formats.meta import DTYPE_SIZES, FLOAT4, CheckpointMeta, Format, TensorMeta
 
 # safetensors dtype code -> torch dtype name.
 SAFETENSORS_DTYPES: Mapping[str, str] = {
@@ -33,12 +33,12 @@ SAFETENSORS_DTYPES: Mapping[str, str] = {
 # safetensors counts F4 values, two to a byte; torch's float4_e2m1fn_x2 holds a pair per
 # element, so the torch shape's last dimension is half the header's (as safetensors'
 # own torch loader maps it).
-PAIRED_CODE, PAIRED_DTYPE = "F4", "float4_e2m1fn_x2"
+PAIRED_CODE = "F4"
 
 
 def header_shape(dtype: str, shape: tuple[int, ...]) -> list[int]:
     """The shape a safetensors header records for a torch tensor of ``dtype``."""
-    if dtype == PAIRED_DTYPE:
+    if dtype == FLOAT4:
         return [*shape[:-1], shape[-1] * 2]
     return list(shape)
 

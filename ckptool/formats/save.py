@@ -14,8 +14,8 @@ from ckptool import activity
 from ckptool.choices import OutputFormat
 from ckptool.errors import CheckpointReadError, OutputError, UsageError, VerificationError, option
 from ckptool.formats.bounded import lone_surrogate, short_str
-from ckptool.formats.meta import QUANTIZED, CheckpointMeta
-from ckptool.formats.safetensors_header import ALIASES_KEY, PAIRED_DTYPE, read_safetensors_meta
+from ckptool.formats.meta import FLOAT4, QUANTIZED, CheckpointMeta
+from ckptool.formats.safetensors_header import ALIASES_KEY, read_safetensors_meta
 from ckptool.formats.sharded import read_index
 from ckptool.formats.torch_pickle import read_zip_meta
 from ckptool.formats.torch_zip_writer import write_torch_zip
@@ -151,10 +151,10 @@ def refuse_unwritable(out: str, tensors: Sequence[OutTensor], *, safetensors: bo
             f"{out}: safetensors has no {odd.dtype} dtype (tensor {short_str(odd.name)!r}); "
             "write a .pt file"
         )
-    scalar = next((t for t in tensors if t.dtype == PAIRED_DTYPE and not t.shape), None)
+    scalar = next((t for t in tensors if t.dtype == FLOAT4 and not t.shape), None)
     if scalar is not None:
         raise OutputError(
-            f"{out}: safetensors stores {PAIRED_DTYPE} pairs along the last dimension, and "
+            f"{out}: safetensors stores {FLOAT4} pairs along the last dimension, and "
             f"{short_str(scalar.name)!r} has none (0-dim); write a .pt file"
         )
     found = lone_surrogate([t.name for t in tensors])
