@@ -60,6 +60,19 @@ class Tied(nn.Module):
         self.out.weight = self.embed.weight
 
 
+class TiedLM(nn.Module):
+    """An LM's embedding and output head as one tensor (torch.save stores it once), with
+    a layer of its own between them; ``tied=False`` for the same names untied."""
+
+    def __init__(self, tied: bool = True) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(12, 8)
+        self.body = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 12, bias=False)
+        if tied:
+            self.lm_head.weight = self.emb.weight
+
+
 class SmallNet(nn.Module):
     """A CNN with BatchNorm in the backbone and a Linear head: the transfer-learning shape."""
 

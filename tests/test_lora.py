@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TiedLM
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -135,29 +136,18 @@ def test_trainable_token_rows_replace_the_embeddings_rows(tmp_path: Path) -> Non
     assert info.summary.endswith("; trainable tokens on emb")
 
 
-class TiedNet(nn.Module):
-    """An LM's embedding and output head as one tensor (torch.save stores it once)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(12, 8)
-        self.q = nn.Linear(8, 8)
-        self.lm_head = nn.Linear(8, 12, bias=False)
-        self.lm_head.weight = self.emb.weight
-
-
 @pytest.mark.parametrize(
     "options",
     [
         {"target_modules": ["emb"]},
-        {"target_modules": ["q"], "trainable_token_indices": {"emb": [2]}},
+        {"target_modules": ["body"], "trainable_token_indices": {"emb": [2]}},
     ],
     ids=["embedding lora", "trainable tokens"],
 )
 def test_a_tied_weight_is_merged_under_each_of_its_names(tmp_path: Path, options: dict) -> None:
     """Only emb.weight was merged: lm_head.weight kept the base's values, and loading
     the file into the tied model let whichever name loads last win."""
-    base, adapter, expected = _adapter(TiedNet, options, tmp_path)
+    base, adapter, expected = _adapter(TiedLM, options, tmp_path)
     if "trainable_token_indices" in options:
         _train_tokens(adapter, base, ids=[2])
         expected["emb.weight"] = expected["lm_head.weight"] = torch.load(base)["emb.weight"].clone()
@@ -168,13 +158,13 @@ def test_a_tied_weight_is_merged_under_each_of_its_names(tmp_path: Path, options
     for name in ("emb.weight", "lm_head.weight"):
         assert torch.allclose(merged[name], expected[name], atol=1e-6), name
         assert name in log.merged
-    model = TiedNet()
+    model = TiedLM()
     model.load_state_dict(merged, strict=True)
     assert torch.allclose(model.lm_head.weight, expected["emb.weight"], atol=1e-6)
 
 
 def test_updates_of_two_names_of_one_tied_tensor_are_refused(run_cli, tmp_path: Path) -> None:
-    base, adapter, _ = _adapter(TiedNet, {"target_modules": ["emb", "lm_head"]}, tmp_path)
+    base, adapter, _ = _adapter(TiedLM, {"target_modules": ["emb", "lm_head"]}, tmp_path)
     result = run_cli("merge-lora", base, adapter, "-o", tmp_path / "merged.pt")
     assert result.exit_code == 2 and "updates emb.weight and lm_head.weight" in result.stderr
     assert "which are one tensor" in result.stderr and not (tmp_path / "merged.pt").exists()

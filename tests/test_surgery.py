@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import MLP, ConvBN, Tied, WriteCheckpoint, seeded_state, wrap
+from conftest import MLP, ConvBN, Tied, TiedLM, WriteCheckpoint, seeded_state, wrap
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -574,24 +574,14 @@ def test_merge_average(write_checkpoint: WriteCheckpoint, tmp_path: Path) -> Non
     assert "conv.weight" in log.averaged
 
 
-class _TiedLM(torch.nn.Module):
-    def __init__(self, tied: bool = True) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(12, 8)
-        self.body = torch.nn.Linear(8, 8)
-        self.lm_head = torch.nn.Linear(8, 12, bias=False)
-        if tied:
-            self.lm_head.weight = self.emb.weight
-
-
 def test_merge_take_of_one_name_of_a_tied_tensor_takes_the_others(
     run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
 ) -> None:
     """--take emb.=1 took emb.weight from input 1 and lm_head.weight, the same tensor,
     from the base: loaded into the tied model, the base's (the last name) won."""
     torch.manual_seed(0)
-    base = write_checkpoint(_TiedLM().state_dict(), "base.pt")
-    other_state = _TiedLM().state_dict()
+    base = write_checkpoint(TiedLM().state_dict(), "base.pt")
+    other_state = TiedLM().state_dict()
     other = write_checkpoint(other_state, "other.pt")
     out = tmp_path / "merged.pt"
     result = run_cli("merge", base, other, "--take", "emb.=1", "-o", out)
@@ -599,10 +589,10 @@ def test_merge_take_of_one_name_of_a_tied_tensor_takes_the_others(
     assert "lm_head.weight taken from input 1 too: one tensor with emb.weight (tied)" in (
         result.stdout
     )
-    model = _TiedLM()
+    model = TiedLM()
     model.load_state_dict(torch.load(out, weights_only=True), strict=True)
     assert torch.equal(model.lm_head.weight, other_state["emb.weight"])
-    untied = write_checkpoint(_TiedLM(tied=False).state_dict(), "untied.pt")
+    untied = write_checkpoint(TiedLM(tied=False).state_dict(), "untied.pt")
     refused = run_cli("merge", base, untied, "--take", "emb.=1", "-o", tmp_path / "no.pt")
     assert refused.exit_code == 2 and "are one tensor in the base" in refused.stderr
     assert "which does not hold them as one tensor" in refused.stderr
@@ -636,9 +626,9 @@ def test_merge_average_refuses_inputs_that_do_not_tie_what_the_base_ties(
     """The base's emb and lm_head are one tensor; averaged with an input where they are
     two, their averages differed and a load kept whichever came last."""
     torch.manual_seed(0)
-    base = write_checkpoint(_TiedLM().state_dict(), "base.pt")
-    tied = write_checkpoint(_TiedLM().state_dict(), "tied.pt")
-    untied = write_checkpoint(_TiedLM(tied=False).state_dict(), "untied.pt")
+    base = write_checkpoint(TiedLM().state_dict(), "base.pt")
+    tied = write_checkpoint(TiedLM().state_dict(), "tied.pt")
+    untied = write_checkpoint(TiedLM(tied=False).state_dict(), "untied.pt")
     out = tmp_path / "soup.pt"
     assert run_cli("merge", base, tied, "--average", "-o", out).exit_code == 0
     soup = torch.load(out, weights_only=True)
