@@ -68,9 +68,13 @@ def select_tensor_dict(
         chosen_key: str | None = key
     else:
         chosen_key, found = _find_tensor_dict(obj, is_tensor, path)
-    _refuse_extra_state_objects(found, is_tensor, path)
     tensors = {k: v for k, v in found.items() if is_tensor(v)}
-    entries = _other_entries(obj, chosen_key, is_tensor) + _beside_tensors(found, is_tensor)
+    # Nearly every state dict holds tensors only: then nothing else walks its 100k names.
+    others = (
+        {} if len(tensors) == len(found) else {k: v for k, v in found.items() if k not in tensors}
+    )
+    _refuse_extra_state_objects(others, is_tensor, path)
+    entries = _other_entries(obj, chosen_key, is_tensor) + _beside_tensors(others, is_tensor)
     return chosen_key, tensors, entries
 
 
@@ -253,16 +257,15 @@ def capped_entries(
 
 
 def _beside_tensors(
-    found: Mapping[str, Any], is_tensor: Callable[[Any], bool]
+    others: Mapping[str, Any], is_tensor: Callable[[Any], bool]
 ) -> tuple[ContainerEntry, ...]:
     """The values among the tensors that are not tensors (a counter, a step), which
     would otherwise vanish from the report and from every copy without a word."""
-    others = [(k, v) for k, v in found.items() if not is_tensor(v)]
 
     def entry(item: tuple[str, Any]) -> ContainerEntry:
         return ContainerEntry(short_str(item[0]), NOT_A_TENSOR, _describe(item[1], is_tensor))
 
-    return capped_entries(others, entry, NOT_A_TENSOR)
+    return capped_entries(list(others.items()), entry, NOT_A_TENSOR)
 
 
 def _describe(value: Any, is_tensor: Callable[[Any], bool]) -> str:

@@ -255,9 +255,11 @@ def _entries_in_bulk(
         codes, shapes, offsets = ([entry[field] for entry in entries] for field in _FIELDS)
     except KeyError:
         return None
-    if not (_types(codes) == {str} and set(codes) <= SAFETENSORS_DTYPES.keys()):
+    if _types(codes) != {str}:
         return None
-    if PAIRED_CODE in codes:  # rare: its shapes are mapped entry by entry
+    kinds = set(codes)
+    # F4 is rare, and its shapes are mapped entry by entry.
+    if not kinds <= SAFETENSORS_DTYPES.keys() or PAIRED_CODE in kinds:
         return None
     if not (_types(shapes) == _types(offsets) == {list} and set(map(len, offsets)) == {2}):
         return None
