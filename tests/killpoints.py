@@ -29,9 +29,11 @@ def install(event: int, signum: int) -> None:
     def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
         def counted(*args: Any, **kwargs: Any) -> Any:
             nonlocal count
-            # Only the command's own steps count: not a library's cache file written by a
-            # helper thread, so event N is the same write step on every run.
-            if threading.current_thread() is threading.main_thread():
+            # Only the command's own steps count (its main thread and its write pipeline's
+            # threads, named ckptool-*): not a library's cache file written by a helper
+            # thread, so event N is the same write step on every run.
+            thread = threading.current_thread()
+            if thread is threading.main_thread() or thread.name.startswith("ckptool-"):
                 count += 1
                 if count == event:
                     os.kill(os.getpid(), signum)

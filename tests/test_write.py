@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -285,22 +286,44 @@ def test_bytes_written_off_their_header_offset_fail_verification(
     monkeypatch.setattr(write.Payload, "place", misplaced)
     out = tmp_path / f"out{suffix}"
     result = run_cli("convert", source, "-o", out)
-    # In a .pt the shifted bytes also land on the next record's header.
-    caught = ("differ from the source", "does not read back")
+    # In a .pt the shifted bytes also land on the next record's header; and the shifted
+    # piece overlaps the next tensor, whose write may land before the shifted piece is
+    # read back (writes and read-backs run on threads of their own).
+    caught = ("differ from the source", "does not read back", "differ when read back")
     assert result.exit_code == 5 and any(c in result.stderr for c in caught), result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source.safetensors"]
 
 
+@pytest.mark.parametrize("slow", [None, "digest", "write", "check"])
 def test_one_pass_copy_over_many_chunks_hashes_and_copies_exactly(
-    tmp_path: Path, monkeypatch
+    tmp_path: Path, monkeypatch, slow: str | None
 ) -> None:
     """Small read chunks make the copy run through many of them: the sha256 taken on
-    another thread while the two read buffers alternate must still be the file's, and
-    views sharing one storage at different offsets (overlapping ranges) copy whole."""
+    another thread while the read buffers take turns must still be the file's, and
+    views sharing one storage at different offsets (overlapping ranges) copy whole.
+    With one stage of the pipeline held back, the reader runs ahead of it: a buffer
+    read into again before that stage is done with it shows as a wrong sha256, a wrong
+    file or a false read-back mismatch."""
     import hashlib
+    import time
 
     from safetensors import safe_open
 
+    def held_back(real: Any) -> Any:
+        def slowed(*args: Any) -> Any:
+            time.sleep(0.002)
+            return real(*args)
+
+        return slowed
+
+    stages = {
+        "digest": (write._Pipeline, "_digest"),
+        "write": (write, "_write"),
+        "check": (write, "_compare_written"),
+    }
+    if slow is not None:
+        owner, name = stages[slow]
+        monkeypatch.setattr(owner, name, held_back(getattr(owner, name)))
     monkeypatch.setattr(write, "CHUNK", 4096)
     base = torch.randn(50_001)
     state = {"base": base, "tail": base[12_345:], "middle": base[7:20_007], "w": torch.randn(999)}
