@@ -59,13 +59,11 @@ from ckptool.formats.save import (
     save_tensors,
 )
 from ckptool.formats.write import (
-    SOURCE_SHA256,
     ByteSource,
     ComputedBytes,
     OutTensor,
     TensorData,
     check_output,
-    sha256_file,
 )
 from ckptool.keys import (
     DtypeMismatch,
@@ -921,11 +919,10 @@ def convert(
         plan = _plan_all(SourceBytes(meta, stack), cast)
         metadata = provenance("convert", meta)
         if shard_size is not None:
-            # Shards are written one by one, so the hash is needed before the first.
-            metadata[SOURCE_SHA256] = sha256_file(_hashed_file(meta))
             saved = save_sharded(
-                out, plan, max_bytes=shard_size, inputs=meta.files, force=force, metadata=metadata
-            )
+                out, plan, max_bytes=shard_size, inputs=meta.files, force=force,
+                metadata=metadata, hashed=_hashed_file(meta),
+            )  # fmt: skip
         else:
             saved = save_hashed(out, plan, fmt_out, meta, metadata, force=force, dedupe_tied=True)
     return finished(log, saved.paths, saved.nbytes, aliases=saved.aliases)

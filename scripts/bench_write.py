@@ -3,10 +3,10 @@
 Makes the transformer-shaped checkpoint of bench_read.py with DataParallel 'module.'
 keys, as a torch.save zip and as safetensors, then runs, each in a fresh process,
 REPEATS times, interleaved, with `sync` before each run so one run's write-back does
-not slow the next: cp (the floor), ckptool convert both ways, ckptool adapt (strip the
-prefix, replace the head: the 2 GB model is built on the meta device), and the naive
-torch.load + torch.save; each round once on a quiet machine and once beside a
-CPU-bound process. Prints medians of wall time and peak RSS (wait4).
+not slow the next: cp (the floor), ckptool convert both ways and into four shards,
+ckptool adapt (strip the prefix, replace the head: the 2 GB model is built on the meta
+device), and the naive torch.load + torch.save; each round once on a quiet machine and
+once beside a CPU-bound process. Prints medians of wall time and peak RSS (wait4).
 
     python scripts/bench_write.py [--workdir DIR] [--repeats 3] [--gb 2] [--quiet-only]
                                   [--baseline-tree DIR]
@@ -19,6 +19,7 @@ the code before it in one run.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import shutil
 import statistics
@@ -79,7 +80,7 @@ ADAPT = "ckptool adapt (strip module., new head)"
 def contenders(
     pt: str, st: str, model: str, gigabytes: float, out_dir: str, baseline_tree: str | None = None
 ) -> dict[str, tuple[list[str], str | None]]:
-    """name -> (argv, output file name inside out_dir)."""
+    """name -> (argv, output file name inside out_dir, or a glob of its files)."""
     runs = _contenders(pt, st, model, gigabytes, out_dir)
     if baseline_tree is None:
         return runs
@@ -117,6 +118,11 @@ def _contenders(
             "c.safetensors",
         ),
         "ckptool convert .safetensors -> .pt": ([*ck, "convert", st, "-o", out("c.pt")], "c.pt"),
+        # Four shards and their index: the source's sha256 is taken in the copy pass.
+        "ckptool convert .pt -> 4 shards (512MB)": (
+            [*ck, "convert", pt, "-o", out("sh.safetensors"), "--shard-size", "512MB"],
+            "sh[-.]*",
+        ),
         ADAPT: (
             [
                 *ck,
@@ -179,8 +185,8 @@ def main() -> int:
             for busy in modes:
                 for name, (argv, output) in _round(runs, swapped=repeat % 2 == 1):
                     samples.setdefault((name, busy), []).append(measure(argv, busy))
-                    if output is not None:
-                        os.unlink(os.path.join(workdir, output))
+                    for written in glob.glob(os.path.join(workdir, output)) if output else ():
+                        os.unlink(written)
         report(samples, os.path.getsize(pt) / 2**30, args.repeats, modes)
     finally:
         if not args.workdir:

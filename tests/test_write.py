@@ -7,6 +7,7 @@ unlink and chunk written), so every window of a commit is visited, not a random 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 
 import ckptool
 from ckptool.errors import OutputError
-from ckptool.formats import write
+from ckptool.formats import save, write
 from ckptool.formats.write import atomic_output, committed_outputs
 
 KILLPOINTS = REPO / "tests" / "killpoints.py"
@@ -113,21 +114,93 @@ def test_interrupt_at_every_event_leaves_nothing_or_says_complete(
     assert _every_event(signame, args, check) >= 16  # 4 shards and the index
 
 
-def test_disk_full_while_sharding_leaves_nothing(run_cli, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("groups", [False, True])
+def test_disk_full_while_sharding_leaves_nothing(
+    run_cli, tmp_path: Path, monkeypatch, groups: bool
+) -> None:
+    """The disk fills halfway through the shards' one pass; or, with shards written in
+    groups, once a shard of the first group is committed: either way nothing is left,
+    committed shards included, and the error names OUT."""
     source = tmp_path / "source.safetensors"
     save_file(_state(3.0), source)
     real = write._write
+    calls: list[int] = []
+    committed_before = len(write.committed_outputs())
 
     def fills_up(fd: int, data: memoryview, position: int) -> None:
-        if write.committed_outputs():  # a shard is in place: the disk fills in a later one
+        calls.append(position)
+        late = len(write.committed_outputs()) > committed_before if groups else len(calls) > 20
+        if late:
             raise OSError(errno.ENOSPC, "No space left on device")
         real(fd, data, position)
 
     monkeypatch.setattr(write, "_write", fills_up)
+    if groups:
+        monkeypatch.setattr(save, "MAX_OPEN_SHARDS", 1)
+    monkeypatch.setattr(write, "CHUNK", 4096)  # many writes per shard
     out = tmp_path / "out.safetensors"
     result = run_cli("convert", source, "-o", out, "--shard-size", "100KB")
-    assert result.exit_code == 5 and "no space left" in result.stderr, result.stderr
+    assert result.exit_code == 5, result.stderr
+    assert f"{out}: no space left" in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source.safetensors"]
+
+
+@pytest.mark.parametrize("open_at_once", [128, 2])
+def test_sharded_convert_hashes_the_source_in_the_copy_pass(
+    tmp_path: Path, monkeypatch, open_at_once: int
+) -> None:
+    """Every shard and the index record the source's sha256, taken while the shards'
+    bytes are copied (no pass of its own: the source is read once), also when the
+    shards go in groups (the groups after the first read only their own tensors)."""
+    import hashlib
+
+    def no_second_pass(path: str) -> str:
+        raise AssertionError(f"{path} hashed in a pass of its own")
+
+    source = tmp_path / "source.safetensors"
+    save_file(_state(4.0), source)
+    real_chunks = write._read_chunks
+    read: list[int] = []
+
+    def counted(fd: int, spans: Any) -> Any:
+        for start, view in real_chunks(fd, spans):
+            read.append(len(view))
+            yield start, view
+
+    monkeypatch.setattr(write, "_read_chunks", counted)
+    monkeypatch.setattr(write, "sha256_file", no_second_pass)
+    monkeypatch.setattr(save, "MAX_OPEN_SHARDS", open_at_once)
+    out = tmp_path / "out.safetensors"
+    log = ckptool.convert(source, str(out), shard_size=100_000)
+    # One group reads the file once; with two, the second reads its own tensors again.
+    once = source.stat().st_size
+    assert sum(read) == (once if open_at_once == 128 else once + 2 * 128 * 128 * 4)
+    shards = [f for f in log.files if f.endswith(".safetensors")]
+    assert len(shards) == 4
+    expected = hashlib.sha256(source.read_bytes()).hexdigest()
+    for shard in shards:
+        assert ckptool.read_metadata(shard).metadata["ckptool.source_sha256"] == expected
+    index = json.loads((tmp_path / "out.safetensors.index.json").read_text())
+    assert index["metadata"]["ckptool.source_sha256"] == expected
+    loaded = ckptool.load_state_dict(tmp_path / "out.safetensors.index.json")
+    assert all(torch.equal(loaded[k], v) for k, v in _state(4.0).items())
+
+
+def test_placements_are_told_apart_by_output(tmp_path: Path) -> None:
+    """One payload copies into several outputs (shards): where bytes were written and
+    compared is known per output, so a tensor misplaced in one shard is not vouched
+    for by the same offset in another."""
+    source = tmp_path / "source.bin"
+    source.write_bytes(bytes(range(256)) * 8)
+    data = write.ByteSource(str(source), 256, 1024)
+    payload = write.Payload()
+    with open(tmp_path / "a", "w+b") as a, open(tmp_path / "b", "w+b") as b:
+        payload.place(data, a.fileno(), 0)
+        payload.place(data, b.fileno(), 64)
+        payload.copy()
+        assert payload.written_at(data, a.fileno()) == {0}
+        assert payload.written_at(data, b.fileno()) == {64}
+    assert (tmp_path / "b").read_bytes()[64:] == source.read_bytes()[256:1280]
 
 
 def test_racing_writer_loses_without_force(tmp_path: Path) -> None:
@@ -279,9 +352,9 @@ def test_bytes_written_off_their_header_offset_fail_verification(
     real = write.Payload.place
     placed: list[int] = []
 
-    def misplaced(self: write.Payload, data: write.TensorData, position: int) -> None:
+    def misplaced(self: write.Payload, data: write.TensorData, fd: int, position: int) -> None:
         placed.append(position)
-        real(self, data, position + (64 if len(placed) == 2 else 0))
+        real(self, data, fd, position + (64 if len(placed) == 2 else 0))
 
     monkeypatch.setattr(write.Payload, "place", misplaced)
     out = tmp_path / f"out{suffix}"

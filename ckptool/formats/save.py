@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,12 +25,17 @@ if TYPE_CHECKING:
 
 from ckptool.formats.write import (
     SAFETENSORS_CODES,
+    SOURCE_SHA256,
     OutTensor,
     Payload,
+    TempOutput,
     atomic_output,
     check_output,
     committed_outputs,
+    finish_safetensors,
     forget_committed,
+    output_error,
+    place_safetensors,
     verify_output,
     write_safetensors,
 )
@@ -108,23 +113,52 @@ def save_tensors(
     payload = Payload(hashed if safetensors else None)
     payload.on_bytes = activity.advance
     activity.phase(f"write {os.path.basename(out)}", sum(t.nbytes for t in stored))
-    with atomic_output(out, replace=force) as temp, ThreadPoolExecutor(max_workers=1) as pool:
-        try:
+    with atomic_output(out, replace=force) as temp:
+        with _named(out):
             if safetensors:
-                extra = {ALIASES_KEY: json.dumps(aliases)} if aliases else {}
-                write_safetensors(temp.file, stored, {**(metadata or {}), **extra}, payload)
+                write_safetensors(temp.file, stored, _with_aliases(metadata, aliases), payload)
             else:
                 write_torch_zip(temp.file, stored, payload)
-        except VerificationError as e:
-            raise VerificationError(f"{out}: {e}") from e
-        temp.file.flush()
         activity.phase("verify and sync to disk")
+        _verify_and_sync(temp, out, stored, payload, aliases, safetensors=safetensors)
+    return SavedFile((out,), sum(t.nbytes for t in stored), aliases)
+
+
+@contextlib.contextmanager
+def _named(out: str) -> Iterator[None]:
+    """A read-back mismatch while writing ``out`` names it."""
+    try:
+        yield
+    except VerificationError as e:
+        raise VerificationError(f"{out}: {e}") from e
+
+
+def _with_aliases(metadata: Mapping[str, str] | None, aliases: Mapping[str, str]) -> dict[str, str]:
+    extra = {ALIASES_KEY: json.dumps(aliases)} if aliases else {}
+    return {**(metadata or {}), **extra}
+
+
+def _verify_and_sync(
+    temp: TempOutput,
+    out: str,
+    stored: Sequence[OutTensor],
+    payload: Payload,
+    aliases: Mapping[str, str],
+    *,
+    safetensors: bool,
+) -> None:
+    """Parse the written file and check it against the plan while it goes to disk.
+
+    Raises:
+        VerificationError: as :func:`verify_output`, or the file does not read back.
+    """
+    temp.file.flush()
+    with ThreadPoolExecutor(max_workers=1) as pool:
         # Write-back to disk overlaps the read-back verification.
         synced = pool.submit(os.fsync, temp.file.fileno())
         written = _read_back(temp.path, out, safetensors)
-        verify_output(written, stored, payload, aliases=aliases)
+        verify_output(written, stored, payload, temp.file.fileno(), aliases=aliases)
         synced.result()
-    return SavedFile((out,), sum(t.nbytes for t in stored), aliases)
 
 
 def refuse_unwritable(out: str, tensors: Sequence[OutTensor], *, safetensors: bool) -> None:
@@ -212,6 +246,7 @@ def save_sharded(
     inputs: Sequence[str],
     force: bool,
     metadata: Mapping[str, str] | None = None,
+    hashed: str | None = None,
 ) -> SavedFile:
     """Hugging Face layout: ``stem-0000i-of-0000n.safetensors`` shards, then the index.
 
@@ -221,6 +256,9 @@ def save_sharded(
     shards removed. Replacing an output whose index uses the plain names writes the new
     shards as ``stem-0000i-of-0000n.next.safetensors`` (the next replacement goes back).
     Any failure or interrupt before the commit removes the new shards again.
+
+    ``hashed``, the file that identifies the source, is hashed while the shards are
+    copied, in the same pass (its sha256 goes into every shard and the index).
     """
     index_path = out + ".index.json"
     # Tied names are stored once, as in a single file: each alias goes with its target
@@ -236,10 +274,10 @@ def save_sharded(
         check_output(path, inputs=inputs, force=force)
     before = len(committed_outputs())
     try:
-        weight_map, total = _write_shards(
-            names, plan, inputs=inputs, force=force, metadata=metadata, aliases=aliases
+        weight_map, total, metadata = _write_shards(
+            out, names, plan, force=force, metadata=metadata, aliases=aliases, hashed=hashed
         )
-        index = {"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}
+        index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
         with atomic_output(index_path, replace=force) as temp:
             temp.file.write(json.dumps(index, indent=2).encode())
     except BaseException:
@@ -265,29 +303,76 @@ def _with_aliases_beside_targets(
     return plan
 
 
+# Shards copied in one pass over the source are open at once, a file descriptor each;
+# past this many, further groups follow (the first group's pass hashed the source).
+MAX_OPEN_SHARDS = 128
+
+
 def _write_shards(
+    out: str,
     names: Sequence[str],
     plan: Sequence[Sequence[OutTensor]],
     *,
-    inputs: Sequence[str],
     force: bool,
     metadata: Mapping[str, str] | None,
     aliases: Mapping[str, str],
-) -> tuple[dict[str, str], int]:
-    """Write each shard; return the weight map (stored names) and the bytes of tensor data."""
+    hashed: str | None,
+) -> tuple[dict[str, str], int, dict[str, str]]:
+    """Write the shards; return the weight map (stored names), the bytes of tensor data
+    and the metadata they were written with (the source's sha256 included)."""
     weight_map: dict[str, str] = {}
     total = 0
-    for shard_path, shard in zip(names, plan, strict=True):
-        # Without force each shard is created exclusively: a racing writer fails here
-        # and removes only its own shards.
-        saved = save_tensors(
-            shard_path, shard, fmt=OutputFormat.SAFETENSORS, inputs=inputs, force=force,
-            metadata=metadata, dedupe_tied=True,
-        )  # fmt: skip
-        total += saved.nbytes
-        stored = (t.name for t in shard if t.name not in aliases)
-        weight_map.update(dict.fromkeys(stored, os.path.basename(shard_path)))
-    return weight_map, total
+    metadata = dict(metadata or {})
+    shards = list(zip(names, plan, strict=True))
+    for start in range(0, len(shards), MAX_OPEN_SHARDS):
+        group = shards[start : start + MAX_OPEN_SHARDS]
+        sha256 = _write_shard_group(out, group, force=force, metadata=metadata, hashed=hashed)
+        if sha256 is not None:
+            metadata[SOURCE_SHA256] = sha256
+            hashed = None  # the groups after the first carry the hash as plain metadata
+        for shard_path, shard in group:
+            total += sum(t.nbytes for t in shard if t.name not in aliases)
+            stored = (t.name for t in shard if t.name not in aliases)
+            weight_map.update(dict.fromkeys(stored, os.path.basename(shard_path)))
+    return weight_map, total, metadata
+
+
+def _write_shard_group(
+    out: str,
+    group: Sequence[tuple[str, Sequence[OutTensor]]],
+    *,
+    force: bool,
+    metadata: Mapping[str, str],
+    hashed: str | None,
+) -> str | None:
+    """Write, verify and commit ``group``'s shards, their bytes copied in one pass (each
+    source byte read once); the source's sha256 when ``hashed``.
+
+    Without force each shard is created exclusively: a racing writer fails here and
+    removes only its own shards.
+    """
+    payload = Payload(hashed)
+    payload.on_bytes = activity.advance
+    with contextlib.ExitStack() as stack:
+        opened = []
+        for shard_path, shard in group:
+            stored, aliases = split_aliases(shard)
+            temp = stack.enter_context(atomic_output(shard_path, replace=force))
+            header = place_safetensors(temp.file, stored, _with_aliases(metadata, aliases), payload)
+            opened.append((shard_path, temp, stored, aliases, header))
+        size = sum(t.nbytes for _, _, stored, _, _ in opened for t in stored)
+        activity.phase(f"write {len(group)} shards of {os.path.basename(out)}", size)
+        try:
+            with _named(out):
+                payload.copy()
+        except OSError as e:
+            # Not the error of whichever shard's temp file is innermost.
+            raise output_error(out, e) from e
+        activity.phase("verify and sync to disk")
+        for shard_path, temp, stored, aliases, header in opened:
+            finish_safetensors(temp.file, header, payload)
+            _verify_and_sync(temp, shard_path, stored, payload, aliases, safetensors=True)
+    return payload.source_sha256
 
 
 def _indexed_shards(index_path: str) -> set[str]:

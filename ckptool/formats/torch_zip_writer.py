@@ -65,7 +65,7 @@ def write_torch_zip(
     for key, tensor in storages:
         writer.add_data(f"{ARCHIVE}/data/{key}", tensor.data)
     writer.add_bytes(f"{ARCHIVE}/version", b"3\n")
-    payload.copy(handle.fileno())
+    payload.copy()
     writer.finish()
 
 
@@ -196,7 +196,7 @@ class _ZipWriter:
         header = self._local_header(name, size)
         self.records.append(_Record(name, self.position, size, data))
         os.pwrite(self.fd, header, self.position)
-        self.payload.place(data, self.position + len(header))
+        self.payload.place(data, self.fd, self.position + len(header))
         self.position += len(header) + size
 
     def finish(self) -> None:

@@ -158,7 +158,7 @@ def atomic_output(out: str, *, replace: bool = True) -> Iterator[TempOutput]:
     try:
         fd, temp = tempfile.mkstemp(dir=parent, prefix=_temp_prefix(out), suffix=".tmp")
     except OSError as e:
-        raise _output_error(out, e) from e
+        raise output_error(out, e) from e
     try:
         with os.fdopen(fd, "w+b") as handle:
             yield TempOutput(handle, temp)
@@ -174,7 +174,7 @@ def atomic_output(out: str, *, replace: bool = True) -> Iterator[TempOutput]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         if isinstance(e, OSError) and not isinstance(e, CkptError):
-            raise _output_error(out, e) from e
+            raise output_error(out, e) from e
         raise
 
 
@@ -252,7 +252,8 @@ def _fsync_directory(path: str) -> None:
         os.close(fd)
 
 
-def _output_error(out: str, e: OSError) -> OutputError:
+def output_error(out: str, e: OSError) -> OutputError:
+    """The one line for an OSError met writing ``out`` (nothing of it is left)."""
     if e.errno in _NO_SPACE:
         return OutputError(f"{out}: no space left on the device; nothing was written")
     if e.errno in _NO_PERMISSION:
@@ -273,7 +274,7 @@ class _Stretch:
     """One source range being copied: where it goes and its running CRC-32."""
 
     source: ByteSource
-    positions: list[int]
+    positions: list[tuple[int, int]]  # (output fd, offset there)
     crc: int = 0
 
     @property
@@ -282,7 +283,8 @@ class _Stretch:
 
 
 class Payload:
-    """The tensor bytes of one output file, placed at their offsets, then copied.
+    """The tensor bytes of one or more output files (the shards of one checkpoint),
+    placed at their offsets, then copied.
 
     Each source file is read once, in file order, in bounded chunks. Every piece of a
     chunk is written where the plan placed it, read straight back from the output and
@@ -304,38 +306,39 @@ class Payload:
         self.with_crc = False
         self.source_sha256: str | None = None
         self.on_bytes: Callable[[int], None] = _ignore
-        self._placed: list[tuple[TensorData, int]] = []
+        self._placed: list[tuple[TensorData, int, int]] = []
         self._crcs: dict[object, int] = {}
-        self._written: dict[object, set[int]] = {}
+        self._written: dict[object, set[tuple[int, int]]] = {}
 
-    def place(self, data: TensorData, position: int) -> None:
-        self._placed.append((data, position))
+    def place(self, data: TensorData, out_fd: int, position: int) -> None:
+        """Write ``data`` at ``position`` of the output open as ``out_fd``."""
+        self._placed.append((data, out_fd, position))
 
     def crc32(self, data: TensorData) -> int:
         """The CRC-32 of ``data`` as it was copied (``with_crc``, after :meth:`copy`)."""
         return self._crcs[_key(data)]
 
-    def written_at(self, data: TensorData) -> set[int]:
-        """Offsets in the output where ``data`` was written and compared."""
-        return self._written.get(_key(data), set())
+    def written_at(self, data: TensorData, out_fd: int) -> set[int]:
+        """Offsets in the output ``out_fd`` where ``data`` was written and compared."""
+        return {at for fd, at in self._written.get(_key(data), ()) if fd == out_fd}
 
-    def copy(self, out_fd: int) -> None:
+    def copy(self) -> None:
         """Write every placed tensor; afterwards ``source_sha256`` and the CRCs are known.
 
         Raises:
             VerificationError: bytes read back differ from the bytes written.
         """
-        by_file: dict[str, dict[ByteSource, list[int]]] = {}
-        for data, position in self._placed:
-            self._written.setdefault(_key(data), set()).add(position)
+        by_file: dict[str, dict[ByteSource, list[tuple[int, int]]]] = {}
+        for data, out_fd, position in self._placed:
+            self._written.setdefault(_key(data), set()).add((out_fd, position))
             if isinstance(data, ByteSource):
-                by_file.setdefault(data.file, {}).setdefault(data, []).append(position)
+                by_file.setdefault(data.file, {}).setdefault(data, []).append((out_fd, position))
             else:
                 self._write_in_memory(out_fd, data, position)
         if self.hashed is not None and self.hashed not in by_file:
             self.source_sha256 = sha256_file(self.hashed)
         for file, placed in by_file.items():
-            self._stream(file, placed, out_fd)
+            self._stream(file, placed)
 
     def _write_in_memory(self, out_fd: int, data: bytes | ComputedBytes, position: int) -> None:
         # Computed bytes are made here and freed when this call returns.
@@ -346,13 +349,13 @@ class Payload:
             self._crcs[_key(data)] = zlib.crc32(made)
         self.on_bytes(len(made))
 
-    def _stream(self, file: str, placed: Mapping[ByteSource, list[int]], out_fd: int) -> None:
+    def _stream(self, file: str, placed: Mapping[ByteSource, list[tuple[int, int]]]) -> None:
         stretches = sorted(
             (_Stretch(s, p) for s, p in placed.items()), key=lambda s: s.source.offset
         )
         pending, active = list(stretches), []
         whole = self.hashed == file
-        with open(file, "rb", buffering=0) as f, _Pipeline(out_fd, whole) as pipeline:
+        with open(file, "rb", buffering=0) as f, _Pipeline(whole) as pipeline:
             size = os.fstat(f.fileno()).st_size
             for start, view in _read_chunks(f.fileno(), _spans(stretches, size, whole)):
                 end = start + len(view)
@@ -364,9 +367,9 @@ class Payload:
                     view,
                     crc_parts=[(s, part) for s, _, part in parts] if self.with_crc else [],
                     writes=[
-                        (part, position + low - s.source.offset)
+                        (part, out_fd, position + low - s.source.offset)
                         for s, low, part in parts
-                        for position in s.positions
+                        for out_fd, position in s.positions
                     ],
                 )
                 self.on_bytes(sum(len(part) for _, _, part in parts))
@@ -464,8 +467,7 @@ class _Pipeline:
     work not yet started is then cancelled.
     """
 
-    def __init__(self, out_fd: int, whole: bool) -> None:
-        self._out_fd = out_fd
+    def __init__(self, whole: bool) -> None:
         self._sha256 = hashlib.sha256() if whole else None
         # Named, so that tests/killpoints.py counts this command's own writes.
         self._digests = ThreadPoolExecutor(1, thread_name_prefix="ckptool-digest")
@@ -479,10 +481,10 @@ class _Pipeline:
         view: memoryview,
         *,
         crc_parts: Sequence[tuple[_Stretch, memoryview]],
-        writes: Sequence[tuple[memoryview, int]],
+        writes: Sequence[tuple[memoryview, int, int]],
     ) -> None:
         """Hand over a chunk: ``view`` to hash, ``crc_parts`` to fold into their
-        stretches' CRC-32s, ``writes`` (bytes of ``view``, output offset) to write."""
+        stretches' CRC-32s, ``writes`` (bytes of ``view``, output fd, offset) to write."""
         while len(self._in_flight) >= _READ_BUFFERS - 1:
             self._retire(self._in_flight.popleft())
         digest = None
@@ -497,11 +499,11 @@ class _Pipeline:
         for stretch, part in parts:
             stretch.crc = zlib.crc32(part, stretch.crc)
 
-    def _write_all(self, writes: Sequence[tuple[memoryview, int]]) -> list[Future[None]]:
+    def _write_all(self, writes: Sequence[tuple[memoryview, int, int]]) -> list[Future[None]]:
         checks = []
-        for part, position in writes:
-            _write(self._out_fd, part, position)
-            checks.append(self._checks.submit(_compare_written, self._out_fd, part, position))
+        for part, out_fd, position in writes:
+            _write(out_fd, part, position)
+            checks.append(self._checks.submit(_compare_written, out_fd, part, position))
         return checks
 
     @staticmethod
@@ -592,6 +594,20 @@ def write_safetensors(
 ) -> None:
     """Write ``tensors`` as safetensors into ``handle`` through ``payload``; when the
     payload hashes its source, the sha256 lands in the metadata as SOURCE_SHA256."""
+    header = place_safetensors(handle, tensors, metadata, payload)
+    payload.copy()
+    finish_safetensors(handle, header, payload)
+
+
+def place_safetensors(
+    handle: BinaryIO,
+    tensors: Sequence[OutTensor],
+    metadata: Mapping[str, str],
+    payload: Payload,
+) -> bytes:
+    """Write the header of a safetensors file and place its tensors in ``payload``
+    (one of several files sharing it: shards); returns the header for
+    :func:`finish_safetensors`, after the payload's copy."""
     hashed = {SOURCE_SHA256: _PLACEHOLDER} if payload.hashed is not None else {}
     header: dict[str, object] = {"__metadata__": {**metadata, **hashed}}
     position = 0
@@ -608,11 +624,15 @@ def write_safetensors(
     os.pwrite(out_fd, len(encoded).to_bytes(8, "little") + encoded, 0)
     position = 8 + len(encoded)
     for tensor in tensors:
-        payload.place(tensor.data, position)
+        payload.place(tensor.data, out_fd, position)
         position += tensor.nbytes
-    payload.copy(out_fd)
+    return encoded
+
+
+def finish_safetensors(handle: BinaryIO, header: bytes, payload: Payload) -> None:
+    """After the payload's copy: the source's sha256 into the header's placeholder."""
     if payload.source_sha256 is not None:
-        _patch_placeholder(out_fd, encoded, SOURCE_SHA256, payload.source_sha256)
+        _patch_placeholder(handle.fileno(), header, SOURCE_SHA256, payload.source_sha256)
 
 
 def _patch_placeholder(out_fd: int, encoded: bytes, key: str, value: str) -> None:
@@ -641,6 +661,7 @@ def verify_output(
     written: CheckpointMeta,
     expected: Sequence[OutTensor],
     payload: Payload,
+    out_fd: int,
     *,
     aliases: Mapping[str, str] = {},
 ) -> None:
@@ -663,18 +684,18 @@ def verify_output(
             raise VerificationError(
                 f"{written.path}: {tensor.name!r} was written as {meta.dtype}{list(meta.shape)}"
             )
-        if not _in_place(meta, tensor.data, payload):
+        if not _in_place(meta, tensor.data, payload.written_at(tensor.data, out_fd)):
             raise VerificationError(
                 f"{written.path}: bytes of {tensor.name!r} differ from the source"
             )
 
 
-def _in_place(meta: TensorMeta, data: TensorData, payload: Payload) -> bool:
+def _in_place(meta: TensorMeta, data: TensorData, written_at: set[int]) -> bool:
     located = meta.byte_range
     if located is None or located[2] != data_length(data):
         return False
     file, offset, length = located
-    if offset in payload.written_at(data):
+    if offset in written_at:
         return True
     if not isinstance(data, bytes):
         return False
