@@ -331,9 +331,9 @@ def _write_shards(
             metadata[SOURCE_SHA256] = sha256
             hashed = None  # the groups after the first carry the hash as plain metadata
         for shard_path, shard in group:
-            total += sum(t.nbytes for t in shard if t.name not in aliases)
-            stored = (t.name for t in shard if t.name not in aliases)
-            weight_map.update(dict.fromkeys(stored, os.path.basename(shard_path)))
+            stored = [t for t in shard if t.name not in aliases]
+            total += sum(t.nbytes for t in stored)
+            weight_map.update(dict.fromkeys((t.name for t in stored), os.path.basename(shard_path)))
     return weight_map, total, metadata
 
 
