@@ -11,6 +11,7 @@ import collections
 import contextlib
 import io
 import pickle
+import pickletools
 import sys
 import zipfile
 from contextlib import ExitStack
@@ -57,6 +58,70 @@ def test_real_training_checkpoint_passes_every_budget() -> None:
     obj, storages, _ = load_restricted(_data_pkl(checkpoint), path="resnet50.pt")
     assert len(obj["state_dict"]) == len(model.state_dict())
     assert len(storages) > len(model.state_dict())  # momentum buffers too
+
+
+def _memo_stores(data: bytes) -> int:
+    return sum(op.name in ("BINPUT", "LONG_BINPUT") for op, _, _ in pickletools.genops(data))
+
+
+def test_slimmed_pickle_keeps_only_the_memo_stores_fetched_again(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """torch.save memoizes everything it pickles, and the unpickler keeps each memoized
+    object alive to the end of the load: only the stores something fetches again stay,
+    and the checkpoint reads the same (tied tensors included)."""
+    shared = torch.randn(4)
+    state = {f"w{i}": torch.randn(3) for i in range(300)} | {"a": shared, "b": shared[1:]}
+    data = _data_pkl(state)
+    slim = pickle_scan.slimmed_pickle(data)
+    fetched = {arg for op, arg, _ in pickletools.genops(data) if op.name.endswith("GET")}
+    assert _memo_stores(data) > 8 * 300
+    assert _memo_stores(slim) == len(fetched) < 10
+    torch.save(state, tmp_path / "tied.pt")
+    slimmed = read_metadata(tmp_path / "tied.pt")
+
+    def checked_only(data: bytes) -> bytes:
+        check_pickle_budgets(data)
+        return data
+
+    monkeypatch.setattr(restricted_pickle, "slimmed_pickle", checked_only)
+    assert read_metadata(tmp_path / "tied.pt").tensors == slimmed.tensors
+
+
+@pytest.mark.parametrize(
+    ("ops", "loads_as"),
+    [
+        # MEMOIZE takes the next index by count: without the BINPUT, BINGET 1 would miss.
+        (b"]q\x000}\x940h\x01.", {}),
+        # A FRAME's length covers the stores inside it.
+        (b"\x95\x04\x00\x00\x00\x00\x00\x00\x00]q\x00.", []),
+    ],
+    ids=["memoize", "frame"],
+)
+def test_slimmed_pickle_leaves_stores_that_others_count_on(ops: bytes, loads_as: object) -> None:
+    data = b"\x80\x04" + ops
+    assert pickle.loads(data) == loads_as
+    assert pickle.loads(pickle_scan.slimmed_pickle(data)) == loads_as
+
+
+@pytest.mark.parametrize(
+    ("ops", "loads_as"),
+    [
+        (craft.i_(1) + craft.MARK + craft.i_(2) + craft.APPENDS, None),  # into a number
+        (craft.s_("a") + craft.i_(2) + b"a", None),  # APPEND into a string
+        (b")Nb", ()),  # BUILD with a None state leaves the empty tuple as it is
+    ],
+    ids=["appends-to-int", "append-to-str", "build-tuple"],
+)
+def test_adding_to_what_cannot_grow_is_left_to_the_unpickler(ops: bytes, loads_as: object) -> None:
+    """Numbers, strings and tuples share their scan nodes: an opcode adding to one
+    must not change them (the unpickler refuses it, or ignores a None state)."""
+    data = craft.PROTO2 + ops + craft.STOP
+    if loads_as is None:
+        with pytest.raises(CheckpointReadError, match="corrupt pickle"):
+            load_restricted(data, path="odd.pt")
+    else:
+        assert load_restricted(data, path="odd.pt").obj == loads_as
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,9 @@ building objects and tracks, for every object on the stack, how many nodes it
 expands to and how deeply it nests; it stops at the first budget exceeded and names
 it. torch.save's pickles are far inside every budget.
 
+The same walk notes which memo stores are fetched again: :func:`slimmed_pickle` hands
+the unpickler the pickle without the others, so it does not keep every object alive.
+
 The walk decodes the opcode stream itself, from the argument layouts in
 ``pickletools.opcodes`` (the table the C unpickler's formats are documented by), in
 one loop: ``pickletools.genops`` plus a method call per opcode cost 1.2 µs an opcode,
@@ -15,8 +18,10 @@ some 3.6 s for a 100,000-tensor state dict's 3 million opcodes.
 
 from __future__ import annotations
 
+import array
 import io
 import operator
+import pickle
 import pickletools
 from typing import IO, BinaryIO, cast
 
@@ -55,10 +60,48 @@ def check_pickle_budgets(data: bytes | BinaryIO) -> None:
     _Scan().run(data if isinstance(data, bytes) else _read_one_pickle(data))
 
 
+def slimmed_pickle(data: bytes) -> bytes:
+    """``data`` checked as :func:`check_pickle_budgets` checks it, then without the memo
+    stores that nothing fetches back.
+
+    The C unpickler keeps every memoized object alive until the load ends, and
+    torch.save memoizes everything it pickles: 8 objects a tensor, 37 MiB of tuples,
+    strings and stand-ins at 100,000 tensors, of which only a few (the storage type,
+    ``'cpu'``, the rebuild function) are fetched again. An object stored and never
+    fetched loads the same without its store. Stores are kept where taking one out
+    would move others: with MEMOIZE (its index is the count of entries) or FRAME (its
+    length covers them), and text PUTs (protocol 0) are left as they are.
+
+    Raises:
+        PickleBudgetError, CheckpointReadError: as :func:`check_pickle_budgets`.
+    """
+    scan = _Scan()
+    scan.run(data)
+    if scan.renumbers or not scan.puts:
+        return data
+    puts, fetched = scan.puts, scan.fetched
+    del scan  # its memo of nodes goes before the slimmed copy is made
+    view, slim, kept_from = memoryview(data), bytearray(), 0
+    for at in puts:
+        if data[at] == _BINPUT:  # the opcode, then a 1-byte index
+            index, end = data[at + 1], at + 2
+        else:  # LONG_BINPUT: a 4-byte index
+            index, end = int.from_bytes(data[at + 1 : at + 5], "little"), at + 5
+        if index not in fetched:
+            slim += view[kept_from:at]
+            kept_from = end
+    slim += view[kept_from:]
+    return bytes(slim)
+
+
+_BINPUT = pickle.BINPUT[0]
+
+
 # How an opcode's argument is laid out, after the opcode byte.
 _NO_ARG, _FIXED, _LINE, _TWO_LINES, _COUNTED = range(5)
 # What an opcode does to the stack, for the scan.
 _LEAF, _GET, _PUT, _MEMOIZE, _MARK_OP, _POP, _DUP, _APPEND, _NEW, _NEW_FROM_MARK, _OTHER = range(11)
+_EMPTY_CONTAINER = 11
 
 _KEY_OPS = {"SETITEM", "SETITEMS", "DICT", "ADDITEMS", "FROZENSET"}
 _CALL_OPS = {"REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST"}
@@ -70,6 +113,11 @@ _PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
 # codes are not counted as leaves (they name code, and the restricted unpickler
 # decides about them).
 _NOT_LEAVES = _GETS | {"GLOBAL", "PERSID", "EXT1", "EXT2", "EXT4"}
+# Leaves that later opcodes may fill; the others (numbers, strings, None, the empty
+# tuple) never change, so one node stands for all of them.
+_GROWABLE_LEAVES = {"EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"}
+# Opcodes that make a tuple: its node never changes either, so equal ones are shared.
+_TUPLE_MAKERS = {"TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"}
 _SIMPLE = {"MEMOIZE": _MEMOIZE, "MARK": _MARK_OP, "POP": _POP, "DUP": _DUP, "APPEND": _APPEND}
 # Bytes before a counted argument that give its length, and whether they are signed.
 _COUNTS = {-2: (1, False), -3: (4, True), -4: (4, False), -5: (8, False)}
@@ -78,7 +126,7 @@ _COUNTS = {-2: (1, False), -3: (4, True), -4: (4, False), -5: (8, False)}
 class _Op:
     """One opcode as the walk needs it: its argument layout and its stack effect."""
 
-    __slots__ = ("action", "effect", "layout", "name", "signed", "span", "width")
+    __slots__ = ("action", "effect", "layout", "makes_tuple", "name", "signed", "span", "width")
 
     def __init__(self, info: pickletools.OpcodeInfo) -> None:
         self.name = info.name
@@ -87,6 +135,7 @@ class _Op:
         # state dict's opcodes are nine tenths of that kind.
         self.span = self.width if self.layout in (_NO_ARG, _FIXED) else None
         self.action = _action(info)
+        self.makes_tuple = info.name in _TUPLE_MAKERS
         self.effect = _Effect(info) if self.action == _OTHER else None
         if self.effect is not None and self.effect.makes_new:
             self.action = _NEW_FROM_MARK if self.effect.takes_slice else _NEW
@@ -116,7 +165,9 @@ def _action(info: pickletools.OpcodeInfo) -> int:
         return _SIMPLE[info.name]
     after = info.stack_after
     pushes_one = not info.stack_before and len(after) == 1 and after[0].name != "mark"
-    return _LEAF if pushes_one and info.name not in _NOT_LEAVES else _OTHER
+    if not pushes_one or info.name in _NOT_LEAVES:
+        return _OTHER
+    return _EMPTY_CONTAINER if info.name in _GROWABLE_LEAVES else _LEAF
 
 
 class _Effect:
@@ -149,8 +200,12 @@ for _info in pickletools.opcodes:
 
 _MARK = None  # the stack entry MARK pushes
 # A node is [size, depth]: the nodes the object expands to and how deeply it nests. A
-# list, so that a container grown after it was memoized grows for every reference.
-Node = list[int]
+# list, so that a container grown after it was memoized grows for every reference; a
+# tuple for an object that never grows (a number, a string, a tuple), shared by all
+# equal ones: a state dict memoizes 8 objects a tensor, and a list each was 64 MiB of
+# the scan at 100,000 tensors.
+Node = list[int] | tuple[int, int]
+_LEAF_NODE = (1, 1)
 _SIZE, _DEPTH = operator.itemgetter(0), operator.itemgetter(1)
 
 
@@ -168,6 +223,12 @@ class _Scan:
         self.skipped = 0  # slots of ``memo`` that are None
         self.hashed = 0
         self.constructed = 0
+        self.tuples: dict[tuple[int, int], tuple[int, int]] = {}  # one node per (size, depth)
+        # For slimmed_pickle: where the binary memo stores are, the indexes fetched, and
+        # whether an opcode numbers or frames the stores (none may then be taken out).
+        self.puts = array.array("Q")
+        self.fetched: set[int] = set()
+        self.renumbers = False
 
     def run(self, data: bytes) -> None:
         """Walk the opcodes of the pickle in ``data`` up to its STOP.
@@ -176,10 +237,12 @@ class _Scan:
         opcode is most of the cost at 3 million opcodes); the rest go to ``_apply``.
         """
         stack, memo, ops, marks = self.stack, self.memo, _OPS, self.marks
+        puts, fetched = self.puts, self.fetched
         pos, end, count, gaps = 0, len(data), 0, 0
         # Locals: the loop runs 30 times per tensor of a state dict.
         max_opcodes, fixed, from_bytes, mark_ = MAX_OPCODES, _FIXED, int.from_bytes, _MARK
         leaf, put, get, new, new_from_mark = _LEAF, _PUT, _GET, _NEW, _NEW_FROM_MARK
+        leaf_node = _LEAF_NODE
         while True:
             if pos >= end:
                 raise _corrupt("it ends before its STOP opcode")
@@ -206,8 +269,10 @@ class _Scan:
                     memo.append(stack[-1])  # in order; not a MARK, checked
                 else:
                     gaps = self._memo_put(index)
-            elif action == leaf:  # a new int, string, None or empty container
-                stack.append([1, 1])
+                if binary:
+                    puts.append(start - 1)
+            elif action == leaf:  # a new int, string, None or empty tuple
+                stack.append(leaf_node)
             elif action == new:  # TUPLE1, REDUCE, BINPERSID...: from the objects below
                 below = op.effect.below  # type: ignore[union-attr]  # set for _NEW
                 parts = stack[-below:]
@@ -225,6 +290,7 @@ class _Scan:
                 if node is None:
                     raise _corrupt(f"memo index {index!r} was never stored")
                 stack.append(node)
+                fetched.add(index)
             elif action == new_from_mark:  # TUPLE, LIST: from the objects above the MARK
                 if not marks:
                     raise _corrupt("no MARK for a stack slice")
@@ -250,8 +316,11 @@ class _Scan:
             self._grow(self._top(), (item,))
         elif action == _MEMOIZE:  # the C unpickler's next index: the entries stored
             self._memo_put(len(self.memo) - self.skipped)
+            self.renumbers = True
         elif action == _DUP:
             stack.append(self._top())
+        elif action == _EMPTY_CONTAINER:  # an empty list, dict or set: it may grow
+            stack.append([1, 1])
         elif stack and stack[-1] is _MARK:  # POP; as the C unpickler, POP drops a MARK
             self.marks.pop()
             stack.pop()
@@ -261,6 +330,8 @@ class _Scan:
     def _apply(self, op: _Op) -> None:
         effect = op.effect
         assert effect is not None  # every _OTHER opcode has one
+        if op.name == "FRAME":
+            self.renumbers = True
         args = self._pop_slice() if effect.takes_slice else []
         popped = self._pop_many(effect.below)
         if effect.keys is not None:
@@ -295,7 +366,11 @@ class _Scan:
         depth += 1
         if depth > MAX_NESTING:
             self._check_depth(depth)
-        return [size + 1 if size < _SATURATED else _SATURATED, depth]
+        size = size + 1 if size < _SATURATED else _SATURATED
+        if op.makes_tuple:
+            node = (size, depth)
+            return self.tuples.setdefault(node, node)
+        return [size, depth]
 
     def _charge_constructor(self, nodes: int) -> None:
         self.constructed += nodes
@@ -308,6 +383,10 @@ class _Scan:
     def _grow(self, target: Node, added: list[Node] | tuple[Node, ...]) -> None:
         # The container keeps its identity, so memo references to it see it grow; it
         # nests one deeper than what it holds, however many times it is added to.
+        if isinstance(target, tuple):
+            # A number, string or tuple: the unpickler adds nothing to it (it refuses
+            # APPEND and the like; BUILD with a None state leaves it as it is).
+            return
         target[0] = min(_SATURATED, target[0] + sum(map(_SIZE, added)))
         target[1] = max(target[1], 1 + max(map(_DEPTH, added), default=0))
         self._check_depth(target[1])

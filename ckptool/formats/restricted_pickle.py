@@ -33,7 +33,7 @@ from typing import Any, BinaryIO, NamedTuple, NoReturn
 from ckptool.errors import CheckpointReadError, UnsafeCheckpointError
 from ckptool.formats.bounded import is_count, listed, short_repr
 from ckptool.formats.meta import DTYPE_SIZES, TensorMeta
-from ckptool.formats.pickle_scan import check_pickle_budgets
+from ckptool.formats.pickle_scan import check_pickle_budgets, slimmed_pickle
 
 # Legacy typed-storage class names, as pickled by torch.save, -> dtype.
 STORAGE_DTYPES: dict[str, str] = {
@@ -592,13 +592,16 @@ def load_restricted(
         NeedsTorchError: only torch can describe the contents (safe, allowlisted).
         CheckpointReadError: the pickle is corrupt.
     """
-    stream = io.BytesIO(data) if isinstance(data, bytes) else data
-    start = stream.tell()
     try:
-        check_pickle_budgets(data)  # bytes are scanned in place, a stream up to STOP
+        # Bytes are scanned in place (and slimmed), a stream up to its STOP.
+        if isinstance(data, bytes):
+            stream: BinaryIO = io.BytesIO(slimmed_pickle(data))
+        else:
+            stream, start = data, data.tell()
+            check_pickle_budgets(data)
+            stream.seek(start)
     except CheckpointReadError as e:
         raise type(e)(f"{path}: {e}") from e
-    stream.seek(start)
     unpickler = MetaUnpickler(stream, storage_scope=storage_scope, records=records)
     try:
         obj = unpickler.load()
