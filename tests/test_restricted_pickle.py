@@ -124,6 +124,16 @@ def test_adding_to_what_cannot_grow_is_left_to_the_unpickler(ops: bytes, loads_a
         assert load_restricted(data, path="odd.pt").obj == loads_as
 
 
+def test_scan_shares_a_bounded_number_of_tuple_nodes(monkeypatch) -> None:
+    """Equal tuple nodes are shared (a state dict has three kinds), but a crafted pickle
+    of many distinct tuples must not make the scan keep every one of them alive."""
+    monkeypatch.setattr(pickle_scan, "_SHARED_TUPLES", 10)
+    tuples = b"".join(craft.MARK + craft.i_(1) * n + craft.TUPLE + craft.POP for n in range(50))
+    scan = pickle_scan._Scan()
+    scan.run(craft.PROTO2 + tuples + b"N" + craft.STOP)  # NONE, STOP
+    assert len(scan.tuples) == 10
+
+
 @pytest.mark.parametrize(
     ("ops", "budget"),
     [

@@ -100,8 +100,8 @@ _BINPUT = pickle.BINPUT[0]
 # How an opcode's argument is laid out, after the opcode byte.
 _NO_ARG, _FIXED, _LINE, _TWO_LINES, _COUNTED = range(5)
 # What an opcode does to the stack, for the scan.
-_LEAF, _GET, _PUT, _MEMOIZE, _MARK_OP, _POP, _DUP, _APPEND, _NEW, _NEW_FROM_MARK, _OTHER = range(11)
-_EMPTY_CONTAINER = 11
+(_LEAF, _EMPTY_CONTAINER, _GET, _PUT, _MEMOIZE, _MARK_OP, _POP, _DUP, _APPEND, _NEW,
+ _NEW_FROM_MARK, _OTHER) = range(12)  # fmt: skip
 
 _KEY_OPS = {"SETITEM", "SETITEMS", "DICT", "ADDITEMS", "FROZENSET"}
 _CALL_OPS = {"REDUCE", "NEWOBJ", "NEWOBJ_EX", "OBJ", "INST"}
@@ -206,6 +206,9 @@ _MARK = None  # the stack entry MARK pushes
 # the scan at 100,000 tensors.
 Node = list[int] | tuple[int, int]
 _LEAF_NODE = (1, 1)
+# Distinct tuple nodes kept for sharing: a state dict has three; a crafted pickle can
+# make millions, which the scan must not keep alive when nothing else refers to them.
+_SHARED_TUPLES = 4096
 _SIZE, _DEPTH = operator.itemgetter(0), operator.itemgetter(1)
 
 
@@ -369,7 +372,9 @@ class _Scan:
         size = size + 1 if size < _SATURATED else _SATURATED
         if op.makes_tuple:
             node = (size, depth)
-            return self.tuples.setdefault(node, node)
+            if len(self.tuples) < _SHARED_TUPLES:
+                return self.tuples.setdefault(node, node)
+            return self.tuples.get(node, node)
         return [size, depth]
 
     def _charge_constructor(self, nodes: int) -> None:
