@@ -1076,7 +1076,7 @@ def _keep_ties_whole(
         chosen = {origin[n] for n in names if origin[n] != 0}
         shown = " and ".join(names)
         index = min(chosen)
-        if len(chosen) > 1 or not _one_tensor_in(metas[index], names):
+        if len(chosen) > 1 or not _one_tensor_in(_tie_groups_of(metas[index]), names):
             where = (
                 "inputs " + ", ".join(map(str, sorted(chosen)))
                 if len(chosen) > 1
@@ -1182,17 +1182,22 @@ def _check_same_keys(metas: Sequence[CheckpointMeta]) -> None:
 def _check_same_ties(index: int, meta: CheckpointMeta, base_ties: list[list[str]]) -> None:
     """Names that are one tensor in the base must be one in every input: else their
     averages differ, and loading the soup into the tied model keeps whichever comes last."""
+    ties = _tie_groups_of(meta)  # once per input, not once per tied name
     for names in base_ties:
-        if not _one_tensor_in(meta, names):
+        if not _one_tensor_in(ties, names):
             raise IncompatibleError(
                 f"{option('average', True)}: {' and '.join(names)} are one tensor in the base "
                 f"but not in input {index} ({meta.path}): their averages would differ"
             )
 
 
-def _one_tensor_in(meta: CheckpointMeta, names: Sequence[str]) -> bool:
-    """``names`` are all one tensor in ``meta`` (one group of its tied views)."""
-    return any(set(names) <= set(group) for group in tied_views(meta.tensors).values())
+def _tie_groups_of(meta: CheckpointMeta) -> list[set[str]]:
+    return [set(group) for group in tied_views(meta.tensors).values()]
+
+
+def _one_tensor_in(ties: Sequence[set[str]], names: Sequence[str]) -> bool:
+    """``names`` are all one tensor: within one of ``ties`` (a checkpoint's tie groups)."""
+    return any(set(names) <= group for group in ties)
 
 
 def _check_same_kind(index: int, meta: CheckpointMeta, mismatches: Sequence[DtypeMismatch]) -> None:

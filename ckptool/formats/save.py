@@ -320,26 +320,38 @@ def _write_shards(
 ) -> tuple[dict[str, str], int, dict[str, str]]:
     """Write the shards; return the weight map (stored names), the bytes of tensor data
     and the metadata they were written with (the source's sha256 included)."""
-    weight_map: dict[str, str] = {}
-    total = 0
     metadata = dict(metadata or {})
-    shards = list(zip(names, plan, strict=True))
+    # Each shard's stored tensors and the aliases it records, split once (the aliases
+    # sit in their target's shard).
+    shards = [
+        _Shard(
+            path,
+            [t for t in shard if t.name not in aliases],
+            {t.name: aliases[t.name] for t in shard if t.name in aliases},
+        )
+        for path, shard in zip(names, plan, strict=True)
+    ]
     for start in range(0, len(shards), MAX_OPEN_SHARDS):
         group = shards[start : start + MAX_OPEN_SHARDS]
         sha256 = _write_shard_group(out, group, force=force, metadata=metadata, hashed=hashed)
         if sha256 is not None:
             metadata[SOURCE_SHA256] = sha256
             hashed = None  # the groups after the first carry the hash as plain metadata
-        for shard_path, shard in group:
-            stored = [t for t in shard if t.name not in aliases]
-            total += sum(t.nbytes for t in stored)
-            weight_map.update(dict.fromkeys((t.name for t in stored), os.path.basename(shard_path)))
+    weight_map = {t.name: os.path.basename(s.path) for s in shards for t in s.stored}
+    total = sum(t.nbytes for s in shards for t in s.stored)
     return weight_map, total, metadata
+
+
+@dataclass(frozen=True)
+class _Shard:
+    path: str
+    stored: list[OutTensor]
+    aliases: dict[str, str]  # alias -> stored name, for this shard's ckptool.aliases
 
 
 def _write_shard_group(
     out: str,
-    group: Sequence[tuple[str, Sequence[OutTensor]]],
+    group: Sequence[_Shard],
     *,
     force: bool,
     metadata: Mapping[str, str],
@@ -355,12 +367,13 @@ def _write_shard_group(
     payload.on_bytes = activity.advance
     with contextlib.ExitStack() as stack:
         opened = []
-        for shard_path, shard in group:
-            stored, aliases = split_aliases(shard)
-            temp = stack.enter_context(atomic_output(shard_path, replace=force))
-            header = place_safetensors(temp.file, stored, _with_aliases(metadata, aliases), payload)
-            opened.append((shard_path, temp, stored, aliases, header))
-        size = sum(t.nbytes for _, _, stored, _, _ in opened for t in stored)
+        for shard in group:
+            temp = stack.enter_context(atomic_output(shard.path, replace=force))
+            shard_metadata = _with_aliases(metadata, shard.aliases)
+            opened.append(
+                (temp, place_safetensors(temp.file, shard.stored, shard_metadata, payload))
+            )
+        size = sum(t.nbytes for shard in group for t in shard.stored)
         activity.phase(f"write {len(group)} shards of {os.path.basename(out)}", size)
         try:
             with _named(out):
@@ -369,9 +382,11 @@ def _write_shard_group(
             # Not the error of whichever shard's temp file is innermost.
             raise output_error(out, e) from e
         activity.phase("verify and sync to disk")
-        for shard_path, temp, stored, aliases, header in opened:
+        for shard, (temp, header) in zip(group, opened, strict=True):
             finish_safetensors(temp.file, header, payload)
-            _verify_and_sync(temp, shard_path, stored, payload, aliases, safetensors=True)
+            _verify_and_sync(
+                temp, shard.path, shard.stored, payload, shard.aliases, safetensors=True
+            )
     return payload.source_sha256
 
 
