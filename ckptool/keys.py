@@ -1446,19 +1446,22 @@ def fold_rows(rows: Iterable[tuple[str, object]]) -> list[tuple[str, list[str]]]
 
 def _fold(rows: Iterable[tuple[str, object]], *, members: bool) -> list[tuple[str, list[str]]]:
     """fold_rows; without ``members`` every member list is empty (not built)."""
+    pairs = list(rows)
+    names = list(map(operator.itemgetter(0), pairs))
+    signatures = list(map(operator.itemgetter(1), pairs))
+    del pairs
     # A template is the text between the numbers (a tuple: a name may hold any character).
-    groups: dict[tuple[tuple[str, ...], object], dict[tuple[str, ...], list[str]]] = {}
-    for label, signature, names in _merge_leaves(rows, members):
-        pieces = _NUMBER_SPLIT.split(label)
-        template, numbers = tuple(pieces[::2]), tuple(pieces[1::2])
-        groups.setdefault((template, signature), {})[numbers] = names
+    groups: dict[tuple[tuple[str, ...], object], dict[tuple[str, ...], Sequence[str]]] = {}
+    for template, numbers, signature, label_names in _merged_labels(names, signatures):
+        groups.setdefault((template, signature), {})[numbers] = label_names if members else ()
     folded: list[tuple[str, list[str]]] = []
     for (template, _), by_numbers in groups.items():
         if len(template) - 1 > MAX_FOLDED_NUMBERS:
             # Folding recurses once per number position: a crafted name with a thousand
             # numbers is shown as it is.
             folded.extend(
-                (_render_literal(template, numbers), names) for numbers, names in by_numbers.items()
+                (_render_literal(template, numbers), list(names))
+                for numbers, names in by_numbers.items()
             )
             continue
         for block in _product_blocks(list(by_numbers)):
@@ -1471,33 +1474,88 @@ def _render_literal(template: tuple[str, ...], numbers: tuple[str, ...]) -> str:
     return template[0] + "".join(n + text for n, text in zip(numbers, template[1:], strict=True))
 
 
-def _merge_leaves(
-    rows: Iterable[tuple[str, object]], members: bool
-) -> list[tuple[str, object, list[str]]]:
-    """``bn1.weight`` and ``bn1.bias`` with equal signatures become ``bn1.{weight,bias}``
-    (with the member names when ``members``, else an empty list).
+Label = tuple[tuple[str, ...], tuple[str, ...], object, Sequence[str]]
+
+
+def _merged_labels(names: list[str], signatures: list[object]) -> Iterable[Label]:
+    """(template, numbers, signature, member names) of each label, in first-appearance
+    order: ``bn1.weight`` and ``bn1.bias`` with equal signatures become
+    ``bn1.{weight,bias}``.
 
     Only named leaves merge: numbered ones (``w0``, ``blocks.7``) fold by number instead,
     which keeps labels short (``w{0..999}``) and the folding linear.
     """
-    # (module, signature, whole): a numbered leaf is kept whole, under its full name.
-    by_module: dict[tuple[str, object, bool], list[str]] = {}
-    for name, signature in rows:
-        module, _, leaf = name.rpartition(".")
-        if _NUMBER.search(leaf):
-            by_module[(name, signature, True)] = [name]
-        else:
-            by_module.setdefault((module, signature, False), []).append(leaf)
-    merged = []
-    for (module, signature, whole), leaves in by_module.items():
-        if whole:
-            merged.append((module, signature, leaves if members else []))
-            continue
-        leaf = leaves[0] if len(leaves) == 1 else "{" + ",".join(leaves) + "}"
-        label = f"{module}.{leaf}" if module else leaf
-        names = [f"{module}.{x}" if module else x for x in leaves] if members else []
-        merged.append((label, signature, names))
-    return merged
+    templates, numbers = _templates_and_numbers(names)
+    modules = {template: _module_of(template) for template in dict.fromkeys(templates)}
+    # A numbered leaf is keyed by its name's (template, numbers, signature), a named one
+    # by its module's (a module's numbers are its names': a named leaf holds none).
+    owners = {template: module or template for template, module in modules.items()}
+    keys = list(zip(map(owners.__getitem__, templates), numbers, signatures, strict=True))
+    if len(set(keys)) == len(keys):
+        # No two names share a label (flat names, or a leaf per module as in a MoE's
+        # experts): each name is its own, which builtins make in C.
+        return zip(templates, numbers, signatures, zip(names), strict=True)
+    # The first name's template (a label of one name is that name) and the names.
+    labels: dict[tuple[object, tuple[str, ...], object], tuple[tuple[str, ...], list[str]]] = {}
+    for key, template, name in zip(keys, templates, names, strict=True):
+        entry = labels.get(key)
+        if entry is None:
+            labels[key] = (template, [name])
+        elif modules[template] is not None:
+            entry[1].append(name)
+    return [
+        (_module_template(template, modules[template], members), values, signature, members)
+        for (_, values, signature), (template, members) in labels.items()
+    ]
+
+
+def _module_template(
+    template: tuple[str, ...], module: tuple[tuple[str, ...], str] | None, members: list[str]
+) -> tuple[str, ...]:
+    """The template of a module's label: its texts, then its leaves in braces (the
+    first name's ``template`` when it has one leaf)."""
+    if module is None or len(members) == 1:
+        return template
+    texts, dot = module
+    leaves = ",".join(name.rpartition(".")[2] for name in members)
+    return (*texts[:-1], f"{texts[-1]}{dot}{{{leaves}}}")
+
+
+def _module_of(template: tuple[str, ...]) -> tuple[tuple[str, ...], str] | None:
+    """The texts of ``template`` less its named leaf, and the dot before that leaf (""
+    for a name without dots); None when the leaf holds a number."""
+    head, dot, _ = template[-1].rpartition(".")
+    if not dot and len(template) > 1:
+        return None
+    return (*template[:-1], head), dot
+
+
+def _templates_and_numbers(names: list[str]) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
+    """Each name's template (the texts between its numbers) and its numbers.
+
+    A model repeats a few templates over hundreds of thousands of names. ASCII names
+    are joined and translated twice, digits to a placeholder and everything else to
+    spaces, which gives each name's masked text and every number in C; each distinct
+    masked text is split once. Other names (Unicode digits, or holding the separator or
+    the placeholder) are split one by one."""
+    joined = "\n".join(names)
+    if not joined.isascii() or joined.count("\n") != len(names) - 1 or "\x00" in joined:
+        pieces = list(map(_NUMBER_SPLIT.split, names))
+        return [tuple(p[::2]) for p in pieces], [tuple(p[1::2]) for p in pieces]
+    masked = joined.translate(_DIGITS_MASKED).split("\n")
+    texts = {m: tuple(_MASKED_RUN.split(m)) for m in dict.fromkeys(masked)}
+    templates = list(map(texts.__getitem__, masked))
+    del masked
+    values = joined.translate(_ALL_BUT_DIGITS_BLANK).split()
+    counts = map(operator.sub, map(len, templates), itertools.repeat(1))
+    ends = list(itertools.accumulate(counts, initial=0))
+    numbers = list(map(tuple, map(values.__getitem__, map(slice, ends, ends[1:]))))
+    return templates, numbers
+
+
+_DIGITS_MASKED = str.maketrans(dict.fromkeys("0123456789", "\x00"))
+_ALL_BUT_DIGITS_BLANK = str.maketrans({chr(c): " " for c in range(128) if not "0" <= chr(c) <= "9"})
+_MASKED_RUN = re.compile("\x00+")
 
 
 Block = tuple[tuple[str, ...], ...]  # one set of values per number position

@@ -4,10 +4,12 @@ Two naming schemes: MoE-like (`model.layers.L.mlp.experts.E.w1.weight`, deep dot
 paths, many siblings) and flat (`t123456`, no dots at all). Tensors are tiny (4
 floats), so the cost measured is per tensor, not per byte. Each file is written as
 safetensors and as a torch.save zip; `diff` compares the safetensors file with a copy
-whose last tensor is renamed. Beside them, in the same run, the baselines: `python -c
-pass`, safetensors' own reader listing every shape, and `torch.load(mmap=True)` of the
-torch.save file. Every command runs in a fresh process, REPEATS times; prints medians
-of wall time and peak RSS (wait4) and the cost per tensor.
+whose last tensor is renamed. inspect and diff of the safetensors file run with --json
+and also as the text a person reads (folded tables, the verdict). Beside them, in the
+same run, the baselines: `python -c pass`, safetensors' own reader listing every
+shape, and `torch.load(mmap=True)` of the torch.save file. Every command runs in a
+fresh process, REPEATS times; prints medians of wall time and peak RSS (wait4) and the
+cost per tensor.
 
     python scripts/bench_scale.py [--counts 1000,10000,100000] [--repeats 3]
                                   [--baseline-tree DIR]
@@ -92,6 +94,9 @@ def main() -> int:
                     "inspect .safetensors": [*ck, "inspect", files["st"], "--json"],
                     "inspect .pt": [*ck, "inspect", files["pt"], "--json"],
                     "diff .safetensors": [*ck, "diff", files["st"], files["other"], "--json"],
+                    # What a person reads: the folded tables and the verdict, as text.
+                    "inspect .safetensors (text)": [*ck, "inspect", files["st"]],
+                    "diff .safetensors (text)": [*ck, "diff", files["st"], files["other"]],
                     # Baselines: the interpreter alone, safetensors' own (Rust) header
                     # reader listing every shape, torch's loader without reading bytes.
                     "python -c pass": [sys.executable, "-c", "pass"],

@@ -24,10 +24,12 @@ from ckptool.keys import (
     Transforms,
     _literal_prefix,
     _parses_back,
+    _templates_and_numbers,
     apply_transforms,
     covering_prefixes,
     diff,
     fold_names,
+    fold_rows,
     suggest_prefixes,
     under_prefix,
 )
@@ -199,8 +201,19 @@ def test_vgg_head_is_covered_by_its_own_index() -> None:
         (["l1.0.w", "l1.1.w", "l2.0.w"], ["l1.{0,1}.w", "l2.0.w"]),
         (["blocks.07.w", "blocks.08.w", "blocks.09.w"], ["blocks.{07..09}.w"]),
         (["x #.w", "x#1.w", "x#2.w"], ["x #.w", "x#{1,2}.w"]),  # crashed: '#' was the template's
+        (["weight", "bias", "w1"], ["{weight,bias}", "w1"]),
+        (["b.1", "b.1", "b.2", "fc.w", "fc.w"], ["b.{1,2}", "fc.{w,w}"]),
     ],
-    ids=["leaves", "resnet-grid", "gappy", "not-a-product", "zero-padded", "hash-sign"],
+    ids=[
+        "leaves",
+        "resnet-grid",
+        "gappy",
+        "not-a-product",
+        "zero-padded",
+        "hash-sign",
+        "no-module",
+        "repeated",
+    ],
 )
 def test_fold_names(names: list[str], expected: list[str]) -> None:
     assert fold_names(names) == expected
@@ -239,6 +252,24 @@ names_strategy = st.lists(
 def test_folding_is_lossless(names: list[str]) -> None:
     expanded = [n for label in fold_names(names) for n in expand(label)]
     assert sorted(expanded) == sorted(names)
+
+
+@given(st.lists(st.text(alphabet="ab.01\n\x00{,}", max_size=8), max_size=12))
+def test_names_split_alike_by_the_joined_and_the_one_by_one_path(names: list[str]) -> None:
+    """ASCII names are split in bulk, other names one by one: a Unicode digit forces
+    the second path, and both give each name the same template and numbers."""
+    one_by_one = _templates_and_numbers(["\u0663", *names])
+    assert _templates_and_numbers(names) == (one_by_one[0][1:], one_by_one[1][1:])
+    for name, template, numbers in zip(names, *_templates_and_numbers(names), strict=True):
+        pieces = itertools.zip_longest(template, numbers, fillvalue="")
+        assert "".join(itertools.chain(*pieces)) == name
+
+
+def test_names_with_a_leading_dot_fold_to_themselves() -> None:
+    """``.weight`` was folded as ``weight`` (its member name too, which inspect then
+    looked up and failed on)."""
+    assert fold_names([".weight", ".bias", "weight"]) == [".{weight,bias}", "weight"]
+    assert fold_rows([(".weight", 1), (".bias", 1)]) == [(".{weight,bias}", [".weight", ".bias"])]
 
 
 shape = st.lists(st.integers(0, 4), min_size=0, max_size=3).map(tuple)

@@ -35,6 +35,15 @@ def test_names_print_as_text_not_markup_or_escapes(tmp_path: Path) -> None:
     assert "\\x1b]0;title\\x07" in shown
 
 
+def test_names_with_a_leading_dot_are_inspected(run_cli, tmp_path: Path) -> None:
+    """A crafted header's ``.weight`` and ``.bias`` ended inspect in an internal error."""
+    path = tmp_path / "dots.safetensors"
+    save_file({".weight": torch.zeros(2), ".bias": torch.zeros(2), "x": torch.zeros(3)}, path)
+    result = run_cli("inspect", path)
+    assert result.exit_code == 0, result.output
+    assert ".{bias,weight}" in result.output  # in natural order
+
+
 def test_flat_and_crafted_names_fold_without_recursing() -> None:
     assert fold_names([f"w{i}" for i in range(5000)]) == ["w{0..4999}"]
     crafted = ".".join(str(i) for i in range(2000))  # 2,000 numbers in one name
