@@ -1573,8 +1573,15 @@ def _product_blocks(combos: list[tuple[str, ...]]) -> list[Block]:
         by_first.setdefault(combo[0], []).append(combo[1:])
     # Values of the first position whose remaining blocks are identical merge into one block.
     merged: dict[tuple[Block, ...], list[str]] = {}
+    # Layers of a model repeat their rests (every MoE layer has the same experts): each
+    # distinct rest is split once.
+    blocks_of: dict[tuple[tuple[str, ...], ...], tuple[Block, ...]] = {}
     for first, rests in by_first.items():
-        merged.setdefault(tuple(_product_blocks(rests)), []).append(first)
+        key = tuple(rests)
+        rest_blocks = blocks_of.get(key)
+        if rest_blocks is None:
+            rest_blocks = blocks_of[key] = tuple(_product_blocks(rests))
+        merged.setdefault(rest_blocks, []).append(first)
     blocks: list[Block] = []
     for rest_blocks, firsts in merged.items():
         blocks.extend((tuple(firsts), *rest) for rest in rest_blocks)

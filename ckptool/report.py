@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import os
 import sys
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from rich import box
@@ -15,7 +17,14 @@ from rich.table import Table
 
 from ckptool.errors import option, shell_word
 from ckptool.formats.bounded import listed, visible
-from ckptool.formats.meta import NOT_A_TENSOR, CheckpointMeta, TensorMeta, itemsizes
+from ckptool.formats.meta import (
+    NOT_A_TENSOR,
+    CheckpointMeta,
+    TensorMeta,
+    itemsizes,
+    nbytes_each,
+    numels,
+)
 from ckptool.keys import (
     Fix,
     FixStep,
@@ -232,19 +241,34 @@ def render_inspect(meta: CheckpointMeta, console: Console) -> None:
 
 def _modules_table(meta: CheckpointMeta, console: Console) -> Table:
     table = _table(console, "module", "tensors", "params", "size", title="Modules")
-    totals: dict[str, list[int]] = {}
-    # Group under a wrapper prefix every key shares (module., model.) rather than by it.
-    wrapper = common_dotted_prefix(list(meta.tensors))
-    for name, tensor in meta.tensors.items():
-        row = totals.setdefault(wrapper + name[len(wrapper) :].split(".", 1)[0], [0, 0, 0])
-        row[0] += 1
-        row[1] += tensor.numel
-        row[2] += tensor.nbytes
-    for module, (count, params, size) in list(totals.items())[:MAX_ROWS]:
-        table.add_row(module, str(count), f"{params:,}", human_bytes(size))
-    if len(totals) > MAX_ROWS:
-        table.add_row(f"... and {len(totals) - MAX_ROWS} more", "", "", "")
+    names = list(meta.tensors)
+    modules = _top_modules(names)
+    counts = Counter(modules)
+    # Sums only for the rows shown (at 100,000 flat names, 40 of 100,000 modules).
+    shown = list(itertools.islice(counts, MAX_ROWS))
+    params, size = dict.fromkeys(shown, 0), dict.fromkeys(shown, 0)
+    in_shown = list(map(params.__contains__, modules))
+    tensors = list(itertools.compress(meta.tensors.values(), in_shown))
+    rows = zip(
+        itertools.compress(modules, in_shown), numels(tensors), nbytes_each(tensors), strict=True
+    )
+    for module, numel, nbytes in rows:
+        params[module] += numel
+        size[module] += nbytes
+    for module in shown:
+        table.add_row(module, str(counts[module]), f"{params[module]:,}", human_bytes(size[module]))
+    if len(counts) > MAX_ROWS:
+        table.add_row(f"... and {len(counts) - MAX_ROWS} more", "", "", "")
     return table
+
+
+def _top_modules(names: list[str]) -> list[str]:
+    """Each name's top-level module, under a wrapper prefix every name shares
+    (``module.``, ``model.``) rather than the wrapper itself; made in C."""
+    wrapper = common_dotted_prefix(names)
+    below = map(str.__getitem__, names, itertools.repeat(slice(len(wrapper), None)))
+    heads = map(operator.itemgetter(0), map(str.partition, below, itertools.repeat(".")))
+    return list(map(wrapper.__add__, heads))
 
 
 def _tensors_table(meta: CheckpointMeta, console: Console) -> Table:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,14 @@ from safetensors.torch import load_file, save_file
 from ckptool.compare import diff_checkpoint
 from ckptool.formats import read_metadata
 from ckptool.keys import fold_names
-from ckptool.report import fix_command, make_console, render_inspect, verdict
+from ckptool.report import (
+    MAX_ROWS,
+    fix_command,
+    human_bytes,
+    make_console,
+    render_inspect,
+    verdict,
+)
 
 
 def _rendered(meta) -> str:
@@ -42,6 +50,28 @@ def test_names_with_a_leading_dot_are_inspected(run_cli, tmp_path: Path) -> None
     result = run_cli("inspect", path)
     assert result.exit_code == 0, result.output
     assert ".{bias,weight}" in result.output  # in natural order
+
+
+def test_the_modules_table_sums_each_module_under_its_wrapper(tmp_path: Path) -> None:
+    """A DataParallel ResNet's rows are module.conv1 .. module.fc, each with torch's own
+    tensor count, element count and bytes; past MAX_ROWS modules, the rest are counted."""
+    import torchvision
+
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    path = tmp_path / "dp.pt"
+    torch.save({f"module.{k}": v for k, v in state.items()}, path)
+    shown = _rendered(read_metadata(path))
+    for module in ("conv1", "bn1", "layer1", "layer4", "fc"):
+        members = [v for k, v in state.items() if k.split(".")[0] == module]
+        params = sum(v.numel() for v in members)
+        size = human_bytes(sum(v.numel() * v.element_size() for v in members))
+        assert re.search(rf"module\.{module} +\| {len(members)} +\| {params:,} +\| {size}", shown)
+
+    flat = tmp_path / "flat.safetensors"
+    save_file({f"t{i}": torch.zeros(i % 3 + 1) for i in range(MAX_ROWS + 5)}, flat)
+    shown = _rendered(read_metadata(flat))
+    assert re.search(rf"t{MAX_ROWS - 1} +\| 1 +\| {(MAX_ROWS - 1) % 3 + 1} ", shown)
+    assert f"t{MAX_ROWS} " not in shown and "... and 5 more" in shown
 
 
 def test_flat_and_crafted_names_fold_without_recursing() -> None:
