@@ -1423,7 +1423,6 @@ class SortedNames:
 
 # --- grouping names for humans -------------------------------------------------------
 
-_NUMBER = re.compile(r"\d+")
 _NUMBER_SPLIT = re.compile(r"(\d+)")  # split keeps the numbers: text, number, text, ...
 # Number positions in one name beyond which it is not folded (real names have under 8).
 MAX_FOLDED_NUMBERS = 16

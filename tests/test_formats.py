@@ -741,3 +741,27 @@ def test_safetensors_names_come_in_natural_order(tmp_path: Path) -> None:
         "1a", "a", "a.9", "a.10", "a.b", "a1.b", "a7", "ab", "layer2.1", "layer2.9.w",
         "layer2.10", "layer2.weight", "layer10.0", "x007", "x7b", "x10",
     ]  # fmt: skip
+
+
+def test_a_read_leaves_the_garbage_collector_as_it_found_it(
+    tmp_path: Path, write_checkpoint: WriteCheckpoint
+) -> None:
+    """read_metadata pauses the collector (a header makes a million acyclic objects);
+    it is back on after a read, a failed read too, and stays off if it was off."""
+    import gc
+
+    good = write_checkpoint({"w": torch.zeros(2)}, "good.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
+    assert gc.isenabled()
+    read_metadata(good)
+    assert gc.isenabled()
+    with pytest.raises(CheckpointReadError):
+        read_metadata(bad)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        read_metadata(good)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -9,7 +9,7 @@ from typing import Any
 
 from ckptool.errors import CheckpointReadError, option
 from ckptool.formats.dcp import is_dcp_directory, read_dcp_meta
-from ckptool.formats.files import require_regular_file
+from ckptool.formats.files import gc_paused, require_regular_file
 from ckptool.formats.meta import CheckpointMeta, ContainerEntry, Format, TensorMeta
 from ckptool.formats.restricted_pickle import NeedsTorchError
 from ckptool.formats.safetensors_header import read_safetensors_meta
@@ -51,7 +51,12 @@ def read_metadata(path: str | os.PathLike[str], *, key: str | None = None) -> Ch
         UnsafeCheckpointError: a pickle that imports outside the tensor allowlist.
         UsageError: ``key`` is wrong, or several tensor dicts and no ``key``.
     """
-    resolved = resolve_checkpoint(os.fspath(path))
+    with gc_paused():
+        return _read_meta(os.fspath(path), key=key)
+
+
+def _read_meta(path: str, *, key: str | None) -> CheckpointMeta:
+    resolved = resolve_checkpoint(path)
     file_format = detect_format(resolved)
     if file_format is Format.SHARDED:
         return read_sharded_meta(resolved, read_shard=_read_file_meta)

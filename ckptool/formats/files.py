@@ -3,11 +3,13 @@ assembled from byte ranges of several files."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gc
 import json
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ckptool.errors import CheckpointReadError
@@ -35,6 +37,23 @@ def require_regular_file(path: str) -> int:
         kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a FIFO, device or socket"
         raise CheckpointReadError(f"{path}: is {kind}, not a regular file; not read")
     return info.st_size
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for a read, as it was before after it.
+
+    A 100,000-tensor header makes a million objects (JSON dicts, lists, entries) and no
+    reference cycles, yet each collection on the way walks the young ones: 0.05-0.1 s
+    of a 0.4 s read, more for the second file of a diff. Cycles made meanwhile (an
+    exception's traceback) are collected when it is back on."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def parse_json(
