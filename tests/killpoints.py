@@ -4,9 +4,9 @@
 
 Every file-system step that commits or removes output (``os.replace``, ``os.link``,
 ``os.unlink``, ``os.rename``) and every chunk of bytes written (``os.pwrite``,
-``os.copy_file_range``) is an event, counted from 1. Just before event EVENT the
-process sends itself SIGNAL (KILL, INT or TERM). Walking EVENT over 1, 2, 3, ... visits
-every point of a write, the rename windows included, without random sleeps.
+``os.pwritev``, ``os.copy_file_range``) is an event, counted from 1. Just before event
+EVENT the process sends itself SIGNAL (KILL, INT or TERM). Walking EVENT over 1, 2, 3,
+... visits every point of a write, the rename windows included, without random sleeps.
 Exit status 99 says the run finished before EVENT.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 NOT_REACHED = 99
-_PATCHED = ("replace", "link", "unlink", "rename", "pwrite", "copy_file_range")
+_PATCHED = ("replace", "link", "unlink", "rename", "pwrite", "pwritev", "copy_file_range")
 
 
 def install(event: int, signum: int) -> None:

@@ -411,3 +411,51 @@ def test_one_pass_copy_over_many_chunks_hashes_and_copies_exactly(
         loaded = ckptool.load_state_dict(tmp_path / path)
         for name, tensor in state.items():
             assert torch.equal(loaded[name], tensor), (path, name)
+
+
+@pytest.mark.parametrize("gathered", ["exact", "corrupted", "short"])
+def test_small_tensors_are_written_and_read_back_in_runs(
+    run_cli, tmp_path: Path, monkeypatch, gathered: str
+) -> None:
+    """2,000 small tensors of a torch.save zip (each in a record of its own, so not back
+    to back in the source) go back to back into the output: a few gathered writes and
+    read-backs, not one of each per tensor. A byte changed after a gathered write is
+    caught by its read-back; a short gathered write is completed."""
+    state = {f"experts.{i}.w": torch.arange(4.0) + 4 * i for i in range(2000)}
+    source = tmp_path / "source.pt"
+    torch.save(state, source)
+    real_pwritev, real_pwrite = os.pwritev, os.pwrite
+    calls: list[str] = []
+
+    def pwritev(fd: int, buffers: list[memoryview], position: int) -> int:
+        calls.append("pwritev")
+        if gathered == "short":  # half of the first part only
+            return real_pwritev(fd, [buffers[0][: len(buffers[0]) // 2]], position)
+        written = real_pwritev(fd, buffers, position)
+        if gathered == "corrupted":  # the run's last byte
+            real_pwrite(fd, b"\xff", position + written - 1)
+        return written
+
+    def pwrite(fd: int, data: memoryview, position: int) -> int:
+        calls.append("pwrite")
+        return real_pwrite(fd, data, position)
+
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    out = tmp_path / "out.safetensors"
+    result = run_cli("convert", source, "-o", out)
+    if gathered == "corrupted":
+        assert result.exit_code == 5 and "differ when read back" in result.stderr, result.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["source.pt"]
+        return
+    assert result.exit_code == 0, result.stderr
+    loaded = ckptool.load_state_dict(out)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert "pwritev" in calls
+    if gathered == "exact":  # after a short one, the rest is written part by part
+        assert len(calls) < 50, calls[:60]
+        # From a safetensors file the tensors are back to back in the source too: one
+        # part, written as it is.
+        calls.clear()
+        assert run_cli("convert", out, "-o", tmp_path / "again.safetensors").exit_code == 0
+        assert "pwritev" not in calls and 0 < len(calls) < 50, calls[:60]

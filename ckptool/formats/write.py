@@ -17,7 +17,7 @@ import signal
 import tempfile
 import threading
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -353,33 +353,66 @@ class Payload:
         stretches = sorted(
             (_Stretch(s, p) for s, p in placed.items()), key=lambda s: s.source.offset
         )
-        pending, active = list(stretches), []
+        pending, active = collections.deque(stretches), []
         whole = self.hashed == file
         with open(file, "rb", buffering=0) as f, _Pipeline(whole) as pipeline:
             size = os.fstat(f.fileno()).st_size
             for start, view in _read_chunks(f.fileno(), _spans(stretches, size, whole)):
                 end = start + len(view)
                 while pending and pending[0].source.offset < end:
-                    active.append(pending.pop(0))
+                    active.append(pending.popleft())
                 parts = [(s, *_overlap(s, start, view)) for s in active]
                 parts = [(s, low, part) for s, low, part in parts if len(part)]
+                runs = _runs(
+                    view,
+                    (
+                        (low - start, len(part), out_fd, position + low - s.source.offset)
+                        for s, low, part in parts
+                        for out_fd, position in s.positions
+                    ),
+                )
                 pipeline.add(
                     view,
                     crc_parts=[(s, part) for s, _, part in parts] if self.with_crc else [],
-                    writes=[
-                        (part, out_fd, position + low - s.source.offset)
-                        for s, low, part in parts
-                        for out_fd, position in s.positions
-                    ],
+                    writes=runs,
                 )
                 self.on_bytes(sum(len(part) for _, _, part in parts))
                 active = [s for s in active if s.end > end]
             sha256 = pipeline.finish()
-        if any(s.source.length for s in pending + active):
+        if any(s.source.length for s in [*pending, *active]):
             raise OSError(errno.EIO, f"{file}: ended before the tensor bytes it lists")
         self._crcs.update((s.source, s.crc) for s in stretches)
         if whole:
             self.source_sha256 = sha256
+
+
+# A run: output fd, offset there, and the parts of a chunk that go there back to back.
+_Run = tuple[int, int, list[memoryview]]
+
+
+def _runs(view: memoryview, writes: Iterable[tuple[int, int, int, int]]) -> list[_Run]:
+    """The writes of a chunk, each given as (offset in ``view``, length, output fd,
+    offset there), as runs: writes that continue one another in the output are one run
+    (one system call to write, one to read back), and within a run, parts that continue
+    one another in the chunk are one part.
+
+    At 100,000 small tensors a write, a read-back and a hand-over each cost more than
+    the bytes: a 1.5 MiB convert took 4.4 s and 420 MiB with one of each per tensor."""
+    runs: list[_Run] = []
+    last_at = last_end = -1  # of the last part, in the chunk and in the output
+    for at, length, fd, position in writes:
+        if runs and runs[-1][0] == fd and position == last_end:
+            parts = runs[-1][2]
+            if at == last_at + len(parts[-1]):
+                parts[-1] = view[last_at : at + length]
+            else:
+                parts.append(view[at : at + length])
+                last_at = at
+        else:
+            runs.append((fd, position, [view[at : at + length]]))
+            last_at = at
+        last_end = position + length
+    return runs
 
 
 def _overlap(stretch: _Stretch, start: int, view: memoryview) -> tuple[int, memoryview]:
@@ -446,6 +479,40 @@ class _ReadBackBuffer(threading.local):
 _READ_BACK = _ReadBackBuffer()
 
 
+def _compare_runs(runs: Sequence[_Run]) -> None:
+    """Read each run back: the file must hold its parts, back to back.
+
+    Raises:
+        VerificationError: it does not.
+    """
+    for out_fd, position, parts in runs:
+        if len(parts) == 1:
+            _compare_written(out_fd, parts[0], position)
+        else:  # small parts of one chunk: joined, they are at most a chunk
+            _compare_written(out_fd, memoryview(b"".join(parts)), position)
+
+
+def _write_parts(out_fd: int, parts: list[memoryview], position: int) -> None:
+    """Write ``parts`` back to back at ``position``, gathered into one system call
+    (per IOV_MAX of them) where the platform has one."""
+    if len(parts) == 1 or not hasattr(os, "pwritev"):  # not on Windows
+        for part in parts:
+            _write(out_fd, part, position)
+            position += len(part)
+        return
+    for first in range(0, len(parts), _IOV_MAX):
+        batch = parts[first : first + _IOV_MAX]
+        written = os.pwritev(out_fd, batch, position)
+        for part in batch:  # after a short write, the parts not whole are written again
+            if written < len(part):
+                _write(out_fd, part, position)
+            written -= len(part)
+            position += len(part)
+
+
+_IOV_MAX = 1024  # POSIX's minimum is 16; Linux, macOS and the BSDs allow 1024
+
+
 def _write(out_fd: int, part: memoryview, position: int) -> None:
     written = 0
     while written < len(part):
@@ -481,10 +548,11 @@ class _Pipeline:
         view: memoryview,
         *,
         crc_parts: Sequence[tuple[_Stretch, memoryview]],
-        writes: Sequence[tuple[memoryview, int, int]],
+        writes: Sequence[_Run],
     ) -> None:
         """Hand over a chunk: ``view`` to hash, ``crc_parts`` to fold into their
-        stretches' CRC-32s, ``writes`` (bytes of ``view``, output fd, offset) to write."""
+        stretches' CRC-32s, ``writes`` (output fd, offset, parts of ``view`` to write
+        there back to back) to write."""
         while len(self._in_flight) >= _READ_BUFFERS - 1:
             self._retire(self._in_flight.popleft())
         digest = None
@@ -499,12 +567,11 @@ class _Pipeline:
         for stretch, part in parts:
             stretch.crc = zlib.crc32(part, stretch.crc)
 
-    def _write_all(self, writes: Sequence[tuple[memoryview, int, int]]) -> list[Future[None]]:
-        checks = []
-        for part, out_fd, position in writes:
-            _write(out_fd, part, position)
-            checks.append(self._checks.submit(_compare_written, out_fd, part, position))
-        return checks
+    def _write_all(self, writes: Sequence[_Run]) -> list[Future[None]]:
+        for out_fd, position, parts in writes:
+            _write_parts(out_fd, parts, position)
+        # One hand-over a chunk: a hundred thousand small tensors are one chunk.
+        return [self._checks.submit(_compare_runs, writes)]
 
     @staticmethod
     def _retire(chunk: _InFlight) -> None:
