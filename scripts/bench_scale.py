@@ -1,4 +1,4 @@
-"""Benchmark: inspect and diff as the tensor count grows (1k, 10k, 100k tensors).
+"""Benchmark: inspect, diff and convert as the tensor count grows (1k, 10k, 100k tensors).
 
 Two naming schemes: MoE-like (`model.layers.L.mlp.experts.E.w1.weight`, deep dotted
 paths, many siblings) and flat (`t123456`, no dots at all). Tensors are tiny (4
@@ -7,7 +7,8 @@ safetensors and as a torch.save zip; `diff` compares the safetensors file with a
 whose last tensor is renamed. inspect and diff of the safetensors file run with --json
 and also as the text a person reads (folded tables, the verdict). Beside them, in the
 same run, the baselines: `python -c pass`, safetensors' own reader listing every
-shape, and `torch.load(mmap=True)` of the torch.save file. Every command runs in a
+shape, and `torch.load(mmap=True)` of the torch.save file. Writes: `convert` both
+ways, beside safetensors' own `save_file(load_file(...))`. Every command runs in a
 fresh process, REPEATS times; prints medians of wall time and peak RSS (wait4) and the
 cost per tensor.
 
@@ -35,6 +36,7 @@ SHAPES = (
     "with safe_open({!r}, framework='np') as f: [f.get_slice(k).get_shape() for k in f.keys()]"
 )
 TORCH_MMAP = "import torch; torch.load({!r}, mmap=True, weights_only=True)"
+COPY = "from safetensors.torch import load_file, save_file; save_file(load_file({!r}), {!r})"
 
 
 def moe_names(count: int) -> list[str]:
@@ -90,6 +92,9 @@ def main() -> int:
         for scheme in ("moe", "flat"):
             for count in counts:
                 files = make_files(workdir, scheme, count)
+                out_st, out_pt = (
+                    os.path.join(workdir, f"written.{s}") for s in ("safetensors", "pt")
+                )
                 commands = {
                     "inspect .safetensors": [*ck, "inspect", files["st"], "--json"],
                     "inspect .pt": [*ck, "inspect", files["pt"], "--json"],
@@ -97,11 +102,33 @@ def main() -> int:
                     # What a person reads: the folded tables and the verdict, as text.
                     "inspect .safetensors (text)": [*ck, "inspect", files["st"]],
                     "diff .safetensors (text)": [*ck, "diff", files["st"], files["other"]],
+                    # Writes: per-tensor costs (a write, a read-back, a zip record each).
+                    "convert .pt -> .safetensors": [
+                        *ck,
+                        "convert",
+                        files["pt"],
+                        "-o",
+                        out_st,
+                        "--force",
+                    ],
+                    "convert .safetensors -> .pt": [
+                        *ck,
+                        "convert",
+                        files["st"],
+                        "-o",
+                        out_pt,
+                        "--force",
+                    ],
                     # Baselines: the interpreter alone, safetensors' own (Rust) header
                     # reader listing every shape, torch's loader without reading bytes.
                     "python -c pass": [sys.executable, "-c", "pass"],
                     "safe_open shapes (numpy)": [sys.executable, "-c", SHAPES.format(files["st"])],
                     "torch.load .pt (mmap)": [sys.executable, "-c", TORCH_MMAP.format(files["pt"])],
+                    "load_file + save_file": [
+                        sys.executable,
+                        "-c",
+                        COPY.format(files["st"], out_st),
+                    ],
                 }
                 if args.baseline_tree:
                     ours = [(k, v) for k, v in commands.items() if v[:3] == ck]
