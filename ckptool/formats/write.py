@@ -394,27 +394,35 @@ _Run = tuple[int, int, list[memoryview]]
 
 def _runs(view: memoryview, writes: Iterable[tuple[int, int, int, int]]) -> list[_Run]:
     """The writes of a chunk, each given as (offset in ``view``, length, output fd,
-    offset there), as runs: writes that continue one another in the output are one run
-    (one system call to write, one to read back), and within a run, parts that continue
-    one another in the chunk are one part.
+    offset there), as runs: parts that continue one another in the chunk and in the
+    output are one part; small parts that continue one another in the output only
+    (a zip's records) are one run (one system call to write, one to read back).
 
     At 100,000 small tensors a write, a read-back and a hand-over each cost more than
-    the bytes: a 1.5 MiB convert took 4.4 s and 420 MiB with one of each per tensor."""
+    the bytes: a 1.5 MiB convert took 4.4 s and 420 MiB with one of each per tensor.
+    Large parts stay runs of their own: a run's parts are joined to be compared, a copy
+    that would cost a 2 GB convert a third more time."""
     runs: list[_Run] = []
     last_at = last_end = -1  # of the last part, in the chunk and in the output
     for at, length, fd, position in writes:
-        if runs and runs[-1][0] == fd and position == last_end:
-            parts = runs[-1][2]
-            if at == last_at + len(parts[-1]):
-                parts[-1] = view[last_at : at + length]
-            else:
-                parts.append(view[at : at + length])
-                last_at = at
+        follows = bool(runs) and runs[-1][0] == fd and position == last_end
+        parts = runs[-1][2] if follows else []
+        if follows and at == last_at + len(parts[-1]):
+            parts[-1] = view[last_at : at + length]
+        elif follows and max(length, len(parts[-1])) < _GATHERED_PART:
+            parts.append(view[at : at + length])
+            last_at = at
         else:
             runs.append((fd, position, [view[at : at + length]]))
             last_at = at
         last_end = position + length
     return runs
+
+
+# Parts below this size are gathered into runs (a tensor of 16 Ki floats).
+_GATHERED_PART = 64 * 1024
+# Bytes of runs read back in one hand-over to the read-back thread.
+_CHECKED_TOGETHER = 256 * 1024
 
 
 def _overlap(stretch: _Stretch, start: int, view: memoryview) -> tuple[int, memoryview]:
@@ -490,7 +498,7 @@ def _compare_runs(runs: Sequence[_Run]) -> None:
     for out_fd, position, parts in runs:
         if len(parts) == 1:
             _compare_written(out_fd, parts[0], position)
-        else:  # small parts of one chunk: joined, they are at most a chunk
+        else:  # small parts of one chunk, joined
             _compare_written(out_fd, memoryview(b"".join(parts)), position)
 
 
@@ -570,10 +578,21 @@ class _Pipeline:
             stretch.crc = zlib.crc32(part, stretch.crc)
 
     def _write_all(self, writes: Sequence[_Run]) -> list[Future[None]]:
-        for out_fd, position, parts in writes:
+        # Runs are read back in batches of _CHECKED_TOGETHER bytes or more, handed over
+        # as each fills: a large tensor is read back while the next is written, and
+        # 100,000 small ones (into a zip: a run each) are not 100,000 hand-overs.
+        checks, batch, size = [], [], 0
+        for run in writes:
+            out_fd, position, parts = run
             _write_parts(out_fd, parts, position)
-        # One hand-over a chunk: a hundred thousand small tensors are one chunk.
-        return [self._checks.submit(_compare_runs, writes)]
+            batch.append(run)
+            size += sum(map(len, parts))
+            if size >= _CHECKED_TOGETHER:
+                checks.append(self._checks.submit(_compare_runs, batch))
+                batch, size = [], 0
+        if batch:
+            checks.append(self._checks.submit(_compare_runs, batch))
+        return checks
 
     @staticmethod
     def _retire(chunk: _InFlight) -> None:
