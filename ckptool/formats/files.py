@@ -41,7 +41,7 @@ def require_regular_file(path: str) -> int:
 
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
-    """The cyclic garbage collector off for a read, as it was before after it.
+    """Turn the cyclic garbage collector off for a read; afterwards it is as it was.
 
     A 100,000-tensor header makes a million objects (JSON dicts, lists, entries) and no
     reference cycles, yet each collection on the way walks the young ones: 0.05-0.1 s
