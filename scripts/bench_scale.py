@@ -3,10 +3,11 @@
 Two naming schemes: MoE-like (`model.layers.L.mlp.experts.E.w1.weight`, deep dotted
 paths, many siblings) and flat (`t123456`, no dots at all). Tensors are tiny (4
 floats), so the cost measured is per tensor, not per byte. Each file is written as
-safetensors and as a torch.save zip; `diff` compares the safetensors file with a copy
-whose last tensor is renamed. inspect and diff of the safetensors file run with --json
-and also as the text a person reads (folded tables, the verdict). Beside them, in the
-same run, the baselines: `python -c pass`, safetensors' own reader listing every
+safetensors, as a torch.save zip and in about 500 safetensors shards (an index beside
+them). `diff` compares the safetensors file with a copy whose last tensor is renamed,
+and the sharded copy with the file. inspect and diff of the safetensors file run with
+--json and also as the text a person reads (folded tables, the verdict). Beside them,
+in the same run, the baselines: `python -c pass`, safetensors' own reader listing every
 shape, and `torch.load(mmap=True)` of the torch.save file. Writes: `convert` both
 ways, beside safetensors' own `save_file(load_file(...))`. Every command runs in a
 fresh process, REPEATS times; prints medians of wall time and peak RSS (wait4) and the
@@ -69,10 +70,17 @@ def make_files(workdir: str, scheme: str, count: int) -> dict[str, str]:
         f"save_file(state, {stem + '.other.safetensors'!r})\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+    # The same tensors in about 500 shards (an index and its files), written by ckptool.
+    shard_size = max(1000, count * 16 // 500)
+    index = os.path.join(workdir, f"{scheme}{count}-shards", "model.safetensors")
+    os.makedirs(os.path.dirname(index), exist_ok=True)
+    convert = ["convert", stem + ".safetensors", "-o", index, "--shard-size", str(shard_size)]
+    subprocess.run([sys.executable, "-m", "ckptool", *convert], check=True, capture_output=True)
     return {
         "st": stem + ".safetensors",
         "pt": stem + ".pt",
         "other": stem + ".other.safetensors",
+        "index": index + ".index.json",
     }
 
 
@@ -102,6 +110,14 @@ def main() -> int:
                     # What a person reads: the folded tables and the verdict, as text.
                     "inspect .safetensors (text)": [*ck, "inspect", files["st"]],
                     "diff .safetensors (text)": [*ck, "diff", files["st"], files["other"]],
+                    "inspect index (~500 shards)": [*ck, "inspect", files["index"], "--json"],
+                    "diff index vs .safetensors": [
+                        *ck,
+                        "diff",
+                        files["index"],
+                        files["st"],
+                        "--json",
+                    ],
                     # Writes: per-tensor costs (a write, a read-back, a zip record each).
                     "convert .pt -> .safetensors": [
                         *ck,
