@@ -55,6 +55,9 @@ def main() -> None:
     import ckptool.surgery  # noqa: F401
     from ckptool.cli import main as ckptool_main
 
+    # A shell starts background jobs with SIGINT ignored, and Python then leaves it
+    # ignored: the signal this harness delivers must reach ckptool's handler anyway.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     install(event, getattr(signal, f"SIG{signame}"))
 
     try:
