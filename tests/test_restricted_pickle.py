@@ -12,6 +12,7 @@ import contextlib
 import io
 import pickle
 import pickletools
+import re
 import sys
 import zipfile
 from contextlib import ExitStack
@@ -95,8 +96,12 @@ def test_slimmed_pickle_keeps_only_the_memo_stores_fetched_again(
         (b"]q\x000}\x940h\x01.", {}),
         # A FRAME's length covers the stores inside it.
         (b"\x95\x04\x00\x00\x00\x00\x00\x00\x00]q\x00.", []),
+        # A text PUT takes index 0: the BINPUT, the first binary store, stores index 1.
+        (b"]p0\n0]q\x010h\x01.", []),
+        # A store over index 0: BINGET 0 fetches the dict stored second.
+        (b"]q\x00}q\x000h\x00.", {}),
     ],
-    ids=["memoize", "frame"],
+    ids=["memoize", "frame", "text-put", "stored-over"],
 )
 def test_slimmed_pickle_leaves_stores_that_others_count_on(ops: bytes, loads_as: object) -> None:
     data = b"\x80\x04" + ops
@@ -391,3 +396,179 @@ def test_a_container_filled_in_many_batches_is_not_deep() -> None:
     batches on one dict, one level deep, not 300 (a false positive of the first scan)."""
     many = {f"k{i}": i for i in range(300_000)}
     check_pickle_budgets(pickle.dumps({"state": many, "list": list(range(300_000))}, protocol=2))
+
+
+# --- tensor records applied whole ---------------------------------------------------
+
+
+def _scan_state(scan: pickle_scan._Scan) -> tuple[object, ...]:
+    """Everything a scan's verdict and slimmed_pickle depend on, nodes as values."""
+
+    def values(nodes: list) -> list[object]:
+        return [None if n is None else (n[0], n[1]) for n in nodes]
+
+    return (
+        values(scan.memo),
+        values(scan.stack),
+        list(scan.puts),
+        sorted(scan.fetched),
+        scan.constructed,
+        scan.hashed,
+        scan.count,
+        scan.skipped,
+        scan.renumbers,
+    )
+
+
+def _scan_both_ways(data: bytes) -> tuple[object, object]:
+    """The outcome (state, or the error) of the scan as it runs, and of the walk of every
+    opcode one by one."""
+    outcomes = []
+    for records in (True, False):
+        scan = pickle_scan._Scan()
+        try:
+            if scan._walk(data, 0, len(data), records=records) is not None:
+                raise AssertionError("no STOP")
+            outcomes.append(_scan_state(scan))
+        except CheckpointReadError as e:
+            outcomes.append((type(e), str(e)))
+    return outcomes[0], outcomes[1]
+
+
+def _varied_tensors() -> dict[str, torch.Tensor]:
+    """Shapes of every form records take (0-d, 1-3 sizes, 4+ sizes), views, ties, and
+    several dtypes, past memo index 256 (4-byte stores)."""
+    shared = torch.arange(24.0).reshape(2, 3, 4)
+    tensors: dict[str, torch.Tensor] = {"scalar": torch.tensor(3.0), "tied": shared}
+    tensors |= {"view": shared[1], "strided": shared.transpose(0, 2), "alias": shared}
+    tensors |= {f"w{i}": torch.zeros(2, 1, 3, 3, 2 + i % 3) for i in range(40)}
+    tensors |= {
+        f"b{i}": torch.ones(3, dtype=torch.int64 if i % 2 else torch.bool) for i in range(40)
+    }
+    return tensors
+
+
+def _training_checkpoint() -> dict[str, object]:
+    model = torchvision.models.resnet18(weights=None, num_classes=10)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 1}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        _varied_tensors,
+        _training_checkpoint,
+        lambda: torchvision.models.resnet18(weights=None).state_dict(),
+    ],
+    ids=["varied", "training-checkpoint", "resnet18-state-dict"],
+)
+def test_tensor_records_applied_whole_leave_the_scan_as_its_walk_does(make) -> None:
+    data = _data_pkl(make())
+    fast, walked = _scan_both_ways(data)
+    assert fast == walked
+    assert isinstance(fast, tuple) and len(fast[0]) > 256  # scanned, past 1-byte stores
+
+
+def test_each_kind_of_tensor_record_is_walked_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The speed: of 500 tensors of one shape, the first is walked as any pickle, the
+    second opcode by opcode as its kind is learned, the rest applied whole but one (its
+    stores cross memo index 256, from 1-byte to 4-byte indexes, and it is walked)."""
+    calls: collections.Counter[str] = collections.Counter()
+    for method in ("_learn", "_replay"):
+        original = getattr(pickle_scan._Scan, method)
+        monkeypatch.setattr(pickle_scan._Scan, method, _counting(calls, method, original))
+    check_pickle_budgets(_data_pkl({f"layer{i}.weight": torch.zeros(4, 4) for i in range(500)}))
+    assert calls == {"_learn": 1, "_replay": 497}
+
+
+def _counting(calls: collections.Counter[str], name: str, method):
+    def counted(*args):
+        calls[name] += 1
+        return method(*args)
+
+    return counted
+
+
+def _records(data: bytes) -> list[re.Match[bytes]]:
+    return list(pickle_scan._TENSOR_RECORD.finditer(data))
+
+
+def _same_shape_pickle() -> bytes:
+    return _data_pkl({f"t{i}": torch.zeros(2, 2) for i in range(6)})
+
+
+@pytest.mark.parametrize("which", [0, 3], ids=["first-of-its-kind", "later"])
+def test_a_record_storing_out_of_order_is_walked(which: int) -> None:
+    data = bytearray(_same_shape_pickle())
+    record = _records(bytes(data))[which]
+    key, storage = record.start("key_put") + 1, record.start("storage_put") + 1
+    data[key], data[storage] = data[storage], data[key]
+    fast, walked = _scan_both_ways(bytes(data))
+    assert fast == walked
+    assert isinstance(fast, tuple)  # the scan passes it; the nodes sit where it stored them
+
+
+def test_a_record_after_a_node_it_fetches_grew_is_walked() -> None:
+    """A crafted pickle appends to the rebuild function's node between two tensors: the
+    next tensor, built from a larger node, charges more than the first did."""
+    data = _same_shape_pickle()
+    record = _records(data)[3]
+    grow = record["rebuild"] + b"Na0"  # GET rebuild, NONE, APPEND, POP
+    crafted = data[: record.start()] + grow + data[record.start() :]
+    fast, walked = _scan_both_ways(crafted)
+    assert fast == walked
+    plain, _ = _scan_both_ways(data)
+    assert isinstance(fast, tuple) and isinstance(plain, tuple) and fast[4] > plain[4]
+
+
+def test_a_record_whose_key_length_disagrees_is_walked() -> None:
+    data = bytearray(_same_shape_pickle())
+    record = _records(bytes(data))[3]
+    data[record.start("key_length")] += 1  # the key swallows the next opcode
+    fast, walked = _scan_both_ways(bytes(data))
+    assert fast == walked
+    assert fast[0] is CheckpointReadError
+
+
+@pytest.mark.parametrize("budget", ["MAX_OPCODES", "MAX_CONSTRUCTOR_NODES"])
+def test_records_applied_whole_count_against_the_budgets(
+    monkeypatch: pytest.MonkeyPatch, budget: str
+) -> None:
+    data = _same_shape_pickle()
+    walked = pickle_scan._Scan()
+    walked._walk(data, 0, len(data), records=False)
+    used = walked.count if budget == "MAX_OPCODES" else walked.constructed
+    monkeypatch.setattr(pickle_scan, budget, used - 1)
+    with pytest.raises(PickleBudgetError, match="budget"):
+        check_pickle_budgets(data)
+    monkeypatch.setattr(pickle_scan, budget, used)
+    check_pickle_budgets(data)
+
+
+def test_a_tensor_applied_whole_grows_alone() -> None:
+    """Tensors applied whole get nodes of their own: a crafted pickle that appends to one
+    tensor's node grows no other tensor's."""
+    data = _same_shape_pickle()
+    records = _records(data)
+    tensor = records[3]["tensor_put"].replace(b"q", b"h", 1)  # GET where it was stored
+    crafted = data[: records[4].start()] + tensor + b"Na0" + data[records[4].start() :]
+    fast, walked = _scan_both_ways(crafted)
+    assert fast == walked
+    assert isinstance(fast, tuple)
+    memo = fast[0]
+    grown, other = (memo[records[i]["tensor_put"][1]] for i in (3, 2))
+    assert grown[0] > other[0]  # type: ignore[index]
+
+
+def test_records_numbered_from_one_are_applied_whole_as_walked() -> None:
+    """A memo numbered from 1 (cPickle of Python 2) leaves one slot skipped."""
+    data = bytearray(_same_shape_pickle())
+    for op, _, pos in pickletools.genops(bytes(data)):
+        if op.name in ("BINPUT", "BINGET"):
+            data[pos + 1] += 1
+    fast, walked = _scan_both_ways(bytes(data))
+    assert fast == walked
+    assert isinstance(fast, tuple) and fast[7] == 1  # one slot skipped

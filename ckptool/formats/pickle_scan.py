@@ -23,7 +23,9 @@ import io
 import operator
 import pickle
 import pickletools
-from typing import IO, BinaryIO, cast
+import re
+import struct
+from typing import IO, BinaryIO, NamedTuple, cast
 
 from ckptool.errors import CheckpointReadError
 
@@ -68,33 +70,39 @@ def slimmed_pickle(data: bytes) -> bytes:
     torch.save memoizes everything it pickles: 8 objects a tensor, 37 MiB of tuples,
     strings and stand-ins at 100,000 tensors, of which only a few (the storage type,
     ``'cpu'``, the rebuild function) are fetched again. An object stored and never
-    fetched loads the same without its store. Stores are kept where taking one out
-    would move others: with MEMOIZE (its index is the count of entries) or FRAME (its
-    length covers them), and text PUTs (protocol 0) are left as they are.
+    fetched loads the same without its store. A pickle is left whole where taking a
+    store out would move others (MEMOIZE numbers entries by their count, a FRAME's
+    length covers them) and where a store's index is not its place among the binary
+    stores (a text PUT of protocol 0, an index out of order or numbered from 1): torch
+    writes none of these.
 
     Raises:
         PickleBudgetError, CheckpointReadError: as :func:`check_pickle_budgets`.
     """
     scan = _Scan()
     scan.run(data)
-    if scan.renumbers or not scan.puts:
+    if scan.renumbers or not scan.in_order or not scan.puts:
         return data
     puts, fetched = scan.puts, scan.fetched
     del scan  # its memo of nodes goes before the slimmed copy is made
-    view, slim, kept_from = memoryview(data), bytearray(), 0
-    for at in puts:
-        if data[at] == _BINPUT:  # the opcode, then a 1-byte index
-            index, end = data[at + 1], at + 2
-        else:  # LONG_BINPUT: a 4-byte index
-            index, end = int.from_bytes(data[at + 1 : at + 5], "little"), at + 5
-        if index not in fetched:
-            slim += view[kept_from:at]
-            kept_from = end
-    slim += view[kept_from:]
-    return bytes(slim)
+    return _without_stores(data, puts, fetched)
 
 
-_BINPUT = pickle.BINPUT[0]
+def _without_stores(data: bytes, puts: array.array[int], fetched: set[int]) -> bytes:
+    """``data`` less the stores at ``puts`` but those of the indexes in ``fetched``,
+    where the store at ``puts[k]`` is of index ``k`` (every store appended in order):
+    the bytes between the stores taken out, joined in C."""
+    # Each store's width (BINPUT 2 bytes, LONG_BINPUT 5); none for those kept.
+    widths = bytearray(bytes(map(data.__getitem__, puts)).translate(_STORE_WIDTHS))
+    for index in fetched:
+        if index < len(widths):
+            widths[index] = 0
+    starts = [0, *map(operator.add, puts, widths)]
+    ends = [*puts, len(data)]
+    return b"".join(map(data.__getitem__, map(slice, starts, ends)))
+
+
+_STORE_WIDTHS = bytes.maketrans(pickle.BINPUT + pickle.LONG_BINPUT, b"\x02\x05")
 
 
 # How an opcode's argument is laid out, after the opcode byte.
@@ -199,6 +207,8 @@ for _info in pickletools.opcodes:
     _OPS[ord(_info.code)] = _Op(_info)
 
 _MARK = None  # the stack entry MARK pushes
+
+
 # A node is [size, depth]: the nodes the object expands to and how deeply it nests. A
 # list, so that a container grown after it was memoized grows for every reference; a
 # tuple for an object that never grows (a number, a string, a tuple), shared by all
@@ -210,6 +220,115 @@ _LEAF_NODE = (1, 1)
 # make millions, which the scan must not keep alive when nothing else refers to them.
 _SHARED_TUPLES = 4096
 _SIZE, _DEPTH = operator.itemgetter(0), operator.itemgetter(1)
+
+_MARK_BYTE = pickle.MARK * 2  # a tensor's rebuild arguments open with two MARKs
+
+
+class _RecordEffect(NamedTuple):
+    """What walking one tensor record did: the nodes it stored, in order (one of them
+    also left on the stack), the constructor nodes it charged, the opcodes it counted;
+    the record's groups that stored them, and the scan's ``changes`` then."""
+
+    stored: tuple[Node, ...]
+    growable: tuple[int, ...]  # where ``stored`` holds nodes that can grow (lists)
+    pushed_at: int  # where ``stored`` holds the node left on the stack
+    constructed: int
+    opcodes: int
+    stores: tuple[str, ...]
+    changes: int
+
+
+def _record_pattern() -> re.Pattern[bytes]:
+    """A torch.save tensor after the first, opcode by opcode, from its rebuild call::
+
+        GET rebuild; MARK MARK GET 'storage', GET storage type, BINUNICODE key, PUT,
+        GET location, int numel, TUPLE, PUT; BINPERSID; int offset; sizes; strides;
+        NEWFALSE|NEWTRUE; GET OrderedDict, EMPTY_TUPLE, REDUCE, PUT; TUPLE, PUT; REDUCE, PUT
+
+    Integers are any of the binary int opcodes; sizes and strides an empty tuple, or 1
+    to 64 ints as a tuple, then a PUT. Fetches and stores are named groups.
+    """
+    # BININT1, BININT2, BININT, and LONG1 with its byte count (up to 8).
+    long1 = b"|".join(re.escape(bytes([n])) + b".{%d}" % n for n in range(1, 9))
+    number = rb"(?:K.|M..|J....|\x8a(?:" + long1 + b"))"
+
+    def get(name: str) -> bytes:
+        return b"(?P<" + name.encode() + rb">h.|j....)"
+
+    def put(name: str) -> bytes:
+        return b"(?P<" + name.encode() + rb">q.|r....)"
+
+    def ints(name: str) -> bytes:
+        listed = (
+            rb"(?:" + number + rb"\x85|" + number * 2 + rb"\x86|" + number * 3 + rb"\x87|"
+            rb"\((?:" + number + rb"){4,64}t)"
+        )
+        return rb"(?:\)|(?P<" + name.encode() + b">" + listed + b")" + put(name + "_put") + b")"
+
+    return re.compile(
+        get("rebuild")
+        + rb"\(\("
+        + get("storage")
+        + get("storage_type")
+        + rb"X(?P<key_length>....)(?P<key>[0-9]{1,20})"
+        + put("key_put")
+        + get("location")
+        + number
+        + b"t"
+        + put("storage_put")
+        + b"Q"
+        + number
+        + ints("shape")
+        + ints("stride")
+        + rb"[\x88\x89]"
+        + get("hooks")
+        + rb"\)R"
+        + put("hooks_put")
+        + b"t"
+        + put("args_put")
+        + b"R"
+        + put("tensor_put"),
+        re.DOTALL,
+    )
+
+
+_TENSOR_RECORD = _record_pattern()
+# The key's length and digits, the sizes and strides, then the memo fetches.
+_RECORD_FIELDS = ("key_length", "key", "shape", "stride", "rebuild", "storage", "storage_type",
+                  "location", "hooks")  # fmt: skip
+# In the order the record stores them (sizes and strides store nothing when empty).
+_RECORD_PUTS = (
+    "key_put", "storage_put", "shape_put", "stride_put", "hooks_put", "args_put", "tensor_put"
+)  # fmt: skip
+
+
+def _stored_in_order(match: re.Match[bytes], first: int, effect: _RecordEffect) -> bool:
+    """The record's memo stores name ``first``, ``first + 1``, ... as the learned ones
+    did (a store elsewhere would put a node where another fetch finds it)."""
+    tokens = b"".join(match.group(*effect.stores))
+    count = len(effect.stores)
+    if len(tokens) == 5 * count:  # every store a LONG_BINPUT: one unpack
+        return _LONG_PUTS[count].unpack(tokens) == tuple(range(first, first + count))
+    if len(tokens) == 2 * count:  # every store a BINPUT
+        return tokens[1::2] == bytes(range(first, first + count)) if first + count <= 256 else False
+    return False  # mixed widths: only around index 256, walked
+
+
+_LONG_PUTS = [struct.Struct("<" + "xI" * n) for n in range(len(_RECORD_PUTS) + 1)]
+
+
+def _tuple_length(ints: bytes | None) -> int:
+    """How many ints a record's sizes or strides tuple holds (None: the empty tuple)."""
+    if ints is None:
+        return 0
+    if ints[:1] != b"(":
+        return ints[-1] - pickle.TUPLE1[0] + 1  # TUPLE1, TUPLE2, TUPLE3
+    count, pos = 0, 1
+    while ints[pos : pos + 1] != b"t":
+        width = {75: 2, 77: 3, 74: 5}.get(ints[pos])
+        pos += width if width is not None else 2 + ints[pos + 1]
+        count += 1
+    return count
 
 
 def _corrupt(what: str) -> CheckpointReadError:
@@ -232,23 +351,37 @@ class _Scan:
         self.puts = array.array("Q")
         self.fetched: set[int] = set()
         self.renumbers = False
+        self.count = 0  # opcodes walked
+        self.changes = 0  # nodes grown or memo entries replaced: a learned record is stale
+        # Whether every memo entry was appended by a binary store, the k-th by the k-th.
+        self.in_order = True
+        # What a tensor record did, by what determines it (see _tensor_record).
+        self.records: dict[tuple[object, ...], _RecordEffect | None] = {}
 
     def run(self, data: bytes) -> None:
-        """Walk the opcodes of the pickle in ``data`` up to its STOP.
+        """Walk the opcodes of the pickle in ``data`` up to its STOP."""
+        if self._walk(data, 0, len(data), records=True) is not None:
+            raise _corrupt("it ends before its STOP opcode")
+
+    def _walk(self, data: bytes, pos: int, end: int, *, records: bool) -> int | None:
+        """Walk the opcodes from ``pos``: None at STOP, else ``end`` once reached.
 
         One loop decodes each opcode and applies the common ones inline (a call per
         opcode is most of the cost at 3 million opcodes); the rest go to ``_apply``.
+        With ``records``, a torch.save tensor pickled after the first is applied as a
+        whole (``_tensor_record``).
         """
         stack, memo, ops, marks = self.stack, self.memo, _OPS, self.marks
         puts, fetched = self.puts, self.fetched
-        pos, end, count, gaps = 0, len(data), 0, 0
+        count, gaps = self.count, self.skipped
         # Locals: the loop runs 30 times per tensor of a state dict.
         max_opcodes, fixed, from_bytes, mark_ = MAX_OPCODES, _FIXED, int.from_bytes, _MARK
         leaf, put, get, new, new_from_mark = _LEAF, _PUT, _GET, _NEW, _NEW_FROM_MARK
-        leaf_node = _LEAF_NODE
+        leaf_node, mark_byte = _LEAF_NODE, _MARK_BYTE
         while True:
             if pos >= end:
-                raise _corrupt("it ends before its STOP opcode")
+                self.count = count
+                return end
             op = ops[data[pos]]
             if op is None:
                 raise _corrupt(f"unknown opcode {data[pos]:#04x} at byte {pos}")
@@ -274,6 +407,8 @@ class _Scan:
                     gaps = self._memo_put(index)
                 if binary:
                     puts.append(start - 1)
+                else:  # slimmed_pickle counts on the stores' places to know their indexes
+                    self.in_order = False
             elif action == leaf:  # a new int, string, None or empty tuple
                 stack.append(leaf_node)
             elif action == new:  # TUPLE1, REDUCE, BINPERSID...: from the objects below
@@ -284,6 +419,16 @@ class _Scan:
                 del stack[-below:]
                 stack.append(self._new_node(op, parts))  # type: ignore[arg-type]
             elif action == get:
+                if records and data[pos : pos + 2] == mark_byte:  # a tensor's rebuild call
+                    self.count = count - 1  # the record counts its GET
+                    after = self._tensor_record(data, start - 1)
+                    if after is not None:
+                        pos, count, gaps = after, self.count, self.skipped
+                        if count > max_opcodes:
+                            raise PickleBudgetError(
+                                f"pickle has more than {MAX_OPCODES} opcodes (budget)"
+                            )
+                        continue
                 index = (
                     from_bytes(data[start:pos], "little")
                     if binary
@@ -307,10 +452,77 @@ class _Scan:
             elif action == _OTHER:
                 self._apply(op)
                 if op.name == "STOP":
-                    return
+                    self.count = count
+                    return None
             else:
                 self._step(action)
                 gaps = self.skipped  # MEMOIZE may fill a skipped slot
+
+    def _tensor_record(self, data: bytes, start: int) -> int | None:
+        """Apply the tensor record at ``start`` as a whole and return where it ends, or
+        None to leave it to the loop (no record there, or one that must be walked).
+
+        torch.save pickles each tensor as the same 26 to 40 opcodes: the rebuild call,
+        the storage's persistent id, offset, sizes, strides. After the first tensor its
+        globals and constant strings are memo fetches, and what the walk does with a
+        record depends only on the nodes it fetches and on how many sizes and strides it
+        has, not on the numbers. So the first record of each kind is walked and what it
+        did is kept; the next ones of that kind get the same new nodes (fresh copies of
+        those that can grow), memo stores at the same places and the same charges, as
+        long as no node changed since (``changes``) and their stores are in order.
+        """
+        match = _TENSOR_RECORD.match(data, start)
+        if match is None:
+            return None
+        length, key, shape, stride, *fetches = match.group(*_RECORD_FIELDS)
+        if int.from_bytes(length, "little") != len(key):
+            return None  # the key's length says the record is laid out otherwise
+        kind = (*fetches, _tuple_length(shape), _tuple_length(stride))
+        effect = self.records.get(kind)
+        if effect is None or effect.changes != self.changes:
+            self.records[kind] = self._learn(data, start, match.end())  # walked
+            return match.end()
+        # (A slot skipped, as numbering from 1 does, changes nothing: there is one at
+        # most, and a store at the end of the memo appends either way.)
+        if not _stored_in_order(match, len(self.memo), effect):
+            return None
+        self._replay(effect, match)
+        return match.end()
+
+    def _learn(self, data: bytes, start: int, end: int) -> _RecordEffect | None:
+        """Walk one record and note what it did.
+
+        The pattern makes it so: the walk leaves one new node on the stack, the
+        tensor's, which its last store stored, and stores each new node once. Stores
+        out of order (over an entry, or skipping one) are not replayed: the first
+        changes the scan, so the record learned is stale at once, and the second
+        leaves a skipped slot, which no replay fills."""
+        memo, before, memo_from = self.memo, self.count, len(self.memo)
+        constructed, changes = self.constructed, self.changes
+        if self._walk(data, start, end, records=False) is None:
+            return None  # a STOP inside: impossible for a match
+        stored = memo[memo_from:]
+        match = _TENSOR_RECORD.match(data, start)
+        assert match is not None  # matched by the caller
+        return _RecordEffect(
+            stored=tuple(stored),  # type: ignore[arg-type]  # None only with a slot skipped
+            growable=tuple(at for at, node in enumerate(stored) if type(node) is list),
+            pushed_at=len(stored) - 1,
+            constructed=self.constructed - constructed,
+            opcodes=self.count - before,
+            stores=tuple(name for name in _RECORD_PUTS if match[name] is not None),
+            changes=changes,
+        )
+
+    def _replay(self, effect: _RecordEffect, match: re.Match[bytes]) -> None:
+        stored = list(effect.stored)
+        for at in effect.growable:  # fresh copies of the nodes that can grow
+            stored[at] = [*stored[at]]
+        self.memo.extend(stored)
+        self.stack.append(stored[effect.pushed_at])
+        self.puts.extend(map(match.start, effect.stores))
+        self.count += effect.opcodes
+        self._charge_constructor(effect.constructed)
 
     def _step(self, action: int) -> None:
         stack = self.stack
@@ -392,6 +604,7 @@ class _Scan:
             # A number, string or tuple: the unpickler adds nothing to it (it refuses
             # APPEND and the like; BUILD with a None state leaves it as it is).
             return
+        self.changes += 1
         target[0] = min(_SATURATED, target[0] + sum(map(_SIZE, added)))
         target[1] = max(target[1], 1 + max(map(_DEPTH, added), default=0))
         self._check_depth(target[1])
@@ -421,6 +634,8 @@ class _Scan:
         # memory: 2**31 would be 16 GB.
         memo = self.memo
         stored = len(memo) - self.skipped
+        if index != len(memo):  # over an entry, or skipping one
+            self.in_order = False
         if index is None or not 0 <= index <= stored + 1:
             raise PickleBudgetError(
                 f"pickle stores memo index {index!r} with {stored} entries in use "
@@ -431,6 +646,7 @@ class _Scan:
             if memo[index] is None:
                 self.skipped -= 1
             memo[index] = top
+            self.changes += 1
         else:  # index <= stored + 1 <= len(memo) + 1
             if index > len(memo):
                 memo.append(None)  # a slot skipped, as numbering from 1 does
