@@ -89,6 +89,17 @@ def test_slimmed_pickle_keeps_only_the_memo_stores_fetched_again(
     assert read_metadata(tmp_path / "tied.pt").tensors == slimmed.tensors
 
 
+@pytest.mark.parametrize("at_once", [1, 2, 7])
+def test_slimmed_pickle_is_the_same_cut_in_any_chunks(
+    monkeypatch: pytest.MonkeyPatch, at_once: int
+) -> None:
+    data = _data_pkl({f"w{i}": torch.zeros(2) for i in range(40)})
+    whole = pickle_scan.slimmed_pickle(data)
+    monkeypatch.setattr(pickle_scan, "_PIECES_AT_ONCE", at_once)
+    assert pickle_scan.slimmed_pickle(data) == whole
+    assert len(whole) < len(data)
+
+
 @pytest.mark.parametrize(
     ("ops", "loads_as"),
     [

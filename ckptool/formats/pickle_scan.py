@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import array
 import io
+import itertools
 import operator
 import pickle
 import pickletools
@@ -97,9 +98,16 @@ def _without_stores(data: bytes, puts: array.array[int], fetched: set[int]) -> b
     for index in fetched:
         if index < len(widths):
             widths[index] = 0
-    starts = [0, *map(operator.add, puts, widths)]
-    ends = [*puts, len(data)]
-    return b"".join(map(data.__getitem__, map(slice, starts, ends)))
+    starts = itertools.chain((0,), map(operator.add, puts, widths))
+    pieces = map(data.__getitem__, map(slice, starts, itertools.chain(puts, (len(data),))))
+    # A chunk at a time: the pieces of 800,000 stores at once took 160 MiB.
+    slim = bytearray()
+    for _ in range(0, len(puts) + 1, _PIECES_AT_ONCE):
+        slim += b"".join(itertools.islice(pieces, _PIECES_AT_ONCE))
+    return bytes(slim)
+
+
+_PIECES_AT_ONCE = 1 << 14
 
 
 _STORE_WIDTHS = bytes.maketrans(pickle.BINPUT + pickle.LONG_BINPUT, b"\x02\x05")
