@@ -355,13 +355,8 @@ def _meta_from_storage(storage: Any, offset: Any, size: Any, stride: Any, dtype:
         _refuse_malformed_tensor(storage, offset, size, stride)
     if len(size) != len(stride):
         raise CheckpointReadError(f"tensor has {len(size)} sizes but {len(stride)} strides")
-    return PickledTensor(
-        shape=tuple(size),
-        dtype=dtype,
-        storage=storage.key,
-        storage_offset=offset,
-        stride=tuple(stride),
-    )
+    # Positional: 100,000 tensors are made here; keywords cost a fifth more.
+    return PickledTensor(tuple(size), dtype, storage.key, offset, tuple(stride))
 
 
 def _refuse_malformed_tensor(storage: Any, offset: Any, size: Any, stride: Any) -> NoReturn:
@@ -383,7 +378,13 @@ def _refuse_malformed_tensor(storage: Any, offset: Any, size: Any, stride: Any) 
 
 
 def _int_tuple(value: Any) -> bool:
-    return isinstance(value, tuple | list) and all(is_count(v) for v in value)
+    """A tuple or list of counts (``is_count``)."""
+    if not isinstance(value, tuple | list):
+        return False
+    # Sizes and strides, asked twice a tensor: plain ints are checked in C.
+    if set(map(type, value)) <= {int}:
+        return not value or (min(value) >= 0 and max(value) < 2**63)
+    return all(map(is_count, value))
 
 
 def _size(dims: Any = ()) -> tuple[int, ...]:
