@@ -22,6 +22,7 @@ from ckptool import (
     read_metadata,
 )
 from ckptool.formats import Format, safetensors_header
+from ckptool.formats import meta as meta_module
 
 
 def assert_meta_matches(path: Path, expected: dict[str, torch.Tensor], **kwargs: str) -> None:
@@ -765,3 +766,9 @@ def test_a_read_leaves_the_garbage_collector_as_it_found_it(
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (2, 3, 4), (3, 1, 2), (0, 3), (1, 1)])
+def test_dense_strides_are_torchs(shape: tuple[int, ...]) -> None:
+    """A tensor with these strides is counted as dense without looking at it further."""
+    assert meta_module._dense_strides(shape) == torch.empty(shape).stride()
