@@ -22,7 +22,9 @@ import pytest
 import torch
 import torchvision
 from conftest import REPO
+from safetensors.torch import save_file
 
+import ckptool
 from ckptool.errors import CheckpointReadError
 from ckptool.formats import pickle_scan, read_metadata, restricted_pickle
 from ckptool.formats.bounded import short_repr, visible
@@ -583,3 +585,42 @@ def test_records_numbered_from_one_are_applied_whole_as_walked() -> None:
     fast, walked = _scan_both_ways(bytes(data))
     assert fast == walked
     assert isinstance(fast, tuple) and fast[7] == 1  # one slot skipped
+
+
+def test_tensors_as_ckptool_writes_them_are_applied_whole_as_walked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ckptool's own .pt stores only globals and constant strings: its tensors are the
+    same records without stores."""
+    state = {"n": torch.tensor(4)} | {f"w{i}": torch.zeros(2, 3) for i in range(300)}
+    save_file(state, tmp_path / "in.safetensors")
+    ckptool.convert(tmp_path / "in.safetensors", str(tmp_path / "out.pt"))
+    with zipfile.ZipFile(tmp_path / "out.pt") as archive:
+        data = archive.read("archive/data.pkl")
+    fast, walked = _scan_both_ways(data)
+    assert fast == walked
+    calls: collections.Counter[str] = collections.Counter()
+    for method in ("_learn", "_replay"):
+        original = getattr(pickle_scan._Scan, method)
+        monkeypatch.setattr(pickle_scan._Scan, method, _counting(calls, method, original))
+    check_pickle_budgets(data)
+    # n and w0 name new globals (walked), w1 is learned, the rest applied whole.
+    assert calls == {"_learn": 1, "_replay": 298}
+
+
+def test_a_tensor_applied_whole_without_stores_grows_alone(tmp_path: Path) -> None:
+    """In ckptool's own layout nothing stores a tensor, but one still on the stack can
+    be appended to: the tensors applied whole before it, in the same batch, keep their
+    size."""
+    save_file({f"w{i}": torch.zeros(2) for i in range(8)}, tmp_path / "in.safetensors")
+    ckptool.convert(tmp_path / "in.safetensors", str(tmp_path / "out.pt"))
+    with zipfile.ZipFile(tmp_path / "out.pt") as archive:
+        data = archive.read("archive/data.pkl")
+    end = list(pickle_scan._BARE_TENSOR_RECORD.finditer(data))[4].end()
+    crafted = data[:end] + b"Na" + data[end:-1]  # NONE, APPEND into the tensor just built
+    # The dict made a set member (MARK ... FROZENSET): its size, tensors and all, hashed.
+    crafted = crafted[:2] + b"(" + crafted[2:] + b"\x91."
+    fast, walked = _scan_both_ways(crafted)
+    assert fast == walked
+    plain, _ = _scan_both_ways(data[:2] + b"(" + data[2:-1] + b"\x91.")
+    assert isinstance(fast, tuple) and isinstance(plain, tuple) and fast[5] > plain[5]

@@ -233,20 +233,22 @@ _MARK_BYTE = pickle.MARK * 2  # a tensor's rebuild arguments open with two MARKs
 
 
 class _RecordEffect(NamedTuple):
-    """What walking one tensor record did: the nodes it stored, in order (one of them
-    also left on the stack), the constructor nodes it charged, the opcodes it counted;
-    the record's groups that stored them, and the scan's ``changes`` then."""
+    """What walking one tensor record did: the nodes it stored, in order, the node it
+    left on the stack (stored last, where the record stores), the constructor nodes it
+    charged, the opcodes it counted; the record's groups that stored them, and the
+    scan's ``changes`` then."""
 
     stored: tuple[Node, ...]
     growable: tuple[int, ...]  # where ``stored`` holds nodes that can grow (lists)
-    pushed_at: int  # where ``stored`` holds the node left on the stack
+    pushed: Node  # the node left on the stack (the tensor's)
+    pushed_at: int  # where ``stored`` holds it; -1 where nothing is stored
     constructed: int
     opcodes: int
     stores: tuple[str, ...]
     changes: int
 
 
-def _record_pattern() -> re.Pattern[bytes]:
+def _record_pattern(*, stores: bool) -> re.Pattern[bytes]:
     """A torch.save tensor after the first, opcode by opcode, from its rebuild call::
 
         GET rebuild; MARK MARK GET 'storage', GET storage type, BINUNICODE key, PUT,
@@ -254,7 +256,8 @@ def _record_pattern() -> re.Pattern[bytes]:
         NEWFALSE|NEWTRUE; GET OrderedDict, EMPTY_TUPLE, REDUCE, PUT; TUPLE, PUT; REDUCE, PUT
 
     Integers are any of the binary int opcodes; sizes and strides an empty tuple, or 1
-    to 64 ints as a tuple, then a PUT. Fetches and stores are named groups.
+    to 64 ints as a tuple, then a PUT. Fetches and stores are named groups. Without
+    ``stores``, the same without the PUTs: as ckptool writes a tensor.
     """
     # BININT1, BININT2, BININT, and LONG1 with its byte count (up to 8).
     long1 = b"|".join(re.escape(bytes([n])) + b".{%d}" % n for n in range(1, 9))
@@ -264,7 +267,7 @@ def _record_pattern() -> re.Pattern[bytes]:
         return b"(?P<" + name.encode() + rb">h.|j....)"
 
     def put(name: str) -> bytes:
-        return b"(?P<" + name.encode() + rb">q.|r....)"
+        return b"(?P<" + name.encode() + rb">q.|r....)" if stores else b""
 
     def ints(name: str) -> bytes:
         listed = (
@@ -300,7 +303,8 @@ def _record_pattern() -> re.Pattern[bytes]:
     )
 
 
-_TENSOR_RECORD = _record_pattern()
+_TENSOR_RECORD = _record_pattern(stores=True)
+_BARE_TENSOR_RECORD = _record_pattern(stores=False)
 # The key's length and digits, the sizes and strides, then the memo fetches.
 _RECORD_FIELDS = ("key_length", "key", "shape", "stride", "rebuild", "storage", "storage_type",
                   "location", "hooks")  # fmt: skip
@@ -313,7 +317,7 @@ _RECORD_PUTS = (
 def _stored_in_order(match: re.Match[bytes], first: int, effect: _RecordEffect) -> bool:
     """The record's memo stores name ``first``, ``first + 1``, ... as the learned ones
     did (a store elsewhere would put a node where another fetch finds it)."""
-    tokens = b"".join(match.group(*effect.stores))
+    tokens = b"".join(map(match.__getitem__, effect.stores))  # none for ckptool's own
     count = len(effect.stores)
     if len(tokens) == 5 * count:  # every store a LONG_BINPUT: one unpack
         return _LONG_PUTS[count].unpack(tokens) == tuple(range(first, first + count))
@@ -470,8 +474,9 @@ class _Scan:
         """Apply the tensor record at ``start`` as a whole and return where it ends, or
         None to leave it to the loop (no record there, or one that must be walked).
 
-        torch.save pickles each tensor as the same 26 to 40 opcodes: the rebuild call,
-        the storage's persistent id, offset, sizes, strides. After the first tensor its
+        torch.save pickles each tensor as the same 26 to 40 opcodes (ckptool the same
+        without stores): the rebuild call, the storage's persistent id, offset, sizes,
+        strides. After the first tensor its
         globals and constant strings are memo fetches, and what the walk does with a
         record depends only on the nodes it fetches and on how many sizes and strides it
         has, not on the numbers. So the first record of each kind is walked and what it
@@ -479,13 +484,13 @@ class _Scan:
         those that can grow), memo stores at the same places and the same charges, as
         long as no node changed since (``changes``) and their stores are in order.
         """
-        match = _TENSOR_RECORD.match(data, start)
+        match = _TENSOR_RECORD.match(data, start) or _BARE_TENSOR_RECORD.match(data, start)
         if match is None:
             return None
         length, key, shape, stride, *fetches = match.group(*_RECORD_FIELDS)
         if int.from_bytes(length, "little") != len(key):
             return None  # the key's length says the record is laid out otherwise
-        kind = (*fetches, _tuple_length(shape), _tuple_length(stride))
+        kind = (match.re, *fetches, _tuple_length(shape), _tuple_length(stride))
         effect = self.records.get(kind)
         if effect is None or effect.changes != self.changes:
             self.records[kind] = self._learn(data, start, match.end())  # walked
@@ -501,7 +506,8 @@ class _Scan:
         """Walk one record and note what it did.
 
         The pattern makes it so: the walk leaves one new node on the stack, the
-        tensor's, which its last store stored, and stores each new node once. Stores
+        tensor's (which its last store stores, if it stores), and stores each new node
+        once. Stores
         out of order (over an entry, or skipping one) are not replayed: the first
         changes the scan, so the record learned is stale at once, and the second
         leaves a skipped slot, which no replay fills."""
@@ -510,15 +516,16 @@ class _Scan:
         if self._walk(data, start, end, records=False) is None:
             return None  # a STOP inside: impossible for a match
         stored = memo[memo_from:]
-        match = _TENSOR_RECORD.match(data, start)
+        match = _TENSOR_RECORD.match(data, start) or _BARE_TENSOR_RECORD.match(data, start)
         assert match is not None  # matched by the caller
         return _RecordEffect(
             stored=tuple(stored),  # type: ignore[arg-type]  # None only with a slot skipped
             growable=tuple(at for at, node in enumerate(stored) if type(node) is list),
-            pushed_at=len(stored) - 1,
+            pushed=self.stack[-1],  # type: ignore[arg-type]  # the tensor's node
+            pushed_at=len(stored) - 1,  # -1 without stores
             constructed=self.constructed - constructed,
             opcodes=self.count - before,
-            stores=tuple(name for name in _RECORD_PUTS if match[name] is not None),
+            stores=tuple(n for n in _RECORD_PUTS if n in match.re.groupindex and match[n]),
             changes=changes,
         )
 
@@ -527,7 +534,12 @@ class _Scan:
         for at in effect.growable:  # fresh copies of the nodes that can grow
             stored[at] = [*stored[at]]
         self.memo.extend(stored)
-        self.stack.append(stored[effect.pushed_at])
+        pushed = effect.pushed
+        if effect.pushed_at >= 0:  # the tensor's node, stored too
+            pushed = stored[effect.pushed_at]
+        elif type(pushed) is list:
+            pushed = [*pushed]
+        self.stack.append(pushed)
         self.puts.extend(map(match.start, effect.stores))
         self.count += effect.opcodes
         self._charge_constructor(effect.constructed)
