@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickletools
 import re
 import shlex
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -17,9 +19,11 @@ import torchvision
 from conftest import MLP, ConvBN, Tied, TiedLM, WriteCheckpoint, seeded_state, wrap
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 
 import ckptool
 from ckptool import IncompatibleError, UsageError
+from ckptool.formats import pickle_scan
 from ckptool.keys import Transforms
 from ckptool.surgery import adapt, convert, merge
 
@@ -489,6 +493,30 @@ def test_pt_safetensors_pt_round_trip_is_bit_exact(
     assert_bit_equal(state, back)
     if "tied.weight" in state:  # stored once, restored as tied
         assert back["tied.weight"].data_ptr() == back[next(iter(state))].data_ptr()
+
+
+def test_written_pt_fetches_each_global_and_constant_once_stored(tmp_path: Path) -> None:
+    """Each global and constant string stored once and fetched after, so that readers
+    (ckptool's scan, torch's unpickler) meet every tensor after the first of its kind in
+    the same opcodes."""
+    state = {f"layer{i}.weight": torch.full((3, 2), float(i)) for i in range(1100)}
+    # Two int64 tensors, written after the layers (names in natural order) and so past
+    # memo index 255: the second fetches its storage type by a 4-byte index.
+    state |= {"step.a": torch.tensor(5), "step.b": torch.tensor(7)}
+    state |= {"conv.weight": torch.zeros(2, 1, 3, 3)}
+    save_file(state, tmp_path / "in.safetensors")
+    convert(tmp_path / "in.safetensors", str(tmp_path / "out.pt"))
+    with zipfile.ZipFile(tmp_path / "out.pt") as archive:
+        data = archive.read("archive/data.pkl")
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(data)]
+    globals_ = [arg for name, arg in ops if name == "GLOBAL"]
+    assert len(globals_) == len(set(globals_)) == 4  # OrderedDict, rebuild, two storages
+    assert [arg for name, arg in ops if name == "BINUNICODE"].count("cpu") == 1
+    assert [name for name, _ in ops].count("SETITEMS") == 2  # dict items 1000 at a time
+    # Applied whole but the first tensor and the first int64 one (new globals).
+    assert len(list(pickle_scan._BARE_TENSOR_RECORD.finditer(data))) == len(state) - 2
+    back = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert all(torch.equal(back[name], tensor) for name, tensor in state.items())
 
 
 @settings(
