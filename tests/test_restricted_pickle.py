@@ -458,6 +458,9 @@ def _varied_tensors() -> dict[str, torch.Tensor]:
     tensors |= {
         f"b{i}": torch.ones(3, dtype=torch.int64 if i % 2 else torch.bool) for i in range(40)
     }
+    # Sizes and strides as 2-byte and 4-byte ints, in 4-dimension tuples (MARK ... TUPLE).
+    tensors |= {f"wide{i}": torch.zeros(1, 1, 2, 300) for i in range(3)}
+    tensors |= {"long": torch.zeros(1, 1, 1, 70000)}
     return tensors
 
 
@@ -624,3 +627,21 @@ def test_a_tensor_applied_whole_without_stores_grows_alone(tmp_path: Path) -> No
     assert fast == walked
     plain, _ = _scan_both_ways(data[:2] + b"(" + data[2:-1] + b"\x91.")
     assert isinstance(fast, tuple) and isinstance(plain, tuple) and fast[5] > plain[5]
+
+
+@pytest.mark.parametrize(
+    ("token", "length"),
+    [
+        (None, 0),  # the empty tuple
+        (b"K\x02\x86", 2),  # TUPLE2
+        (b"(J\x00\x00\x01\x00M\x00\x02K\x03\x8a\x05\x00\x00\x00\x00\x01t", 4),
+        (b"(" + b"M\x01\x01" * 6 + b"t", 6),
+    ],
+    ids=["empty", "tuple2", "every-int-width", "six-2-byte"],
+)
+def test_a_records_sizes_are_counted_whatever_their_widths(
+    token: bytes | None, length: int
+) -> None:
+    """Sizes and strides are part of a record's kind: 4 ints of 2 bytes each must not count
+    as some other number of 1-byte ones."""
+    assert pickle_scan._tuple_length(token) == length

@@ -215,8 +215,6 @@ for _info in pickletools.opcodes:
     _OPS[ord(_info.code)] = _Op(_info)
 
 _MARK = None  # the stack entry MARK pushes
-
-
 # A node is [size, depth]: the nodes the object expands to and how deeply it nests. A
 # list, so that a container grown after it was memoized grows for every reference; a
 # tuple for an object that never grows (a number, a string, a tuple), shared by all
@@ -336,11 +334,15 @@ def _tuple_length(ints: bytes | None) -> int:
     if ints[:1] != b"(":
         return ints[-1] - pickle.TUPLE1[0] + 1  # TUPLE1, TUPLE2, TUPLE3
     count, pos = 0, 1
-    while ints[pos : pos + 1] != b"t":
-        width = {75: 2, 77: 3, 74: 5}.get(ints[pos])
-        pos += width if width is not None else 2 + ints[pos + 1]
+    while ints[pos : pos + 1] not in (b"t", b""):  # the pattern ends it with TUPLE
+        width = _INT_WIDTHS.get(ints[pos])
+        pos += width if width is not None else 2 + ints[pos + 1]  # LONG1: its byte count
         count += 1
     return count
+
+
+# Opcode and argument bytes of BININT1, BININT2 and BININT.
+_INT_WIDTHS = {pickle.BININT1[0]: 2, pickle.BININT2[0]: 3, pickle.BININT[0]: 5}
 
 
 def _corrupt(what: str) -> CheckpointReadError:
@@ -476,13 +478,13 @@ class _Scan:
 
         torch.save pickles each tensor as the same 26 to 40 opcodes (ckptool the same
         without stores): the rebuild call, the storage's persistent id, offset, sizes,
-        strides. After the first tensor its
-        globals and constant strings are memo fetches, and what the walk does with a
-        record depends only on the nodes it fetches and on how many sizes and strides it
-        has, not on the numbers. So the first record of each kind is walked and what it
-        did is kept; the next ones of that kind get the same new nodes (fresh copies of
-        those that can grow), memo stores at the same places and the same charges, as
-        long as no node changed since (``changes``) and their stores are in order.
+        strides. After the first tensor its globals and constant strings are memo
+        fetches, and what the walk does with a record depends only on the nodes it
+        fetches and on how many sizes and strides it has, not on the numbers. So the
+        first record of each kind is walked and what it did is kept; the next ones of
+        that kind get the same new nodes (fresh copies of those that can grow), memo
+        stores at the same places and the same charges, as long as no node changed
+        since (``changes``) and their stores are in order.
         """
         match = _TENSOR_RECORD.match(data, start) or _BARE_TENSOR_RECORD.match(data, start)
         if match is None:
@@ -493,7 +495,7 @@ class _Scan:
         kind = (match.re, *fetches, _tuple_length(shape), _tuple_length(stride))
         effect = self.records.get(kind)
         if effect is None or effect.changes != self.changes:
-            self.records[kind] = self._learn(data, start, match.end())  # walked
+            self.records[kind] = self._learn(data, match)  # walked
             return match.end()
         # (A slot skipped, as numbering from 1 does, changes nothing: there is one at
         # most, and a store at the end of the memo appends either way.)
@@ -502,22 +504,19 @@ class _Scan:
         self._replay(effect, match)
         return match.end()
 
-    def _learn(self, data: bytes, start: int, end: int) -> _RecordEffect | None:
-        """Walk one record and note what it did.
+    def _learn(self, data: bytes, match: re.Match[bytes]) -> _RecordEffect | None:
+        """Walk the record ``match`` found and note what it did.
 
         The pattern makes it so: the walk leaves one new node on the stack, the
         tensor's (which its last store stores, if it stores), and stores each new node
-        once. Stores
-        out of order (over an entry, or skipping one) are not replayed: the first
-        changes the scan, so the record learned is stale at once, and the second
-        leaves a skipped slot, which no replay fills."""
+        once. Stores out of order (over an entry, or skipping one) are not replayed:
+        the first changes the scan, so the record learned is stale at once, and the
+        second leaves a skipped slot, which no replay fills."""
         memo, before, memo_from = self.memo, self.count, len(self.memo)
         constructed, changes = self.constructed, self.changes
-        if self._walk(data, start, end, records=False) is None:
+        if self._walk(data, match.start(), match.end(), records=False) is None:
             return None  # a STOP inside: impossible for a match
         stored = memo[memo_from:]
-        match = _TENSOR_RECORD.match(data, start) or _BARE_TENSOR_RECORD.match(data, start)
-        assert match is not None  # matched by the caller
         return _RecordEffect(
             stored=tuple(stored),  # type: ignore[arg-type]  # None only with a slot skipped
             growable=tuple(at for at, node in enumerate(stored) if type(node) is list),
