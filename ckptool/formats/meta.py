@@ -7,7 +7,7 @@ import enum
 import itertools
 import math
 import operator
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -206,16 +206,18 @@ def _all_dense(tensors: Collection[TensorMeta]) -> bool:
     if unstrided == len(strides):
         return True
     shapes = list(map(_SHAPE, tensors))
-    dense = {shape: _dense_strides(shape) for shape in set(shapes)}
+    dense = {shape: dense_strides(shape) for shape in set(shapes)}
     matching: int = sum(map(operator.eq, strides, map(dense.__getitem__, shapes)))
     return unstrided + matching == len(strides)
 
 
-def _dense_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The strides of a dense tensor of ``shape``: each the product of the sizes after it."""
+def dense_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """The strides torch gives a dense tensor of ``shape``: each the product of the sizes
+    after it (a size of 0 counted as 1)."""
     if not shape:
         return ()
-    return tuple(itertools.accumulate(reversed(shape[1:]), operator.mul, initial=1))[::-1]
+    sizes = map(max, reversed(shape[1:]), itertools.repeat(1))
+    return tuple(itertools.accumulate(sizes, operator.mul, initial=1))[::-1]
 
 
 # Per-tensor columns, read at C speed: a 100,000-tensor listing pays for every

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from ckptool.formats.meta import DTYPE_SIZES, dense_strides
 from ckptool.formats.restricted_pickle import STORAGE_DTYPES
 from ckptool.formats.write import OutTensor, Payload, TensorData, data_length
 
@@ -90,14 +91,6 @@ def _int(value: int) -> bytes:
     return b"\x8a" + bytes([len(raw)]) + raw  # LONG1
 
 
-def _contiguous_strides(shape: Sequence[int]) -> list[int]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return strides[::-1]
-
-
 # Items per SETITEMS, as pickle batches them.
 _BATCH = 1000
 _SMALL_TUPLES = {1: b"\x85", 2: b"\x86", 3: b"\x87"}  # TUPLE1, TUPLE2, TUPLE3
@@ -145,7 +138,7 @@ class _DataPickle:
             b"(" + persistent + b"tQ"  # the persistent id's TUPLE, BINPERSID
             + _int(0)
             + _ints(tensor.shape)
-            + _ints(_contiguous_strides(tensor.shape))
+            + _ints(dense_strides(tensor.shape))
             + b"\x89"  # NEWFALSE: requires_grad
             + self.shared(_global("collections", "OrderedDict")) + b")R"  # backward hooks
         )  # fmt: skip
@@ -168,8 +161,6 @@ def _ints(values: Sequence[int]) -> bytes:
 
 
 def _itemsize(tensor: OutTensor) -> int:
-    from ckptool.formats.meta import DTYPE_SIZES
-
     return DTYPE_SIZES[tensor.dtype]
 
 
