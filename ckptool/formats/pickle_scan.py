@@ -238,8 +238,7 @@ class _RecordEffect(NamedTuple):
 
     stored: tuple[Node, ...]
     growable: tuple[int, ...]  # where ``stored`` holds nodes that can grow (lists)
-    pushed: Node  # the node left on the stack (the tensor's)
-    pushed_at: int  # where ``stored`` holds it; -1 where nothing is stored
+    pushed: Node  # the node left on the stack (the tensor's), stored last if any is
     constructed: int
     opcodes: int
     stores: tuple[str, ...]
@@ -521,7 +520,6 @@ class _Scan:
             stored=tuple(stored),  # type: ignore[arg-type]  # None only with a slot skipped
             growable=tuple(at for at, node in enumerate(stored) if type(node) is list),
             pushed=self.stack[-1],  # type: ignore[arg-type]  # the tensor's node
-            pushed_at=len(stored) - 1,  # -1 without stores
             constructed=self.constructed - constructed,
             opcodes=self.count - before,
             stores=tuple(n for n in _RECORD_PUTS if n in match.re.groupindex and match[n]),
@@ -534,8 +532,8 @@ class _Scan:
             stored[at] = [*stored[at]]
         self.memo.extend(stored)
         pushed = effect.pushed
-        if effect.pushed_at >= 0:  # the tensor's node, stored too
-            pushed = stored[effect.pushed_at]
+        if stored:  # the tensor's node, stored last
+            pushed = stored[-1]
         elif type(pushed) is list:
             pushed = [*pushed]
         self.stack.append(pushed)
