@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 from ckptool.errors import TransformError, on_command_line, option, shell_word
 from ckptool.formats.meta import LOW_PRECISION, SCALE_SUFFIXES, TensorMeta, numels, tied_views
@@ -137,6 +137,15 @@ def apply_transforms(names: Iterable[str], transforms: Transforms) -> Renaming:
         TransformError: a --strip prefix is absent from some keys, or two keys
             would end up with the same name.
     """
+    return _drop_covered(renamed_names(names, transforms), transforms.drop)
+
+
+def renamed_names(names: Iterable[str], transforms: Transforms) -> dict[str, str]:
+    """New name -> original after --strip, --add-prefix and --rename (before --drop).
+
+    Raises:
+        TransformError: as :func:`apply_transforms`.
+    """
     names = list(names)
     current = dict(zip(names, names, strict=True))  # current name -> original
     for prefix in transforms.strip:
@@ -144,15 +153,22 @@ def apply_transforms(names: Iterable[str], transforms: Transforms) -> Renaming:
     if transforms.add_prefix:
         current = {transforms.add_prefix + k: v for k, v in current.items()}
     for pattern, repl in transforms.rename:
-        current = _rename(current, pattern, repl)
-    dropping = PrefixIndex(transforms.drop)
+        current, _ = _rename(current, pattern, repl)
+    return current
+
+
+def _drop_covered(current: Mapping[str, str], drop: Sequence[str]) -> Renaming:
+    """``current`` less the names under the --drop prefixes (``current`` is not changed:
+    a fix's trials rename the same names again)."""
+    dropping = PrefixIndex(drop)
     if not dropping:
         return Renaming(current, ())
     covered = dropping.covered(current)
     dropped = tuple(map(current.__getitem__, covered))
+    kept = dict(current)
     for name in covered:
-        del current[name]
-    return Renaming(current, dropped)
+        del kept[name]
+    return Renaming(kept, dropped)
 
 
 def _strip_all(current: dict[str, str], prefix: str) -> dict[str, str]:
@@ -166,13 +182,17 @@ def _strip_all(current: dict[str, str], prefix: str) -> dict[str, str]:
     return {k[len(prefix) :]: v for k, v in current.items()}
 
 
-def _rename(current: dict[str, str], pattern: str, repl: str) -> dict[str, str]:
+def _rename(
+    current: Mapping[str, str], pattern: str, repl: str
+) -> tuple[dict[str, str], dict[str, str]]:
+    """``current`` with ``pattern`` replaced in its names (each keeps its place), and the
+    names changed (old -> new)."""
     regex = re.compile(pattern)
     rule = option("rename", f"{pattern}={repl}", quoted=True)
     # An anchored pattern can only match names that start with its literal text: a fix
-    # renaming one tensor of 100k runs re.sub once, not 100k times.
+    # renaming one tensor of 100k runs re.sub once, not 100k times (names tested in C).
     prefix = _literal_prefix(pattern)
-    candidates = (n for n in current if n.startswith(prefix)) if prefix else current
+    candidates = filter(operator.methodcaller("startswith", prefix), current) if prefix else current
     changes: dict[str, str] = {}
     for name in candidates:
         try:
@@ -181,13 +201,14 @@ def _rename(current: dict[str, str], pattern: str, repl: str) -> dict[str, str]:
             raise TransformError(f"{rule}: bad replacement ({e})") from e
         if new != name:
             changes[name] = new
-    renamed = {changes.get(name, name): original for name, original in current.items()}
+    # Each name looked up in C (changes.get(name, name)): the order stays the same.
+    renamed = dict(zip(map(changes.get, current, current), current.values(), strict=True))
     if len(renamed) < len(current):
         _refuse_collision(current, changes, rule)
-    return renamed
+    return renamed, changes
 
 
-def _refuse_collision(current: dict[str, str], changes: dict[str, str], rule: str) -> NoReturn:
+def _refuse_collision(current: Mapping[str, str], changes: dict[str, str], rule: str) -> NoReturn:
     """Name the first two checkpoint keys that a rename maps to one name."""
     seen: dict[str, str] = {}
     for name, original in current.items():
@@ -438,14 +459,21 @@ def _compare(
     renaming: Renaming,
     transforms: Transforms,
     hooks: HookPlacement | None = None,
+    earlier: _Earlier | None = None,
 ) -> KeyDiff:
+    """The diff of ``source`` renamed by ``renaming`` (``transforms`` applied) with
+    ``target``; with ``earlier``, only the names that may compare differently from it
+    are compared again (the rest, in C)."""
     mapping = renaming.mapping
     reinit = PrefixIndex(transforms.reinit)
     reinit_names = set(reinit.covered(mapping))
     # Set membership tested in C throughout: a 100k-name diff runs this three times.
     compared = list(itertools.filterfalse(reinit_names.__contains__, mapping))
+    named = filter(target.__contains__, compared)
+    if earlier is not None:
+        named = filter(earlier.recheck.__contains__, named)
     shape_mismatch, dtype_mismatch, matched = [], [], []
-    for name in filter(target.__contains__, compared):
+    for name in named:
         src, tgt = source[mapping[name]], target[name]
         if src.shape != tgt.shape:
             shape_mismatch.append(ShapeMismatch(name, src.shape, tgt.shape))
@@ -453,11 +481,18 @@ def _compare(
         matched.append(name)
         if src.dtype != tgt.dtype:
             dtype_mismatch.append(DtypeMismatch(name, src.dtype, tgt.dtype))
+    if earlier is not None:
+        # A name not compared again is in the target as before, where it matched then.
+        unfit = earlier.recheck.difference(matched)
+        in_target = filter(target.__contains__, compared)
+        matched = list(itertools.filterfalse(unfit.__contains__, in_target))
     absent = list(itertools.filterfalse(target.__contains__, compared))
-    lacking = list(itertools.filterfalse(set(compared).__contains__, target))
+    # Without --reinit the compared names are the mapping's: its keys answer in C.
+    kept: Collection[str] = set(compared) if reinit_names else mapping.keys()
+    lacking = list(itertools.filterfalse(kept.__contains__, target))
     consumed, filled = (hooks.consumed, hooks.filled) if hooks else (frozenset(), frozenset())
     missing = tuple(itertools.filterfalse(filled.__contains__, lacking))
-    ties = tie_groups(target)
+    ties = tie_groups(target) if earlier is None else earlier.ties
     through_tie = _through_ties(ties, matched, missing)
     _refuse_reinit_of_ties(ties, matched, transforms)
     return KeyDiff(
@@ -477,6 +512,25 @@ def _compare(
         hook_filled=tuple(filter(filled.__contains__, lacking)),
         scaled_codes=_scaled_codes(source, mapping, dtype_mismatch),
     )
+
+
+@dataclass(frozen=True)
+class _Earlier:
+    """A comparison that a rename trial builds on: its diff, and the names (as renamed)
+    whose original the rename changed. Every other name keeps its original, its --drop
+    and its --reinit (both go by name), so it compares as it did."""
+
+    diff: KeyDiff
+    changed: frozenset[str]
+    ties: dict[object, list[str]]  # the target's (tie_groups)
+
+    @functools.cached_property
+    def recheck(self) -> frozenset[str]:
+        """The names to compare again: the changed ones and those that did not fit
+        (a matched name outside this set matched with the same dtype)."""
+        shapes, dtypes = self.diff.shape_mismatch, self.diff.dtype_mismatch
+        unfit = [m.key for m in shapes] + [m.key for m in dtypes]
+        return frozenset(itertools.chain(self.changed, unfit))
 
 
 def _scaled_codes(
@@ -525,9 +579,13 @@ def _through_ties(
     ties: Mapping[object, list[str]], matched: Sequence[str], missing: Sequence[str]
 ) -> dict[str, str]:
     """Missing names whose tensor the checkpoint provides under a tied name."""
-    provided = set(matched)
+    if not ties or not missing:
+        return {}
+    # Only tied names are looked up: sets of them, not of 100,000 matched names.
+    tied = set(itertools.chain.from_iterable(ties.values()))
+    provided = set(filter(tied.__contains__, matched))
+    lacking = set(filter(tied.__contains__, missing))
     found: dict[str, str] = {}
-    lacking = set(missing)
     for names in ties.values():
         source = next((n for n in names if n in provided), None)
         if source is not None:
@@ -956,11 +1014,14 @@ def _nesting_rename(
             rule = _nesting_rule(module, partner.rpartition(".")[0])
             if rule is not None:
                 rules[rule] += 1
+    if not rules:
+        return None
+    trials = _RenameBase(base, renamed_names(source, base), tie_groups(target))
     best: tuple[Transforms, KeyDiff, tuple[str, ...], tuple[str, str]] | None = None
     for rule, _ in rules.most_common(MAX_NESTING_RULES):
-        renamed = _with_rename(source, target, base, after, rule, hooks)
+        renamed = _with_rename(source, target, trials, after, rule, hooks)
         if renamed is not None and (best is None or len(renamed[1].matched) > len(best[1].matched)):
-            best = (*renamed, rule)
+            best = (renamed[0].transforms, *renamed[1:], rule)
     if best is None:
         return None
     transforms, trial, moved, rule = best
@@ -969,7 +1030,7 @@ def _nesting_rename(
 
 
 # How many same-leaf, same-shape partners one unexpected key is paired with, and how
-# many candidate nesting renames are tried (each costs one comparison).
+# many candidate nesting renames are tried (each renames every name once more).
 MAX_NESTING_PARTNERS = 8
 MAX_NESTING_RULES = 4
 
@@ -1011,7 +1072,7 @@ KNOWN_RENAMES = (
     ("weight_g", "parametrizations.weight.original0"),
     ("weight_v", "parametrizations.weight.original1"),
 )
-# How many renames of tensors are tried (each costs one comparison); past that the
+# How many renames of tensors are tried (each renames every name once more); past that the
 # module is dropped and re-initialised as before.
 MAX_TENSOR_RENAMES = 8
 
@@ -1029,19 +1090,23 @@ def _rename_tensors(
     names contain one another and fit no other (``w2.weight`` -> ``w2.weight_orig``),
     or as the only pair differing in an index written apart (``norm.1`` -> ``norm1``).
     A change repeated across modules gets one rule for all of them, else one rule per
-    tensor; each rule is kept only if it loses no matched name and matches more (one
-    comparison each)."""
+    tensor; each rule is kept only if it loses no matched name and matches more (a
+    comparison of the names it changes)."""
     steps: list[FixStep] = []
     tries = 0
+    trials: _RenameBase | None = None  # made once a rule is tried
     for general, singles in _rename_rules(source, target, after):
         for rule in (general, *singles) if general else singles:
             if tries == MAX_TENSOR_RENAMES:
                 return base, after, steps
             tries += 1
-            renamed = _with_rename(source, target, base, after, rule, hooks)
+            if trials is None:
+                trials = _RenameBase(base, renamed_names(source, base), tie_groups(target))
+            renamed = _with_rename(source, target, trials, after, rule, hooks)
             if renamed is None:
                 continue
-            base, after, moved = renamed
+            trials, after, moved = renamed
+            base = trials.transforms
             flag = Transforms(rename=(rule,)).flags()[0]
             steps.append(FixStep(flag, Reason.RENAMED, moved, rule=rule))
             if rule is general:
@@ -1235,25 +1300,46 @@ def name_replacement(name: str) -> str:
     return name.replace("\\", "\\\\")
 
 
+class _RenameBase(NamedTuple):
+    """What a rename trial builds on: the transforms so far, the names they rename
+    (:func:`renamed_names`, before --drop) and the target's ties (:func:`tie_groups`)."""
+
+    transforms: Transforms
+    names: dict[str, str]
+    ties: dict[object, list[str]]
+
+
 def _with_rename(
     source: Mapping[str, TensorMeta],
     target: Mapping[str, TensorMeta],
-    base: Transforms,
+    base: _RenameBase,
     after: KeyDiff,
     rule: tuple[str, str],
     hooks: HookPlacement | None,
-) -> tuple[Transforms, KeyDiff, tuple[str, ...]] | None:
-    """``base`` plus the rename ``rule``, if it keeps every name matched so far and
-    matches more; with the diff after it and the names it newly matches."""
-    candidate = dataclasses.replace(base, rename=(*base.rename, rule))
+) -> tuple[_RenameBase, KeyDiff, tuple[str, ...]] | None:
+    """``base`` plus the rename ``rule``, if it keeps every name matched so far
+    (``after``, base's diff) and matches more; with the diff after it and the names it
+    newly matches.
+
+    The trial renames base's names once more and compares again only what the rule
+    changed (a fix tries up to a dozen rules on 100,000 names)."""
+    candidate = dataclasses.replace(base.transforms, rename=(*base.transforms.rename, rule))
     try:
-        trial = _compare(source, target, apply_transforms(source, candidate), candidate, hooks)
+        renamed, changes = _rename(base.names, *rule)
+        changed = frozenset(itertools.chain(changes, changes.values()))
+        earlier = _Earlier(after, changed, base.ties)
+        renaming = _drop_covered(renamed, candidate.drop)
+        trial = _compare(source, target, renaming, candidate, hooks, earlier)
     except TransformError:
         return None
-    before = set(after.matched)
-    if not before.issubset(trial.matched) or len(trial.matched) <= len(before):
+    # Only the names compared again can have been lost or gained.
+    fit_before = set(filter(earlier.recheck.__contains__, after.matched))
+    fit_now = set(filter(earlier.recheck.__contains__, trial.matched))
+    gained = fit_now - fit_before
+    if fit_before - fit_now or not gained:
         return None
-    return candidate, trial, tuple(n for n in trial.matched if n not in before)
+    moved = tuple(filter(gained.__contains__, trial.matched))
+    return _RenameBase(candidate, renamed, base.ties), trial, moved
 
 
 def _steps(flag: str, prefixes: Sequence[str], after: KeyDiff) -> list[FixStep]:

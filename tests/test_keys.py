@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 import shlex
@@ -22,15 +23,21 @@ from ckptool.keys import (
     Reason,
     SortedNames,
     Transforms,
+    _compare,
+    _drop_covered,
+    _Earlier,
     _literal_prefix,
     _parses_back,
+    _rename,
     _templates_and_numbers,
     apply_transforms,
     covering_prefixes,
     diff,
     fold_names,
     fold_rows,
+    renamed_names,
     suggest_prefixes,
+    tie_groups,
     under_prefix,
 )
 
@@ -565,6 +572,9 @@ def test_known_port_renames_get_one_rule_per_tail(old: tuple, new: tuple) -> Non
     assert fixed.compatible and len(fixed.matched) == len(target)
     assert all(o.rpartition(old[0])[0] == n.rpartition(new[0])[0]
                for o, n in fixed.renamed.items() if o.endswith(old[0]))  # fmt: skip
+    # Each step names the keys it moves in the checkpoint's order (a report lists them).
+    for step in result.fix.steps:
+        assert list(step.keys) == [n for n in fixed.matched if n in step.keys]
 
 
 @pytest.mark.parametrize(
@@ -625,7 +635,7 @@ def test_a_tail_rule_that_would_break_matched_names_falls_back_to_one_per_tensor
 
 
 def test_tensor_renames_are_capped() -> None:
-    """Each rename tried costs a comparison of every name: past MAX_TENSOR_RENAMES the
+    """Each rename tried renames every name once more: past MAX_TENSOR_RENAMES the
     rest is dropped and re-initialised as before."""
     count = MAX_TENSOR_RENAMES + 3
     source = {f"l{i}.w{i}": (4,) for i in range(count)} | {"keep.weight": (9,)}
@@ -823,3 +833,98 @@ def test_a_prefix_with_an_equals_sign_is_renamed_away_by_a_flag_that_parses_back
     (flag,) = result.fix.transforms.flags()
     parsed = Transforms.from_flags(rename=[shlex.split(flag)[1]])
     assert diff(source, target, parsed).compatible
+
+
+# Names, shapes and dtypes that rename trials move around: layers that trade places,
+# leaves that rename onto each other, a head to drop or re-initialise.
+TRIAL_MODULES = ("enc.0", "enc.1", "enc.1.1", "dec", "head")
+TRIAL_NAMES = [f"{module}.{leaf}" for module in TRIAL_MODULES for leaf in "wbg"]
+TRIAL_RULES = [
+    (r"^enc\.0\.", "enc.1."),  # onto names that may be there: a collision or a chain
+    (r"^enc\.1\.", "enc."),  # enc.1.1.w -> enc.1.w while enc.1.w moves to enc.w
+    (r"\.g$", ".w"),
+    (r"^dec\.", "head."),
+    (r"^head\.(\w)$", "dec.\\1"),
+    (r"^nothing$", "x"),
+]
+
+
+@st.composite
+def trial_cases(draw):
+    """A checkpoint, a model (some names tied), transforms so far and a rule to try."""
+
+    def tensors(names):
+        return {
+            name: TensorMeta(
+                shape=(draw(st.sampled_from([2, 3])),),
+                dtype=draw(st.sampled_from(["float32", "float16"])),
+            )
+            for name in names
+        }
+
+    source = tensors(draw(st.lists(st.sampled_from(TRIAL_NAMES), unique=True, max_size=12)))
+    target = tensors(draw(st.lists(st.sampled_from(TRIAL_NAMES), unique=True, max_size=12)))
+    tied = draw(st.lists(st.sampled_from(sorted(target) or ["-"]), unique=True, max_size=3))
+    for name in set(tied) & set(target):
+        target[name] = target[name]._replace(storage="tied", shape=(2,))
+    base = Transforms(
+        rename=tuple(draw(st.lists(st.sampled_from(TRIAL_RULES), max_size=1))),
+        drop=tuple(draw(st.lists(st.sampled_from(["head.", "enc.1.1."]), unique=True, max_size=1))),
+        reinit=tuple(draw(st.lists(st.sampled_from(["dec.", "enc.0.w"]), unique=True, max_size=1))),
+    )
+    return source, target, base, draw(st.sampled_from(TRIAL_RULES))
+
+
+def _outcome(compare):
+    try:
+        return compare()
+    except TransformError as e:
+        return str(e)
+
+
+@settings(max_examples=400, deadline=None)
+@given(trial_cases())
+def test_a_rename_trial_compares_as_a_full_comparison(case) -> None:
+    """A trial compares again only the names its rule changed and those that did not fit
+    before: its diff is the one a comparison of every name gives, field by field and in
+    the same order (or the same refusal)."""
+    source, target, base, rule = case
+    try:
+        after = _compare(source, target, apply_transforms(source, base), base)
+        renamed, changes = _rename(renamed_names(source, base), *rule)
+    except TransformError:
+        return  # the transforms so far, or the rule, do not apply: nothing is tried
+    candidate = dataclasses.replace(base, rename=(*base.rename, rule))
+    earlier = _Earlier(after, frozenset([*changes, *changes.values()]), tie_groups(target))
+    trial = _outcome(
+        lambda: _compare(
+            source, target, _drop_covered(renamed, candidate.drop), candidate, None, earlier
+        )
+    )
+    full = _outcome(
+        lambda: _compare(source, target, apply_transforms(source, candidate), candidate)
+    )
+    assert trial == full
+    if not isinstance(full, str):  # dicts compare without order: their items too
+        assert list(trial.renamed.items()) == list(full.renamed.items())
+
+
+def test_a_rename_trial_looks_up_only_the_names_it_changes() -> None:
+    """Eight tensors renamed one by one in a checkpoint of 2,000: each trial compares
+    the names its rule moves, not all 2,000 again (100,000 names took 0.3 s a trial)."""
+    looked_up = []
+
+    class Counting(dict):
+        def __getitem__(self, name):
+            looked_up.append(name)
+            return super().__getitem__(name)
+
+    names = [f"layers.{i}.{w}.weight" for i in range(500) for w in ("q", "k", "v", "o")]
+    source = Counting(metas({name: (4,) for name in names}))
+    renamed = {names[i]: f"{names[i]}_v{i}" for i in range(0, 400, 50)}
+    target = metas({renamed.get(name, name): (4,) for name in names})
+    result = diff(source, target)
+    assert result.fix is not None and len(result.fix.transforms.rename) == len(renamed)
+    assert diff(metas({n: (4,) for n in names}), target, result.fix.transforms).compatible
+    # Two comparisons of every name (as given, and the fix's replay) and a few per trial.
+    assert len(looked_up) < 2 * len(names) + 10 * len(renamed)
