@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, NoReturn
+from typing import Generic, NamedTuple, NoReturn, TypeVar
 
 from ckptool.errors import TransformError, on_command_line, option, shell_word
 from ckptool.formats.meta import LOW_PRECISION, SCALE_SUFFIXES, TensorMeta, numels, tied_views
@@ -1517,7 +1517,7 @@ MAX_FOLDED_NUMBERS = 16
 def fold_names(names: Iterable[str]) -> list[str]:
     """Group names for display: ``fc.{weight,bias}``, ``layer{1..4}.{0,1}.conv1.weight``."""
     # Labels only: a report folds 100k matched names to show three rows.
-    return [label for label, _ in _fold(((n, None) for n in names), members=False)]
+    return [label for label, _, _ in _folded(((n, None) for n in names), members=False)]
 
 
 def fold_rows(rows: Iterable[tuple[str, object]]) -> list[tuple[str, list[str]]]:
@@ -1526,43 +1526,67 @@ def fold_rows(rows: Iterable[tuple[str, object]]) -> list[tuple[str, list[str]]]
     Returns (label, member names) in first-appearance order. The signature is, for
     example, (shape, dtype) so that a folded row still has one shape.
     """
-    return _fold(rows, members=True)
+    return [
+        (label, [name for combo in _expand(block) for name in by_numbers[combo]])
+        for label, block, by_numbers in _folded(rows, members=True)
+    ]
 
 
-def _fold(rows: Iterable[tuple[str, object]], *, members: bool) -> list[tuple[str, list[str]]]:
-    """fold_rows; without ``members`` every member list is empty (not built)."""
+def fold_counts(rows: Iterable[tuple[str, Signature]]) -> list[tuple[str, int, Signature]]:
+    """As :func:`fold_rows`, with how many names each label folds and their signature
+    instead of the names (a table of 100,000 tensors shows a few dozen rows)."""
+    return [
+        (label, sum(map(len, map(by_numbers.__getitem__, _expand(block)))), by_numbers.signature)
+        for label, block, by_numbers in _folded(rows, members=True)
+    ]
+
+
+Signature = TypeVar("Signature")
+
+
+class _ByNumbers(dict[tuple[str, ...], Sequence[str]], Generic[Signature]):
+    """The names of one template and signature, by their numbers."""
+
+    def __init__(self, signature: Signature) -> None:
+        super().__init__()
+        self.signature = signature
+
+
+def _folded(
+    rows: Iterable[tuple[str, Signature]], *, members: bool
+) -> Iterator[tuple[str, Block, _ByNumbers[Signature]]]:
+    """(label, the block of numbers it folds, the names by their numbers), in
+    first-appearance order; without ``members`` every name list is empty (not kept)."""
     pairs = list(rows)
     names = list(map(operator.itemgetter(0), pairs))
     signatures = list(map(operator.itemgetter(1), pairs))
     del pairs
     # A template is the text between the numbers (a tuple: a name may hold any character).
-    groups: dict[tuple[tuple[str, ...], object], dict[tuple[str, ...], Sequence[str]]] = {}
+    groups: dict[tuple[tuple[str, ...], Signature], _ByNumbers[Signature]] = {}
     for template, numbers, signature, label_names in _merged_labels(names, signatures):
-        groups.setdefault((template, signature), {})[numbers] = label_names if members else ()
-    folded: list[tuple[str, list[str]]] = []
+        group = groups.get((template, signature))
+        if group is None:
+            group = groups[template, signature] = _ByNumbers(signature)
+        group[numbers] = label_names if members else ()
     for (template, _), by_numbers in groups.items():
         if len(template) - 1 > MAX_FOLDED_NUMBERS:
             # Folding recurses once per number position: a crafted name with a thousand
             # numbers is shown as it is.
-            folded.extend(
-                (_render_literal(template, numbers), list(names))
-                for numbers, names in by_numbers.items()
-            )
+            for numbers in by_numbers:
+                yield _render_literal(template, numbers), tuple(zip(numbers)), by_numbers
             continue
         for block in _product_blocks(list(by_numbers)):
-            names = [m for combo in _expand(block) for m in by_numbers[combo]] if members else []
-            folded.append((_render(template, block), names))
-    return folded
+            yield _render(template, block), block, by_numbers
 
 
 def _render_literal(template: tuple[str, ...], numbers: tuple[str, ...]) -> str:
     return template[0] + "".join(n + text for n, text in zip(numbers, template[1:], strict=True))
 
 
-Label = tuple[tuple[str, ...], tuple[str, ...], object, Sequence[str]]
+Label = tuple[tuple[str, ...], tuple[str, ...], Signature, Sequence[str]]
 
 
-def _merged_labels(names: list[str], signatures: list[object]) -> Iterable[Label]:
+def _merged_labels(names: list[str], signatures: list[Signature]) -> Iterable[Label[Signature]]:
     """(template, numbers, signature, member names) of each label, in first-appearance
     order: ``bn1.weight`` and ``bn1.bias`` with equal signatures become
     ``bn1.{weight,bias}``.
@@ -1581,7 +1605,7 @@ def _merged_labels(names: list[str], signatures: list[object]) -> Iterable[Label
         # experts): each name is its own, which builtins make in C.
         return zip(templates, numbers, signatures, zip(names), strict=True)
     # The first name's template (a label of one name is that name) and the names.
-    labels: dict[tuple[object, tuple[str, ...], object], tuple[tuple[str, ...], list[str]]] = {}
+    labels: dict[tuple[object, tuple[str, ...], Signature], tuple[tuple[str, ...], list[str]]] = {}
     for key, template, name in zip(keys, templates, names, strict=True):
         entry = labels.get(key)
         if entry is None:

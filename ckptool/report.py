@@ -34,8 +34,8 @@ from ckptool.keys import (
     Transforms,
     common_dotted_prefix,
     discarded_by_choice,
+    fold_counts,
     fold_names,
-    fold_rows,
     scaled_codes_words,
 )
 
@@ -273,11 +273,12 @@ def _top_modules(names: list[str]) -> list[str]:
 
 def _tensors_table(meta: CheckpointMeta, console: Console) -> Table:
     table = _table(console, "tensors", "n", "shape", "dtype", "params", title="Tensors")
-    rows = fold_rows((name, (t.shape, t.dtype)) for name, t in meta.tensors.items())
-    for label, names in rows[: MAX_ROWS * 3]:
-        first = meta.tensors[names[0]]
-        params = sum(meta.tensors[n].numel for n in names)
-        table.add_row(label, str(len(names)), shape_text(first.shape), first.dtype, f"{params:,}")
+    signatures = map(operator.attrgetter("shape", "dtype"), meta.tensors.values())
+    rows = fold_counts(zip(meta.tensors, signatures, strict=True))
+    for label, count, (shape, dtype) in rows[: MAX_ROWS * 3]:
+        # A row folds tensors of one shape: its elements are the count times one's.
+        params = count * math.prod(shape)
+        table.add_row(label, str(count), shape_text(shape), dtype, f"{params:,}")
     if len(rows) > MAX_ROWS * 3:
         table.add_row(f"... and {len(rows) - MAX_ROWS * 3} more rows (use --json)", "", "", "", "")
     return table

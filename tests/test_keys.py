@@ -16,6 +16,7 @@ from ckptool import TransformError
 from ckptool.errors import command_line_voice
 from ckptool.formats.meta import TensorMeta
 from ckptool.keys import (
+    MAX_FOLDED_NUMBERS,
     MAX_STARTSWITH_PREFIXES,
     MAX_TENSOR_RENAMES,
     SCORING_BLOCK,
@@ -33,6 +34,7 @@ from ckptool.keys import (
     apply_transforms,
     covering_prefixes,
     diff,
+    fold_counts,
     fold_names,
     fold_rows,
     renamed_names,
@@ -928,3 +930,13 @@ def test_a_rename_trial_looks_up_only_the_names_it_changes() -> None:
     assert diff(metas({n: (4,) for n in names}), target, result.fix.transforms).compatible
     # Two comparisons of every name (as given, and the fix's replay) and a few per trial.
     assert len(looked_up) < 2 * len(names) + 10 * len(renamed)
+
+
+def test_names_with_too_many_numbers_are_shown_as_they_are() -> None:
+    """Folding recurses once per number position: past MAX_FOLDED_NUMBERS a name is its
+    own row, with itself as its member (a crafted name must not cost a deep recursion)."""
+    many = [".".join(str(i + k) for i in range(MAX_FOLDED_NUMBERS + 1)) for k in range(3)]
+    rows = [(name, "sig") for name in many]
+    assert fold_names(many) == many
+    assert fold_rows(rows) == [(name, [name]) for name in many]
+    assert fold_counts(rows) == [(name, 1, "sig") for name in many]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from ckptool.compare import diff_checkpoint
 from ckptool.formats import read_metadata
-from ckptool.keys import fold_names
+from ckptool.keys import fold_names, fold_rows
 from ckptool.report import (
     MAX_ROWS,
     fix_command,
@@ -41,6 +41,26 @@ def test_names_print_as_text_not_markup_or_escapes(tmp_path: Path) -> None:
     assert "[/b]" in shown  # printed, not parsed as a closing tag
     assert "\x1b" not in shown and "\x07" not in shown
     assert "\\x1b]0;title\\x07" in shown
+
+
+def test_the_tensors_table_counts_what_each_row_folds(tmp_path: Path) -> None:
+    """A ResNet's folded rows count the tensors and elements that torch has: a row may
+    fold merged leaves (``bn1.{bias,...,weight}``) across layers and blocks."""
+    import torchvision
+
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    path = tmp_path / "r.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, path)
+    meta = read_metadata(path)
+    shown = _rendered(meta)
+    rows = re.findall(r"^ (\S+) +\| (\d+) +\| \[[\d, ]*\] +\| \w+ +\| ([\d,]+) *$", shown, re.M)
+    members = dict(fold_rows((name, (t.shape, t.dtype)) for name, t in meta.tensors.items()))
+    assert len(rows) == len(members) > 1
+    for label, count, params in rows:
+        assert int(count) == len(members[label])
+        assert int(params.replace(",", "")) == sum(state[n].numel() for n in members[label])
+    assert sum(int(count) for _, count, _ in rows) == len(state)
+    assert any(int(count) > 4 and "{" in label for label, count, _ in rows)  # merged leaves
 
 
 def test_names_with_a_leading_dot_are_inspected(run_cli, tmp_path: Path) -> None:
