@@ -742,7 +742,10 @@ def common_dotted_prefix(names: Sequence[str]) -> str:
 
 def _add_candidates(target: Sequence[str]) -> list[str]:
     """'' plus the target's most common leading modules (``bert.``, ``backbone.``)."""
-    leading = Counter(name.split(".", 1)[0] + "." for name in target if "." in name)
+    # Each dotted name's first module and its dot, made in C.
+    dotted = itertools.compress(target, map(operator.contains, target, itertools.repeat(".")))
+    heads = map(operator.itemgetter(0), map(str.partition, dotted, itertools.repeat(".")))
+    leading = Counter(map(operator.add, heads, itertools.repeat(".")))
     common = [prefix for prefix, _ in leading.most_common(MAX_ADD_CANDIDATES)]
     known = [p for p in KNOWN_PREFIXES if p in leading and p not in common]
     return ["", *common, *known]
@@ -1368,11 +1371,14 @@ def _cover_remaining(after: KeyDiff) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Module prefixes to --drop (unexpected/mismatched) and --reinit (missing only)."""
     conflicting = set(after.unexpected) | {m.key for m in after.shape_mismatch}
     missing = set(after.unexplained_missing)
+    if not conflicting and not missing:
+        return (), ()  # (a universe of 100,000 names is not sorted for nothing)
     # Names the hooks place belong to the universe: a prefix must not sweep them up.
     universe = set(after.matched) | set(after.missing) | conflicting
     universe |= set(after.hooked) | set(after.hook_filled)
-    drop = covering_prefixes(conflicting | (missing & _near(conflicting, missing)), universe)
-    reinit = covering_prefixes(missing - _covered(missing, drop), universe)
+    ordered = SortedNames(universe)  # once for both
+    drop = _covering(conflicting | (missing & _near(conflicting, missing)), universe, ordered)
+    reinit = _covering(missing - _covered(missing, drop), universe, ordered)
     return tuple(drop), tuple(reinit)
 
 
@@ -1468,8 +1474,12 @@ def covering_prefixes(affected: set[str], universe: set[str]) -> list[str]:
     ``{'fc.weight', 'fc.bias'}`` in a ResNet gives ``['fc.']``; ``classifier.6.*`` in a
     VGG gives ``['classifier.6.']`` because ``classifier.0`` is not affected.
     """
+    return _covering(affected, universe, SortedNames(universe)) if affected else []
+
+
+def _covering(affected: set[str], universe: set[str], in_universe: SortedNames) -> list[str]:
+    """covering_prefixes, with ``universe`` sorted already."""
     # A module qualifies when every universe name under it is affected: compare counts.
-    in_universe = SortedNames(universe)
     affected_in_universe = SortedNames(affected & universe)
     chosen = PrefixIndex()
     prefixes: list[str] = []
