@@ -5,7 +5,8 @@ paths, many siblings) and flat (`t123456`, no dots at all). Tensors are tiny (4
 floats), so the cost measured is per tensor, not per byte. Each file is written as
 safetensors, as a torch.save zip and in about 500 safetensors shards (an index beside
 them). `diff` compares the safetensors file with a copy whose last tensor is renamed,
-and the sharded copy with the file. inspect and diff of the safetensors file run with
+with a copy whose eight tensors are each renamed their own way (the fix tries a rename
+for each), and the sharded copy with the file. inspect and diff of the safetensors file run with
 --json and also as the text a person reads (folded tables, the verdict). Beside them,
 in the same run, the baselines: `python -c pass`, safetensors' own reader listing every
 shape, and `torch.load(mmap=True)` of the torch.save file. Writes: `convert` both
@@ -68,6 +69,12 @@ def make_files(workdir: str, scheme: str, count: int) -> dict[str, str]:
         f"torch.save(state, {stem + '.pt'!r})\n"
         "state[names[-1] + '_renamed'] = state.pop(names[-1])\n"
         f"save_file(state, {stem + '.other.safetensors'!r})\n"
+        "state[names[-1]] = state.pop(names[-1] + '_renamed')\n"
+        # Eight tensors spread over the file, each renamed its own way: the fix tries a
+        # rename for each (a port that renamed a few tensors by hand).
+        "for k, i in enumerate(range(0, len(names), -(-len(names) // 8))):\n"
+        "    state[f'{names[i]}_v{k}'] = state.pop(names[i])\n"
+        f"save_file(state, {stem + '.ported.safetensors'!r})\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     # The same tensors in about 500 shards (an index and its files), written by ckptool.
@@ -80,6 +87,7 @@ def make_files(workdir: str, scheme: str, count: int) -> dict[str, str]:
         "st": stem + ".safetensors",
         "pt": stem + ".pt",
         "other": stem + ".other.safetensors",
+        "ported": stem + ".ported.safetensors",
         "index": index + ".index.json",
     }
 
@@ -107,6 +115,13 @@ def main() -> int:
                     "inspect .safetensors": [*ck, "inspect", files["st"], "--json"],
                     "inspect .pt": [*ck, "inspect", files["pt"], "--json"],
                     "diff .safetensors": [*ck, "diff", files["st"], files["other"], "--json"],
+                    "diff .safetensors, 8 renamed": [
+                        *ck,
+                        "diff",
+                        files["st"],
+                        files["ported"],
+                        "--json",
+                    ],
                     # What a person reads: the folded tables and the verdict, as text.
                     "inspect .safetensors (text)": [*ck, "inspect", files["st"]],
                     "diff .safetensors (text)": [*ck, "diff", files["st"], files["other"]],
