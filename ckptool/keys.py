@@ -467,11 +467,14 @@ def _compare(
     mapping = renaming.mapping
     reinit = PrefixIndex(transforms.reinit)
     reinit_names = set(reinit.covered(mapping))
-    # Set membership tested in C throughout: a 100k-name diff runs this three times.
+    # Set membership tested in C throughout, and each big dict asked once a name: at
+    # 100,000 names a pass of lookups costs 15-35 ms (its table does not fit a cache).
     compared = list(itertools.filterfalse(reinit_names.__contains__, mapping))
-    named = filter(target.__contains__, compared)
-    if earlier is not None:
-        named = filter(earlier.recheck.__contains__, named)
+    in_target_flags = list(map(target.__contains__, compared))
+    in_target = list(itertools.compress(compared, in_target_flags))
+    absent = list(itertools.compress(compared, map(operator.not_, in_target_flags)))
+    del in_target_flags
+    named = in_target if earlier is None else filter(earlier.recheck.__contains__, in_target)
     shape_mismatch, dtype_mismatch, matched = [], [], []
     for name in named:
         src, tgt = source[mapping[name]], target[name]
@@ -481,15 +484,17 @@ def _compare(
         matched.append(name)
         if src.dtype != tgt.dtype:
             dtype_mismatch.append(DtypeMismatch(name, src.dtype, tgt.dtype))
-    if earlier is not None:
+    if earlier is None:
+        # Without --reinit the compared names are the mapping's: its keys answer in C.
+        kept: Collection[str] = set(compared) if reinit_names else mapping.keys()
+        lacking = list(itertools.filterfalse(kept.__contains__, target))
+        renamed = {old: new for new, old in mapping.items() if old != new}
+    else:
         # A name not compared again is in the target as before, where it matched then.
         unfit = earlier.recheck.difference(matched)
-        in_target = filter(target.__contains__, compared)
         matched = list(itertools.filterfalse(unfit.__contains__, in_target))
-    absent = list(itertools.filterfalse(target.__contains__, compared))
-    # Without --reinit the compared names are the mapping's: its keys answer in C.
-    kept: Collection[str] = set(compared) if reinit_names else mapping.keys()
-    lacking = list(itertools.filterfalse(kept.__contains__, target))
+        lacking = earlier.lacking(target, mapping, reinit_names)
+        renamed = earlier.renamed(mapping)
     consumed, filled = (hooks.consumed, hooks.filled) if hooks else (frozenset(), frozenset())
     missing = tuple(itertools.filterfalse(filled.__contains__, lacking))
     ties = tie_groups(target) if earlier is None else earlier.ties
@@ -503,7 +508,7 @@ def _compare(
         dtype_mismatch=tuple(dtype_mismatch),
         dropped=renaming.dropped,
         reinit=_reinit_names(target, reinit_names, reinit),
-        renamed={old: new for new, old in mapping.items() if old != new},
+        renamed=renamed,
         transforms=transforms,
         source_total=len(source),
         target_total=len(target),
@@ -531,6 +536,26 @@ class _Earlier:
         shapes, dtypes = self.diff.shape_mismatch, self.diff.dtype_mismatch
         unfit = [m.key for m in shapes] + [m.key for m in dtypes]
         return frozenset(itertools.chain(self.changed, unfit))
+
+    def lacking(
+        self, target: Mapping[str, TensorMeta], mapping: Mapping[str, str], reinit: set[str]
+    ) -> list[str]:
+        """The target's names that the renamed ``mapping`` does not compare (``reinit``:
+        the names it re-initialises), in the target's order: those it lacked before,
+        unless the rename changed them. Only a few names are looked up in big dicts."""
+        lacking = set(self.diff.missing).union(self.diff.hook_filled)  # all it lacked
+        lacking.difference_update(self.changed)
+        lacking.update(n for n in self.changed if n in target and (n not in mapping or n in reinit))
+        return list(filter(lacking.__contains__, target)) if lacking else []
+
+    def renamed(self, mapping: Mapping[str, str]) -> dict[str, str]:
+        """KeyDiff.renamed under the renamed ``mapping``: the names renamed before, unless
+        the rename changed them, and the changed ones, in the mapping's order."""
+        names = set(self.diff.renamed.values())  # a changed one is looked up again
+        names.update(n for n in self.changed if n in mapping)
+        if not names:
+            return {}
+        return {mapping[n]: n for n in filter(names.__contains__, mapping) if mapping[n] != n}
 
 
 def _scaled_codes(

@@ -20,6 +20,7 @@ from ckptool.keys import (
     MAX_STARTSWITH_PREFIXES,
     MAX_TENSOR_RENAMES,
     SCORING_BLOCK,
+    HookPlacement,
     PrefixIndex,
     Reason,
     SortedNames,
@@ -853,7 +854,8 @@ TRIAL_RULES = [
 
 @st.composite
 def trial_cases(draw):
-    """A checkpoint, a model (some names tied), transforms so far and a rule to try."""
+    """A checkpoint, a model (some names tied), transforms so far, names the model's
+    hooks place, and a rule to try."""
 
     def tensors(names):
         return {
@@ -874,7 +876,12 @@ def trial_cases(draw):
         drop=tuple(draw(st.lists(st.sampled_from(["head.", "enc.1.1."]), unique=True, max_size=1))),
         reinit=tuple(draw(st.lists(st.sampled_from(["dec.", "enc.0.w"]), unique=True, max_size=1))),
     )
-    return source, target, base, draw(st.sampled_from(TRIAL_RULES))
+    # Names the model's load hooks would place (neither unexpected nor missing).
+    consumed, filled = (
+        frozenset(draw(st.lists(st.sampled_from(TRIAL_NAMES), max_size=2))) for _ in range(2)
+    )
+    hooks = HookPlacement(consumed, filled)
+    return source, target, base, hooks, draw(st.sampled_from(TRIAL_RULES))
 
 
 def _outcome(compare):
@@ -890,9 +897,9 @@ def test_a_rename_trial_compares_as_a_full_comparison(case) -> None:
     """A trial compares again only the names its rule changed and those that did not fit
     before: its diff is the one a comparison of every name gives, field by field and in
     the same order (or the same refusal)."""
-    source, target, base, rule = case
+    source, target, base, hooks, rule = case
     try:
-        after = _compare(source, target, apply_transforms(source, base), base)
+        after = _compare(source, target, apply_transforms(source, base), base, hooks)
         renamed, changes = _rename(renamed_names(source, base), *rule)
     except TransformError:
         return  # the transforms so far, or the rule, do not apply: nothing is tried
@@ -900,11 +907,11 @@ def test_a_rename_trial_compares_as_a_full_comparison(case) -> None:
     earlier = _Earlier(after, frozenset([*changes, *changes.values()]), tie_groups(target))
     trial = _outcome(
         lambda: _compare(
-            source, target, _drop_covered(renamed, candidate.drop), candidate, None, earlier
+            source, target, _drop_covered(renamed, candidate.drop), candidate, hooks, earlier
         )
     )
     full = _outcome(
-        lambda: _compare(source, target, apply_transforms(source, candidate), candidate)
+        lambda: _compare(source, target, apply_transforms(source, candidate), candidate, hooks)
     )
     assert trial == full
     if not isinstance(full, str):  # dicts compare without order: their items too
