@@ -477,10 +477,12 @@ def test_an_index_may_name_shards_as_dot_slash_paths(tmp_path: Path) -> None:
     assert len(meta.files) == 3 and set(meta.tensors) == set(state)
     loaded = load_state_dict(index)
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
-    first = next(iter(state))
-    document["weight_map"][first] = "./../" + document["weight_map"][first][2:]
+    second, third = list(document["weight_map"])[1:3]
+    outside = "./../" + document["weight_map"][second][2:]
+    for name in (second, third):  # the refusal names the first tensor that shard holds
+        document["weight_map"][name] = outside
     index.write_text(json.dumps(document))
-    with pytest.raises(CheckpointReadError, match="is not a plain file name"):
+    with pytest.raises(CheckpointReadError, match=rf"for {second!r} is not a plain file name"):
         read_metadata(index)
 
 

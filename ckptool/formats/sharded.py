@@ -34,24 +34,33 @@ def read_index(path: str) -> dict[str, str]:
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointReadError(f"{path}: shard index has no 'weight_map' of name -> file")
     folder = os.path.dirname(os.path.abspath(path))
-    resolved = {}
-    for name, shard in weight_map.items():
-        resolved[name] = os.path.join(folder, _shard_file_name(path, name, shard))
-    for shard in sorted(set(resolved.values())):
+    # Hundreds of shards name 100,000 tensors: each shard is checked and joined once,
+    # in the order of first mention (so a refusal names the first tensor it holds).
+    paths = {}
+    for shard in dict.fromkeys(weight_map.values()):
+        plain = _plain_file_name(shard)
+        if plain is None:
+            first = next(name for name, named in weight_map.items() if named == shard)
+            raise CheckpointReadError(
+                f"{path}: shard {shard!r} for {first!r} is not a plain file name"
+            )
+        paths[shard] = os.path.join(folder, plain)
+    resolved = dict(zip(weight_map, map(paths.__getitem__, weight_map.values()), strict=True))
+    for shard in sorted(set(paths.values())):
         if not os.path.lexists(shard):
             raise CheckpointReadError(f"{path}: shard {os.path.basename(shard)!r} is missing")
         require_regular_file(shard)
     return resolved
 
 
-def _shard_file_name(path: str, name: str, shard: str) -> str:
-    """The shard's file name in the index's folder. Writers that join paths write
-    ``./model-00001.safetensors`` (transformers loads it); anything that leaves the
-    folder, names a subfolder or is absolute is refused: an index must not make a
+def _plain_file_name(shard: str) -> str | None:
+    """The shard's file name in the index's folder, or None. Writers that join paths
+    write ``./model-00001.safetensors`` (transformers loads it); anything that leaves
+    the folder, names a subfolder or is absolute is refused: an index must not make a
     read, and so a write, take a file from elsewhere."""
     plain = os.path.normpath(shard) if shard.startswith("./") else shard
     if not plain or plain in (".", "..") or os.path.basename(plain) != plain:
-        raise CheckpointReadError(f"{path}: shard {shard!r} for {name!r} is not a plain file name")
+        return None
     return plain
 
 
