@@ -475,15 +475,7 @@ def _compare(
     absent = list(itertools.compress(compared, map(operator.not_, in_target_flags)))
     del in_target_flags
     named = in_target if earlier is None else filter(earlier.recheck.__contains__, in_target)
-    shape_mismatch, dtype_mismatch, matched = [], [], []
-    for name in named:
-        src, tgt = source[mapping[name]], target[name]
-        if src.shape != tgt.shape:
-            shape_mismatch.append(ShapeMismatch(name, src.shape, tgt.shape))
-            continue
-        matched.append(name)
-        if src.dtype != tgt.dtype:
-            dtype_mismatch.append(DtypeMismatch(name, src.dtype, tgt.dtype))
+    matched, shape_mismatch, dtype_mismatch = _fits(source, target, mapping, named)
     if earlier is None:
         # Without --reinit the compared names are the mapping's: its keys answer in C.
         kept: Collection[str] = set(compared) if reinit_names else mapping.keys()
@@ -517,6 +509,26 @@ def _compare(
         hook_filled=tuple(filter(filled.__contains__, lacking)),
         scaled_codes=_scaled_codes(source, mapping, dtype_mismatch),
     )
+
+
+def _fits(
+    source: Mapping[str, TensorMeta],
+    target: Mapping[str, TensorMeta],
+    mapping: Mapping[str, str],
+    names: Iterable[str],
+) -> tuple[list[str], list[ShapeMismatch], list[DtypeMismatch]]:
+    """Of ``names`` (renamed checkpoint names the target has): those whose shapes
+    match, those whose shapes do not, and the matched ones of another dtype."""
+    matched, shape_mismatch, dtype_mismatch = [], [], []
+    for name in names:
+        src, tgt = source[mapping[name]], target[name]
+        if src.shape != tgt.shape:
+            shape_mismatch.append(ShapeMismatch(name, src.shape, tgt.shape))
+            continue
+        matched.append(name)
+        if src.dtype != tgt.dtype:
+            dtype_mismatch.append(DtypeMismatch(name, src.dtype, tgt.dtype))
+    return matched, shape_mismatch, dtype_mismatch
 
 
 @dataclass(frozen=True)
