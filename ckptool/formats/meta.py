@@ -55,10 +55,11 @@ MAX_EXACT_SPANS = 65536
 def tied_views(tensors: Mapping[str, TensorMeta]) -> dict[object, list[str]]:
     """Names that are one tensor (the same view of one storage), by that view; names
     alone in their view are left out."""
-    names_per_storage = collections.Counter(map(_STORAGE, tensors.values()))
-    names_per_storage.pop(None, None)
-    if max(names_per_storage.values(), default=0) < 2:
-        return {}  # most checkpoints: no storage holds two names
+    storages = list(map(_STORAGE, tensors.values()))
+    distinct = set(storages)
+    distinct.discard(None)
+    if len(distinct) == len(storages) - storages.count(None):
+        return {}  # most checkpoints: no storage holds two names (a set tells, in C)
     by_storage: dict[str, list[str]] = {}
     for name, tensor in tensors.items():
         if tensor.storage is not None:
