@@ -527,6 +527,22 @@ def test_a_record_storing_out_of_order_is_walked(which: int) -> None:
     assert isinstance(fast, tuple)  # the scan passes it; the nodes sit where it stored them
 
 
+def test_a_record_without_stores_after_stored_ones_is_its_own_kind() -> None:
+    """torch's records store their nodes and ckptool's do not: in a crafted pickle with
+    both, fetching the same nodes, one's stores are not replayed for the other."""
+    data = _same_shape_pickle()
+    last = _records(data)[-1]
+    cut = bytearray(data)
+    for group in reversed(pickle_scan._RECORD_PUTS):  # later ones first: offsets hold
+        if last[group]:
+            del cut[last.start(group) : last.end(group)]
+    crafted = bytes(cut)
+    assert pickle_scan._BARE_TENSOR_RECORD.match(crafted, last.start())
+    fast, walked = _scan_both_ways(crafted)
+    assert fast == walked
+    assert isinstance(fast, tuple)
+
+
 def test_a_record_after_a_node_it_fetches_grew_is_walked() -> None:
     """A crafted pickle appends to the rebuild function's node between two tensors: the
     next tensor, built from a larger node, charges more than the first did."""

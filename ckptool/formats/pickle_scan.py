@@ -491,7 +491,10 @@ class _Scan:
         length, key, shape, stride, *fetches = match.group(*_RECORD_FIELDS)
         if int.from_bytes(length, "little") != len(key):
             return None  # the key's length says the record is laid out otherwise
-        kind = (match.re, *fetches, _tuple_length(shape), _tuple_length(stride))
+        # Which pattern matched, as a bool: a compiled pattern hashes and compares its
+        # whole program, which cost more than the rest of the record's lookup.
+        stores = match.re is _TENSOR_RECORD
+        kind = (stores, *fetches, _tuple_length(shape), _tuple_length(stride))
         effect = self.records.get(kind)
         if effect is None or effect.changes != self.changes:
             self.records[kind] = self._learn(data, match)  # walked
