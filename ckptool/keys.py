@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, NamedTuple, NoReturn, TypeVar
+from typing import NamedTuple, NoReturn, TypeVar
 
 from ckptool.errors import TransformError, on_command_line, option, shell_word
 from ckptool.formats.meta import LOW_PRECISION, SCALE_SUFFIXES, TensorMeta, numels, tied_views
@@ -400,7 +400,7 @@ def _check_prefixes_match(
     model key. A flag that matches nothing is a typo or a misunderstanding, not a no-op."""
     if not transforms.drop and not transforms.reinit:
         return
-    renamed = list(apply_transforms(source, dataclasses.replace(transforms, drop=())).mapping)
+    renamed = list(renamed_names(source, transforms))
     checks = [
         ("drop", _unmatched(transforms.drop, [*renamed, *target])),
         ("reinit", _unmatched(transforms.reinit, list(target))),
@@ -1012,8 +1012,7 @@ def _drops_moved(
     """
     if not transforms.drop:
         return transforms, []
-    renamed = apply_transforms(source, dataclasses.replace(transforms, drop=()))
-    names = SortedNames([*renamed.mapping, *target])
+    names = SortedNames([*renamed_names(source, transforms), *target])
     drop, steps = [], []
     for prefix in transforms.drop:
         if names.count_under(prefix):
@@ -1564,7 +1563,7 @@ MAX_FOLDED_NUMBERS = 16
 def fold_names(names: Iterable[str]) -> list[str]:
     """Group names for display: ``fc.{weight,bias}``, ``layer{1..4}.{0,1}.conv1.weight``."""
     # Labels only: a report folds 100k matched names to show three rows.
-    return [label for label, _, _ in _folded(((n, None) for n in names), members=False)]
+    return [label for label, *_ in _folded(((n, None) for n in names), members=False)]
 
 
 def fold_rows(rows: Iterable[tuple[str, object]]) -> list[tuple[str, list[str]]]:
@@ -1575,7 +1574,7 @@ def fold_rows(rows: Iterable[tuple[str, object]]) -> list[tuple[str, list[str]]]
     """
     return [
         (label, [name for combo in _expand(block) for name in by_numbers[combo]])
-        for label, block, by_numbers in _folded(rows, members=True)
+        for label, block, by_numbers, _ in _folded(rows, members=True)
     ]
 
 
@@ -1583,47 +1582,42 @@ def fold_counts(rows: Iterable[tuple[str, Signature]]) -> list[tuple[str, int, S
     """As :func:`fold_rows`, with how many names each label folds and their signature
     instead of the names (a table of 100,000 tensors shows a few dozen rows)."""
     return [
-        (label, sum(map(len, map(by_numbers.__getitem__, _expand(block)))), by_numbers.signature)
-        for label, block, by_numbers in _folded(rows, members=True)
+        (label, sum(map(len, map(by_numbers.__getitem__, _expand(block)))), signature)
+        for label, block, by_numbers, signature in _folded(rows, members=True)
     ]
 
 
 Signature = TypeVar("Signature")
-
-
-class _ByNumbers(dict[tuple[str, ...], Sequence[str]], Generic[Signature]):
-    """The names of one template and signature, by their numbers."""
-
-    def __init__(self, signature: Signature) -> None:
-        super().__init__()
-        self.signature = signature
+ByNumbers = dict[tuple[str, ...], Sequence[str]]  # a label's names by its numbers
 
 
 def _folded(
     rows: Iterable[tuple[str, Signature]], *, members: bool
-) -> Iterator[tuple[str, Block, _ByNumbers[Signature]]]:
-    """(label, the block of numbers it folds, the names by their numbers), in
-    first-appearance order; without ``members`` every name list is empty (not kept)."""
+) -> Iterator[tuple[str, Block, ByNumbers, Signature]]:
+    """(label, the block of numbers it folds, the names by their numbers, the
+    signature), in first-appearance order; without ``members`` every name list is
+    empty (not kept)."""
     pairs = list(rows)
     names = list(map(operator.itemgetter(0), pairs))
     signatures = list(map(operator.itemgetter(1), pairs))
     del pairs
     # A template is the text between the numbers (a tuple: a name may hold any character).
-    groups: dict[tuple[tuple[str, ...], Signature], _ByNumbers[Signature]] = {}
+    groups: dict[tuple[tuple[str, ...], Signature], ByNumbers] = {}
     for template, numbers, signature, label_names in _merged_labels(names, signatures):
         group = groups.get((template, signature))
         if group is None:
-            group = groups[template, signature] = _ByNumbers(signature)
+            group = groups[template, signature] = {}
         group[numbers] = label_names if members else ()
-    for (template, _), by_numbers in groups.items():
+    for (template, signature), by_numbers in groups.items():
         if len(template) - 1 > MAX_FOLDED_NUMBERS:
             # Folding recurses once per number position: a crafted name with a thousand
             # numbers is shown as it is.
             for numbers in by_numbers:
-                yield _render_literal(template, numbers), tuple(zip(numbers)), by_numbers
+                literal = tuple(zip(numbers))
+                yield _render_literal(template, numbers), literal, by_numbers, signature
             continue
         for block in _product_blocks(list(by_numbers)):
-            yield _render(template, block), block, by_numbers
+            yield _render(template, block), block, by_numbers, signature
 
 
 def _render_literal(template: tuple[str, ...], numbers: tuple[str, ...]) -> str:
