@@ -14,12 +14,14 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib
 from typing import Any, BinaryIO
 
 from ckptool.errors import CheckpointReadError
 from ckptool.formats.containers import module_versions, select_tensor_dict
 from ckptool.formats.meta import DTYPE_SIZES, CheckpointMeta, Format, TensorMeta
 from ckptool.formats.restricted_pickle import StorageRef, load_restricted
+from ckptool.formats.zip_directory import ZipRecord, read_directory
 
 # torch.save's legacy format starts with this number, pickled.
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -103,22 +105,18 @@ def _read_records(
     path: str, stream: BinaryIO, size: int
 ) -> tuple[str, bytes, dict[str, int], dict[str, int]]:
     """The archive's prefix, its data.pkl, where each record's bytes start (relative to
-    the archive; none for a big-endian one) and each record's size.
-
-    Only these outlive the call: zipfile's directory (49 MiB for 100,000 records) is
-    gone before the pickle is unpickled.
-    """
-    with zipfile.ZipFile(stream) as archive:
-        records = _check_archive(path, archive, size)
-        prefix = _archive_prefix(path, records)
-        pickle_bytes = read_bounded(archive, f"{prefix}data.pkl", path=path, stream=stream)
-        # Big-endian archives (rare) need torch to swap bytes; leave offsets unknown.
-        relative = (
-            _record_data_offsets(path, stream, records, archive.start_dir)
-            if _is_little_endian(path, stream, archive, prefix)
-            else {}
-        )
-    record_sizes = {info.filename: info.file_size for info in records.values()}
+    the archive; none for a big-endian one) and each record's size."""
+    directory = read_directory(stream, size)
+    records = _check_archive(path, directory.records, size)
+    prefix = _archive_prefix(path, records)
+    pickle_bytes = read_bounded(records, f"{prefix}data.pkl", path=path, stream=stream)
+    # Big-endian archives (rare) need torch to swap bytes; leave offsets unknown.
+    relative = (
+        _record_data_offsets(path, stream, records, directory.start)
+        if _is_little_endian(path, stream, records, prefix)
+        else {}
+    )
+    record_sizes = {name: record.file_size for name, record in records.items()}
     return prefix, pickle_bytes, relative, record_sizes
 
 
@@ -165,48 +163,52 @@ _ZIP_ERRORS = (
 )
 
 
-def read_bounded(archive: zipfile.ZipFile, name: str, *, path: str, stream: BinaryIO) -> bytes:
+def read_bounded(records: dict[str, ZipRecord], name: str, *, path: str, stream: BinaryIO) -> bytes:
     """Read one (stored, size-checked) entry, refusing pickles over the size budget."""
-    if archive.getinfo(name).file_size > MAX_PICKLE_BYTES:
+    if records[name].file_size > MAX_PICKLE_BYTES:
         raise CheckpointReadError(
             f"{path}: {name} is over the pickle size budget of {MAX_PICKLE_BYTES} bytes"
         )
-    return _entry_bytes(path, stream, archive, name)
+    return _entry_bytes(path, stream, records[name])
 
 
-def _entry_bytes(path: str, stream: BinaryIO, archive: zipfile.ZipFile, name: str) -> bytes:
-    """A stored entry's bytes, checked against its CRC-32 by zipfile, unless the CRC is
-    0: torch.save with ``torch.utils.serialization.config.save.compute_crc32 = False``
+def _entry_bytes(path: str, stream: BinaryIO, record: ZipRecord) -> bytes:
+    """A stored entry's bytes, checked against its CRC-32 unless the CRC is 0:
+    torch.save with ``torch.utils.serialization.config.save.compute_crc32 = False``
     (a documented speed-up) records every CRC as 0, and torch's reader never checks
     them, so such files load in torch; refusing them as corrupt would be wrong."""
-    info = archive.getinfo(name)
-    if info.CRC != 0 or info.file_size == 0:
-        return archive.read(name)
-    stream.seek(_local_data_offset(path, stream, info))
-    data = stream.read(info.file_size)
-    if len(data) != info.file_size:
-        raise CheckpointReadError(f"{path}: zip entry {name!r} is cut short; the file is truncated")
+    stream.seek(_local_data_offset(path, stream, record))
+    data = stream.read(record.file_size)
+    if len(data) != record.file_size:
+        raise CheckpointReadError(
+            f"{path}: zip entry {record.name!r} is cut short; the file is truncated"
+        )
+    if record.crc != 0 and zlib.crc32(data) != record.crc:
+        raise CheckpointReadError(
+            f"{path}: zip entry {record.name!r} does not match its CRC-32; the file is corrupt"
+        )
     return data
 
 
-def _is_little_endian(path: str, stream: BinaryIO, archive: zipfile.ZipFile, prefix: str) -> bool:
-    name = f"{prefix}byteorder"
-    try:
-        size = archive.getinfo(name).file_size
-    except KeyError:  # written before torch recorded byte order: always little-endian
+def _is_little_endian(
+    path: str, stream: BinaryIO, records: dict[str, ZipRecord], prefix: str
+) -> bool:
+    record = records.get(f"{prefix}byteorder")
+    if record is None:  # written before torch recorded byte order: always little-endian
         return True
-    if size > MAX_BYTEORDER_BYTES:  # read whole, a crafted record could be gigabytes
+    if record.file_size > MAX_BYTEORDER_BYTES:  # read whole, a crafted record could be gigabytes
         raise CheckpointReadError(
-            f"{path}: zip entry {name!r} is {size} bytes; torch writes 'little' or 'big'"
+            f"{path}: zip entry {record.name!r} is {record.file_size} bytes; torch writes "
+            "'little' or 'big'"
         )
-    return _entry_bytes(path, stream, archive, name).strip() == b"little"
+    return _entry_bytes(path, stream, record).strip() == b"little"
 
 
 MAX_BYTEORDER_BYTES = 16
 
 
 def _record_data_offsets(
-    path: str, f: Any, records: dict[str, zipfile.ZipInfo], central_directory: int
+    path: str, f: Any, records: dict[str, ZipRecord], central_directory: int
 ) -> dict[str, int]:
     """Absolute offset of each record's bytes, after its local header (30 bytes, name,
     extra field: torch pads the extra field to align data to 64 bytes).
@@ -217,9 +219,9 @@ def _record_data_offsets(
     """
     offsets = {}
     spans = []
-    for name, info in records.items():
-        offsets[name] = _local_data_offset(path, f, info)
-        spans.append((info.header_offset, offsets[name] + info.file_size, name))
+    for name, record in records.items():
+        offsets[name] = _local_data_offset(path, f, record)
+        spans.append((record.header_offset, offsets[name] + record.file_size, name))
     end_of_previous = 0
     for begin, end, name in sorted(spans):
         if begin < end_of_previous or end > central_directory:
@@ -231,57 +233,69 @@ def _record_data_offsets(
     return offsets
 
 
-def _local_data_offset(path: str, f: Any, info: zipfile.ZipInfo) -> int:
-    f.seek(info.header_offset)
-    header = f.read(30)
-    if len(header) < 30 or header[:4] != b"PK\x03\x04":
-        raise CheckpointReadError(f"{path}: zip entry {info.filename!r} has no valid local header")
-    name_len, extra_len = (int(n) for n in struct.unpack("<HH", header[26:30]))
-    # zipfile decoded the central name as UTF-8 if flag bit 11 is set, else as cp437.
-    encoding = "utf-8" if info.flag_bits & 0x800 else "cp437"
-    if f.read(name_len) != info.orig_filename.encode(encoding):
+def _local_data_offset(path: str, f: Any, record: ZipRecord) -> int:
+    """Where the record's bytes start: after its local header, whose name must be the
+    central directory's (read in the same call: the two are adjacent)."""
+    f.seek(record.header_offset)
+    header = f.read(_LOCAL_HEADER.size + len(record.raw_name))
+    if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+        raise CheckpointReadError(f"{path}: zip entry {record.name!r} has no valid local header")
+    name_length, extra_length = _LOCAL_HEADER.unpack_from(header)
+    if header[_LOCAL_HEADER.size :] != record.raw_name or name_length != len(record.raw_name):
         raise CheckpointReadError(
-            f"{path}: zip entry {info.filename!r}: local header names another entry"
+            f"{path}: zip entry {record.name!r}: local header names another entry"
         )
-    return info.header_offset + 30 + name_len + extra_len
+    return record.header_offset + _LOCAL_HEADER.size + len(record.raw_name) + int(extra_length)
 
 
-def _check_archive(
-    path: str, archive: zipfile.ZipFile, file_size: int
-) -> dict[str, zipfile.ZipInfo]:
-    records: dict[str, zipfile.ZipInfo] = {}
-    if any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist()):
+# A local header is 30 bytes; the name's and the extra field's lengths end it.
+_LOCAL_HEADER = struct.Struct("<26xHH")
+
+
+def _check_archive(path: str, directory: list[ZipRecord], file_size: int) -> dict[str, ZipRecord]:
+    records: dict[str, ZipRecord] = {}
+    if any(r.name.endswith("constants.pkl") or "/code/" in r.name for r in directory):
         raise CheckpointReadError(
             f"{path}: is a TorchScript archive, not a state dict; load it with "
             "torch.jit.load and save model.state_dict() instead"
         )
-    if len(archive.infolist()) > MAX_ZIP_ENTRIES:
+    if len(directory) > MAX_ZIP_ENTRIES:
         raise CheckpointReadError(
-            f"{path}: zip archive has {len(archive.infolist())} entries, over the budget "
+            f"{path}: zip archive has {len(directory)} entries, over the budget "
             f"of {MAX_ZIP_ENTRIES}"
         )
-    for info in archive.infolist():
-        if info.filename in records:
+    for record in directory:
+        if record.name in records:
             # torch reads the first record of a name, zipfile the last: refuse, don't guess.
             raise CheckpointReadError(
-                f"{path}: zip entry {info.filename!r} appears twice; the file is crafted or corrupt"
+                f"{path}: zip entry {record.name!r} appears twice; the file is crafted or corrupt"
             )
-        if info.compress_type != zipfile.ZIP_STORED:
+        if record.compress_type != zipfile.ZIP_STORED or record.flag_bits & _NOT_PLAIN:
             raise CheckpointReadError(
-                f"{path}: zip entry {info.filename!r} is compressed; torch.save never "
-                "compresses, so the file was repacked or is not a torch checkpoint"
+                f"{path}: zip entry {record.name!r} is compressed or encrypted; torch.save "
+                "never does either, so the file was repacked or is not a torch checkpoint"
+            )
+        if record.compress_size != record.file_size:
+            raise CheckpointReadError(
+                f"{path}: zip entry {record.name!r} is not compressed, yet its sizes differ "
+                f"({record.file_size} bytes, {record.compress_size} stored); the file is "
+                "crafted or corrupt"
             )
         # 30-byte local header + name precede the data; the end must lie inside the file.
-        if info.header_offset + 30 + len(info.filename) + info.file_size > file_size:
+        if record.header_offset + 30 + len(record.raw_name) + record.file_size > file_size:
             raise CheckpointReadError(
-                f"{path}: zip entry {info.filename!r} claims {info.file_size} bytes beyond "
+                f"{path}: zip entry {record.name!r} claims {record.file_size} bytes beyond "
                 "the end of the file; the file is truncated or corrupt"
             )
-        records[info.filename] = info
+        records[record.name] = record
     return records
 
 
-def _archive_prefix(path: str, records: dict[str, zipfile.ZipInfo]) -> str:
+# Flag bits of an encrypted (0, 6) or patched (5) entry: zipfile and torch refuse to read it.
+_NOT_PLAIN = 0x01 | 0x20 | 0x40
+
+
+def _archive_prefix(path: str, records: dict[str, ZipRecord]) -> str:
     pickles = [name for name in records if name.endswith("data.pkl") and name.count("/") <= 1]
     if any(name.endswith("/archive_format") for name in records):
         raise CheckpointReadError(
