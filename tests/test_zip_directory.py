@@ -22,7 +22,7 @@ import torchvision
 from conftest import ConvBN, seeded_state
 
 from ckptool import CheckpointReadError, read_metadata
-from ckptool.formats import zip_directory
+from ckptool.formats import torch_pickle, zip_directory
 from ckptool.formats.zip_directory import ZipDirectory, read_directory
 
 
@@ -33,14 +33,14 @@ def torch_zip_bytes(state: dict[str, torch.Tensor]) -> bytes:
 
 
 def fast(data: bytes) -> ZipDirectory | None:
-    return zip_directory._torch_shaped(io.BytesIO(data), len(data))
+    return zip_directory._torch_shaped(io.BytesIO(data), len(data), max_entries=1 << 20)
 
 
 def fast_or_refusal(data: bytes) -> ZipDirectory | str | None:
     try:
         return fast(data)
-    except zipfile.BadZipFile as e:
-        assert "the end record counts" in str(e)
+    except (zipfile.BadZipFile, zip_directory.EntryBudgetError) as e:
+        assert "the end record counts" in str(e)  # other than it holds, or over the budget
         return "refused"
 
 
@@ -92,7 +92,7 @@ def test_archives_of_other_shapes_go_to_zipfile() -> None:
             dst.writestr(info, src.read(info))
     for data in (commented.getvalue(), b"prefix" + plain, with_extra.getvalue()):
         assert fast(data) is None
-        directory = read_directory(io.BytesIO(data), len(data))
+        directory = read_directory(io.BytesIO(data), len(data), max_entries=1 << 20)
         assert directory == by_zipfile(data)
         assert [r.name for r in directory.records] == [r.name for r in fast(plain).records]
 
@@ -166,7 +166,7 @@ def test_a_name_with_a_nul_is_read_as_zipfile_cuts_it() -> None:
     at = data.index(name, directory.start)
     data[at + len(name) - 2] = 0  # "archive/data/0" -> "archive/data\x000"
     assert fast(bytes(data)) is None
-    zipfile_read = read_directory(io.BytesIO(bytes(data)), len(data))
+    zipfile_read = read_directory(io.BytesIO(bytes(data)), len(data), max_entries=1 << 20)
     assert "archive/data" in [r.name for r in zipfile_read.records]
 
 
@@ -340,3 +340,35 @@ def test_a_zip64_record_without_its_signature_goes_to_zipfile() -> None:
     data[zip64 : zip64 + 4] = b"PK\x06\x00"
     assert fast(bytes(data)) is None
     assert by_zipfile(bytes(data)) == "BadZipFile"
+
+
+def test_a_directory_over_the_entry_budget_is_refused_before_it_is_read() -> None:
+    """The first entry is broken: read, it would send the archive to zipfile. Over the
+    budget, the end record's count alone refuses it."""
+    data = bytearray(torch_zip_bytes(seeded_state(ConvBN)))
+    directory = fast(bytes(data))
+    assert directory is not None
+    count = len(directory.records)
+    data[directory.start : directory.start + 4] = b"PK\x09\x09"
+    with pytest.raises(zip_directory.EntryBudgetError, match=f"counts {count} entries"):
+        read_directory(io.BytesIO(bytes(data)), len(data), max_entries=count - 1)
+    with pytest.raises(zipfile.BadZipFile):  # within the budget: read, and zipfile refuses
+        read_directory(io.BytesIO(bytes(data)), len(data), max_entries=count)
+
+
+def test_the_entry_budget_holds_for_archives_either_reader_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = torch_zip_bytes(seeded_state(ConvBN))
+    directory = fast(plain)
+    assert directory is not None
+    commented = plain[:-2] + struct.pack("<H", 9) + b"a comment"  # zipfile reads this one
+    assert fast(commented) is None
+    monkeypatch.setattr(torch_pickle, "MAX_ZIP_ENTRIES", len(directory.records) - 1)
+    for name, data in (("plain.pt", plain), ("commented.pt", commented)):
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(CheckpointReadError, match=r"entries, over the budget of \d+"):
+            read_metadata(path)
+    monkeypatch.setattr(torch_pickle, "MAX_ZIP_ENTRIES", len(directory.records))
+    assert len(read_metadata(tmp_path / "commented.pt").tensors) == len(seeded_state(ConvBN))

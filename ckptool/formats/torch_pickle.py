@@ -21,7 +21,7 @@ from ckptool.errors import CheckpointReadError
 from ckptool.formats.containers import module_versions, select_tensor_dict
 from ckptool.formats.meta import DTYPE_SIZES, CheckpointMeta, Format, TensorMeta
 from ckptool.formats.restricted_pickle import StorageRef, load_restricted
-from ckptool.formats.zip_directory import ZipRecord, read_directory
+from ckptool.formats.zip_directory import EntryBudgetError, ZipRecord, read_directory
 
 # torch.save's legacy format starts with this number, pickled.
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -106,7 +106,10 @@ def _read_records(
 ) -> tuple[str, bytes, dict[str, int], dict[str, int]]:
     """The archive's prefix, its data.pkl, where each record's bytes start (relative to
     the archive; none for a big-endian one) and each record's size."""
-    directory = read_directory(stream, size)
+    try:
+        directory = read_directory(stream, size, max_entries=MAX_ZIP_ENTRIES)
+    except EntryBudgetError as e:
+        raise _over_entry_budget(path, e.count) from None
     records = _check_archive(path, directory.records, size)
     prefix = _archive_prefix(path, records)
     pickle_bytes = read_bounded(records, f"{prefix}data.pkl", path=path, stream=stream)
@@ -260,10 +263,7 @@ def _check_archive(path: str, directory: list[ZipRecord], file_size: int) -> dic
             "torch.jit.load and save model.state_dict() instead"
         )
     if len(directory) > MAX_ZIP_ENTRIES:
-        raise CheckpointReadError(
-            f"{path}: zip archive has {len(directory)} entries, over the budget "
-            f"of {MAX_ZIP_ENTRIES}"
-        )
+        raise _over_entry_budget(path, len(directory))
     for record in directory:
         if record.name in records:
             # torch reads the first record of a name, zipfile the last: refuse, don't guess.
@@ -289,6 +289,12 @@ def _check_archive(path: str, directory: list[ZipRecord], file_size: int) -> dic
             )
         records[record.name] = record
     return records
+
+
+def _over_entry_budget(path: str, count: int) -> CheckpointReadError:
+    return CheckpointReadError(
+        f"{path}: zip archive has {count} entries, over the budget of {MAX_ZIP_ENTRIES}"
+    )
 
 
 # Flag bits of an encrypted (0, 6) or patched (5) entry: zipfile and torch refuse to read it.

@@ -36,14 +36,25 @@ class ZipDirectory(NamedTuple):
     start: int  # where the central directory starts: every record ends before it
 
 
-def read_directory(stream: Any, size: int) -> ZipDirectory:
+def read_directory(stream: Any, size: int, *, max_entries: int) -> ZipDirectory:
     """The central directory of the zip archive ``stream`` (``size`` bytes).
 
     Raises:
+        EntryBudgetError: a torch-shaped directory counts over ``max_entries`` entries;
+            refused before any is read (a crafted one of millions would fill memory).
+            Callers check the count of any other archive once zipfile has read it.
         What zipfile raises on an archive it cannot read (BadZipFile, ...); BadZipFile
-        for an entry count that is not the directory's.
+            for an entry count that is not the directory's.
     """
-    return _torch_shaped(stream, size) or _with_zipfile(stream)
+    return _torch_shaped(stream, size, max_entries=max_entries) or _with_zipfile(stream)
+
+
+class EntryBudgetError(Exception):
+    """The end record counts more entries than the caller's budget."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"the end record counts {count} entries")
+        self.count = count
 
 
 def _with_zipfile(stream: Any) -> ZipDirectory:
@@ -82,11 +93,13 @@ class _NotTorchShaped(Exception):
     """The archive is not shaped as torch.save writes it: zipfile reads it instead."""
 
 
-def _torch_shaped(stream: Any, size: int) -> ZipDirectory | None:
+def _torch_shaped(stream: Any, size: int, *, max_entries: int) -> ZipDirectory | None:
     """The directory read entry by entry with one struct, or None if the archive is not
     shaped as torch.save writes it."""
     try:
         count, start, length = _directory_span(stream, size)
+        if count > max_entries:  # as many entries must be read, or it is refused below
+            raise EntryBudgetError(count)
         stream.seek(start)
         records = _entries(stream.read(length))
     except _NotTorchShaped:
