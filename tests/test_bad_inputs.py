@@ -436,3 +436,75 @@ def test_a_byteorder_record_of_megabytes_is_refused_before_it_is_read(
     path.write_bytes(crafted.getvalue())
     refused = run_cli("inspect", path)
     assert refused.exit_code == 3 and "byteorder' is 1048582 bytes" in refused.stderr
+
+
+def test_a_data_pkl_over_the_pickle_budget_is_refused_before_it_is_read(
+    run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its size comes from the zip directory: a crafted 64 MiB+ pickle is never read."""
+    from ckptool.formats import torch_pickle
+
+    path = tmp_path / "state.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    with torch_pickle.zipfile.ZipFile(path) as archive:
+        pickle_size = archive.getinfo("state/data.pkl").file_size
+    monkeypatch.setattr(torch_pickle, "MAX_PICKLE_BYTES", pickle_size - 1)
+    refused = run_cli("inspect", path)
+    assert refused.exit_code == 3
+    assert f"data.pkl is over the pickle size budget of {pickle_size - 1} bytes" in refused.stderr
+    monkeypatch.setattr(torch_pickle, "MAX_PICKLE_BYTES", pickle_size)
+    assert run_cli("inspect", path).exit_code == 0
+
+
+def _safetensors_header_size(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def _budget_case(tmp_path: Path, budget: str) -> tuple[Path, str, int, str]:
+    """A real file for ``budget`` (module, constant): (file to inspect, module, the
+    smallest budget that passes, the message over it)."""
+    from safetensors.torch import save_file
+
+    tensors = {"a.weight": torch.ones(2), "b.weight": torch.ones(3), "c.bias": torch.ones(1)}
+    if budget in ("MAX_HEADER_BYTES", "MAX_TENSORS"):
+        path = tmp_path / "model.safetensors"
+        save_file(tensors, path)
+        if budget == "MAX_TENSORS":
+            return path, "safetensors_header", 3, "lists 3 entries, over the budget of 2 tensors"
+        size = _safetensors_header_size(path)
+        return path, "safetensors_header", size, f"header is {size} bytes, over the header budget"
+    if budget == "MAX_INDEX_BYTES":
+        save_file({"a.weight": tensors["a.weight"]}, tmp_path / "one.safetensors")
+        save_file({"b.weight": tensors["b.weight"]}, tmp_path / "two.safetensors")
+        index = tmp_path / "model.safetensors.index.json"
+        weight_map = {"a.weight": "one.safetensors", "b.weight": "two.safetensors"}
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        size = index.stat().st_size
+        return index, "sharded", size, f"shard index is {size} bytes, over the index budget"
+    # MAX_CONFIG_BYTES: a LoRA adapter's config beside its weights
+    adapter = tmp_path / "adapter.safetensors"
+    save_file({"base_model.model.q.lora_A.weight": torch.ones(4, 16)}, adapter)
+    config = tmp_path / "adapter_config.json"
+    config.write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    size = config.stat().st_size
+    return adapter, "adapters", size, f"{size} bytes; an adapter config"
+
+
+@pytest.mark.parametrize(
+    "budget", ["MAX_HEADER_BYTES", "MAX_TENSORS", "MAX_INDEX_BYTES", "MAX_CONFIG_BYTES"]
+)
+def test_every_json_budget_refuses_a_file_just_over_it(
+    run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: str
+) -> None:
+    """Budgets that bound what is read into memory: one byte (or tensor) over refuses the
+    file in one line, exit 3; at the budget it is read."""
+    import importlib
+
+    path, module_name, fits, message = _budget_case(tmp_path, budget)
+    module = importlib.import_module(f"ckptool.formats.{module_name}")
+    monkeypatch.setattr(module, budget, fits - 1)
+    refused = run_cli("inspect", path)
+    assert refused.exit_code == 3 and message in refused.stderr, refused.output
+    assert len(refused.stderr.strip().splitlines()) == 1
+    monkeypatch.setattr(module, budget, fits)
+    assert run_cli("inspect", path).exit_code == 0
