@@ -508,3 +508,38 @@ def test_every_json_budget_refuses_a_file_just_over_it(
     assert len(refused.stderr.strip().splitlines()) == 1
     monkeypatch.setattr(module, budget, fits)
     assert run_cli("inspect", path).exit_code == 0
+
+
+def _legacy_edit(data: bytes, count_at: int, edit: str) -> bytes:
+    if edit == "protocol":  # the second pickle: torch's legacy protocol number, 1001
+        protocol = b"\x80\x02M\xe9\x03."
+        assert data.count(protocol) == 1
+        return data.replace(protocol, b"\x80\x02M\xea\x03.")
+    if edit == "count":  # the first storage's element count, an int64 before its bytes
+        count = int.from_bytes(data[count_at : count_at + 8], "little")
+        return data[:count_at] + (count + 1).to_bytes(8, "little") + data[count_at + 8 :]
+    return data[: count_at + 3]  # cut inside the first storage's count
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("protocol", "unsupported legacy torch protocol 1002"),
+        ("count", "records 7 elements, its tensors expect 6"),
+        ("cut", "truncated before storage"),
+    ],
+)
+def test_legacy_files_whose_records_disagree_are_refused(
+    run_cli, tmp_path: Path, edit: str, message: str
+) -> None:
+    """A pre-1.6 torch.save file: pickles, then each storage as its element count and
+    bytes. A count that is not the tensors', or a file cut in one, is refused in one line."""
+    plain = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(2, 3)}, plain, _use_new_zipfile_serialization=False)
+    offset = ckptool.read_metadata(plain).tensors["w"].file_offset
+    assert offset is not None
+    path = tmp_path / f"{edit}.pt"
+    path.write_bytes(_legacy_edit(plain.read_bytes(), offset - 8, edit))
+    refused = run_cli("inspect", path)
+    assert refused.exit_code == 3 and message in refused.stderr, refused.output
+    assert len(refused.stderr.strip().splitlines()) == 1

@@ -201,6 +201,11 @@ def _stored_size_off_by_one(name: str, data: bytearray, position: int) -> None:
         struct.pack_into("<L", data, position + 20, compressed + 1)
 
 
+def _sizes_past_the_end(name: str, data: bytearray, position: int) -> None:
+    if name.endswith("data/0"):
+        struct.pack_into("<LL", data, position + 20, 1 << 30, 1 << 30)  # both sizes: 1 GiB
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -211,8 +216,9 @@ def _stored_size_off_by_one(name: str, data: bytearray, position: int) -> None:
             _stored_size_off_by_one,
             r"data/0' is not compressed, yet its sizes differ \(\d+ bytes, \d+ stored\)",
         ),
+        (_sizes_past_the_end, "data/0' claims 1073741824 bytes beyond the end of the file"),
     ],
-    ids=["encrypted", "strongly-encrypted", "patched", "stored-size"],
+    ids=["encrypted", "strongly-encrypted", "patched", "stored-size", "past-the-end"],
 )
 def test_records_torch_never_writes_are_refused(
     tmp_path: Path, edit: DirectoryEdit, message: str
@@ -260,6 +266,19 @@ def _pickle_local_header(plain: bytes) -> int:
     record = next(r for r in directory.records if r.name.endswith("data.pkl"))
     assert plain[record.header_offset : record.header_offset + 4] == b"PK\x03\x04"
     return record.header_offset
+
+
+def test_a_local_header_without_its_signature_is_refused(tmp_path: Path) -> None:
+    """torch's reader refuses it (the name and sizes could still be right)."""
+    data = bytearray(torch_zip_bytes(seeded_state(ConvBN)))
+    directory = fast(bytes(data))
+    assert directory is not None
+    record = next(r for r in directory.records if r.name.endswith("data/0"))
+    data[record.header_offset + 3] = 0x05  # PK\x03\x04 -> PK\x03\x05
+    path = tmp_path / "unsigned.pt"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointReadError, match="'archive/data/0' has no valid local header"):
+        read_metadata(path)
 
 
 def test_a_local_name_length_must_be_the_directory_s(tmp_path: Path) -> None:
@@ -372,3 +391,17 @@ def test_the_entry_budget_holds_for_archives_either_reader_reads(
             read_metadata(path)
     monkeypatch.setattr(torch_pickle, "MAX_ZIP_ENTRIES", len(directory.records))
     assert len(read_metadata(tmp_path / "commented.pt").tensors) == len(seeded_state(ConvBN))
+
+
+@pytest.mark.parametrize("length", [4, 21])
+def test_a_zip_shorter_than_an_end_record_is_refused_as_corrupt(
+    tmp_path: Path, length: int
+) -> None:
+    """The first bytes of a torch.save file name it a zip; cut before 22 bytes, there is
+    no end record to read, and the fast reader does not seek before the file's start."""
+    data = torch_zip_bytes(seeded_state(ConvBN))[:length]
+    assert fast(data) is None
+    path = tmp_path / "cut.pt"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointReadError, match="corrupt zip archive"):
+        read_metadata(path)
