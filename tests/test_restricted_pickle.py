@@ -13,6 +13,7 @@ import io
 import pickle
 import pickletools
 import re
+import struct
 import sys
 import zipfile
 from contextlib import ExitStack
@@ -661,3 +662,41 @@ def test_a_records_sizes_are_counted_whatever_their_widths(
     """Sizes and strides are part of a record's kind: 4 ints of 2 bytes each must not count
     as some other number of 1-byte ones."""
     assert pickle_scan._tuple_length(token) == length
+
+
+def _call(module: str, name: str, *args: bytes) -> bytes:
+    """A pickle whose object is ``module.name(*args)``, each argument given as ops."""
+    return craft.PROTO2 + craft.g_(module, name) + craft.tup(*args) + craft.REDUCE + craft.STOP
+
+
+_FLOAT = b"G" + struct.pack(">d", 1.5)  # BINFLOAT
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (_call("torch", "Size", craft.tup(craft.s_("a"))), r"torch.Size of \('a',\); expected"),
+        (_call("torch", "Size", craft.tup(craft.i_(-1))), r"torch.Size of \(-1,\); expected"),
+        (_call("torch", "device", _FLOAT), r"torch.device of \(1.5,\); expected a name"),
+        (
+            _call(
+                "torch._utils",
+                "_rebuild_meta_tensor_no_storage",
+                craft.g_("torch", "float32"),
+                craft.tup(craft.s_("a")),
+                craft.tup(),
+            ),
+            "meta tensor has malformed dtype",
+        ),
+        (_call("_codecs", "encode", craft.s_("abc"), craft.s_("utf-16")), "encoding 'utf-16'"),
+        (_call("_codecs", "encode", craft.i_(5), craft.s_("latin1")), "encoding 'latin1'"),
+    ],
+    ids=["size-of-text", "negative-size", "device-of-float", "meta-size", "codec", "not-text"],
+)
+def test_allowlisted_calls_refuse_arguments_torch_never_pickles(data: bytes, message: str) -> None:
+    """The stand-ins of allowlisted torch calls check their arguments: each refusal
+    names what it got."""
+    with pytest.raises(CheckpointReadError, match=message):
+        restricted_pickle.load_restricted(data, path="crafted.pt")
+    good = _call("torch", "Size", craft.tup(craft.i_(2), craft.i_(3)))
+    assert restricted_pickle.load_restricted(good, path="good.pt").obj == (2, 3)
