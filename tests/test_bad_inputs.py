@@ -543,3 +543,52 @@ def test_legacy_files_whose_records_disagree_are_refused(
     refused = run_cli("inspect", path)
     assert refused.exit_code == 3 and message in refused.stderr, refused.output
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_key_is_refused_for_safetensors(run_cli, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(2)}, path)
+    result = run_cli("inspect", path, "--key", "model")
+    assert result.exit_code == 3, result.output
+    assert "safetensors files are flat; --key does not apply" in result.stderr
+
+
+def test_a_shard_holding_a_tensor_the_index_does_not_place_there_is_refused(
+    run_cli, tmp_path: Path
+) -> None:
+    """Loaders take each tensor from the shard the index names: a shard that holds
+    another (not indexed, or indexed elsewhere) means the two disagree."""
+    from safetensors.torch import save_file
+
+    save_file({"a.weight": torch.ones(2)}, tmp_path / "one.safetensors")
+    save_file({"b.weight": torch.ones(3), "c.bias": torch.ones(1)}, tmp_path / "two.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+    weight_map = {"a.weight": "one.safetensors", "b.weight": "two.safetensors"}
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    result = run_cli("inspect", index)
+    assert result.exit_code == 3, result.output
+    assert "tensor 'c.bias' is in 'two.safetensors' but the index says" in result.stderr
+
+
+def test_bytes_cut_after_the_file_was_read_are_refused_not_returned_short(
+    tmp_path: Path,
+) -> None:
+    """The file shrinks between reading its metadata and its bytes (another process
+    rewrote it): both byte readers refuse the short read."""
+    from ckptool.formats.files import read_assembly
+    from ckptool.formats.load import read_storage
+    from ckptool.formats.meta import Assembly, Piece
+
+    path = tmp_path / "state.pt"
+    torch.save({"w": torch.ones(64)}, path)
+    meta = ckptool.read_metadata(path).tensors["w"]
+    assert meta.file_offset is not None
+    with open(path, "r+b") as f:
+        f.truncate(meta.file_offset + 100)  # 100 of the 256 bytes left
+    with pytest.raises(CheckpointReadError, match="the storage of 'w' is cut short"):
+        read_storage(meta, str(path), "w")
+    pieces = (Piece(str(path), 0, 8), Piece(str(path), meta.file_offset, 256))
+    with pytest.raises(CheckpointReadError, match="cut short inside 'w'"):
+        read_assembly(Assembly(pieces, "float32"), "w")

@@ -341,3 +341,10 @@ def test_mutated_rank_files_load_or_raise_ckpt_errors(tmp_path: Path) -> None:
         path.write_bytes(original)
     assert not [o for o in outcomes if o.startswith("BUG")]
     assert "ok" in outcomes and "CheckpointReadError" in outcomes
+
+
+def test_key_is_refused_for_a_zero_folder(run_cli) -> None:
+    """A ZeRO save is one state dict: --key would be ignored, so it is refused."""
+    result = run_cli("inspect", str(FIXTURES / "stage2"), "--key", "module")
+    assert result.exit_code == 3, result.output
+    assert "a ZeRO folder is one state dict; --key does not apply" in result.stderr
