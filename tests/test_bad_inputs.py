@@ -592,3 +592,14 @@ def test_bytes_cut_after_the_file_was_read_are_refused_not_returned_short(
     pieces = (Piece(str(path), 0, 8), Piece(str(path), meta.file_offset, 256))
     with pytest.raises(CheckpointReadError, match="cut short inside 'w'"):
         read_assembly(Assembly(pieces, "float32"), "w")
+
+
+def test_a_folder_without_weights_says_so(run_cli, tmp_path: Path) -> None:
+    """Training state beside no weights (an optimizer file, a trainer's state) is not a
+    checkpoint of the model: the folder is said to hold none, not several."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    torch.save({"state": {}, "param_groups": []}, folder / "optimizer.pt")
+    result = run_cli("inspect", folder)
+    assert result.exit_code == 3, result.output
+    assert "directory holds no checkpoint file" in result.stderr
