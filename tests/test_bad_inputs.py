@@ -603,3 +603,13 @@ def test_a_folder_without_weights_says_so(run_cli, tmp_path: Path) -> None:
     result = run_cli("inspect", folder)
     assert result.exit_code == 3, result.output
     assert "directory holds no checkpoint file" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.pt"])
+def test_an_empty_file_is_called_empty(run_cli, tmp_path: Path, name: str) -> None:
+    """A download or copy that never wrote a byte: the first thing a user needs to know."""
+    path = tmp_path / name
+    path.write_bytes(b"")
+    result = run_cli("inspect", path)
+    assert result.exit_code == 3, result.output
+    assert result.stderr.strip() == f"ckptool: error: {path}: file is empty"
