@@ -11,10 +11,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -348,3 +351,132 @@ def test_key_is_refused_for_a_zero_folder(run_cli) -> None:
     result = run_cli("inspect", str(FIXTURES / "stage2"), "--key", "module")
     assert result.exit_code == 3, result.output
     assert "a ZeRO folder is one state dict; --key does not apply" in result.stderr
+
+
+def _rewrite(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+
+
+def _model(change: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
+    return lambda folder: _rewrite(folder / "mp_rank_00_model_states.pt", change)
+
+
+def _optim(change: Callable[[dict[str, Any]], None], rank: int = 0) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        path = folder / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        _rewrite(path, lambda s: change(s["optimizer_state_dict"]))
+
+    return edit
+
+
+def _set(key: str, value: object) -> Callable[[dict[str, Any]], None]:
+    return lambda state: state.__setitem__(key, value)
+
+
+GROUPS = "single_partition_of_fp32_groups"
+STAGE2_EDITS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "experts": (
+        lambda folder: (folder / "expp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b""),
+        "a mixture-of-experts ZeRO checkpoint",
+    ),
+    "module": (_model(_set("module", [1])), "'module' is not a dict of tensors"),
+    "buffer": (_model(lambda s: s["module"].__setitem__("scale", 5)), "no tensor for 'scale'"),
+    "buffer-names": (_model(_set("buffer_names", "scale")), "'buffer_names' is not a list"),
+    "frozen": (
+        _model(
+            lambda s: s.update(
+                frozen_param_shapes={"f": torch.Size([2])}, frozen_param_fragments=[1]
+            )
+        ),
+        "malformed frozen parameters",
+    ),
+    "param-shapes": (
+        _model(_set("param_shapes", {"a": torch.Size([3, 5])})),
+        "'param_shapes' is not a list of dicts",
+    ),
+    "shape": (
+        _model(_set("param_shapes", [{"a": [3, 5], "b": torch.Size([7])}])),
+        "parameter 'a' has a malformed shape",
+    ),
+    "strided-buffer": (
+        _model(lambda s: s["module"].__setitem__("scale", torch.ones(3, 2).t())),
+        "tensor 'scale' is not stored contiguously",
+    ),
+    "no-stage": (_optim(lambda s: s.pop("zero_stage")), "not a DeepSpeed ZeRO optimizer-states"),
+    "stage": (_optim(_set("zero_stage", 4)), "unknown ZeRO stage 4"),
+    "world": (_optim(_set("partition_count", [0])), "malformed partition_count [0]"),
+    "groups": (_optim(_set(GROUPS, [5])), f"'{GROUPS}' is not a list of tensors"),
+    "not-flat": (
+        _optim(lambda s: s.__setitem__(GROUPS, [s[GROUPS][0].reshape(3, 4)])),
+        f"{GROUPS}[0] is not a flat, dense tensor",
+    ),
+    "mixed-dtypes": (
+        _optim(lambda s: s.__setitem__(GROUPS, [s[GROUPS][0].double()]), rank=1),
+        "flat groups of mixed dtypes ['float32', 'float64']",
+    ),
+    "more-groups": (  # a second group the ranks' files do not hold
+        _model(
+            lambda s: s["param_shapes"].append({"c": torch.Size([1])}),
+        ),
+        "holds 1 parameter groups; the model states of",
+    ),
+    "paddings": (
+        _optim(_set("param_alignment_paddings", [[2]])),
+        "group 0 has 2 parameters but 1 paddings",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(STAGE2_EDITS))
+def test_stage2_files_that_disagree_with_deepspeed_s_format_are_refused(
+    tmp_path: Path, case: str
+) -> None:
+    """One field of a valid stage 2 save (built from the format) changed the way a
+    crafted or damaged file has it: refused, naming what is wrong, never read past."""
+    edit, message = STAGE2_EDITS[case]
+    half = torch.tensor([0.1, 2.5, -3.0], dtype=torch.float16)
+    shapes = {"a": (3, 5), "b": (7,)}
+    folder = tmp_path / "save"
+    write_layout(folder, 2, shapes, [12, 12], paddings=[2, 0], buffers={"scale": half})
+    assert set(ckptool.read_metadata(folder).tensors) == {"scale", "a", "b"}
+    edit(folder)
+    with pytest.raises(CheckpointReadError, match=re.escape(message)):
+        ckptool.read_metadata(folder)
+
+
+def _stage3_model(rank: int, change: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
+    return lambda folder: _rewrite(
+        folder / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", change
+    )
+
+
+def _frozen(fragments: object) -> Callable[[dict[str, Any]], None]:
+    return lambda s: s.update(
+        frozen_param_shapes={"f": torch.Size([2])}, frozen_param_fragments=fragments
+    )
+
+
+@pytest.mark.parametrize(
+    ("held", "edits", "message"),
+    [
+        ([6, 6, 6], [], "parameters take 5 elements of each rank's share but the ranks hold 6"),
+        ([5, 5, 5], [(0, _frozen([1]))], "malformed frozen parameters"),
+        (
+            [5, 5, 5],
+            [(r, _frozen({"f": torch.ones(1)})) for r in (0, 2)],  # none on rank 1
+            "a rank has no fragment of frozen 'f'",
+        ),
+    ],
+    ids=["shares", "frozen-malformed", "frozen-missing"],
+)
+def test_stage3_files_that_disagree_with_deepspeed_s_format_are_refused(
+    tmp_path: Path, held: list[int], edits: list[Any], message: str
+) -> None:
+    folder = tmp_path / "save"
+    write_layout(folder, 3, {"a": (2, 5), "b": (3,)}, held)
+    for rank, change in edits:
+        _stage3_model(rank, change)(folder)
+    with pytest.raises(CheckpointReadError, match=re.escape(message)):
+        ckptool.read_metadata(folder)
