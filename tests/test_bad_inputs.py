@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -613,3 +614,76 @@ def test_an_empty_file_is_called_empty(run_cli, tmp_path: Path, name: str) -> No
     result = run_cli("inspect", path)
     assert result.exit_code == 3, result.output
     assert result.stderr.strip() == f"ckptool: error: {path}: file is empty"
+
+
+def _storage_entries_of(metadata: Any, fqn: str) -> list[Any]:
+    return [k for k in metadata.storage_data if k.fqn == fqn]
+
+
+def _drop_storage_of(fqn: str) -> Callable[[Any, str], None]:
+    def edit(metadata: Any, folder: str) -> None:
+        for key in _storage_entries_of(metadata, fqn):
+            del metadata.storage_data[key]
+
+    return edit
+
+
+def _set_on_storage_of(fqn: str, value: Callable[[Any], Any]) -> Callable[[Any, str], None]:
+    def edit(metadata: Any, folder: str) -> None:
+        for key in _storage_entries_of(metadata, fqn):
+            metadata.storage_data[key] = value(metadata.storage_data[key])
+
+    return edit
+
+
+def _with_transforms(info: Any) -> Any:
+    info.transform_descriptors = ["zstd"]  # a compressed chunk (newer torch writes these)
+    return info
+
+
+DCP_EDITS: dict[str, tuple[Callable[[Any, str], None], str]] = {
+    "no-entries": (
+        lambda metadata, folder: delattr(metadata, "state_dict_metadata"),
+        "not torch.distributed.checkpoint metadata",
+    ),
+    "entries": (
+        lambda metadata, folder: setattr(metadata, "state_dict_metadata", [1]),
+        "DCP state_dict_metadata is not a dict of names",
+    ),
+    "size": (
+        lambda metadata, folder: setattr(
+            metadata.state_dict_metadata["model.weight"], "size", [3, 4]
+        ),
+        "DCP entry 'model.weight' has a malformed size [3, 4]",
+    ),
+    "storage": (
+        lambda metadata, folder: setattr(metadata, "storage_data", [1]),
+        "DCP storage_data is not a dict",
+    ),
+    "storage-entry": (
+        _set_on_storage_of("model.weight", lambda info: 5),
+        "DCP storage entry for 'model.weight' is malformed",
+    ),
+    "transforms": (
+        _set_on_storage_of("model.weight", _with_transforms),
+        "'model.weight' is stored with transforms (compression)",
+    ),
+    "no-chunks": (_drop_storage_of("model.weight"), "no stored data for 'model.weight'"),
+}
+
+
+@pytest.mark.parametrize("case", list(DCP_EDITS))
+def test_dcp_metadata_that_disagrees_with_torch_s_format_is_refused(
+    tmp_path: Path, case: str
+) -> None:
+    """A real DCP save whose metadata has one field changed: reading its tensors is
+    refused, naming what is wrong (the metadata is our own pickle, edited here)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import make_bad_fixtures
+
+    edit, message = DCP_EDITS[case]
+    make_bad_fixtures.write_dcp(str(tmp_path / "valid"), lambda metadata, folder: None)
+    assert set(ckptool.load_state_dict(tmp_path / "valid")) == {"weight", "bias"}  # "model" found
+    make_bad_fixtures.write_dcp(str(tmp_path / "dcp"), edit)
+    with pytest.raises(CheckpointReadError, match=re.escape(message)):
+        ckptool.load_state_dict(tmp_path / "dcp")
