@@ -459,3 +459,15 @@ def test_small_tensors_are_written_and_read_back_in_runs(
         calls.clear()
         assert run_cli("convert", out, "-o", tmp_path / "again.safetensors").exit_code == 0
         assert "pwritev" not in calls and 0 < len(calls) < 50, calls[:60]
+
+
+def test_a_computed_tensor_of_another_length_than_planned_is_refused() -> None:
+    """The header was written for the planned length: bytes of another length (a cast
+    or merge that went wrong) would shift every tensor after it."""
+    from ckptool.errors import OutputError
+    from ckptool.formats.write import ComputedBytes
+
+    assert bytes(ComputedBytes(4, lambda: b"abcd").materialize()) == b"abcd"
+    for made in (b"abc", b"abcde"):
+        with pytest.raises(OutputError, match=f"has {len(made)} bytes, 4 planned"):
+            ComputedBytes(4, lambda made=made: made).materialize()
