@@ -123,3 +123,17 @@ def test_structures_that_differ_are_refused(run_cli, reimplementation, tmp_path:
         "adapt", st, "--model", reimplementation[1], "--remap", "-o", tmp_path / "o.pt"
     )
     assert refused.exit_code == 2 and "module order" in refused.stderr
+
+
+@pytest.mark.parametrize("flags", [["--auto"], ["--strip", "module."], ["--rename", "a=b"]])
+def test_remap_takes_no_other_renames(
+    run_cli, reimplementation, tmp_path: Path, flags: list[str]
+) -> None:
+    """--remap pairs modules by structure: a rename on top would rename its renames."""
+    source = tmp_path / "squeezenet.pt"
+    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), source)
+    out = tmp_path / "o.pt"
+    refused = run_cli("adapt", source, "--model", reimplementation[1], "--remap", *flags, "-o", out)
+    assert refused.exit_code == 2, refused.output
+    assert "--remap matches names by structure; it takes no --auto or renames" in refused.stderr
+    assert not out.exists()

@@ -1366,3 +1366,25 @@ def test_load_into_suggests_keywords_that_load_when_passed_back(tmp_path: Path) 
     fresh = torch.nn.Sequential(Layer(), Layer())
     ckptool.load_into(fresh, source, **kwargs)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_auto_refuses_a_checkpoint_of_another_model(run_cli, tmp_path: Path) -> None:
+    """--auto applies the fix diff prints; for another architecture no fix keeps a
+    meaningful part, and applying one would mostly initialise the model afresh."""
+    source = tmp_path / "squeezenet.pt"
+    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), source)
+    out = tmp_path / "o.safetensors"
+    refused = run_cli("adapt", source, "--model", "torchvision:resnet18", "--auto", "-o", out)
+    assert refused.exit_code == 1, refused.output
+    assert "--auto: no transform keeps a meaningful part of this checkpoint" in refused.stderr
+    assert not out.exists()
+
+
+def test_merge_of_one_checkpoint_is_a_usage_error(
+    write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    """The command line asks click for two paths; the API checks it itself."""
+    base = write_checkpoint(seeded_state(MLP), "a.pt")
+    with pytest.raises(UsageError, match="merge needs a BASE and at least one OTHER"):
+        ckptool.merge([base], str(tmp_path / "m.safetensors"), average=True)
+    assert not (tmp_path / "m.safetensors").exists()
