@@ -198,10 +198,35 @@ def _broken(tmp_path: Path, case: str) -> tuple[Path, Path]:
         config = json.loads((adapter / "adapter_config.json").read_text())
         config["trainable_token_indices"] = {"emb": [1, 99]} if "range" in case else None
         (adapter / "adapter_config.json").write_text(json.dumps(config))
-    elif case == "dora":
+    elif case in _CONFIG_EDITS:
         config = json.loads((adapter / "adapter_config.json").read_text())
-        (adapter / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
+        (adapter / "adapter_config.json").write_text(json.dumps(config | _CONFIG_EDITS[case]))
+    elif case == "no lora tensors":
+        save_file({"base_model.model.head.weight": torch.zeros(3, 8)}, weights)
+    elif case == "tokens on a module the base lacks":
+        _train_tokens(adapter, base, ids=[1, 3])
+        state = torch.load(base, weights_only=True)
+        del state["emb.weight"]
+        torch.save(state, base)
+        _edit_config(adapter, {"trainable_token_indices": {"emb": [1, 3]}})
+    elif case == "tokens and lora on one weight":
+        tensors = load_file(weights)
+        tensors["base_model.model.q.token_adapter.trainable_tokens_delta"] = torch.ones(1, 8)
+        save_file(tensors, weights)
+        _edit_config(adapter, {"trainable_token_indices": {"q": [1]}})
     return base, adapter
+
+
+_CONFIG_EDITS = {
+    "dora": {"use_dora": True},
+    "not lora": {"peft_type": "IA3"},
+    "alpha not a number": {"lora_alpha": "8"},
+}
+
+
+def _edit_config(adapter: Path, changes: dict[str, object]) -> None:
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | changes))
 
 
 @pytest.mark.parametrize(
@@ -222,6 +247,11 @@ def _broken(tmp_path: Path, case: str) -> tuple[Path, Path]:
         ("dora", 2, "use_dora adapters are not supported"),
         ("token ids out of range", 3, "2 trainable token ids for emb \\(up to 99\\) do not fit"),
         ("token ids missing", 3, "trainable tokens on emb without their token ids"),
+        ("not lora", 2, "a 'IA3' adapter; merge-lora merges LoRA"),
+        ("alpha not a number", 3, "needs a positive integer r, a number lora_alpha"),
+        ("no lora tensors", 2, "holds no lora_A/lora_B tensors; not an adapter"),
+        ("tokens on a module the base lacks", 1, "trains token rows of emb, which .* lacks"),
+        ("tokens and lora on one weight", 2, "q has both LoRA and trainable tokens"),
     ],
 )
 def test_broken_inputs_get_one_line(
