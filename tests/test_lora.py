@@ -201,6 +201,10 @@ def _broken(tmp_path: Path, case: str) -> tuple[Path, Path]:
     elif case in _CONFIG_EDITS:
         config = json.loads((adapter / "adapter_config.json").read_text())
         (adapter / "adapter_config.json").write_text(json.dumps(config | _CONFIG_EDITS[case]))
+    elif case == "base of another shape":
+        state = torch.load(base, weights_only=True)
+        state["q.weight"] = torch.zeros(state["q.weight"].shape[0], 3)
+        torch.save(state, base)
     elif case == "no lora tensors":
         save_file({"base_model.model.head.weight": torch.zeros(3, 8)}, weights)
     elif case == "tokens on a module the base lacks":
@@ -250,6 +254,11 @@ def _edit_config(adapter: Path, changes: dict[str, object]) -> None:
         ("not lora", 2, "a 'IA3' adapter; merge-lora merges LoRA"),
         ("alpha not a number", 3, "needs a positive integer r, a number lora_alpha"),
         ("no lora tensors", 2, "holds no lora_A/lora_B tensors; not an adapter"),
+        (
+            "base of another shape",
+            1,
+            "the update for q is \\[8, 8\\], the base's weight \\[8, 3\\]",
+        ),
         ("tokens on a module the base lacks", 1, "trains token rows of emb, which .* lacks"),
         ("tokens and lora on one weight", 2, "q has both LoRA and trainable tokens"),
     ],

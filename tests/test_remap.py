@@ -137,3 +137,17 @@ def test_remap_takes_no_other_renames(
     assert refused.exit_code == 2, refused.output
     assert "--remap matches names by structure; it takes no --auto or renames" in refused.stderr
     assert not out.exists()
+
+
+def test_structures_too_large_to_align_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Aligning is quadratic in the modules: over the budget it is refused, not run."""
+    from ckptool import remap
+
+    block = [("weight", (8, 8)), ("bias", (8,))]
+    source = _metas([(f"{m}.{leaf}", s) for m in ("a", "b") for leaf, s in block])
+    target = _metas([(f"{m}.{leaf}", s) for m in ("x", "y") for leaf, s in block])
+    monkeypatch.setattr(remap, "MAX_MODULES", 10)  # 2 x 2 modules is over 10 x 10 // 100
+    with pytest.raises(ckptool.IncompatibleError, match="2 x 2 modules is too many to align"):
+        structural_remap(source, target)
+    monkeypatch.setattr(remap, "MAX_MODULES", 20)  # 4 is at 20 x 20 // 100: aligned
+    assert structural_remap(source, target)["b.bias"] == "y.bias"
