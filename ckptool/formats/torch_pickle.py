@@ -281,8 +281,9 @@ def _check_archive(path: str, directory: list[ZipRecord], file_size: int) -> dic
                 f"({record.file_size} bytes, {record.compress_size} stored); the file is "
                 "crafted or corrupt"
             )
-        # 30-byte local header + name precede the data; the end must lie inside the file.
-        if record.header_offset + 30 + len(record.raw_name) + record.file_size > file_size:
+        # The local header and name precede the data; the end must lie inside the file.
+        data_start = record.header_offset + _LOCAL_HEADER.size + len(record.raw_name)
+        if data_start + record.file_size > file_size:
             raise CheckpointReadError(
                 f"{path}: zip entry {record.name!r} claims {record.file_size} bytes beyond "
                 "the end of the file; the file is truncated or corrupt"
