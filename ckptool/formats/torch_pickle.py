@@ -12,6 +12,7 @@ import math
 import operator
 import os
 import pickle
+import re
 import struct
 import zipfile
 import zlib
@@ -112,6 +113,7 @@ def _read_records(
         raise _over_entry_budget(path, e.count) from None
     records = _check_archive(path, directory.records, size)
     prefix = _archive_prefix(path, records)
+    _check_parsed_records(path, stream, records, prefix)
     pickle_bytes = read_bounded(records, f"{prefix}data.pkl", path=path, stream=stream)
     # Big-endian archives (rare) need torch to swap bytes; leave offsets unknown.
     relative = (
@@ -196,18 +198,96 @@ def _entry_bytes(path: str, stream: BinaryIO, record: ZipRecord) -> bytes:
 def _is_little_endian(
     path: str, stream: BinaryIO, records: dict[str, ZipRecord], prefix: str
 ) -> bool:
-    record = records.get(f"{prefix}byteorder")
-    if record is None:  # written before torch recorded byte order: always little-endian
+    byteorder = _small_record(path, stream, records, f"{prefix}byteorder")
+    if byteorder is None:  # written before torch recorded byte order: always little-endian
         return True
-    if record.file_size > MAX_BYTEORDER_BYTES:  # read whole, a crafted record could be gigabytes
+    if byteorder not in (b"little", b"big"):  # as torch compares it: exactly
         raise CheckpointReadError(
-            f"{path}: zip entry {record.name!r} is {record.file_size} bytes; torch writes "
-            "'little' or 'big'"
+            f"{path}: byteorder record is {byteorder[:16]!r}; torch refuses any but 'little' "
+            "or 'big'"
         )
-    return _entry_bytes(path, stream, record).strip() == b"little"
+    return byteorder == b"little"
 
 
-MAX_BYTEORDER_BYTES = 16
+def _check_parsed_records(
+    path: str, stream: BinaryIO, records: dict[str, ZipRecord], prefix: str
+) -> None:
+    """torch parses these records before it reads data.pkl and refuses the file if one
+    does not parse; the file would then read here and fail in torch."""
+    version_name = f"{prefix}.data/version"
+    if version_name not in records:
+        version_name = f"{prefix}version"
+    version = _small_record(path, stream, records, version_name)
+    if version is None:
+        raise CheckpointReadError(f"{path}: zip archive has no version record; torch refuses it")
+    _check_version(path, version)
+    alignment = _small_record(path, stream, records, f"{prefix}.storage_alignment")
+    if alignment is not None and not _parses_as_int(alignment):
+        raise CheckpointReadError(
+            f"{path}: .storage_alignment record {alignment[:16]!r} is not a number; torch "
+            "refuses it"
+        )
+    identifier = _small_record(path, stream, records, f"{prefix}.data/serialization_id")
+    if identifier is not None and not _is_utf8(identifier):
+        raise CheckpointReadError(
+            f"{path}: .data/serialization_id record is not UTF-8 text; torch refuses it"
+        )
+
+
+# The file format versions torch 2.x reads (caffe2::serialize's supported range).
+MIN_FORMAT_VERSION, MAX_FORMAT_VERSION = 1, 10
+# strtoull's grammar: leading white space, a sign, decimal digits; the rest ignored. (It
+# negates to a huge number after a minus sign: over the maximum, as a negative is under.)
+_VERSION_NUMBER = re.compile(rb"[ \t\n\v\f\r]*([+-]?[0-9]+)")
+
+
+def _check_version(path: str, version: bytes) -> None:
+    number = _VERSION_NUMBER.match(version)
+    if number is None:
+        raise CheckpointReadError(
+            f"{path}: version record {version[:16]!r} is not a number; torch refuses it"
+        )
+    value = int(number.group(1))
+    if not MIN_FORMAT_VERSION <= value <= MAX_FORMAT_VERSION:
+        raise CheckpointReadError(
+            f"{path}: file format version {value} is outside the {MIN_FORMAT_VERSION}-"
+            f"{MAX_FORMAT_VERSION} torch reads"
+        )
+
+
+def _parses_as_int(data: bytes) -> bool:
+    try:
+        int(data)  # as torch parses .storage_alignment
+    except ValueError:
+        return False
+    return True
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _small_record(
+    path: str, stream: BinaryIO, records: dict[str, ZipRecord], name: str
+) -> bytes | None:
+    """A record torch writes in a few bytes (version, byte order, ...), or None if the
+    archive has none; a crafted one of gigabytes is refused before it is read."""
+    record = records.get(name)
+    if record is None:
+        return None
+    if record.file_size > MAX_SMALL_RECORD_BYTES:
+        raise CheckpointReadError(
+            f"{path}: zip entry {record.name!r} is {record.file_size} bytes; torch writes a "
+            "few bytes there"
+        )
+    return _entry_bytes(path, stream, record)
+
+
+MAX_SMALL_RECORD_BYTES = 1024
 
 
 def _record_data_offsets(
@@ -298,8 +378,9 @@ def _over_entry_budget(path: str, count: int) -> CheckpointReadError:
     )
 
 
-# Flag bits of an encrypted (0, 6) or patched (5) entry: zipfile and torch refuse to read it.
-_NOT_PLAIN = 0x01 | 0x20 | 0x40
+# Flag bits of an encrypted (0, 6) or patched (5) entry, and of a directory whose local
+# headers are masked (13): torch refuses to read them.
+_NOT_PLAIN = 0x01 | 0x20 | 0x40 | 0x2000
 
 
 def _archive_prefix(path: str, records: dict[str, ZipRecord]) -> str:
