@@ -336,3 +336,27 @@ def test_no_single_byte_mutant_of_the_structure_reads_here_and_fails_in_torch(
             else:
                 refused += 1
     assert read > 1000 and refused > 1000  # both verdicts are common: the sweep is not idle
+
+
+def test_no_single_byte_mutant_of_a_safetensors_header_reads_here_and_fails_there(
+    tmp_path: Path,
+) -> None:
+    """The same promise for .safetensors against the safetensors library's loader, on
+    every header byte set to JSON's structural characters and a few others."""
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "source.safetensors"
+    state = {"a": torch.arange(4.0), "c": torch.zeros(0), "b": torch.ones(3).half()}
+    save_file(state, source, metadata={"format": "pt"})
+    data = source.read_bytes()
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    path = tmp_path / "mutant.safetensors"
+    read = refused = 0
+    for at in range(header_end):
+        for value in {data[at] ^ 0x01, data[at] ^ 0x80, 0, *b'"1 \\,]}'} - {data[at]}:
+            if ckptool_reads(path, data[:at] + bytes([value]) + data[at + 1 :]):
+                read += 1
+                load_file(path)  # raises if the library refuses what ckptool read
+            else:
+                refused += 1
+    assert read > 50 and refused > 1000
