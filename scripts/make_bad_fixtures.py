@@ -99,6 +99,36 @@ def flip_pickle_byte(data: bytes) -> bytes:
     return data[:position] + bytes([data[position] ^ 0xFF]) + data[position + 1 :]
 
 
+def patched(data: bytes, at: int, fmt: str, value: int) -> bytes:
+    out = bytearray(data)
+    struct.pack_into(fmt, out, at, value)
+    return bytes(out)
+
+
+def central_entry(data: bytes, suffix: str) -> int:
+    """Where the central directory entry whose name ends with ``suffix`` starts."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        at = archive.start_dir
+    while True:
+        name_length, extra, comment = struct.unpack_from("<3H", data, at + 28)
+        if data[at + 46 : at + 46 + name_length].endswith(suffix.encode()):
+            return at
+        at += 46 + name_length + extra + comment
+
+
+def torch_refuses_cases(good_zip: bytes) -> dict[str, tuple[bytes, int, str]]:
+    """Zips torch's own reader refuses and zipfile reads (tests/test_torch_agreement.py)."""
+    locator = len(good_zip) - 22 - 20
+    data_0 = central_entry(good_zip, "data/0")
+    return {
+        "zip64_locator_past_end.pt": (patched(good_zip, locator + 8, "<Q", 1 << 40), UNREADABLE, "zip64 locator points past the end"),
+        "zip_entry_other_disk.pt": (patched(good_zip, data_0 + 34, "<H", 2), UNREADABLE, "starts on disk 2"),
+        "zip_entry_marked_directory.pt": (patched(good_zip, data_0 + 38, "<L", 0x10), UNREADABLE, "marked as a directory"),
+        "zip_version_unsupported.pt": (rezip(good_zip, lambda n, b: b"11" if n.endswith("/version") else b), UNREADABLE, "file format version 11"),
+        "zip_byteorder_padded.pt": (rezip(good_zip, lambda n, b: b"little\n" if n.endswith("/byteorder") else b), UNREADABLE, "byteorder record"),
+    }  # fmt: skip
+
+
 def build_cases() -> dict[str, tuple[bytes, int, str]]:
     """name -> (content, expected exit code, regex for the error line)."""
     state = small_state()
@@ -118,6 +148,7 @@ def build_cases() -> dict[str, tuple[bytes, int, str]]:
         "zip_no_data_pkl.pt": (rezip(good_zip, lambda n, b: None if n.endswith("data.pkl") else b), UNREADABLE, "no torch data.pkl"),
         "zip_garbage_pickle.pt": (rezip(good_zip, lambda n, b: b"\x80\x02garbage" if n.endswith("data.pkl") else b), UNREADABLE, "corrupt pickle"),
         "zip_crc_mismatch.pt": (flip_pickle_byte(good_zip), UNREADABLE, "corrupt|CRC|pickle"),
+        **torch_refuses_cases(good_zip),
         "torchscript.pt": (torchscript_bytes(), UNREADABLE, "TorchScript"),
         "no_tensor_dict.pt": (torch_bytes([1, 2, 3]), UNREADABLE, "no dict of tensors"),
         "legacy_truncated.pt": (legacy[:-10], UNREADABLE, "truncated"),

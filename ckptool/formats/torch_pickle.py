@@ -250,8 +250,8 @@ def _check_version(path: str, version: bytes) -> None:
     value = int(number.group(1))
     if not MIN_FORMAT_VERSION <= value <= MAX_FORMAT_VERSION:
         raise CheckpointReadError(
-            f"{path}: file format version {value} is outside the {MIN_FORMAT_VERSION}-"
-            f"{MAX_FORMAT_VERSION} torch reads"
+            f"{path}: file format version {value}; torch reads versions "
+            f"{MIN_FORMAT_VERSION}-{MAX_FORMAT_VERSION}"
         )
 
 
