@@ -224,3 +224,26 @@ def test_a_shape_that_does_not_run_is_explained(
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "cannot run a batch of 2x3x64x64 (--input-shape)" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_model_without_a_floating_output_is_explained(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    """A classifier that returns its argmax: no loss can be computed from integers."""
+    model_file = tmp_path / "argmax.py"
+    model_file.write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(4, 3)\n"
+        "    def forward(self, x):\n"
+        "        return {'label': self.fc(x).argmax(1)}\n"
+    )
+    torch.manual_seed(0)
+    ckpt = write_checkpoint(wrap(torch.nn.Linear(4, 3).state_dict(), "fc."), "net.pt")
+    result = run_cli(
+        "check", ckpt, "--model", f"{model_file}:Net", "--strategy", "full", "--input-shape", "4"
+    )
+    assert result.exit_code == 2, result.output
+    assert "the model's output (dict) holds no floating tensor to compute a loss" in result.stderr

@@ -195,7 +195,27 @@ def test_inspect_human_and_json(run_cli, dataparallel_resnet18: Path) -> None:
         ),
         (("diff", "{ckpt}", "--model", "torchvision:resnet18", "--rename", "(=x"), "invalid regex"),
         (("inspect", "{ckpt}", "--key", "nope"), "no entry 'nope'"),
-        (("diff", "{ckpt}", "--model", "torchvision:resnet18", "--num-classes", "0"), "0"),
+        (
+            ("diff", "{ckpt}", "--model", "torchvision:resnet18", "--num-classes", "0"),
+            "'--num-classes': 0 is not in the range x>=1",
+        ),
+        (("diff", "{ckpt}", "--model", "{ckpt}:Net"), "as a Python module"),
+        (("check", "{ckpt}"), "check needs --model SPEC"),
+        (("adapt", "{ckpt}", "-o", "{ckpt}.out.pt"), "adapt needs --model SPEC"),
+        (("finetune", "--data", "{ckpt}", "-o", "{ckpt}.ft"), "finetune needs --model SPEC"),
+        (("adapt", "{ckpt}", "--model", "torchvision:resnet18"), "-o OUT is required"),
+        (
+            ("check", "{ckpt}", "--model", "torchvision:resnet18", "--input-shape", "3,0,8"),
+            "--input-shape '3,0,8' must be positive integers",
+        ),
+        (
+            ("convert", "{ckpt}", "-o", "{ckpt}.st", "--shard-size", "0GB"),
+            "--shard-size '0GB': expected a size",
+        ),
+        (
+            ("convert", "{ckpt}", "-o", "{ckpt}.st", "--shard-size", "2BB"),
+            "--shard-size '2BB': expected a size",
+        ),
     ],
     ids=[
         "no-target",
@@ -206,6 +226,14 @@ def test_inspect_human_and_json(run_cli, dataparallel_resnet18: Path) -> None:
         "bad-regex",
         "bad-key",
         "zero-classes",
+        "model-file-not-python",
+        "check-without-model",
+        "adapt-without-model",
+        "finetune-without-model",
+        "adapt-without-output",
+        "zero-input-shape",
+        "zero-shard-size",
+        "unknown-shard-unit",
     ],
 )
 def test_usage_errors_exit_2(

@@ -438,3 +438,112 @@ def test_sparklines_show_values_that_are_not_finite() -> None:
 
     assert sparkline([1.0, float("inf"), 0.0, float("nan")]) == "█?▁?"
     assert sparkline([float("nan")]) == "?"
+
+
+def _list_file(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return path
+
+
+def _train_list(tmp_path: Path) -> Path:
+    return _list_file(
+        tmp_path / "train.txt",
+        [f"data/c{label}/{i}.png\t{label}" for label in range(3) for i in range(8)],
+    )
+
+
+def _two_class_folder(tmp_path: Path) -> Path:
+    folder = make_images(tmp_path / "val")
+    for image in (folder / "c2").iterdir():
+        image.unlink()
+    (folder / "c2").rmdir()
+    return folder
+
+
+# Each: what replaces the default arguments, the exit code and the one line that says why.
+REFUSED_BEFORE_TRAINING = {
+    "val-split-of-one": (lambda t: {"--val-split": "1"}, 2, "--val-split 1.0 must be in [0, 1)"),
+    "no-class-folders": (
+        lambda t: {"--data": (t / "flat").mkdir() or t / "flat"},
+        2,
+        "no class sub-folders",
+    ),
+    "list-line-of-three": (
+        lambda t: {"--data": _list_file(t / "l.txt", ["a.png 0 extra"])},
+        2,
+        "l.txt:1: expected 'path<TAB>label'",
+    ),
+    "empty-list": (lambda t: {"--data": _list_file(t / "l.txt", [])}, 2, "has no samples"),
+    "val-label-unknown": (
+        lambda t: {
+            "--data": _train_list(t),
+            "--val-data": _list_file(t / "v.txt", ["data/c0/0.png\t7"]),
+        },
+        2,
+        "label '7' is not one of the classes",
+    ),
+    "val-classes-differ": (
+        lambda t: {"--val-data": _two_class_folder(t)},
+        2,
+        "differ from",
+    ),
+    "scratch-with-weights": (
+        lambda t: {"--strategy": "scratch"},
+        2,
+        "--strategy scratch re-initialises every weight",
+    ),
+    "output-is-a-file": (
+        lambda t: {"-o": (t / "a-file").write_text("x") and t / "a-file"},
+        5,
+        "is a file; -o names an output directory",
+    ),
+    "output-parent-missing": (lambda t: {"-o": t / "no" / "run"}, 5, "does not exist"),
+    "unknown-device": (lambda t: {"--device": "tpu"}, 2, "choose auto, cpu or cuda"),
+    "cuda-without-cuda": (lambda t: {"--device": "cuda"}, 2, "no CUDA device is available"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_BEFORE_TRAINING, ids=REFUSED_BEFORE_TRAINING)
+def test_options_that_cannot_run_are_refused_before_training(
+    run_cli, setup: dict[str, Path], tmp_path: Path, case: str
+) -> None:
+    replace, code, message = REFUSED_BEFORE_TRAINING[case]
+    if case == "cuda-without-cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is available")
+    arguments = {
+        "--model": f"{setup['model']}:Tiny",
+        "--data": setup["data"],
+        "-o": setup["out"],
+        "--weights": setup["weights"],
+        "--strip": "module.",
+        "--drop": "fc.",
+        "--image-size": "16",
+        "--epochs": "1",
+        **replace(tmp_path),
+    }
+    result = run_cli("finetune", *[part for pair in arguments.items() for part in pair])
+    assert result.exit_code == code, result.stderr
+    assert message in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not setup["out"].exists()
+    assert "epoch" not in result.stderr.lower()
+
+
+def test_the_api_refuses_an_optimizer_it_does_not_know(setup: dict[str, Path]) -> None:
+    from ckptool.finetune import TrainOptions, finetune
+
+    options = TrainOptions(epochs=1, image_size=16, optimizer="adam")
+    with pytest.raises(ckptool.UsageError, match="optimizer='adam': choose sgd or adamw"):
+        finetune(f"{setup['model']}:Tiny", str(setup["data"]), str(setup["out"]), options=options)
+    assert not setup["out"].exists()
+
+
+def test_freezing_every_parameter_is_refused_before_training(
+    run_cli, setup: dict[str, Path]
+) -> None:
+    result = run_cli(
+        "finetune", "--model", f"{setup['model']}:Tiny", "--data", setup["data"],
+        "-o", setup["out"], "--freeze", "features", "--freeze", "fc", "--image-size", "16",
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "nothing to train: every parameter is frozen" in result.stderr
+    assert not setup["out"].exists()

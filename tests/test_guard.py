@@ -361,3 +361,10 @@ def test_names_meant_frozen_can_be_recorded_without_ckptool_freeze() -> None:
         optimizer.step()
     assert info.value.violations[0].cause is Cause.TIED_TRAINABLE
     assert intended_frozen(Tied()) == frozenset()
+
+
+def test_an_unknown_violation_mode_is_refused() -> None:
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="on_violation must be 'raise', 'warn' or 'record', got"):
+        FreezeGuard(model, optimizer, on_violation="ignore")

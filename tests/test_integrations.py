@@ -210,3 +210,13 @@ def test_hf_trainer_stops_on_a_changed_frozen_weight(tmp_path: Path, mode: str) 
     assert trainer.state.global_step == 2
     report = callback.report
     assert report is not None and report.violations[0].names == ("bert.pooler.dense.weight",)
+
+
+@pytest.mark.skipif(not HAS_LIGHTNING, reason="lightning is not installed")
+def test_a_callback_with_an_unknown_violation_mode_is_refused() -> None:
+    """Caught when the callback is made, not at the first violation mid-run."""
+    from ckptool import UsageError
+    from ckptool.integrations.lightning import FreezeGuardCallback
+
+    with pytest.raises(UsageError, match="on_violation must be 'raise' or 'stop', got 'warn'"):
+        FreezeGuardCallback(train=["head"], on_violation="warn")

@@ -264,3 +264,24 @@ def test_extra_state_that_is_not_a_tensor_is_refused_not_a_crash(run_cli, tmp_pa
         assert len(result.stderr.splitlines()) == 1
     meta = model_tensor_meta(build_model(f"{models}:with_tensor_state"))
     assert meta["0._extra_state"].shape == (1,) and not meta["0._extra_state"].learned
+
+
+def test_a_head_for_no_classes_is_refused() -> None:
+    with pytest.raises(UsageError, match="must be at least 1, got 0"):
+        replace_head(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3)), 0)
+
+
+def test_a_spec_that_fails_before_construction_is_not_retried_on_the_cpu(
+    run_cli, tmp_path: Path
+) -> None:
+    """Only a constructor that fails on the meta device is retried on the CPU: a class
+    the file lacks fails the same way twice, and the file would run twice."""
+    runs = tmp_path / "runs.txt"
+    (tmp_path / "net.py").write_text(
+        f"with open({str(runs)!r}, 'a') as log:\n    log.write('ran\\n')\n" + META_HOSTILE
+    )
+    ckpt = tmp_path / "w.pt"
+    torch.save({"w": torch.ones(2)}, ckpt)
+    result = run_cli("diff", ckpt, "--model", f"{tmp_path / 'net.py'}:Missing")
+    assert result.exit_code == 2 and "Missing" in result.stderr, result.stderr
+    assert runs.read_text() == "ran\n"
