@@ -39,6 +39,17 @@ class Sabotage(Tiny):
     def forward(self, x):
         self.features[0].weight.data.mul_(1.01)
         return super().forward(x)
+
+
+class SabotageOnRank1(Tiny):
+    """The same write on the second rank only: the first must stop too."""
+
+    def forward(self, x):
+        import os
+
+        if os.environ.get("RANK") == "1":
+            self.features[0].weight.data.mul_(1.01)
+        return super().forward(x)
 '''
 
 
@@ -289,6 +300,14 @@ def test_torchrun_two_cpu_processes(setup: dict[str, Path], tmp_path: Path) -> N
     assert (
         broken.stderr.count("frozen tensors changed at optimizer step 1") == 2
     )  # both ranks agree
+    assert not (tmp_path / "never").exists()
+    one_rank = torchrun(
+        "--model", f"{setup['model']}:SabotageOnRank1", *common, "-o", tmp_path / "never",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert one_rank.returncode != 0
+    assert one_rank.stderr.count("frozen tensors changed at optimizer step 1") == 1
+    assert "a frozen tensor changed on another rank" in one_rank.stderr
     assert not (tmp_path / "never").exists()
     # DDP: the ranks' losses differ, so they stop together at the end of an epoch
     diverged = torchrun(
