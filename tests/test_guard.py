@@ -368,3 +368,18 @@ def test_an_unknown_violation_mode_is_refused() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="on_violation must be 'raise', 'warn' or 'record', got"):
         FreezeGuard(model, optimizer, on_violation="ignore")
+
+
+def test_a_change_only_one_of_the_fingerprint_sums_sees_is_caught() -> None:
+    """Word 1 of a frozen float64 tensor is in the whole sum but in neither strided sum
+    (every 2nd word from 0, every 3rd from 0): the guard must flag a tensor when any
+    sum moved, not only when all did. Written through .data: no version counter moves."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1)).double()
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with pytest.raises(FrozenParameterError) as info, FreezeGuard(model, optimizer):
+        model(torch.ones(3, 2, dtype=torch.float64)).sum().backward()
+        model[0].weight.data.view(-1)[1] += 1.0
+        optimizer.step()
+    assert [v.names for v in info.value.violations] == [("0.weight",)]
