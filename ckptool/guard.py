@@ -476,9 +476,7 @@ def _frozen_buffers(model: nn.Module, policy: BufferPolicy) -> list[_Watched]:
         fully_frozen = bool(params) and all(not p.requires_grad for p in params)
         if policy is BufferPolicy.FROZEN_MODULES and not fully_frozen:
             continue
-        for buffer_name, buffer in module.named_buffers(recurse=False):
-            if buffer is None:
-                continue
+        for buffer_name, buffer in module.named_buffers(recurse=False):  # (never None)
             full = f"{module_name}.{buffer_name}" if module_name else buffer_name
             if id(buffer) in found:
                 found[id(buffer)].names += (full,)
@@ -526,10 +524,12 @@ def _delta(item: _Watched) -> tuple[int | None, float | None]:
     differs = fingerprint_elementwise(before) != fingerprint_elementwise(now)
     changed = int(differs.sum())
     if before.is_floating_point():
-        diff = (now.double() - before.double()).abs()
+        # Over the changed elements only: a NaN that stayed NaN differs from itself as a
+        # number, and had made every such tensor's largest change infinite.
+        moved = (now.double() - before.double()).abs().reshape(-1)[differs]
         return changed, float(
-            torch.nan_to_num(diff, nan=float("inf")).max()
-        ) if diff.numel() else 0.0
+            torch.nan_to_num(moved, nan=float("inf")).max()
+        ) if moved.numel() else 0.0
     return changed, None
 
 

@@ -383,3 +383,121 @@ def test_a_change_only_one_of_the_fingerprint_sums_sees_is_caught() -> None:
         model[0].weight.data.view(-1)[1] += 1.0
         optimizer.step()
     assert [v.names for v in info.value.violations] == [("0.weight",)]
+
+
+class _StateStep(torch.optim.Optimizer):
+    """Adds each parameter's state buffer to it at every step, grad or not (as some
+    custom optimizers apply momentum): a frozen parameter with state still moves."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, {"lr": 0.1})
+
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "buf" in self.state[p]:
+                    p.data.add_(self.state[p]["buf"])
+
+
+def _head_only_frozen_body() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    model[0].requires_grad_(False)
+    return model
+
+
+def _one_step(model: nn.Module, optimizer: Any, guard: FreezeGuard) -> None:
+    with guard:
+        model(torch.ones(3, 2)).sum().backward()
+        optimizer.step()
+
+
+def test_a_clean_freeze_has_no_findings() -> None:
+    model = _head_only_frozen_body()
+    optimizer = torch.optim.SGD(trainable(model), lr=0.1, momentum=0.9)
+    guard = FreezeGuard(model, optimizer)
+    _one_step(model, optimizer, guard)
+    report = guard.report()
+    assert report.ok and report.findings == () and report.parameters_watched == 2
+
+
+def test_findings_name_what_a_frozen_parameter_left_in_the_optimizer_carries() -> None:
+    """In the optimizer: a stale .grad and optimizer state are named, each only where
+    present. Out of it, a stale .grad is harmless and not named."""
+    model = _head_only_frozen_body()
+    model[0].weight.grad = torch.ones(2, 2)  # stale, and in the optimizer
+    model[0].bias.grad = torch.ones(2)  # stale, but the optimizer does not hold it
+    optimizer = torch.optim.SGD([model[0].weight, *trainable(model)], lr=0.1)
+    guard = FreezeGuard(model, optimizer, on_violation="record")
+    _one_step(model, optimizer, guard)
+    assert {(f.kind, f.names) for f in guard.report().findings} == {("grad", ("0.weight",))}
+    assert [v.cause for v in guard.report().violations] == [Cause.STALE_GRADIENT]
+    model = _head_only_frozen_body()
+    optimizer = _StateStep([model[0].weight, *trainable(model)])
+    optimizer.state[model[0].weight]["buf"] = torch.full((2, 2), 0.5)
+    guard = FreezeGuard(model, optimizer, on_violation="record", snapshot=True)
+    _one_step(model, optimizer, guard)
+    report = guard.report()
+    assert {(f.kind, f.names) for f in report.findings} == {("optimizer state", ("0.weight",))}
+    assert [(v.names, v.cause, v.changed) for v in report.violations] == [
+        (("0.weight",), Cause.OPTIMIZER_STATE, 4)
+    ]
+    assert report.violations[0].max_abs == 0.5
+
+
+def test_without_snapshot_no_copy_is_kept_and_no_count_is_given() -> None:
+    model = _head_only_frozen_body()
+    optimizer = _StateStep([model[0].weight, *trainable(model)])
+    optimizer.state[model[0].weight]["buf"] = torch.full((2, 2), 0.5)
+    guard = FreezeGuard(model, optimizer, on_violation="record")
+    _one_step(model, optimizer, guard)
+    violation = guard.report().violations[0]
+    assert (violation.changed, violation.max_abs) == (None, None)
+
+
+def test_a_count_of_changed_elements_ignores_nans_that_stayed_and_ints_have_no_size() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    model[0].requires_grad_(False)
+    model[0].register_buffer("steps", torch.tensor([1, 2, 3]))
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    optimizer = torch.optim.SGD(trainable(model), lr=0.1)
+    guard = FreezeGuard(model, optimizer, on_violation="record", snapshot=True)
+    with guard:
+        model(torch.ones(3, 2)).sum().backward()
+        model[0].weight.data[1, 1] += 1.0
+        model[0].steps.data[0] += 5
+        optimizer.step()
+    changes = {v.names: (v.changed, v.max_abs) for v in guard.report().violations}
+    assert changes == {("0.weight",): (1, 1.0), ("0.steps",): (1, None)}
+
+
+def test_buffers_none_watches_no_buffer_and_a_shared_buffer_is_one_tensor() -> None:
+    model = ConvBN()
+    model.requires_grad_(False)
+    model.fc.requires_grad_(True)
+    shared = torch.zeros(3)
+    model.conv.register_buffer("shared", shared)
+    model.bn.register_buffer("shared", shared)
+    optimizer = torch.optim.SGD(model.fc.parameters(), lr=0.1)
+    with FreezeGuard(model, optimizer, buffers="none") as unwatched:
+        assert unwatched.report().buffers_watched == 0
+    guard = FreezeGuard(model, optimizer, on_violation="record", buffers="all")
+    with guard:
+        shared.add_(1)
+        optimizer.step()
+    assert [v.names for v in guard.report().violations if v.kind == "buffer"] == [
+        ("conv.shared", "bn.shared")
+    ]
+
+
+def test_a_frozen_name_trainable_through_a_tie_is_a_finding_before_any_step() -> None:
+    model = Tied()
+    freeze = ckptool.freeze(model, freeze=["embed"])
+    assert freeze is not None
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    guard = FreezeGuard(model, optimizer, on_violation="record")
+    guard.start()
+    kinds = {f.kind for f in guard.report().findings}
+    guard.stop()
+    assert "tied" in kinds
