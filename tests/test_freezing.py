@@ -131,3 +131,56 @@ def test_freeze_until_without_partial_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="freeze_until='layer2': applies to strategy='partial'"):
         ckptool.freeze(resnet(), strategy="linear", freeze_until="layer2")
     ckptool.freeze(resnet(), strategy="partial", freeze_until="layer2")  # the spelling that works
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [{"strategy": "linear"}, {"strategy": "partial"}, {"strategy": "full"}, {"train": ["fc"]}],
+    ids=["linear", "partial", "full", "train-names"],
+)
+def test_freezing_never_changes_a_weight_but_scratch_does(choice: dict) -> None:
+    model = resnet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    summary = ckptool.freeze(model, **choice)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert summary.conflicts == ()  # no tie crosses the line in a ResNet
+    ckptool.freeze(model, strategy="scratch")
+    assert not torch.equal(model.conv1.weight, before["conv1.weight"])
+
+
+def test_holding_clears_the_stale_grads_of_frozen_parameters_only() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    model(torch.ones(3, 2)).sum().backward()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    summary = ckptool.freeze(model, train=["1"], optimizer=optimizer)
+    assert summary.held is not None
+    assert summary.held.gradients_cleared == ("0.weight", "0.bias")
+    assert model[0].weight.grad is None and model[1].weight.grad is not None
+
+
+def test_the_strategy_a_fine_tune_runs() -> None:
+    from ckptool.freezing import Strategy, chosen_strategy
+
+    assert chosen_strategy("partial", None, None) is Strategy.PARTIAL
+    assert chosen_strategy(None, None, None) is Strategy.LINEAR
+    assert chosen_strategy(None, ["fc"], None) is None
+    assert chosen_strategy(None, None, ["conv1"]) is None
+
+
+def test_stages_of_flat_and_nested_bodies() -> None:
+    """Top-level children with parameters; a lone body container is opened; a lone
+    layer without children is a stage of its own (and partial then freezes nothing)."""
+    assert body_stages(resnet(), "fc") == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
+    nested = nn.Sequential()
+    nested.add_module("backbone", nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)))
+    nested.add_module("head", nn.Linear(2, 1))
+    assert body_stages(nested, "head") == ["backbone.0", "backbone.2"]
+    two = nn.Sequential()
+    two.add_module("stem", nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    two.add_module("blocks", nn.Sequential(nn.Linear(4, 4)))
+    two.add_module("head", nn.Linear(4, 1))
+    assert body_stages(two, "head") == ["stem", "blocks"]  # not opened: two stages
+    mlp = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    assert body_stages(mlp, "1") == ["0"]
+    summary = ckptool.freeze(mlp, strategy="partial")
+    assert summary.frozen_names == () and all(p.requires_grad for p in mlp.parameters())
