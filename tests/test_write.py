@@ -471,3 +471,60 @@ def test_a_computed_tensor_of_another_length_than_planned_is_refused() -> None:
     for made in (b"abc", b"abcde"):
         with pytest.raises(OutputError, match=f"has {len(made)} bytes, 4 planned"):
             ComputedBytes(4, lambda made=made: made).materialize()
+
+
+def _convert_with(run_cli, tmp_path: Path, monkeypatch, target: Any, name: str, fault: Any):
+    source = tmp_path / "source.safetensors"
+    save_file(_state(1.0), source)
+    monkeypatch.setattr(target, name, fault)
+    return run_cli("convert", source, "-o", tmp_path / "out.safetensors")
+
+
+def test_a_header_that_names_other_tensors_fails_verification(
+    run_cli, tmp_path: Path, monkeypatch
+) -> None:
+    """Every byte reads back as written and the file parses: only the comparison of the
+    parsed file with the plan sees that a name changed."""
+
+    class Renaming:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(json, name)
+
+        def dumps(self, value: Any, **kwargs: Any) -> str:
+            if isinstance(value, dict):  # the header (the placeholder's value is a str)
+                value = {k.replace("layer3", "layer9"): v for k, v in value.items()}
+            return json.dumps(value, **kwargs)
+
+    result = _convert_with(run_cli, tmp_path, monkeypatch, write, "json", Renaming())
+    assert result.exit_code == 5 and "written keys differ from the plan" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source.safetensors"]
+
+
+def test_a_header_with_another_dtype_fails_verification(
+    run_cli, tmp_path: Path, monkeypatch
+) -> None:
+    codes = {**write.SAFETENSORS_CODES, "float32": "I32"}  # same width: the file parses
+    result = _convert_with(run_cli, tmp_path, monkeypatch, write, "SAFETENSORS_CODES", codes)
+    assert result.exit_code == 5, result.stderr
+    assert "'layer0.weight' was written as int32[128, 128]" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source.safetensors"]
+
+
+def test_tensors_placed_at_each_others_offsets_fail_verification(
+    run_cli, tmp_path: Path, monkeypatch
+) -> None:
+    """The first two tensors (same size) swap places: each piece reads back as written
+    and the data section is tiled, yet each name would hold the other's values."""
+    real = write.Payload.place
+    calls: list[int] = []
+    size = 128 * 128 * 4
+
+    def swapped(self: write.Payload, data: write.TensorData, fd: int, position: int) -> None:
+        calls.append(position)
+        shift = {1: size, 2: -size}.get(len(calls), 0)
+        real(self, data, fd, position + shift)
+
+    result = _convert_with(run_cli, tmp_path, monkeypatch, write.Payload, "place", swapped)
+    assert result.exit_code == 5, result.stderr
+    assert "bytes of 'layer0.weight' differ from the source" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source.safetensors"]
