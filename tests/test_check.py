@@ -247,3 +247,36 @@ def test_a_model_without_a_floating_output_is_explained(
     )
     assert result.exit_code == 2, result.output
     assert "the model's output (dict) holds no floating tensor to compute a loss" in result.stderr
+
+
+def test_the_first_layer_chooses_the_sample_shape() -> None:
+    from torch import nn
+
+    from ckptool.sanity import SEQUENCE_LENGTH, SIGNAL_LENGTHS, input_shape_candidates
+
+    assert input_shape_candidates(nn.Sequential(nn.Conv1d(2, 4, 3)))[0] == (2, SIGNAL_LENGTHS[0])
+    assert input_shape_candidates(nn.Sequential(nn.Embedding(10, 4)))[0] == (SEQUENCE_LENGTH,)
+    assert input_shape_candidates(nn.LSTM(5, 8))[0] == (SEQUENCE_LENGTH, 5)
+
+
+def test_a_token_model_with_a_dict_output_is_checked_without_a_shape(
+    run_cli, write_checkpoint: WriteCheckpoint, tmp_path: Path
+) -> None:
+    """Token ids for an Embedding (random floats cannot index it), and the logits found
+    inside a dict that also holds None."""
+    model_file = tmp_path / "tokens.py"
+    model_file.write_text(
+        "from torch import nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.embed = nn.Embedding(10, 4)\n"
+        "        self.fc = nn.Linear(4, 3)\n"
+        "    def forward(self, ids):\n"
+        "        return {'logits': self.fc(self.embed(ids).mean(1)), 'aux': None}\n"
+    )
+    torch.manual_seed(0)
+    state = {"embed.weight": torch.randn(10, 4), **wrap(torch.nn.Linear(4, 3).state_dict(), "fc.")}
+    ckpt = write_checkpoint(state, "tokens.pt")
+    result = run_cli("check", ckpt, "--model", f"{model_file}:Net", "--strategy", "full")
+    assert result.exit_code == 0, result.output
