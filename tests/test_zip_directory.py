@@ -33,7 +33,9 @@ def torch_zip_bytes(state: dict[str, torch.Tensor]) -> bytes:
 
 
 def fast(data: bytes) -> ZipDirectory | None:
-    return zip_directory._torch_shaped(io.BytesIO(data), len(data), max_entries=1 << 20)
+    stream = io.BytesIO(data)
+    end = zip_directory._end_records(stream, len(data))
+    return zip_directory._torch_shaped(stream, len(data), end, max_entries=1 << 20)
 
 
 def fast_or_refusal(data: bytes) -> ZipDirectory | str | None:
@@ -45,7 +47,8 @@ def fast_or_refusal(data: bytes) -> ZipDirectory | str | None:
 
 def by_zipfile(data: bytes) -> ZipDirectory | str:
     try:
-        return zip_directory._with_zipfile(io.BytesIO(data), len(data))
+        stream = io.BytesIO(data)
+        return zip_directory._with_zipfile(stream, zip_directory._end_records(stream, len(data)))
     except Exception as e:  # every way zipfile refuses is an answer to compare
         return type(e).__name__
 

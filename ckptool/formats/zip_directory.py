@@ -50,7 +50,8 @@ def read_directory(stream: Any, size: int, *, max_entries: int) -> ZipDirectory:
         What zipfile raises on an archive it cannot read (BadZipFile, ...); BadZipFile
             for an archive torch's reader refuses (see the module's docstring).
     """
-    return _torch_shaped(stream, size, max_entries=max_entries) or _with_zipfile(stream, size)
+    end = _end_records(stream, size)  # read once; both readers hold the archive to it
+    return _torch_shaped(stream, size, end, max_entries=max_entries) or _with_zipfile(stream, end)
 
 
 class EntryBudgetError(Exception):
@@ -61,8 +62,7 @@ class EntryBudgetError(Exception):
         self.count = count
 
 
-def _with_zipfile(stream: Any, size: int) -> ZipDirectory:
-    end = _end_records(stream, size)
+def _with_zipfile(stream: Any, end: _EndRecords | None) -> ZipDirectory:
     with zipfile.ZipFile(stream) as archive:
         infos, start = archive.infolist(), archive.start_dir
     if end is not None:  # zipfile found none otherwise, and refused the archive above
@@ -121,10 +121,11 @@ class _EndRecords(NamedTuple):
     disk: int  # the disk it is on: entries on other disks but 1 are refused
 
 
-def _torch_shaped(stream: Any, size: int, *, max_entries: int) -> ZipDirectory | None:
+def _torch_shaped(
+    stream: Any, size: int, end: _EndRecords | None, *, max_entries: int
+) -> ZipDirectory | None:
     """The directory read entry by entry with one struct, or None if the archive is not
     shaped as torch.save writes it."""
-    end = _end_records(stream, size)
     if end is None or not end.closes_file:
         return None
     # zipfile otherwise shifts every offset by the bytes between directory and end records
