@@ -182,7 +182,7 @@ class _AttributesByName:
         vars(self).update(state)
 
 
-class _OrderedDict(_AttributesByName, dict[Any, Any]):
+class OrderedDictStandIn(_AttributesByName, dict[Any, Any]):
     """What the pickle's OrderedDict becomes: a dict in the same order (an unpickled
     OrderedDict is only ever appended to). Not collections.OrderedDict: its iterator
     hashes every key to find it, so each walk over one shared a thousand times re-hashed
@@ -194,7 +194,7 @@ class _Counter(_AttributesByName, collections.Counter[Any]):
 
 
 # Listings name a container by its class: these are what the pickle named.
-_OrderedDict.__name__ = _OrderedDict.__qualname__ = "OrderedDict"
+OrderedDictStandIn.__name__ = OrderedDictStandIn.__qualname__ = "OrderedDict"
 _Counter.__name__ = _Counter.__qualname__ = "Counter"
 
 
@@ -466,7 +466,7 @@ _HANDLERS: dict[str, Callable[..., Any]] = {
     "torch._tensor._rebuild_from_type_v2": _rebuild_from_type,
     "torch.Size": _size,
     "torch.device": _device,
-    "collections.OrderedDict": _OrderedDict,
+    "collections.OrderedDict": OrderedDictStandIn,
     "collections.Counter": _Counter,
     "builtins.set": set,
     "builtins.frozenset": frozenset,

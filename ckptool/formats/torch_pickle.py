@@ -22,6 +22,7 @@ from ckptool.errors import CheckpointReadError
 from ckptool.formats.containers import module_versions, select_tensor_dict
 from ckptool.formats.meta import DTYPE_SIZES, CheckpointMeta, Format, TensorMeta
 from ckptool.formats.restricted_pickle import StorageRef, load_restricted
+from ckptool.formats.state_dict_pickle import read_state_dict_pickle
 from ckptool.formats.zip_directory import EntryBudgetError, ZipRecord, read_directory
 
 # torch.save's legacy format starts with this number, pickled.
@@ -96,7 +97,13 @@ def read_zip_archive(path: str, window: tuple[int, int] | None = None) -> ZipArc
         raise CheckpointReadError(f"{path}: corrupt zip archive ({type(e).__name__}: {e})") from e
     except OSError as e:
         raise CheckpointReadError(f"{path}: cannot read zip archive ({e})") from e
-    obj, storages, opaque = load_restricted(pickle_bytes, path=path, storage_scope=f"{prefix}data/")
+    scope = f"{prefix}data/"
+    # A state dict as torch.save writes it is read in one pass; anything else, and every
+    # verdict on a file, is the restricted unpickler's.
+    unpickled = read_state_dict_pickle(pickle_bytes, storage_scope=scope)
+    if unpickled is None:
+        unpickled = load_restricted(pickle_bytes, path=path, storage_scope=scope)
+    obj, storages, opaque = unpickled
     _check_storages(path, storages, record_sizes)
     offsets = {name: start + offset for name, offset in relative.items()} if start else relative
     return ZipArchive(path, obj, storages, offsets, opaque, size)
