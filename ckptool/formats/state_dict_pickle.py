@@ -167,7 +167,7 @@ class _OnePass:
         # store is read as the index it names; read() checks at the end that they name
         # 0, 1, 2... in order, as the general reader's budget and this memo assume.
         self.memo: dict[int, str | _Global] = {}
-        self.stores: list[bytes] = []  # every store's bytes, in order
+        self.stores = bytearray()  # every store's bytes, in order (not 800,000 objects)
         self.storages: dict[str, StorageRef] = {}
         # A record's five constant fetches -> (dtype, location), once all were checked.
         self.kinds: dict[tuple[bytes, ...], tuple[str, str]] = {}
@@ -196,7 +196,8 @@ class _OnePass:
         self._expect(b".")
         if self.pos != len(data):
             raise _Decline  # bytes after STOP: the general reader says what they are
-        if not _numbered_in_order(b"".join(self.stores)):
+        self.memo.clear()  # (the check below makes its own copy of the stores' bytes)
+        if not _numbered_in_order(self.stores):
             raise _Decline
         return container
 
@@ -237,8 +238,8 @@ class _OnePass:
             if kind is None:
                 kind = self._learn(record)  # writes out a constant, or the first of a kind
             else:
-                stores += (name_put, key_put or b"", pid_put, shape_put, stride_put, hooks_put,
-                           args_put, tensor_put)  # fmt: skip
+                stores += b"".join((name_put, key_put or b"", pid_put, shape_put, stride_put,
+                                    hooks_put, args_put, tensor_put))  # fmt: skip
             dtype, location = kind
             if key is None:
                 key = memo.get(from_bytes(key_get[1:], "little"))
@@ -269,13 +270,13 @@ class _OnePass:
         """The dtype and location a record's constants give, each fetched or written out
         (and stored) in turn; remembered by its fetches when all five are fetched."""
         stores = self.stores
-        stores.append(record["name_put"])
+        stores += record["name_put"]
         values = []
         for slot in ("rebuild", "tag", "storage_type", "location", "hooks"):
             if slot == "location":
-                stores.append(record["key_put"] or b"")  # the key comes before it
+                stores += record["key_put"] or b""  # the key comes before it
             elif slot == "hooks":
-                stores += record.group("pid_put", "shape_put", "stride_put")
+                stores += b"".join(record.group("pid_put", "shape_put", "stride_put"))
             token = record[slot]
             value: str | _Global | None
             if token[0] in _FETCHES:
@@ -285,9 +286,9 @@ class _OnePass:
                 stored = record[slot + "_stored"]
                 if stored:
                     self.memo[_index(stored)] = value
-                    stores.append(stored)
+                    stores += stored
             values.append(value)
-        stores += record.group("hooks_put", "args_put", "tensor_put")
+        stores += b"".join(record.group("hooks_put", "args_put", "tensor_put"))
         rebuild, tag, storage_type, location, hooks = values
         dtype = _STORAGE_TYPES.get(storage_type)  # type: ignore[arg-type]  # None for a str
         well_formed = (
@@ -377,7 +378,7 @@ class _OnePass:
         token = data[pos : pos + width]  # (cut short at the end: STOP is then missing)
         if value is not None:
             self.memo[_index(token)] = value
-        self.stores.append(token)
+        self.stores += token
         self.pos += width
 
     def _expect(self, opcodes: bytes) -> None:
@@ -413,7 +414,7 @@ def _written_out(slot: str, record: re.Match[bytes]) -> str | _Global:
     return _REBUILD if slot == "rebuild" else _ORDERED_DICT
 
 
-def _numbered_in_order(stores: bytes) -> bool:
+def _numbered_in_order(stores: bytearray) -> bool:
     """The stores name indexes 0, 1, 2... in order: as torch's pickler writes them
     (BINPUT below 256, LONG_BINPUT after) in C, any other widths one by one."""
     short = min(len(stores) // 2, 256)
@@ -445,6 +446,6 @@ def _decode_number(token: bytes) -> int:
     return int.from_bytes(token[2:], "little", signed=True)  # LONG1: its length, then bytes
 
 
-def _index(token: bytes) -> int:
+def _index(token: bytes | bytearray) -> int:
     """The memo index a BINGET/BINPUT (one byte) or LONG_BINGET/LONG_BINPUT names."""
     return int.from_bytes(token[1:], "little")
