@@ -8,9 +8,9 @@ mutant of one. Where it declines, the general reader's verdict is the only one.
 
 from __future__ import annotations
 
-import collections
 import io
 import pickle
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,9 @@ from ckptool.formats import read_metadata, torch_pickle
 from ckptool.formats import state_dict_pickle as one_pass
 from ckptool.formats.restricted_pickle import Unpickled, load_restricted
 from ckptool.formats.state_dict_pickle import read_state_dict_pickle
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from compare_state_dict_reader import Storage, Tensor, torch_like_pickle
 
 SCOPE = "archive/data/"
 
@@ -115,54 +118,13 @@ def test_every_single_byte_mutant_reads_as_the_unpickler_reads_it_or_is_left_to_
     assert accepted > 300
 
 
-class _Storage:
-    def __init__(self, key: str, numel: int) -> None:
-        self.key, self.numel = key, numel
-
-
-class _Tensor:
-    """Pickles as torch.save pickles a tensor: _rebuild_tensor_v2 of a persistent id."""
-
-    def __init__(
-        self,
-        storage: _Storage,
-        offset: int,
-        size: tuple[int, ...],
-        stride: tuple[int, ...] | None = None,
-    ) -> None:
-        self.storage, self.offset, self.size = storage, offset, size
-        self.stride = stride if stride is not None else tuple(1 for _ in size)
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        rebuild = torch._utils._rebuild_tensor_v2
-        hooks = collections.OrderedDict()
-        return rebuild, (self.storage, self.offset, self.size, self.stride, False, hooks)
-
-
-class _TorchLikePickler(pickle.Pickler):
-    """Locations made afresh for each storage, as a CUDA tensor's are: each is written
-    out with a store of its own, at every memo index."""
-
-    def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, _Storage):
-            return ("storage", torch.FloatStorage, obj.key, "cuda:" + str(0), obj.numel)
-        return None
-
-
-def torch_like_pickle(state: dict[str, Any]) -> bytes:
-    buffer = io.BytesIO()
-    _TorchLikePickler(buffer, protocol=2).dump(state)
-    return buffer.getvalue()
-
-
 def test_a_location_followed_by_a_store_that_looks_like_text_reads_as_the_unpickler_reads_it() -> (
     None
 ):
     # 'cuda:0' then BINPUT 52 is b"cuda:0q4": the text's length, not its characters,
     # says where it ends (a real easyocr checkpoint has exactly this).
     state = {
-        f"layer{i}.weight": _Tensor(_Storage(str(i), 2**31 + i), i, (2**31 + i,))
-        for i in range(200)
+        f"layer{i}.weight": Tensor(Storage(str(i), 2**31 + i), i, (2**31 + i,)) for i in range(200)
     }
     data = torch_like_pickle(state)
     assert b"cuda:0q4" in data
@@ -244,16 +206,16 @@ def test_read_metadata_is_the_same_with_and_without_the_one_pass_reader(
 @pytest.mark.parametrize(
     "tensor",
     [
-        _Tensor(_Storage("0", 4), -1, (4,)),  # a negative offset (BININT)
-        _Tensor(_Storage("0", 4), 0, (-4,)),  # a negative size
-        _Tensor(_Storage("0", 4), 0, (4,), (-1,)),  # a negative stride
-        _Tensor(_Storage("0", -4), 0, (4,)),  # a negative element count
-        _Tensor(_Storage("0", 4), 0, (2, 2), (1,)),  # fewer strides than sizes
+        Tensor(Storage("0", 4), -1, (4,)),  # a negative offset (BININT)
+        Tensor(Storage("0", 4), 0, (-4,)),  # a negative size
+        Tensor(Storage("0", 4), 0, (4,), (-1,)),  # a negative stride
+        Tensor(Storage("0", -4), 0, (4,)),  # a negative element count
+        Tensor(Storage("0", 4), 0, (2, 2), (1,)),  # fewer strides than sizes
     ],
     ids=["offset", "size", "stride", "numel", "strides"],
 )
-def test_a_tensor_the_unpickler_refuses_is_left_to_it(tensor: _Tensor) -> None:
-    data = torch_like_pickle({"first": _Tensor(_Storage("1", 4), 0, (4,)), "w": tensor})
+def test_a_tensor_the_unpickler_refuses_is_left_to_it(tensor: Tensor) -> None:
+    data = torch_like_pickle({"first": Tensor(Storage("1", 4), 0, (4,)), "w": tensor})
     assert read_state_dict_pickle(data, storage_scope=SCOPE) is None
     assert isinstance(general(data), Exception)
 
