@@ -171,8 +171,8 @@ class _OnePass:
         self.storages: dict[str, StorageRef] = {}
         # A record's five constant fetches -> (dtype, location), once all were checked.
         self.kinds: dict[tuple[bytes, ...], tuple[str, str]] = {}
-        self.numbers: dict[bytes, int] = {}  # only counts (>= 0)
-        self.tuples: dict[bytes, tuple[int, ...]] = {}  # tuples of counts
+        self.counts = _Counts()
+        self.count_tuples = _CountTuples(self.counts)
 
     def read(self) -> dict[str, Any]:
         container: dict[str, Any]
@@ -221,7 +221,7 @@ class _OnePass:
         data, pos, memo, kinds, stores = self.data, self.pos, self.memo, self.kinds, self.stores
         storages, scope, match = self.storages, self.scope, _RECORD.match
         from_bytes = int.from_bytes
-        number, numbers, counts, tuples = self._count, self.numbers, self._counts, self.tuples
+        counts, count_tuples = self.counts, self.count_tuples
         while data.startswith(b"X", pos):
             end = pos + 5 + from_bytes(data[pos + 1 : pos + 5], "little")
             try:  # as the C unpickler decodes it
@@ -250,17 +250,11 @@ class _OnePass:
                 if key_put:
                     memo[from_bytes(key_put[1:], "little")] = key
             scoped = scope + key
-            # Each number and tuple is decoded and checked once; a cache hit is a count.
-            elements = numbers.get(numel) or number(numel)
-            storages[scoped] = StorageRef(scoped, dtype, location, elements)
-            sizes, strides = (
-                tuples.get(shape) or counts(shape),
-                tuples.get(stride) or counts(stride),
-            )
+            storages[scoped] = StorageRef(scoped, dtype, location, counts[numel])
+            sizes, strides = count_tuples[shape], count_tuples[stride]
             if len(sizes) != len(strides):
                 raise _Decline
-            start = numbers.get(offset) or number(offset)
-            target[name] = PickledTensor(sizes, dtype, scoped, start, strides)
+            target[name] = PickledTensor(sizes, dtype, scoped, counts[offset], strides)
             pos = record.end()
             if single:
                 break
@@ -386,20 +380,29 @@ class _OnePass:
             raise _Decline
         self.pos += len(opcodes)
 
-    def _count(self, token: bytes) -> int:
-        value = self.numbers.get(token)
-        if value is None:
-            value = _decode_number(token)
-            if value < 0:
-                raise _Decline
-            self.numbers[token] = value
+
+class _Counts(dict[bytes, int]):
+    """Number opcodes (with their arguments) -> the counts they hold, each decoded once
+    (a state dict repeats a few hundred); one that is not a count declines."""
+
+    def __missing__(self, token: bytes) -> int:
+        value = _decode_number(token)
+        if value < 0:
+            raise _Decline
+        self[token] = value
         return value
 
-    def _counts(self, token: bytes) -> tuple[int, ...]:
-        value = self.tuples.get(token)
-        if value is None:
-            start = 1 if token.startswith(b"(") else 0
-            value = self.tuples[token] = tuple(map(self._count, _NUMBERS.findall(token, start)))
+
+class _CountTuples(dict[bytes, tuple[int, ...]]):
+    """Sizes or strides as pickled -> their counts, each decoded once."""
+
+    def __init__(self, counts: _Counts) -> None:
+        super().__init__()
+        self.counts = counts
+
+    def __missing__(self, token: bytes) -> tuple[int, ...]:
+        start = 1 if token.startswith(b"(") else 0  # after the MARK of 4 or more
+        value = self[token] = tuple(map(self.counts.__getitem__, _NUMBERS.findall(token, start)))
         return value
 
 
