@@ -401,8 +401,8 @@ class _CountTuples(dict[bytes, tuple[int, ...]]):
         self.counts = counts
 
     def __missing__(self, token: bytes) -> tuple[int, ...]:
-        start = 1 if token.startswith(b"(") else 0  # after the MARK of 4 or more
-        value = self[token] = tuple(map(self.counts.__getitem__, _NUMBERS.findall(token, start)))
+        # (findall steps over the MARK before 4 or more, and the TUPLE opcode after)
+        value = self[token] = tuple(map(self.counts.__getitem__, _NUMBERS.findall(token)))
         return value
 
 
