@@ -91,6 +91,17 @@ def test_real_state_dicts_read_as_the_unpickler_reads_them(architecture: str) ->
         assert bool(getattr(fast.obj, "_metadata", None)) == (obj is state)
 
 
+def test_a_language_model_with_tied_embeddings_reads_as_the_unpickler_reads_it() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100)
+    state = transformers.GPT2LMHeadModel(config).state_dict()
+    fast, slow = read_both(data_pkl(state))
+    assert_same(fast, slow)
+    assert fast is not None
+    # lm_head.weight is transformer.wte.weight: its storage key is a memo fetch
+    assert fast.obj["lm_head.weight"].storage == fast.obj["transformer.wte.weight"].storage
+
+
 def test_views_tied_storages_and_dtypes_read_as_the_unpickler_reads_them() -> None:
     fast, slow = read_both(data_pkl(small_state()))
     assert_same(fast, slow)
