@@ -50,7 +50,7 @@ def assert_same(fast: Unpickled | None, slow: Unpickled | Exception) -> None:
     assert fast is not None
     assert not isinstance(slow, Exception), slow
     assert type(fast.obj) is type(slow.obj)
-    assert list(fast.obj.items()) == list(slow.obj.items())
+    assert repr(list(fast.obj.items())) == repr(list(slow.obj.items()))  # (a NaN is a NaN)
     assert [type(v) for v in fast.obj.values()] == [type(v) for v in slow.obj.values()]
     assert list(fast.storages.items()) == list(slow.storages.items())
     assert fast.opaque == slow.opaque
@@ -78,6 +78,7 @@ def small_state() -> dict[str, torch.Tensor]:
     state["five_dims"] = torch.zeros(1, 2, 1, 2, 1)  # sizes as MARK ... TUPLE
     state["scalar"] = torch.tensor(3.0)  # empty sizes and strides
     state["transposed"] = torch.zeros(3, 4).T
+    state.update(step=5, lr=0.5)  # plain values beside the tensors
     return state
 
 
@@ -112,6 +113,37 @@ def test_views_tied_storages_and_dtypes_read_as_the_unpickler_reads_them() -> No
     assert fast.obj["scalar"].shape == ()
     assert fast.obj["half"].dtype == "float16"
     assert vars(fast.obj)["_metadata"]["1"] == {"version": 1}
+
+
+def test_plain_values_beside_the_tensors_read_as_the_unpickler_reads_them() -> None:
+    state = small_state()
+    values = {"step": 5, "big": -(2**40), "lr": 0.5, "nan": float("nan"), "tag": "best"}
+    state.update(values, done=True, skip=False, parent=None)
+    state["after"] = torch.ones(2)  # a tensor after them
+    fast, slow = read_both(data_pkl(state))
+    assert_same(fast, slow)
+    assert fast is not None
+    assert fast.obj["step"] == 5 and fast.obj["tag"] == "best" and fast.obj["done"] is True
+    assert fast.obj["after"].shape == (2,)
+
+
+def test_a_plain_value_with_a_store_of_its_own_reads_as_the_unpickler_reads_it() -> None:
+    # torch's pickler memoizes no int; another pickler may, with the next index.
+    data = data_pkl({"w": torch.ones(2), "step": 5})
+    stored = data.index(b"stepq") + len(b"stepq") + 1  # after the name and its store
+    assert data[stored : stored + 2] == b"K\x05"
+    index = data[stored - 1] + 1
+    crafted = data[: stored + 2] + b"q" + bytes([index]) + data[stored + 2 :]
+    fast, slow = read_both(crafted)
+    assert_same(fast, slow)
+
+
+def test_a_pickle_cut_inside_a_float_is_left_to_the_general_reader() -> None:
+    data = data_pkl({"w": torch.ones(2), "lr": 0.5})
+    cut = data[: data.index(b"lrq") + len(b"lrq") + 1 + 5]  # BINFLOAT and 4 of its 8 bytes
+    assert cut.endswith(b"G?\xe0\x00\x00")
+    assert read_state_dict_pickle(cut, storage_scope=SCOPE) is None
+    assert isinstance(general(cut), Exception)
 
 
 def test_every_single_byte_mutant_reads_as_the_unpickler_reads_it_or_is_left_to_it() -> None:

@@ -5,7 +5,8 @@ The general reader takes three passes over a pickle: the budget scan walks every
 unpickler builds the objects, calling Python twice a tensor. At 100,000 tensors that is
 2 s of the 3 s ``inspect x.pt`` spends here. Files with that many tensors are state
 dicts: a dict or an OrderedDict of tensors, each pickled by torch.save as the same ~30
-opcodes, and torch's ``_metadata`` of module versions after them. This module reads
+opcodes (and maybe a few plain values: a step, a flag), and torch's ``_metadata`` of
+module versions after them. This module reads
 exactly that shape, one regex match a tensor, and builds the same objects the general
 reader builds from it (:class:`Unpickled`: the container, its tensors, their storages).
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import array
 import re
+import struct
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -128,6 +130,8 @@ _RECORD_GROUPS = (
 )  # fmt: skip
 assert tuple(sorted(_RECORD.groupindex, key=_RECORD.groupindex.__getitem__)) == _RECORD_GROUPS
 _NUMBERS = re.compile(_NUMBER, re.DOTALL)
+_DOUBLE = struct.Struct(">d")
+_PLAIN_CONSTANTS = {b"N": None, b"\x88": True, b"\x89": False}
 _FETCHES = frozenset(b"hj")
 
 
@@ -216,7 +220,8 @@ class _OnePass:
                 return
 
     def _tensors(self, target: dict[str, Any], *, single: bool) -> None:
-        """Names and tensor records into ``target``, up to the first that is not one."""
+        """Names and tensor records (or plain values) into ``target``, up to the first
+        that is neither."""
         # One pass of this loop per tensor: locals, positional groups, cached numbers.
         data, pos, memo, kinds, stores = self.data, self.pos, self.memo, self.kinds, self.stores
         storages, scope, match = self.storages, self.scope, _RECORD.match
@@ -229,8 +234,13 @@ class _OnePass:
             except UnicodeDecodeError:
                 raise _Decline from None
             record = match(data, end)
-            if record is None:  # (or the name runs past the end)
-                raise _Decline
+            if record is None:  # a plain value beside the tensors, or not this shape
+                self.pos = end
+                target[name] = self._plain_value()
+                pos = self.pos
+                if single:
+                    break
+                continue
             (name_put, rebuild, _, tag, _, storage_type, _, _, key_get, key, key_put, location,
              _, _, numel, pid_put, offset, shape, shape_put, stride, stride_put, hooks, _,
              hooks_put, args_put, tensor_put) = record.groups()  # fmt: skip
@@ -259,6 +269,28 @@ class _OnePass:
             if single:
                 break
         self.pos = pos
+
+    def _plain_value(self) -> int | float | bool | str | None:
+        """A value beside the tensors (a step, a flag, a name), after its name's store:
+        what the unpickler builds from it."""
+        self._store(None)  # the name's
+        data, pos = self.data, self.pos
+        value: int | float | bool | str | None
+        number = _NUMBERS.match(data, pos)
+        if number is not None:
+            value, self.pos = _decode_number(number[0]), number.end()
+        elif data.startswith(b"G", pos) and len(data) >= pos + 9:  # BINFLOAT
+            (value,) = _DOUBLE.unpack_from(data, pos + 1)
+            self.pos = pos + 9
+        elif data.startswith(b"X", pos):
+            return self._text()  # kept with its store: a later fetch may find it
+        elif data[pos : pos + 1] in _PLAIN_CONSTANTS:  # None, True, False
+            value = _PLAIN_CONSTANTS[data[pos : pos + 1]]
+            self.pos = pos + 1
+        else:
+            raise _Decline
+        self._store(None)
+        return value
 
     def _learn(self, record: re.Match[bytes]) -> tuple[str, str]:
         """The dtype and location a record's constants give, each fetched or written out
