@@ -200,7 +200,7 @@ class _OnePass:
         self._expect(b".")
         if self.pos != len(data):
             raise _Decline  # bytes after STOP: the general reader says what they are
-        self.memo.clear()  # (the check below makes its own copy of the stores' bytes)
+        self.memo.clear()  # before the check builds the stores it expects, as many bytes again
         if not _numbered_in_order(self.stores):
             raise _Decline
         return container
