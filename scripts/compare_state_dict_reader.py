@@ -39,9 +39,15 @@ from ckptool.formats.state_dict_pickle import read_state_dict_pickle
 SCOPE = "archive/data/"
 
 
-def data_pkl(path_or_bytes: str | bytes) -> bytes:
-    source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
-    with zipfile.ZipFile(source) as archive:
+def data_pkl(obj: Any) -> bytes:
+    """The data.pkl torch.save writes for ``obj``."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return archived_data_pkl(io.BytesIO(buffer.getvalue()))
+
+
+def archived_data_pkl(archive_file: str | io.BytesIO) -> bytes:
+    with zipfile.ZipFile(archive_file) as archive:
         (name,) = [n for n in archive.namelist() if n.endswith("/data.pkl")]
         return archive.read(name)
 
@@ -58,17 +64,13 @@ def seed_pickles() -> list[bytes]:
     state["five"] = torch.zeros(1, 2, 1, 2, 1)
     state["scalar"] = torch.tensor(3.0)
     state.update(step=5, lr=0.25, best="val", done=True, parent=None)  # plain values
-    pickles = []
-    for obj in (state, dict(state)):
-        buffer = io.BytesIO()
-        torch.save(obj, buffer)
-        pickles.append(data_pkl(buffer.getvalue()))
+    pickles = [data_pkl(state), data_pkl(dict(state))]
     with tempfile.TemporaryDirectory() as tmp:
         source, written = os.path.join(tmp, "a.pt"), os.path.join(tmp, "b.pt")
         torch.save(state, source)
         convert = [sys.executable, "-m", "ckptool", "convert", source, "-o", written]
         subprocess.run(convert, check=True, capture_output=True)
-        pickles.append(data_pkl(written))
+        pickles.append(archived_data_pkl(written))
     # (a size tuple of its own each: a shared one would be pickled once, then fetched)
     fresh_locations = {f"w{i}": Tensor(Storage(str(i), 4), 0, tuple([4])) for i in range(300)}
     pickles.append(torch_like_pickle(fresh_locations))

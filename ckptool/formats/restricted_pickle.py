@@ -476,7 +476,7 @@ _HANDLERS: dict[str, Callable[..., Any]] = {
 }
 
 # torch writes record keys like '0' or '94418944' and locations like 'cuda:0'.
-_MAX_PID_TEXT = 256
+MAX_PID_TEXT = 256
 
 # Module-level names that torch pickles as data (dtype objects, classes used as tags).
 _TOKENS = frozenset({"torch.Tensor", "torch.nn.parameter.Parameter"})
@@ -541,7 +541,7 @@ class MetaUnpickler(pickle.Unpickler):
             and isinstance(key, str)
             and isinstance(location, str)
             and is_count(numel)
-            and len(key) + len(location) <= _MAX_PID_TEXT
+            and len(key) + len(location) <= MAX_PID_TEXT
         )
         if not well_formed:  # (a storage type, strings and an int hold no opaque object)
             _needs_data(pid[1:5], "storage reference")

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 from ckptool.formats.pickle_scan import MAX_OPCODES
 from ckptool.formats.restricted_pickle import (
+    MAX_PID_TEXT,
     STORAGE_DTYPES,
     OrderedDictStandIn,
     PickledTensor,
@@ -38,12 +39,11 @@ from ckptool.formats.restricted_pickle import (
     Unpickled,
 )
 
-# Persistent ids: torch writes keys like '0' and locations like 'cuda:0' (the general
-# reader refuses a key and location of over 256 characters together).
+# Persistent ids: torch writes keys like '0' and locations like 'cuda:0' (a fetched key
+# may be longer: the general reader's bound on the two together holds then).
 _MAX_KEY_DIGITS = 20
 _MAX_LOCATION = 64
 _LOCATION = rb"[A-Za-z0-9:_-]"
-_MAX_PID_TEXT = 256
 
 _REBUILD_NAME = "torch._utils._rebuild_tensor_v2"
 _ORDERED_DICT_NAME = "collections.OrderedDict"
@@ -253,7 +253,7 @@ class _OnePass:
             dtype, location = kind
             if key is None:
                 key = memo.get(from_bytes(key_get[1:], "little"))
-                if type(key) is not str or len(key) + len(location) > _MAX_PID_TEXT:
+                if type(key) is not str or len(key) + len(location) > MAX_PID_TEXT:
                     raise _Decline  # not a string constant: the general reader follows it
             else:
                 key = key[5:].decode("ascii")  # after BINUNICODE and its length
