@@ -242,6 +242,18 @@ def test_a_tensor_the_unpickler_refuses_is_left_to_it(tensor: Tensor) -> None:
     assert isinstance(general(data), Exception)
 
 
+def test_a_fetched_storage_key_too_long_for_the_unpickler_is_left_to_it() -> None:
+    # The same string object as a plain value, then as a storage key: the key is a
+    # fetch, and with the location it runs over the general reader's 256 characters.
+    fits, key = "9" * 250, "9" * 251  # with 'cuda:0': 256 characters, and one more
+    ok = torch_like_pickle({"note": fits, "w": Tensor(Storage(fits, 4), 0, (4,))})
+    too_long = torch_like_pickle({"note": key, "w": Tensor(Storage(key, 4), 0, (4,))})
+    assert too_long.count(key.encode()) == 1  # written once, then fetched
+    assert_same(*read_both(ok))
+    assert read_state_dict_pickle(too_long, storage_scope=SCOPE) is None
+    assert isinstance(general(too_long), Exception)
+
+
 # torch.save's memo, after the first tensor of small_state(): 0 OrderedDict, 3 the
 # rebuild function, 4 'storage', 5 FloatStorage, 7 'cpu'.
 @pytest.mark.parametrize(
