@@ -246,8 +246,10 @@ ENTRY = b'{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
         # escapes of half a character, in a name and in a metadata value
         (b'{"a\\ud800":' + ENTRY + b"}", r"'a\\ud800' holds the lone surrogate"),
         (b'{"a":' + ENTRY + b',"__metadata__":{"k":"\\udc00"}}', r"'\\udc00' holds"),
+        # a number of 5,000 digits: over what Python's int() converts from text
+        (b'{"a":' + ENTRY.replace(b"[0", b"[" + b"1" * 5000) + b"}", r"\(Exceeds the limit"),
     ],
-    ids=["utf16", "utf8-surrogate", "escaped-name", "escaped-metadata"],
+    ids=["utf16", "utf8-surrogate", "escaped-name", "escaped-metadata", "5000-digits"],
 )
 def test_headers_safetensors_refuses_are_refused(
     run_cli, tmp_path: Path, header: bytes, match: str

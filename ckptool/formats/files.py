@@ -66,7 +66,8 @@ def parse_json(
     """``json.loads`` that answers deep nesting with a CheckpointReadError.
 
     Raises:
-        CheckpointReadError: not UTF-8, not JSON, or nested deeper than Python recurses.
+        CheckpointReadError: not UTF-8, not JSON, nested deeper than Python recurses, or
+            holding a number too long for ``int``.
     """
     try:
         return json.loads(text, object_pairs_hook=pairs_hook)
@@ -76,6 +77,9 @@ def parse_json(
         raise CheckpointReadError(f"{path}: {what} is not valid UTF-8") from e
     except json.JSONDecodeError as e:
         raise CheckpointReadError(f"{path}: {what} is not valid JSON ({e.msg})") from e
+    except ValueError as e:  # a number of more digits than Python converts
+        reason = str(e).split(":")[0]
+        raise CheckpointReadError(f"{path}: {what} is not readable JSON ({reason})") from e
 
 
 def read_assembly(assembly: Assembly, name: str) -> bytearray:

@@ -177,7 +177,7 @@ def _keys_found(header: Any) -> int:
     return len(header) + sum(len(v) for v in header.values() if type(v) is dict)
 
 
-class _DuplicateKeyError(ValueError):
+class _DuplicateKeyError(Exception):  # not a ValueError, which parse_json answers
     def __init__(self, key: str) -> None:
         super().__init__(key)
         self.key = key
