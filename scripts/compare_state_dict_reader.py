@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fuzz_readers import mutate
+from fuzz_readers import mutate, repeat_span
 
 from ckptool.formats.restricted_pickle import Unpickled, load_restricted
 from ckptool.formats.state_dict_pickle import read_state_dict_pickle
@@ -137,18 +137,6 @@ def same(fast: Unpickled, slow: Unpickled | Exception) -> bool:
         and fast.opaque == slow.opaque
         and attributes(fast.obj) == attributes(slow.obj)
     )
-
-
-def repeat_span(data: bytes, rng: random.Random) -> bytes:
-    """A copy of one span of ``data`` over or into another: whole records repeated."""
-    out = bytearray(data)
-    start, length = rng.randrange(len(out)), rng.randint(1, 120)
-    at = rng.randrange(len(out))
-    if rng.random() < 0.5:
-        out[at:at] = out[start : start + length]
-    else:
-        out[at : at + length] = out[start : start + length]
-    return bytes(out)
 
 
 def main() -> None:

@@ -91,6 +91,18 @@ EDITS: list[Callable[[bytearray, random.Random], bytearray]] = [
 ]  # fmt: skip
 
 
+def repeat_span(data: bytes, rng: random.Random) -> bytes:
+    """A copy of one span of ``data`` over or into another: whole records repeated."""
+    out = bytearray(data)
+    start, length = rng.randrange(len(out)), rng.randint(1, 120)
+    at = rng.randrange(len(out))
+    if rng.random() < 0.5:
+        out[at:at] = out[start : start + length]
+    else:
+        out[at : at + length] = out[start : start + length]
+    return bytes(out)
+
+
 def mutate_inner_pickle(data: bytes, rng: random.Random) -> bytes:
     """Mutate only data.pkl inside a torch zip and repack it with valid CRCs, so the
     mutant reaches the unpickler instead of failing the zip's checksum."""

@@ -13,13 +13,14 @@ import operator
 import os
 import re
 import struct
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 from ckptool.errors import CheckpointReadError
 from ckptool.formats.bounded import is_count, lone_surrogate, short_str
 from ckptool.formats.files import parse_json, require_regular_file
 from ckptool.formats.meta import DTYPE_SIZES, FLOAT4, CheckpointMeta, Format, TensorMeta
+from ckptool.formats.safetensors_compact import CompactHeader, read_compact_header
 
 # safetensors dtype code -> torch dtype name.
 SAFETENSORS_DTYPES: Mapping[str, str] = {
@@ -57,10 +58,20 @@ def read_safetensors_meta(path: str) -> CheckpointMeta:
     Raises:
         CheckpointReadError: the header is malformed or does not match the file.
     """
-    header, data_start, file_size = read_header(path)
-    metadata = _parse_metadata(path, header.pop("__metadata__", None))
-    tensors = _parse_entries(path, header, data_start=data_start, data_len=file_size - data_start)
-    header.clear()  # the parsed JSON is twice the size of the entries made from it
+    text, data_start, file_size = _header_text(path)
+    data_len = file_size - data_start
+    compact = read_compact_header(text)
+    tensors = None if compact is None else _compact_entries(path, compact, data_start, data_len)
+    if compact is not None and tensors is not None:
+        raw_metadata = compact.metadata
+    else:  # anything else, and any fault, is for json and the checks that name it
+        del compact
+        header = _parsed_header(path, text)
+        raw_metadata = header.pop("__metadata__", None)
+        tensors = _parse_entries(path, header, data_start=data_start, data_len=data_len)
+        header.clear()  # the parsed JSON is twice the size of the entries made from it
+    del text
+    metadata = _parse_metadata(path, raw_metadata)
     tensors = _with_aliases(path, _naturally_sorted(tensors), metadata.get(ALIASES_KEY))
     return CheckpointMeta(
         path=path,
@@ -72,8 +83,8 @@ def read_safetensors_meta(path: str) -> CheckpointMeta:
     )
 
 
-def read_header(path: str) -> tuple[dict[str, Any], int, int]:
-    """Return (header dict, offset of the data section, file size)."""
+def _header_text(path: str) -> tuple[str, int, int]:
+    """Return (header text, offset of the data section, file size)."""
     require_regular_file(path)
     with open(path, "rb") as f:
         file_size = os.fstat(f.fileno()).st_size
@@ -93,7 +104,10 @@ def read_header(path: str) -> tuple[dict[str, Any], int, int]:
                 f"{path}: safetensors header is {header_len} bytes, over the header budget "
                 f"of {MAX_HEADER_BYTES} bytes"
             )
-        text = _decoded(path, f.read(header_len))  # the bytes go before the parse
+        return _decoded(path, f.read(header_len)), 8 + header_len, file_size
+
+
+def _parsed_header(path: str, text: str) -> dict[str, Any]:
     header = _parse_header(path, text)
     if not isinstance(header, dict):
         raise CheckpointReadError(f"{path}: safetensors header is not a JSON object")
@@ -103,7 +117,7 @@ def read_header(path: str) -> tuple[dict[str, Any], int, int]:
             f"{path}: safetensors header lists {len(header)} entries, over the budget of "
             f"{MAX_TENSORS} tensors"
         )
-    return header, 8 + header_len, file_size
+    return header
 
 
 def _decoded(path: str, raw: bytes) -> str:
@@ -257,35 +271,67 @@ def _entries_in_bulk(
         return None
     if _types(codes) != {str}:
         return None
-    kinds = set(codes)
-    # F4 is rare, and its shapes are mapped entry by entry.
-    if not kinds <= SAFETENSORS_DTYPES.keys() or PAIRED_CODE in kinds:
-        return None
     if not (_types(shapes) == _types(offsets) == {list} and set(map(len, offsets)) == {2}):
         return None
     bounds = list(itertools.chain.from_iterable(offsets))
-    if not (_all_counts(list(itertools.chain.from_iterable(shapes))) and _all_counts(bounds)):
+    if not _all_counts(bounds):
         return None
-    begins, ends = bounds[0::2], bounds[1::2]
+    columns = _Columns(list(header), codes, shapes, bounds[0::2], bounds[1::2])
+    if not _columns_hold(columns, data_len):
+        return None
+    # Every check passed: the parsed JSON goes before the entries are made, so the two
+    # are never in memory at once (at 100,000 tensors, 56 MiB and 39 MiB).
+    del entries, codes, shapes, offsets, bounds
+    header.clear()
+    return _entries(path, columns, data_start)
+
+
+def _compact_entries(
+    path: str, header: CompactHeader, data_start: int, data_len: int
+) -> dict[str, TensorMeta] | None:
+    """The tensors of a compact header, or None if any entry fails a check."""
+    if len(header.names) >= MAX_TENSORS:  # the general reader counts and refuses
+        return None
+    columns = _Columns(header.names, header.codes, header.shapes, header.begins, header.ends)
+    return _entries(path, columns, data_start) if _columns_hold(columns, data_len) else None
+
+
+class _Columns(NamedTuple):
+    """A header's entries column by column, in header order, not yet checked."""
+
+    names: Sequence[str]
+    codes: Sequence[str]
+    shapes: Sequence[Sequence[int]]
+    begins: list[int]  # data offsets, counts already
+    ends: list[int]
+
+
+def _columns_hold(columns: _Columns, data_len: int) -> bool:
+    """Every entry passes the checks ``_entries_one_by_one`` makes, or stricter ones."""
+    _, codes, shapes, begins, ends = columns
+    kinds = set(codes)
+    # F4 is rare, and its shapes are mapped entry by entry.
+    if not kinds <= SAFETENSORS_DTYPES.keys() or PAIRED_CODE in kinds:
+        return False
+    if not _all_counts(list(itertools.chain.from_iterable(shapes))):
+        return False
     spans = list(map(operator.sub, ends, begins))
     # Each span holds exactly its shape's elements (a negative span never does).
     if spans != list(map(operator.mul, map(math.prod, shapes), map(_ITEMSIZES.get, codes))):
-        return None
+        return False
     # Spans are non-negative (checked above), so ranges that chain in header order tile;
     # writers list tensors in data order, so only other files pay for the sort.
-    if not (_tile(begins, ends, data_len) or _tiles_when_sorted(begins, ends, data_len)):
-        return None
-    names = list(header)
-    tuples = list(map(tuple, shapes))
+    return _tile(begins, ends, data_len) or _tiles_when_sorted(begins, ends, data_len)
+
+
+def _entries(path: str, columns: _Columns, data_start: int) -> dict[str, TensorMeta]:
+    """The tensors of columns that hold (``_columns_hold``)."""
+    names, codes, shapes, begins, ends = columns
     dtypes = list(map(SAFETENSORS_DTYPES.get, codes))
-    # Every check passed: the parsed JSON goes before the entries are made, so the two
-    # are never in memory at once (at 100,000 tensors, 56 MiB and 39 MiB).
-    del entries, codes, shapes, offsets, bounds, ends
-    header.clear()
     # Layers repeat shapes (every expert of a MoE has the same): one tuple per shape.
     canonical: dict[tuple[int, ...], tuple[int, ...]] = {}
+    tuples = list(map(tuple, shapes))
     dims = list(map(canonical.setdefault, tuples, tuples))
-    del tuples
     rows = zip(  # in TensorMeta's field order
         dims,  # shape
         dtypes,  # dtype
@@ -294,7 +340,7 @@ def _entries_in_bulk(
         itertools.repeat(None),  # stride
         itertools.repeat(path),  # file
         map(data_start.__add__, begins),  # file_offset
-        spans,  # storage_nbytes
+        map(operator.sub, ends, begins),  # storage_nbytes
         itertools.repeat(True),  # learned
     )
     return dict(zip(names, map(TensorMeta._make, rows), strict=True))
