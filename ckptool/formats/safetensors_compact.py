@@ -63,10 +63,12 @@ def read_compact_header(text: str) -> CompactHeader | None:
     # json keeps the last of repeated keys; the general reader names the repeat.
     if len(set(names)) != len(names) or METADATA_KEY in names:
         return None
+    # One string per dtype, not one per tensor (5 MiB at 100,000 tensors).
+    code_of = {code: code for code in set(codes)}
     return CompactHeader(
         metadata=metadata,
         names=names,
-        codes=codes,
+        codes=tuple(map(code_of.__getitem__, codes)),
         shapes=_shapes(dims),
         begins=list(map(int, begins)),
         ends=list(map(int, ends)),

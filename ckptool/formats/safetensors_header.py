@@ -58,19 +58,7 @@ def read_safetensors_meta(path: str) -> CheckpointMeta:
     Raises:
         CheckpointReadError: the header is malformed or does not match the file.
     """
-    text, data_start, file_size = _header_text(path)
-    data_len = file_size - data_start
-    compact = read_compact_header(text)
-    tensors = None if compact is None else _compact_entries(path, compact, data_start, data_len)
-    if compact is not None and tensors is not None:
-        raw_metadata = compact.metadata
-    else:  # anything else, and any fault, is for json and the checks that name it
-        del compact
-        header = _parsed_header(path, text)
-        raw_metadata = header.pop("__metadata__", None)
-        tensors = _parse_entries(path, header, data_start=data_start, data_len=data_len)
-        header.clear()  # the parsed JSON is twice the size of the entries made from it
-    del text
+    tensors, raw_metadata, file_size = _tensors_and_metadata(path)
     metadata = _parse_metadata(path, raw_metadata)
     tensors = _with_aliases(path, _naturally_sorted(tensors), metadata.get(ALIASES_KEY))
     return CheckpointMeta(
@@ -81,6 +69,26 @@ def read_safetensors_meta(path: str) -> CheckpointMeta:
         file_size=file_size,
         files=(path,),
     )
+
+
+def _tensors_and_metadata(path: str) -> tuple[dict[str, TensorMeta], Any, int]:
+    """The tensors in header order, the raw ``__metadata__`` value and the file size."""
+    text, data_start, file_size = _header_text(path)
+    compact = read_compact_header(text)
+    if compact is not None:
+        del text  # 12 MiB at 100,000 tensors: not kept while the entries are made
+        tensors = _compact_entries(path, compact, data_start, file_size - data_start)
+        if tensors is not None:
+            return tensors, compact.metadata, file_size
+        # A fault: json reads the header again, and its checks name the fault.
+        text, data_start, file_size = _header_text(path)
+    header = _parsed_header(path, text)
+    del text
+    raw_metadata = header.pop("__metadata__", None)
+    data_len = file_size - data_start
+    tensors = _parse_entries(path, header, data_start=data_start, data_len=data_len)
+    header.clear()  # the parsed JSON is twice the size of the entries made from it
+    return tensors, raw_metadata, file_size
 
 
 def _header_text(path: str) -> tuple[str, int, int]:
