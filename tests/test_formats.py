@@ -167,6 +167,24 @@ def test_metadata_path_does_not_import_torch(write_checkpoint: WriteCheckpoint) 
     assert out.stdout.strip() == "False"
 
 
+def test_a_safetensors_read_imports_no_pickle_reader(write_checkpoint: WriteCheckpoint) -> None:
+    """The pickle, DCP and ZeRO readers (about 70 ms of imports) load only for files
+    that need them: `inspect` of a .safetensors file imports none of them."""
+    single = write_checkpoint(seeded_state(ConvBN), "a.safetensors")
+    code = (
+        "import sys\n"
+        "from ckptool.cli import cli\n"
+        f"try: cli(['inspect', {str(single)!r}, '--json'])\n"
+        "except SystemExit: pass\n"
+        "print(sorted(m for m in sys.modules if m.startswith('ckptool.formats.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = out.stdout.strip().splitlines()[-1]
+    assert "ckptool.formats.safetensors_header" in loaded
+    for reader in ("torch_pickle", "restricted_pickle", "pickle_scan", "dcp", "zero"):
+        assert f"ckptool.formats.{reader}'" not in loaded
+
+
 def test_shared_storage_is_reported(write_checkpoint: WriteCheckpoint) -> None:
     path = write_checkpoint(Tied().state_dict(), "tied.pt")
     meta = read_metadata(path)

@@ -11,7 +11,6 @@ import io
 import math
 import operator
 import os
-import pickle
 import re
 import struct
 import zipfile
@@ -547,7 +546,3 @@ def _check_view(path: str, name: str, tensor: TensorMeta, storages: dict[str, St
 
 
 _ONE_LESS = (-1).__add__
-
-
-def looks_like_pickle(head: bytes) -> bool:
-    return len(head) >= 2 and head[:1] == pickle.PROTO and 2 <= head[1] <= pickle.HIGHEST_PROTOCOL
