@@ -690,12 +690,6 @@ def test_a_header_with_json_text_in_its_metadata_reads(tmp_path: Path) -> None:
     assert list(meta.tensors) == ["a", "b"] and json.loads(meta.metadata["note"]) == {"x": "y"}
 
 
-def _raw_safetensors(path: Path, header: dict, data: bytes) -> Path:
-    text = json.dumps(header).encode()
-    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
-    return path
-
-
 @pytest.mark.parametrize(
     ("entries", "data_len", "message"),
     [
