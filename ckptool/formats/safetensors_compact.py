@@ -82,18 +82,30 @@ def _opening_metadata(body: str) -> tuple[dict[str, str] | None, int] | None:
     if found is None:
         return None, 1
     try:
-        metadata = json.loads(found[1], object_pairs_hook=_unique_keys)
-    except ValueError:  # a bad escape, or a repeated key (which the general reader names)
+        metadata = json.loads(found[1], object_pairs_hook=refuse_duplicate_keys)
+    except (ValueError, DuplicateKeyError):  # the general reader names either
         return None
     if lone_surrogate([*metadata, *metadata.values()]) is not None:  # refused in general
         return None
     return metadata, found.end()
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
+class DuplicateKeyError(Exception):  # not a ValueError, which parse_json answers
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A ``json.loads`` object hook: the object, or DuplicateKeyError naming a key it
+    repeats (json keeps the last silently)."""
+    result = dict(pairs)  # called for every object: the common case stays in C
     if len(result) != len(pairs):
-        raise ValueError("a repeated key")
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKeyError(key)
+            seen.add(key)
     return result
 
 

@@ -20,7 +20,12 @@ from ckptool.errors import CheckpointReadError
 from ckptool.formats.bounded import is_count, lone_surrogate, short_str
 from ckptool.formats.files import parse_json, require_regular_file
 from ckptool.formats.meta import DTYPE_SIZES, FLOAT4, CheckpointMeta, Format, TensorMeta
-from ckptool.formats.safetensors_compact import CompactHeader, read_compact_header
+from ckptool.formats.safetensors_compact import (
+    CompactHeader,
+    DuplicateKeyError,
+    read_compact_header,
+    refuse_duplicate_keys,
+)
 
 # safetensors dtype code -> torch dtype name.
 SAFETENSORS_DTYPES: Mapping[str, str] = {
@@ -175,9 +180,9 @@ def _parse_header(path: str, raw: str) -> Any:
         return header
     try:
         return parse_json(
-            raw, path=path, what="safetensors header", pairs_hook=_refuse_duplicate_keys
+            raw, path=path, what="safetensors header", pairs_hook=refuse_duplicate_keys
         )
-    except _DuplicateKeyError as e:
+    except DuplicateKeyError as e:
         raise CheckpointReadError(f"{path}: safetensors header repeats the key {e.key!r}") from e
 
 
@@ -197,23 +202,6 @@ def _keys_found(header: Any) -> int:
     if not isinstance(header, dict):
         return 0
     return len(header) + sum(len(v) for v in header.values() if type(v) is dict)
-
-
-class _DuplicateKeyError(Exception):  # not a ValueError, which parse_json answers
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)  # called for every header object: the common case stays in C
-    if len(result) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _DuplicateKeyError(key)
-            seen.add(key)
-    return result
 
 
 def _with_aliases(
