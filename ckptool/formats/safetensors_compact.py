@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from ckptool.formats.bounded import lone_surrogate
@@ -27,15 +28,20 @@ from ckptool.formats.bounded import lone_surrogate
 METADATA_KEY = "__metadata__"
 
 
-class CompactHeader(NamedTuple):
-    """A header as columns, one row per tensor in header order."""
+class HeaderColumns(NamedTuple):
+    """A header's entries column by column, in header order, not yet checked (either
+    reader's; ``safetensors_header`` checks them)."""
 
-    metadata: dict[str, str] | None  # ``__metadata__``, None if the header has none
-    names: tuple[str, ...]
-    codes: tuple[str, ...]  # safetensors dtype codes, not yet checked against the known ones
-    shapes: list[tuple[int, ...]]
-    begins: list[int]
+    names: Sequence[str]
+    codes: Sequence[str]  # safetensors dtype codes
+    shapes: Sequence[Sequence[int]]
+    begins: list[int]  # data offsets, counts already
     ends: list[int]
+
+
+class CompactHeader(NamedTuple):
+    metadata: dict[str, str] | None  # ``__metadata__``, None if the header has none
+    columns: HeaderColumns
 
 
 def read_compact_header(text: str) -> CompactHeader | None:
@@ -65,14 +71,14 @@ def read_compact_header(text: str) -> CompactHeader | None:
         return None
     # One string per dtype, not one per tensor (5 MiB at 100,000 tensors).
     code_of = {code: code for code in set(codes)}
-    return CompactHeader(
-        metadata=metadata,
+    columns = HeaderColumns(
         names=names,
         codes=tuple(map(code_of.__getitem__, codes)),
         shapes=_shapes(dims),
         begins=list(map(int, begins)),
         ends=list(map(int, ends)),
     )
+    return CompactHeader(metadata, columns)
 
 
 def _opening_metadata(body: str) -> tuple[dict[str, str] | None, int] | None:

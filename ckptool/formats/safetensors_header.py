@@ -13,16 +13,16 @@ import operator
 import os
 import re
 import struct
-from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any
 
 from ckptool.errors import CheckpointReadError
 from ckptool.formats.bounded import is_count, lone_surrogate, short_str
 from ckptool.formats.files import parse_json, require_regular_file
 from ckptool.formats.meta import DTYPE_SIZES, FLOAT4, CheckpointMeta, Format, TensorMeta
 from ckptool.formats.safetensors_compact import (
-    CompactHeader,
     DuplicateKeyError,
+    HeaderColumns,
     read_compact_header,
     refuse_duplicate_keys,
 )
@@ -82,7 +82,7 @@ def _tensors_and_metadata(path: str) -> tuple[dict[str, TensorMeta], Any, int]:
     compact = read_compact_header(text)
     if compact is not None:
         del text  # 12 MiB at 100,000 tensors: not kept while the entries are made
-        tensors = _compact_entries(path, compact, data_start, file_size - data_start)
+        tensors = _compact_entries(path, compact.columns, data_start, file_size - data_start)
         if tensors is not None:
             return tensors, compact.metadata, file_size
         # A fault: json reads the header again, and its checks name the fault.
@@ -272,7 +272,7 @@ def _entries_in_bulk(
     bounds = list(itertools.chain.from_iterable(offsets))
     if not _all_counts(bounds):
         return None
-    columns = _Columns(list(header), codes, shapes, bounds[0::2], bounds[1::2])
+    columns = HeaderColumns(list(header), codes, shapes, bounds[0::2], bounds[1::2])
     if not _columns_hold(columns, data_len):
         return None
     # Every check passed: the parsed JSON goes before the entries are made, so the two
@@ -283,26 +283,15 @@ def _entries_in_bulk(
 
 
 def _compact_entries(
-    path: str, header: CompactHeader, data_start: int, data_len: int
+    path: str, columns: HeaderColumns, data_start: int, data_len: int
 ) -> dict[str, TensorMeta] | None:
-    """The tensors of a compact header, or None if any entry fails a check."""
-    if len(header.names) >= MAX_TENSORS:  # the general reader counts and refuses
+    """The tensors of a compact header's columns, or None if any entry fails a check."""
+    if len(columns.names) >= MAX_TENSORS:  # the general reader counts and refuses
         return None
-    columns = _Columns(header.names, header.codes, header.shapes, header.begins, header.ends)
     return _entries(path, columns, data_start) if _columns_hold(columns, data_len) else None
 
 
-class _Columns(NamedTuple):
-    """A header's entries column by column, in header order, not yet checked."""
-
-    names: Sequence[str]
-    codes: Sequence[str]
-    shapes: Sequence[Sequence[int]]
-    begins: list[int]  # data offsets, counts already
-    ends: list[int]
-
-
-def _columns_hold(columns: _Columns, data_len: int) -> bool:
+def _columns_hold(columns: HeaderColumns, data_len: int) -> bool:
     """Every entry passes the checks ``_entries_one_by_one`` makes, or stricter ones."""
     _, codes, shapes, begins, ends = columns
     kinds = set(codes)
@@ -320,7 +309,7 @@ def _columns_hold(columns: _Columns, data_len: int) -> bool:
     return _tile(begins, ends, data_len) or _tiles_when_sorted(begins, ends, data_len)
 
 
-def _entries(path: str, columns: _Columns, data_start: int) -> dict[str, TensorMeta]:
+def _entries(path: str, columns: HeaderColumns, data_start: int) -> dict[str, TensorMeta]:
     """The tensors of columns that hold (``_columns_hold``)."""
     names, codes, shapes, begins, ends = columns
     dtypes = list(map(SAFETENSORS_DTYPES.get, codes))
