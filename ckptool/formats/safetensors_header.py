@@ -21,6 +21,7 @@ from ckptool.formats.bounded import is_count, lone_surrogate, short_str
 from ckptool.formats.files import parse_json, require_regular_file
 from ckptool.formats.meta import DTYPE_SIZES, FLOAT4, CheckpointMeta, Format, TensorMeta
 from ckptool.formats.safetensors_compact import (
+    METADATA_KEY,
     DuplicateKeyError,
     HeaderColumns,
     read_compact_header,
@@ -89,11 +90,10 @@ def _tensors_and_metadata(path: str) -> tuple[dict[str, TensorMeta], Any, int]:
         text, data_start, file_size = _header_text(path)
     header = _parsed_header(path, text)
     del text
-    raw_metadata = header.pop("__metadata__", None)
+    raw_metadata = header.pop(METADATA_KEY, None)
     data_len = file_size - data_start
     tensors = _parse_entries(path, header, data_start=data_start, data_len=data_len)
-    header.clear()  # the parsed JSON is twice the size of the entries made from it
-    return tensors, raw_metadata, file_size
+    return tensors, raw_metadata, file_size  # (the parsed JSON goes with this frame)
 
 
 def _header_text(path: str) -> tuple[str, int, int]:
@@ -148,7 +148,7 @@ def _decoded(path: str, raw: bytes) -> str:
 def _refuse_lone_surrogates(path: str, header: dict[str, Any]) -> None:
     """A ``\\ud800`` escape decodes to half a character that no UTF-8 text can hold:
     safetensors refuses the header, and the name could not be printed or written."""
-    metadata = header.get("__metadata__")
+    metadata = header.get(METADATA_KEY)
     strings = list(header)
     if isinstance(metadata, dict):
         strings += [*metadata, *(v for v in metadata.values() if isinstance(v, str))]
