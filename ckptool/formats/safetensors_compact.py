@@ -53,15 +53,17 @@ def read_compact_header(text: str) -> CompactHeader | None:
     if opening is None:
         return None
     metadata, start = opening
-    rows = _ENTRY.findall(body, start)
-    if not rows:
-        return None
-    names, codes, dims, begins, ends, separators = zip(*rows, strict=True)
-    del rows
-    # findall's matches never overlap and lie after ``start``: if their lengths add up to
-    # the rest of the text, they cover it, so nothing between them went unread.
-    matched = len(names) * _ENTRY_FRAME + sum(map(len, names + codes + dims + begins + ends))
-    if matched != len(body) - start:
+    # split gives the text between matches (gaps) and each match's six groups in turn,
+    # all in C: the matches cover the entries exactly when the first gap is the opening
+    # and every other gap is empty (nothing between, before or after them went unread);
+    # with no match at all, the one gap is the whole text.
+    parts = _ENTRY.split(body)
+    gaps = parts[:: _ENTRY.groups + 1]
+    names, codes, dims, begins, ends, separators = (
+        parts[group :: _ENTRY.groups + 1] for group in range(1, _ENTRY.groups + 1)
+    )
+    del parts
+    if gaps[0] != body[:start] or any(gaps[1:]):
         return None
     # Each entry but the last is followed by a comma; the last by the object's brace.
     if separators.count("}") != 1 or separators[-1] != "}":
@@ -115,7 +117,7 @@ def refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _shapes(dims: tuple[str, ...]) -> list[tuple[int, ...]]:
+def _shapes(dims: Sequence[str]) -> list[tuple[int, ...]]:
     """Shapes from their text; layers repeat shapes, so each text is parsed once and
     equal shapes are one tuple."""
     parsed: dict[str, tuple[int, ...]] = {}
@@ -133,8 +135,6 @@ _ENTRY = re.compile(
     rf"((?:{_COUNT}(?:,{_COUNT})*)?)"
     rf'\],"data_offsets":\[({_COUNT}),({_COUNT})\]\}}([,}}])'
 )
-# The characters of an entry outside its five variable groups.
-_ENTRY_FRAME = len('"":{"dtype":"","shape":[],"data_offsets":[,]},')
 # Any JSON string (json.loads decides whether its escapes are valid).
 _STRING = r'"(?:[^"\\\x00-\x1f]|\\.)*"'
 _METADATA = re.compile(
