@@ -11,10 +11,12 @@ from ckptool.errors import UsageError, option
 from ckptool.formats import CheckpointMeta, read_metadata
 from ckptool.formats.adapters import describe_adapter
 from ckptool.keys import KeyDiff, Transforms, diff
-from ckptool.values import ValueDiff
 
 if TYPE_CHECKING:
     from torch import nn
+
+    # Only --values reads tensors: its module (and the readers it brings) loads then.
+    from ckptool.values import ValueDiff
 
 
 @dataclass(frozen=True)

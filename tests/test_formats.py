@@ -167,14 +167,18 @@ def test_metadata_path_does_not_import_torch(write_checkpoint: WriteCheckpoint) 
     assert out.stdout.strip() == "False"
 
 
-def test_a_safetensors_read_imports_no_pickle_reader(write_checkpoint: WriteCheckpoint) -> None:
+@pytest.mark.parametrize("command", ["inspect", "diff"])
+def test_a_safetensors_read_imports_no_pickle_reader(
+    write_checkpoint: WriteCheckpoint, command: str
+) -> None:
     """The pickle, DCP and ZeRO readers (about 70 ms of imports) load only for files
-    that need them: `inspect` of a .safetensors file imports none of them."""
-    single = write_checkpoint(seeded_state(ConvBN), "a.safetensors")
+    that need them: `inspect` and `diff` of .safetensors files import none of them."""
+    single = str(write_checkpoint(seeded_state(ConvBN), "a.safetensors"))
+    files = [single] if command == "inspect" else [single, single]
     code = (
         "import sys\n"
         "from ckptool.cli import cli\n"
-        f"try: cli(['inspect', {str(single)!r}, '--json'])\n"
+        f"try: cli([{command!r}, *{files!r}, '--json'])\n"
         "except SystemExit: pass\n"
         "print(sorted(m for m in sys.modules if m.startswith('ckptool.formats.')))"
     )
