@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ckptool.errors import UsageError, option
-from ckptool.formats import CheckpointMeta, read_metadata
+from ckptool.formats import CheckpointMeta, natural_keys_kept, read_metadata
 from ckptool.formats.adapters import describe_adapter
 from ckptool.keys import KeyDiff, Transforms, diff
 
@@ -102,7 +102,9 @@ def diff_checkpoint(
     """
     shapes_a_model = num_classes is not None or bool(head) or bool(model_args)
     _check_what_to_compare(target, model, values=values, shapes_a_model=shapes_a_model)
-    source_meta = read_metadata(source, key=key)
+    with natural_keys_kept():  # the two files mostly share names: each is keyed once
+        source_meta = read_metadata(source, key=key)
+        target_meta = None if target is None else read_metadata(target, key=target_key)
     adapter_notes = _adapter_notes(source_meta)
     if model is not None:
         from ckptool.models import build_for_shapes, model_label, model_tensor_meta
@@ -111,10 +113,9 @@ def diff_checkpoint(
         notes = (built.note,) if built.note else ()
         label = model_label(model)
         label += f" --num-classes {num_classes}" if num_classes is not None else ""
-        target_tensors, target_meta = model_tensor_meta(built.module), None
+        target_tensors = model_tensor_meta(built.module)
     else:
-        assert target is not None  # checked above: exactly one of target/model
-        target_meta = read_metadata(target, key=target_key)
+        assert target_meta is not None  # checked above: exactly one of target/model
         target_tensors, label, notes = dict(target_meta.tensors), target_meta.path, ()
         built = None
     keys = diff(source_meta.tensors, target_tensors, transforms or Transforms())

@@ -762,6 +762,39 @@ def test_safetensors_names_come_in_natural_order(tmp_path: Path) -> None:
     ]  # fmt: skip
 
 
+def test_a_second_header_reuses_the_first_ones_natural_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Within natural_keys_kept (diff's two reads), a name keyed once is not keyed again,
+    and the order is the one each file gets alone; the keys go when it ends."""
+    from ckptool.compare import diff_checkpoint
+    from ckptool.formats import natural_keys_kept
+
+    def write(path: Path, names: list[str]) -> Path:
+        entries = {n: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}
+                   for i, n in enumerate(names)}  # fmt: skip
+        return _raw_safetensors(path, entries, bytes(4 * len(names)))
+
+    first = write(tmp_path / "a.safetensors", ["b.10", "b.9", "a.2", "c"])
+    second = write(tmp_path / "b.safetensors", ["b.9", "x.1", "b.10", "a.2", "b.100"])
+    alone = [list(read_metadata(path).tensors) for path in (first, second)]
+    keyed: list[str] = []
+    natural_key = safetensors_header.natural_key
+    monkeypatch.setattr(
+        safetensors_header, "natural_key", lambda name: keyed.append(name) or natural_key(name)
+    )
+    with natural_keys_kept():
+        both = [list(read_metadata(path).tensors) for path in (first, second)]
+    assert both == alone == [["a.2", "b.9", "b.10", "c"], ["a.2", "b.9", "b.10", "b.100", "x.1"]]
+    assert sorted(keyed) == ["a.2", "b.10", "b.100", "b.9", "c", "x.1"]  # each once
+    keyed.clear()
+    read_metadata(first)
+    assert sorted(keyed) == ["a.2", "b.10", "b.9", "c"]  # not kept after it
+    keyed.clear()
+    diff_checkpoint(first, second)  # its two reads share the keys
+    assert sorted(keyed) == ["a.2", "b.10", "b.100", "b.9", "c", "x.1"]
+
+
 def test_a_read_leaves_the_garbage_collector_as_it_found_it(
     tmp_path: Path, write_checkpoint: WriteCheckpoint
 ) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from ckptool.errors import CheckpointReadError, option
 from ckptool.formats.files import gc_paused, require_regular_file
 from ckptool.formats.meta import CheckpointMeta, ContainerEntry, Format, TensorMeta
-from ckptool.formats.safetensors_header import read_safetensors_meta
+from ckptool.formats.safetensors_header import natural_keys_kept, read_safetensors_meta
 from ckptool.formats.sharded import read_sharded_meta
 
 # The pickle, DCP and ZeRO readers are imported where a file needs them: their modules
@@ -23,6 +23,7 @@ __all__ = [
     "Format",
     "TensorMeta",
     "detect_format",
+    "natural_keys_kept",
     "read_metadata",
     "resolve_checkpoint",
 ]
