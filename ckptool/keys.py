@@ -8,6 +8,7 @@ Words follow PyTorch: *missing* = the model has it, the checkpoint does not;
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 import difflib
 import enum
@@ -1563,7 +1564,8 @@ MAX_FOLDED_NUMBERS = 16
 def fold_names(names: Iterable[str]) -> list[str]:
     """Group names for display: ``fc.{weight,bias}``, ``layer{1..4}.{0,1}.conv1.weight``."""
     # Labels only: a report folds 100k matched names to show three rows.
-    return [label for label, *_ in _folded(((n, None) for n in names), members=False)]
+    names = list(names)
+    return [label for label, *_ in _folded(names, [None] * len(names), members=False)]
 
 
 def fold_rows(rows: Iterable[tuple[str, object]]) -> list[tuple[str, list[str]]]:
@@ -1574,7 +1576,7 @@ def fold_rows(rows: Iterable[tuple[str, object]]) -> list[tuple[str, list[str]]]
     """
     return [
         (label, [name for combo in _expand(block) for name in by_numbers[combo]])
-        for label, block, by_numbers, _ in _folded(rows, members=True)
+        for label, block, by_numbers, _ in _folded(*_columns(rows), members=True)
     ]
 
 
@@ -1583,7 +1585,7 @@ def fold_counts(rows: Iterable[tuple[str, Signature]]) -> list[tuple[str, int, S
     instead of the names (a table of 100,000 tensors shows a few dozen rows)."""
     return [
         (label, sum(map(len, map(by_numbers.__getitem__, _expand(block)))), signature)
-        for label, block, by_numbers, signature in _folded(rows, members=True)
+        for label, block, by_numbers, signature in _folded(*_columns(rows), members=True)
     ]
 
 
@@ -1591,46 +1593,54 @@ Signature = TypeVar("Signature")
 ByNumbers = dict[tuple[str, ...], Sequence[str]]  # a label's names by its numbers
 
 
+def _columns(rows: Iterable[tuple[str, Signature]]) -> tuple[list[str], list[Signature]]:
+    pairs = list(rows)
+    return list(map(operator.itemgetter(0), pairs)), list(map(operator.itemgetter(1), pairs))
+
+
 def _folded(
-    rows: Iterable[tuple[str, Signature]], *, members: bool
+    names: list[str], signatures: list[Signature], *, members: bool
 ) -> Iterator[tuple[str, Block, ByNumbers, Signature]]:
     """(label, the block of numbers it folds, the names by their numbers, the
     signature), in first-appearance order; without ``members`` every name list is
     empty (not kept)."""
-    pairs = list(rows)
-    names = list(map(operator.itemgetter(0), pairs))
-    signatures = list(map(operator.itemgetter(1), pairs))
-    del pairs
+    templates, numbers, label_signatures, label_names = _merged_labels(names, signatures)
     # A template is the text between the numbers (a tuple: a name may hold any character).
+    # Labels are grouped by template and signature in C: each label's group (a new dict
+    # where its key is new), then its numbers stored in it.
     groups: dict[tuple[tuple[str, ...], Signature], ByNumbers] = {}
-    for template, numbers, signature, label_names in _merged_labels(names, signatures):
-        group = groups.get((template, signature))
-        if group is None:
-            group = groups[template, signature] = {}
-        group[numbers] = label_names if members else ()
+    keys = zip(templates, label_signatures, strict=True)
+    group_of = list(map(groups.setdefault, keys, map(dict, _NOTHING)))
+    stored = label_names if members else itertools.repeat(())
+    collections.deque(map(dict.__setitem__, group_of, numbers, stored), maxlen=0)
+    del group_of
     for (template, signature), by_numbers in groups.items():
         if len(template) - 1 > MAX_FOLDED_NUMBERS:
             # Folding recurses once per number position: a crafted name with a thousand
             # numbers is shown as it is.
-            for numbers in by_numbers:
-                literal = tuple(zip(numbers))
-                yield _render_literal(template, numbers), literal, by_numbers, signature
+            for numbers_of_one in by_numbers:
+                literal = tuple(zip(numbers_of_one))
+                yield _render_literal(template, numbers_of_one), literal, by_numbers, signature
             continue
         for block in _product_blocks(list(by_numbers)):
             yield _render(template, block), block, by_numbers, signature
+
+
+_NOTHING = itertools.repeat(())  # dict() of it is a new empty dict, made in C
 
 
 def _render_literal(template: tuple[str, ...], numbers: tuple[str, ...]) -> str:
     return template[0] + "".join(n + text for n, text in zip(numbers, template[1:], strict=True))
 
 
-Label = tuple[tuple[str, ...], tuple[str, ...], Signature, Sequence[str]]
+Texts = Sequence[tuple[str, ...]]  # one tuple of strings per label
+Labels = tuple[Texts, Texts, Sequence[Signature], Sequence[Sequence[str]]]
 
 
-def _merged_labels(names: list[str], signatures: list[Signature]) -> Iterable[Label[Signature]]:
-    """(template, numbers, signature, member names) of each label, in first-appearance
-    order: ``bn1.weight`` and ``bn1.bias`` with equal signatures become
-    ``bn1.{weight,bias}``.
+def _merged_labels(names: list[str], signatures: list[Signature]) -> Labels[Signature]:
+    """Each label's template, numbers, signature and member names (four columns), in
+    first-appearance order: ``bn1.weight`` and ``bn1.bias`` with equal signatures
+    become ``bn1.{weight,bias}``.
 
     Only named leaves merge: numbered ones (``w0``, ``blocks.7``) fold by number instead,
     which keeps labels short (``w{0..999}``) and the folding linear.
@@ -1640,11 +1650,14 @@ def _merged_labels(names: list[str], signatures: list[Signature]) -> Iterable[La
     # A numbered leaf is keyed by its name's (template, numbers, signature), a named one
     # by its module's (a module's numbers are its names': a named leaf holds none).
     owners = {template: module or template for template, module in modules.items()}
+    if len(set(owners.values())) == len(owners) and len(set(names)) == len(names):
+        # Each key's template is its owner's only one, and a template and numbers make
+        # one name: no two distinct names share a label (flat names, or a leaf per module
+        # as in a MoE's experts), and each name is its own label, made in C.
+        return templates, numbers, signatures, list(zip(names))
     keys = list(zip(map(owners.__getitem__, templates), numbers, signatures, strict=True))
-    if len(set(keys)) == len(keys):
-        # No two names share a label (flat names, or a leaf per module as in a MoE's
-        # experts): each name is its own, which builtins make in C.
-        return zip(templates, numbers, signatures, zip(names), strict=True)
+    if len(set(keys)) == len(keys):  # (bn1.weight, bn2.bias: no module has two leaves)
+        return templates, numbers, signatures, list(zip(names))
     # The first name's template (a label of one name is that name) and the names.
     labels: dict[tuple[object, tuple[str, ...], Signature], tuple[tuple[str, ...], list[str]]] = {}
     for key, template, name in zip(keys, templates, names, strict=True):
@@ -1653,10 +1666,16 @@ def _merged_labels(names: list[str], signatures: list[Signature]) -> Iterable[La
             labels[key] = (template, [name])
         elif modules[template] is not None:
             entry[1].append(name)
-    return [
+    rows = [
         (_module_template(template, modules[template], members), values, signature, members)
         for (_, values, signature), (template, members) in labels.items()
     ]
+    return (
+        [row[0] for row in rows],
+        [row[1] for row in rows],
+        [row[2] for row in rows],
+        [row[3] for row in rows],
+    )
 
 
 def _module_template(
@@ -1697,6 +1716,11 @@ def _templates_and_numbers(names: list[str]) -> tuple[list[tuple[str, ...]], lis
     templates = list(map(texts.__getitem__, masked))
     del masked
     values = joined.translate(_ALL_BUT_DIGITS_BLANK).split()
+    per_name = {len(template) - 1 for template in texts.values()}
+    if len(per_name) == 1:  # every name holds as many numbers (t0..t99999): chunked in C
+        count = per_name.pop()
+        chunks = zip(*[iter(values)] * count, strict=True)
+        return templates, list(chunks) if count else [()] * len(names)
     counts = map(operator.sub, map(len, templates), itertools.repeat(1))
     ends = list(itertools.accumulate(counts, initial=0))
     numbers = list(map(tuple, map(values.__getitem__, map(slice, ends, ends[1:]))))
