@@ -481,7 +481,8 @@ def _compare(
         # Without --reinit the compared names are the mapping's: its keys answer in C.
         kept: Collection[str] = set(compared) if reinit_names else mapping.keys()
         lacking = list(itertools.filterfalse(kept.__contains__, target))
-        renamed = {old: new for new, old in mapping.items() if old != new}
+        renames = transforms.strip or transforms.add_prefix or transforms.rename
+        renamed = {old: new for new, old in mapping.items() if old != new} if renames else {}
     else:
         # A name not compared again is in the target as before, where it matched then.
         unfit = earlier.recheck.difference(matched)
@@ -870,9 +871,10 @@ MOSTLY_INIT_SHARE = 0.5
 
 def learned_numel(target: Mapping[str, TensorMeta], names: Iterable[str]) -> int:
     """Elements of the learned tensors among ``names``: a model's trainable parameters
-    (buffers and frozen parameters are computed, not trained), any checkpoint tensor."""
-    learned = filter(operator.attrgetter("learned"), map(target.__getitem__, names))
-    return sum(numels(learned))  # in C: a 100k-name diff counts twice
+    (buffers and frozen parameters are computed, not trained), any checkpoint tensor.
+    ``names`` may be ``target`` itself: all of them, then read without a lookup each."""
+    tensors = target.values() if names is target else map(target.__getitem__, names)
+    return sum(numels(filter(operator.attrgetter("learned"), tensors)))  # in C
 
 
 def mostly_init(from_checkpoint: int, model_numel: int) -> bool:
