@@ -755,11 +755,14 @@ def test_safetensors_names_come_in_natural_order(tmp_path: Path) -> None:
              "a7", "1a", "a", "x007", "x7b", "x10", "layer2.10", "layer2.9.w"]  # fmt: skip
     offsets = {n: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}
                for i, n in enumerate(names)}  # fmt: skip
-    meta = read_metadata(_raw_safetensors(tmp_path / "n.safetensors", offsets, bytes(64)))
-    assert list(meta.tensors) == [
+    path = _raw_safetensors(tmp_path / "n.safetensors", offsets, bytes(64))
+    assert list(read_metadata(path).tensors) == [
         "1a", "a", "a.9", "a.10", "a.b", "a1.b", "a7", "ab", "layer2.1", "layer2.9.w",
         "layer2.10", "layer2.weight", "layer10.0", "x007", "x7b", "x10",
     ]  # fmt: skip
+    # A shard's tensors stay in header order: its index orders them.
+    unsorted = safetensors_header.read_safetensors_meta(str(path), natural_order=False)
+    assert list(unsorted.tensors) == names
 
 
 def test_a_second_header_reuses_the_first_ones_natural_keys(

@@ -56,7 +56,8 @@ def _read_meta(path: str, *, key: str | None) -> CheckpointMeta:
     resolved = resolve_checkpoint(path)
     file_format = detect_format(resolved)
     if file_format is Format.SHARDED:
-        return read_sharded_meta(resolved, read_shard=_read_file_meta)
+        # The index orders the tensors: a shard's own order is not worth sorting.
+        return read_sharded_meta(resolved, read_shard=_read_shard_meta)
     if file_format is Format.DCP:
         from ckptool.formats.dcp import read_dcp_meta
 
@@ -72,8 +73,16 @@ def _read_meta(path: str, *, key: str | None) -> CheckpointMeta:
     return _read_file_meta(resolved, key=key, file_format=file_format)
 
 
+def _read_shard_meta(path: str) -> CheckpointMeta:
+    return _read_file_meta(path, natural_order=False)
+
+
 def _read_file_meta(
-    path: str, *, key: str | None = None, file_format: Format | None = None
+    path: str,
+    *,
+    key: str | None = None,
+    file_format: Format | None = None,
+    natural_order: bool = True,
 ) -> CheckpointMeta:
     file_format = file_format or detect_format(path)
     if file_format is Format.SAFETENSORS:
@@ -81,7 +90,7 @@ def _read_file_meta(
             raise CheckpointReadError(
                 f"{path}: safetensors files are flat; {option('key')} does not apply"
             )
-        return read_safetensors_meta(path)
+        return read_safetensors_meta(path, natural_order=natural_order)
     from ckptool.formats.restricted_pickle import NeedsTorchError
     from ckptool.formats.torch_pickle import read_legacy_meta, read_zip_meta
 
