@@ -81,13 +81,13 @@ def read_sharded_meta(path: str, read_shard: Callable[[str], CheckpointMeta]) ->
         file_size += meta.file_size
         metadata.update(meta.metadata)
         recorded = _recorded_aliases(meta)
-        own = _own_storages(meta.tensors, shard, storages)
+        held = _own_storages(meta.tensors, shard, storages)
         # Most shards record no alias and hold only what the index places there: told
         # in C (a count of 100,000 lookups), then taken whole.
-        if not recorded and list(map(weight_map.get, own)).count(shard) == len(own):
-            tensors.update(own)
+        if not recorded and list(map(weight_map.get, held)).count(shard) == len(held):
+            tensors.update(held)
             continue
-        for name, tensor in own.items():
+        for name, tensor in held.items():
             if name in recorded and name not in weight_map:
                 aliases[name] = recorded[name]  # stored once, under the index's name
             elif weight_map.get(name) != shard:
