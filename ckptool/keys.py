@@ -188,25 +188,34 @@ def _rename(
 ) -> tuple[dict[str, str], dict[str, str]]:
     """``current`` with ``pattern`` replaced in its names (each keeps its place), and the
     names changed (old -> new)."""
+    changes = _changes(current, pattern, repl)
+    # Each name looked up in C (changes.get(name, name)): the order stays the same.
+    renamed = dict(zip(map(changes.get, current, current), current.values(), strict=True))
+    if len(renamed) < len(current):
+        _refuse_collision(current, changes, _rule_words(pattern, repl))
+    return renamed, changes
+
+
+def _changes(names: Iterable[str], pattern: str, repl: str) -> dict[str, str]:
+    """The names ``pattern`` changes, old -> new."""
     regex = re.compile(pattern)
-    rule = option("rename", f"{pattern}={repl}", quoted=True)
     # An anchored pattern can only match names that start with its literal text: a fix
     # renaming one tensor of 100k runs re.sub once, not 100k times (names tested in C).
     prefix = _literal_prefix(pattern)
-    candidates = filter(operator.methodcaller("startswith", prefix), current) if prefix else current
+    candidates = filter(operator.methodcaller("startswith", prefix), names) if prefix else names
     changes: dict[str, str] = {}
     for name in candidates:
         try:
             new = regex.sub(repl, name)
         except (re.error, IndexError) as e:
-            raise TransformError(f"{rule}: bad replacement ({e})") from e
+            raise TransformError(f"{_rule_words(pattern, repl)}: bad replacement ({e})") from e
         if new != name:
             changes[name] = new
-    # Each name looked up in C (changes.get(name, name)): the order stays the same.
-    renamed = dict(zip(map(changes.get, current, current), current.values(), strict=True))
-    if len(renamed) < len(current):
-        _refuse_collision(current, changes, rule)
-    return renamed, changes
+    return changes
+
+
+def _rule_words(pattern: str, repl: str) -> str:
+    return option("rename", f"{pattern}={repl}", quoted=True)
 
 
 def _refuse_collision(current: Mapping[str, str], changes: dict[str, str], rule: str) -> NoReturn:
@@ -1135,25 +1144,51 @@ def _rename_tensors(
     tensor; each rule is kept only if it loses no matched name and matches more (a
     comparison of the names it changes)."""
     steps: list[FixStep] = []
+    # The rules in the order they are tried, each with its group's general rule (None
+    # when the group has none); a general rule that is kept skips the rest of its group.
+    queue = [
+        (rule, general)
+        for general, singles in _rename_rules(source, target, after)
+        for rule in ((general, *singles) if general else singles)
+    ]
     tries = 0
     trials: _RenameBase | None = None  # made once a rule is tried
-    for general, singles in _rename_rules(source, target, after):
-        for rule in (general, *singles) if general else singles:
-            if tries == MAX_TENSOR_RENAMES:
-                return base, after, steps
-            tries += 1
-            if trials is None:
-                trials = _RenameBase(base, renamed_names(source, base), tie_groups(target))
-            renamed = _with_rename(source, target, trials, after, rule, hooks)
-            if renamed is None:
+    done: tuple[str, str] | None = None  # the general rule kept: its group is done
+    one_by_one = 0  # rules left to try one at a time (a batch of them was not kept)
+    while queue and tries < MAX_TENSOR_RENAMES:
+        if trials is None:
+            trials = _RenameBase(base, renamed_names(source, base), tie_groups(target))
+        # Rules of groups without a general rule rename one tensor each: a run of them
+        # is tried at once, where that gives what trying them one at a time gives.
+        run = list(itertools.takewhile(lambda item: item[1] is None, queue))
+        run = run[: MAX_TENSOR_RENAMES - tries]
+        if len(run) > 1 and not one_by_one:
+            rules = [rule for rule, _ in run]
+            batch = _with_renames(source, target, trials, after, rules, hooks)
+            if batch is not None:
+                trials, after, moved_each = batch
+                steps += map(_renamed_step, rules, moved_each)
+                tries += len(run)
+                del queue[: len(run)]
                 continue
-            trials, after, moved = renamed
-            base = trials.transforms
-            flag = Transforms(rename=(rule,)).flags()[0]
-            steps.append(FixStep(flag, Reason.RENAMED, moved, rule=rule))
-            if rule is general:
-                break
-    return base, after, steps
+            one_by_one = len(run)
+        rule, general = queue.pop(0)
+        if general is not None and general is done:
+            continue
+        tries += 1
+        one_by_one = max(one_by_one - 1, 0)
+        renamed = _with_rename(source, target, trials, after, rule, hooks)
+        if renamed is None:
+            continue
+        trials, after, moved = renamed
+        steps.append(_renamed_step(rule, moved))
+        if rule is general:
+            done = general
+    return (trials.transforms if trials else base), after, steps
+
+
+def _renamed_step(rule: tuple[str, str], moved: tuple[str, ...]) -> FixStep:
+    return FixStep(Transforms(rename=(rule,)).flags()[0], Reason.RENAMED, moved, rule=rule)
 
 
 def _rename_rules(
@@ -1382,6 +1417,70 @@ def _with_rename(
         return None
     moved = tuple(filter(gained.__contains__, trial.matched))
     return _RenameBase(candidate, renamed, base.ties), trial, moved
+
+
+def _with_renames(
+    source: Mapping[str, TensorMeta],
+    target: Mapping[str, TensorMeta],
+    base: _RenameBase,
+    after: KeyDiff,
+    rules: Sequence[tuple[str, str]],
+    hooks: HookPlacement | None,
+) -> tuple[_RenameBase, KeyDiff, list[tuple[str, ...]]] | None:
+    """``base`` plus all of ``rules`` at once, where that is what ``_with_rename`` gives
+    adding them one at a time: no two rules change the same name (so each compares as
+    it would alone), none loses a matched name, each matches more; with the diff after
+    them and the names each newly matches. None otherwise: they are then tried one at a
+    time. A port renaming eight tensors costs one trial over the names, not eight."""
+    candidate = dataclasses.replace(base.transforms, rename=(*base.transforms.rename, *rules))
+    try:
+        each = _changes_in_turn(base.names, rules)
+        touched = [frozenset(itertools.chain(c, c.values())) for c in each]
+        changed = frozenset().union(*touched)
+        if sum(map(len, touched)) != len(changed):
+            return None  # two rules change one name: one at a time decides
+        renamed = _renamed_by(base.names, each)
+        if renamed is None:
+            return None  # two names become one: one at a time names the rule that fails
+        earlier = _Earlier(after, changed, base.ties)
+        trial = _compare(source, target, _drop_covered(renamed, candidate.drop), candidate,
+                         hooks, earlier)  # fmt: skip
+    except TransformError:
+        return None
+    fit_before = set(filter(earlier.recheck.__contains__, after.matched))
+    fit_now = set(filter(earlier.recheck.__contains__, trial.matched))
+    if fit_before - fit_now:
+        return None
+    gained = fit_now - fit_before
+    moved = [tuple(filter((gained & names).__contains__, trial.matched)) for names in touched]
+    if not all(moved):
+        return None
+    return _RenameBase(candidate, renamed, base.ties), trial, moved
+
+
+def _changes_in_turn(
+    current: Mapping[str, str], rules: Sequence[tuple[str, str]]
+) -> list[dict[str, str]]:
+    """The names each rule changes (old -> new), each rule applied to the names as the
+    rules before it left them, without building the renamed dict for each."""
+    now: dict[str, str] = {}  # a name of ``current`` -> its name after the rules so far
+    each = []
+    for pattern, repl in rules:
+        changes = _changes(map(now.get, current, current), pattern, repl)
+        was = {new: old for old, new in now.items()}  # (a few names)
+        now.update((was.get(old, old), new) for old, new in changes.items())
+        each.append(changes)
+    return each
+
+
+def _renamed_by(
+    current: Mapping[str, str], each: Sequence[dict[str, str]]
+) -> dict[str, str] | None:
+    """``current`` renamed by changes to names no two of which touch one name (each
+    keeps its place), or None where two names would become one."""
+    changes = {old: new for changes in each for old, new in changes.items()}
+    renamed = dict(zip(map(changes.get, current, current), current.values(), strict=True))
+    return renamed if len(renamed) == len(current) else None
 
 
 def _steps(flag: str, prefixes: Sequence[str], after: KeyDiff) -> list[FixStep]:

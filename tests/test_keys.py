@@ -13,6 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from ckptool import TransformError
+from ckptool import keys as keys_module
 from ckptool.errors import command_line_voice
 from ckptool.formats.meta import TensorMeta
 from ckptool.keys import (
@@ -647,6 +648,64 @@ def test_tensor_renames_are_capped() -> None:
     assert _fix_kinds(result).count(Reason.RENAMED) == MAX_TENSOR_RENAMES
     assert result.fix is not None and len(result.fix.transforms.drop) == 3
     assert diff(metas(source), metas(target), result.fix.transforms).fits_after_adapt
+
+
+def _one_rename_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(keys_module, "_with_renames", lambda *args: None)
+
+
+@pytest.mark.parametrize("count", [2, MAX_TENSOR_RENAMES, MAX_TENSOR_RENAMES + 3])
+def test_renames_tried_at_once_give_what_one_at_a_time_gives(
+    monkeypatch: pytest.MonkeyPatch, count: int
+) -> None:
+    """Single-tensor renames are tried in one trial over the names where that is what
+    trying them one at a time gives: the same fix, steps and comparison."""
+    source = {f"l{i}.w{i}": (4,) for i in range(count)} | {"keep.weight": (9,)}
+    target = {f"l{i}.w{i}_v{i % 3}": (4,) for i in range(count)} | {"keep.weight": (9,)}
+    together = diff(metas(source), metas(target))
+    _one_rename_at_a_time(monkeypatch)
+    apart = diff(metas(source), metas(target))
+    assert together == apart
+    assert _fix_kinds(together).count(Reason.RENAMED) == min(count, MAX_TENSOR_RENAMES)
+
+
+def _rename_trial(source: dict[str, TensorMeta], target: dict[str, TensorMeta]) -> tuple:
+    as_given = diff(source, target, suggest=False)
+    base = keys_module._RenameBase(Transforms(), {name: name for name in source}, {})
+    return base, as_given
+
+
+@pytest.mark.parametrize(
+    ("rules", "why"),
+    [
+        ([("^a$", "a_new"), ("^a_new$", "b_new")], "two rules change one name"),
+        ([("^a$", "a_new"), ("^b$", "c")], "a rule that matches nothing more"),
+        ([("^a$", "a_new"), ("^kept$", "other")], "a rule that loses a matched name"),
+        ([("^a$", "a_new"), ("^b$", "unfit")], "two names become one"),
+        ([("^a$", "a_new"), ("^(a_new|b)$", "b_new")], "a rule changes what one before made"),
+        ([("^a$", "a_new"), ("^b$", "\\9")], "a bad replacement"),
+    ],
+)
+def test_renames_are_not_tried_at_once_where_that_could_differ(
+    rules: list[tuple[str, str]], why: str
+) -> None:
+    """Each of these, tried at once, would keep a rule that one at a time is not kept."""
+    source = metas({"a": (4,), "unfit": (3,), "b": (4,), "kept": (2,)})
+    target = metas({"a_new": (4,), "b_new": (4,), "kept": (2,), "other": (2,), "unfit": (4,)})
+    base, as_given = _rename_trial(source, target)
+    assert keys_module._with_renames(source, target, base, as_given, rules, None) is None, why
+
+
+def test_renames_tried_at_once_keep_each_ones_names() -> None:
+    source = metas({"a": (4,), "b": (4,), "kept": (2,)})
+    target = metas({"a_new": (4,), "b_new": (4,), "kept": (2,)})
+    base, as_given = _rename_trial(source, target)
+    rules = [("^b$", "b_new"), ("^a$", "a_new")]
+    trial, after, moved = keys_module._with_renames(source, target, base, as_given, rules, None)
+    assert moved == [("b_new",), ("a_new",)]
+    assert trial.transforms.rename == tuple(rules)
+    assert after.fits_after_adapt and set(after.matched) == {"a_new", "b_new", "kept"}
+    assert list(trial.names) == ["a_new", "b_new", "kept"]  # each keeps its place
 
 
 @pytest.mark.parametrize("checkpoint_has_dots", [True, False], ids=["old-to-new", "new-to-old"])
