@@ -985,9 +985,14 @@ def _compose_fix(
     fix = dataclasses.replace(base, drop=base.drop + drop, reinit=base.reinit + reinit)
     if fix == given and not after.through_tie:
         return None
-    kept = learned_numel(target, (*after.matched, *after.through_tie, *after.hook_filled))
+    model_numel = learned_numel(target, target)
+    # The model's names are matched, mismatched, missing or filled by hooks, each once:
+    # what the fix keeps (matched, tied, hook-filled) is all less the few it does not.
+    ties = after.through_tie
+    lost = [*(m.key for m in after.shape_mismatch), *(n for n in after.missing if n not in ties)]
+    kept = model_numel - learned_numel(target, lost)
     discards = _given_discards(target, given, steps)
-    return Fix(fix, tuple(steps), kept, learned_numel(target, target), discards), after
+    return Fix(fix, tuple(steps), kept, model_numel, discards), after
 
 
 def _given_discards(

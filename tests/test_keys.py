@@ -638,6 +638,21 @@ def test_a_tail_rule_that_would_break_matched_names_falls_back_to_one_per_tensor
     assert diff(metas(source), metas(target), result.fix.transforms).compatible
 
 
+def test_a_fix_counts_what_it_keeps_through_ties_and_leaves_out_what_it_does_not() -> None:
+    """The kept share of the model: matched names and names the checkpoint provides
+    under a tied name count; mismatched and missing ones (re-initialised) do not."""
+    tied = TensorMeta(shape=(10, 6), dtype="float32", storage="embedding")
+    target = {"embed.weight": tied, "head.weight": tied} | metas(
+        {"proj.weight": (6, 6), "proj.bias": (6,), "norm.weight": (6,)}
+    )
+    source = metas({"embed.weight": (10, 6), "proj.weight": (6, 5), "proj.bias": (6,)})
+    result = diff(source, target)
+    assert result.through_tie == {"head.weight": "embed.weight"}
+    assert result.fix is not None
+    kept = 60 + 60 + 6  # embed, head through the tie, proj.bias
+    assert (result.fix.kept_numel, result.fix.model_numel) == (kept, kept + 36 + 6)
+
+
 def test_tensor_renames_are_capped() -> None:
     """Each rename tried renames every name once more: past MAX_TENSOR_RENAMES the
     rest is dropped and re-initialised as before."""
