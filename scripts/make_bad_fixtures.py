@@ -365,6 +365,8 @@ def crafted_cases() -> dict[str, tuple[bytes, int, str]]:
         "size_stride_rank_differ.pt": (torch_zip(state_pickle(("w", tensor_ops(size=(2, 2), stride=(1,))))), UNREADABLE, "sizes but"),
         "negative_storage_offset.pt": (torch_zip(state_pickle(("w", tensor_ops(offset=-40, size=(4,), stride=(1,))))), UNREADABLE, "storage offset"),
         "view_past_storage.pt": (torch_zip(state_pickle(("w", tensor_ops(offset=3, size=(4,), stride=(1,))))), UNREADABLE, "past the end of its storage"),
+        # Its last element one past the storage's 4: the bound is strict.
+        "view_one_past_storage.pt": (torch_zip(state_pickle(("w", tensor_ops(offset=1, size=(4,), stride=(1,))))), UNREADABLE, "past the end of its storage"),
         # Persistent ids of the wrong types.
         "pid_float_numel.pt": (torch_zip(state_pickle(("w", tensor_ops(pid=storage_pid(numel=b"G" + struct.pack(">d", 4.0)))))), UNREADABLE, "malformed storage reference"),
         "pid_dtype_key.pt": (torch_zip(state_pickle(("w", tensor_ops(pid=storage_pid(key=g_("torch", "float32")))))), UNREADABLE, "malformed storage reference"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import operator
 import re
 import subprocess
 import sys
@@ -187,6 +188,50 @@ def test_a_safetensors_read_imports_no_pickle_reader(
     assert "ckptool.formats.safetensors_header" in loaded
     for reader in ("torch_pickle", "restricted_pickle", "pickle_scan", "dcp", "zero"):
         assert f"ckptool.formats.{reader}'" not in loaded
+
+
+def test_a_big_endian_archive_gives_no_byte_locations(tmp_path: Path) -> None:
+    """Its bytes need torch to swap them: no tensor may point at them to be copied."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    torch.save({"w": torch.ones(2, 3), "b": torch.zeros(3)}, buffer)
+    crafted = io.BytesIO()
+    with zipfile.ZipFile(buffer) as src, zipfile.ZipFile(crafted, "w") as dst:
+        for info in src.infolist():
+            big = info.filename.endswith("/byteorder")
+            dst.writestr(info, b"big" if big else src.read(info))
+    path = tmp_path / "big.pt"
+    path.write_bytes(crafted.getvalue())
+    tensors = read_metadata(path).tensors
+    assert {n: t.shape for n, t in tensors.items()} == {"w": (2, 3), "b": (3,)}
+    assert all(t.file is None and t.storage_nbytes is None for t in tensors.values())
+    assert all(t.byte_range is None for t in tensors.values())
+
+
+def test_tensors_the_bulk_check_cannot_vouch_for_are_left_to_the_one_by_one_check() -> None:
+    """A dtype of unknown size, an unknown storage, a storage without a location: the
+    bulk pass replaces nothing, and the one-by-one check decides (and names the fault)."""
+    from ckptool.formats.meta import TensorMeta
+    from ckptool.formats.restricted_pickle import PickledTensor, StorageRef
+    from ckptool.formats.torch_pickle import _located_in_bulk
+
+    storages = {"k": StorageRef("k", "float32", "cpu", 4)}
+    good = PickledTensor((4,), "float32", "k", 0, (1,))
+    cases = [
+        ({"w": PickledTensor((4,), "?", "k", 0, (1,))}, {"k": 64}),
+        ({"w": good, "v": PickledTensor((4,), "float32", "gone", 0, (1,))}, {"k": 64}),
+        ({"w": good}, {}),
+    ]
+    for tensors, offsets in cases:
+        before = dict(tensors)
+        assert not _located_in_bulk("x.pt", tensors, storages, offsets)
+        assert tensors == before and all(map(operator.is_, tensors.values(), before.values()))
+    tensors = {"w": good}
+    assert _located_in_bulk("x.pt", tensors, storages, {"k": 64})
+    assert tensors["w"] == TensorMeta((4,), "float32", "k", 0, (1,), "x.pt", 64, 16)
+    assert type(tensors["w"]) is TensorMeta
 
 
 def test_shared_storage_is_reported(write_checkpoint: WriteCheckpoint) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import math
 import operator
 import os
@@ -485,9 +486,12 @@ def _build_meta(
     chosen, tensors, containers = select_tensor_dict(
         obj, key=key, is_tensor=is_tensor_meta, path=path
     )
-    for name, tensor in tensors.items():
-        _check_view(path, name, tensor, storages)
-        tensors[name] = _plain_meta(tensor, path, storages, offsets)
+    # Replaced in place, as the loop does (the dict is the chosen container's).
+    if not _located_in_bulk(path, tensors, storages, offsets):
+        # Something to name, or a tensor without a location: checked one by one.
+        for name, tensor in tensors.items():
+            _check_view(path, name, tensor, storages)
+            tensors[name] = _plain_meta(tensor, path, storages, offsets)
     return CheckpointMeta(
         path=path,
         format=file_format,
@@ -498,6 +502,79 @@ def _build_meta(
         files=(path,),
         module_versions=module_versions(obj, chosen, path),
     )
+
+
+def _located_in_bulk(
+    path: str,
+    tensors: dict[str, TensorMeta],
+    storages: dict[str, StorageRef],
+    offsets: dict[str, int],
+) -> bool:
+    """Replace the tensors with what ``_check_view`` and ``_plain_meta`` make of them
+    one at a time; False, and nothing replaced, where that could differ: a tensor whose
+    storage, dtype size or location is unknown, or one that fails a check (then the
+    loop names it).
+
+    The same checks, column by column with builtins that loop in C: 100,000 tensors of
+    a state dict cost 0.3 s one at a time. A view's figures depend on its shape, stride,
+    offset and dtype only, and a model repeats those: each is worked out once."""
+    if not tensors:
+        return True
+    # Columns, not the stand-ins: each stand-in goes as its tensor replaces it.
+    columns = (_SHAPE, _DTYPE, _STORAGE, _OFFSET, _STRIDE)
+    shapes, dtypes, keys, starts, strides = (list(map(f, tensors.values())) for f in columns)
+    refs = list(map(storages.get, keys))
+    file_offsets = list(map(offsets.get, keys))
+    if None in refs or None in file_offsets or "" in keys:  # ("": located, no offset)
+        return False
+    views = set(zip(shapes, strides, starts, dtypes, strict=True))
+    figures = {view: _view_figures(*view) for view in views}
+    if None in figures.values():
+        return False  # a dtype of unknown size: not checked, nor located, one by one
+    each = map(figures.__getitem__, zip(shapes, strides, starts, dtypes, strict=True))
+    view_bytes, last_element, itemsizes = zip(*each, strict=True)
+    # StorageRef.nbytes, in C: an unknown dtype counts 1 byte an element there too.
+    sizes = map(DTYPE_SIZES.get, map(_DTYPE, refs), itertools.repeat(1))
+    storage_bytes = list(map(operator.mul, map(_NUMEL, refs), sizes))
+    budgets = map(max, storage_bytes, itertools.repeat(MAX_EXPANDED_VIEW_BYTES))
+    elements = map(operator.floordiv, storage_bytes, itemsizes)
+    if not all(map(operator.le, view_bytes, budgets)) or not all(
+        map(operator.lt, last_element, elements)
+    ):
+        return False
+    del refs, view_bytes, last_element, itemsizes
+    rows = zip(  # in TensorMeta's field order
+        shapes,
+        dtypes,
+        keys,
+        starts,
+        strides,
+        itertools.repeat(path),
+        file_offsets,
+        storage_bytes,
+        itertools.repeat(True),
+        strict=False,
+    )
+    tensors.update(zip(list(tensors), map(TensorMeta._make, rows), strict=True))
+    return True
+
+
+def _view_figures(
+    shape: tuple[int, ...], stride: tuple[int, ...] | None, offset: int, dtype: str
+) -> tuple[int, int, int] | None:
+    """(bytes the view spans, its last element's index, or -1 if it has none, its
+    item size), or None for a dtype of unknown size; as ``_check_view`` works them out."""
+    itemsize = DTYPE_SIZES.get(dtype)
+    if itemsize is None:
+        return None
+    numel = math.prod(shape)
+    last = offset + sum(map(operator.mul, map(_ONE_LESS, shape), stride or ()))
+    return numel * itemsize, last if numel else -1, itemsize
+
+
+# Fields read column by column (TensorMeta's, and a StorageRef's numel).
+_SHAPE, _DTYPE, _STORAGE = map(operator.attrgetter, ("shape", "dtype", "storage"))
+_STRIDE, _OFFSET, _NUMEL = map(operator.attrgetter, ("stride", "storage_offset", "numel"))
 
 
 def _plain_meta(
