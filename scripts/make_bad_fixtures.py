@@ -263,16 +263,22 @@ def state_pickle(*entries: tuple[str, bytes], prefix: bytes = b"") -> bytes:
     return PROTO2 + prefix + EMPTY_DICT + MARK + body + SETITEMS + STOP
 
 
-def torch_zip(pickle_bytes: bytes, records: dict[str, bytes] | None = None) -> bytes:
-    """A torch.save-shaped zip around ``pickle_bytes`` (one float32[4] record by default)."""
+def torch_zip(
+    pickle_bytes: bytes, records: dict[str, bytes] | None = None, *, storages_last: bool = False
+) -> bytes:
+    """A torch.save-shaped zip around ``pickle_bytes`` (one float32[4] record by default);
+    ``storages_last`` puts the storage records after the version record."""
     records = {"0": struct.pack("<4f", 1, 2, 3, 4)} if records is None else records
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
         archive.writestr(_entry("archive/data.pkl"), pickle_bytes)
         archive.writestr(_entry("archive/byteorder"), b"little")
+        if storages_last:
+            archive.writestr(_entry("archive/version"), b"3\n")
         for key, data in records.items():
             archive.writestr(_entry(f"archive/data/{key}"), data)
-        archive.writestr(_entry("archive/version"), b"3\n")
+        if not storages_last:
+            archive.writestr(_entry("archive/version"), b"3\n")
     return out.getvalue()
 
 
@@ -380,6 +386,9 @@ def crafted_cases() -> dict[str, tuple[bytes, int, str]]:
         # Zip structure: what zipfile and torch's reader disagree on.
         "zip_duplicate_entry.pt": (_zip_with_duplicate(), UNREADABLE, "appears twice"),
         "zip_extra_past_eof.pt": (_patch_local_extra(torch_zip(state_pickle(("w", good_tensor))), "archive/data/0", 60000), UNREADABLE, "central directory|beyond the end|corrupt"),
+        # The last record's data (a storage's, read by no check before) pushed one byte
+        # into the central directory.
+        "zip_last_record_into_directory.pt": (_patch_local_extra(torch_zip(state_pickle(("w", good_tensor)), storages_last=True), "archive/data/0", 1), UNREADABLE, "overlaps another record or the central directory"),
         "zip_extra_shifts_data.pt": (_patch_local_extra(torch_zip(state_pickle(("w", good_tensor))), "archive/data/0", 8), UNREADABLE, "central directory|corrupt|local header"),
         "zip_local_name_differs.pt": (_rename_local(torch_zip(state_pickle(("w", good_tensor))), b"archive/data/0", b"archive/data/9"), UNREADABLE, "local header"),
         "zip_bad_utf8_name.pt": (_utf8_flag_name(torch_zip(state_pickle(("w", good_tensor)))), UNREADABLE, "corrupt zip|local header|missing"),
