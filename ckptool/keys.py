@@ -8,7 +8,6 @@ Words follow PyTorch: *missing* = the model has it, the checkpoint does not;
 from __future__ import annotations
 
 import bisect
-import collections
 import dataclasses
 import difflib
 import enum
@@ -1712,14 +1711,17 @@ def _folded(
     empty (not kept)."""
     templates, numbers, label_signatures, label_names = _merged_labels(names, signatures)
     # A template is the text between the numbers (a tuple: a name may hold any character).
-    # Labels are grouped by template and signature in C: each label's group (a new dict
-    # where its key is new), then its numbers stored in it.
+    # Labels are grouped by template and signature, a run of labels at a time: a model
+    # names a layer's tensors together, so its runs are long, and each run's numbers go
+    # into its group in C.
     groups: dict[tuple[tuple[str, ...], Signature], ByNumbers] = {}
-    keys = zip(templates, label_signatures, strict=True)
-    group_of = list(map(groups.setdefault, keys, map(dict, _NOTHING)))
     stored = label_names if members else itertools.repeat(())
-    collections.deque(map(dict.__setitem__, group_of, numbers, stored), maxlen=0)
-    del group_of
+    rows = zip(templates, label_signatures, numbers, stored, strict=False)
+    for key, run in itertools.groupby(rows, key=_TEMPLATE_AND_SIGNATURE):
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = {}
+        group.update(map(_NUMBERS_AND_NAMES, run))
     for (template, signature), by_numbers in groups.items():
         if len(template) - 1 > MAX_FOLDED_NUMBERS:
             # Folding recurses once per number position: a crafted name with a thousand
@@ -1732,7 +1734,8 @@ def _folded(
             yield _render(template, block), block, by_numbers, signature
 
 
-_NOTHING = itertools.repeat(())  # dict() of it is a new empty dict, made in C
+_TEMPLATE_AND_SIGNATURE = operator.itemgetter(0, 1)
+_NUMBERS_AND_NAMES = operator.itemgetter(2, 3)
 
 
 def _render_literal(template: tuple[str, ...], numbers: tuple[str, ...]) -> str:
@@ -1849,8 +1852,9 @@ def _product_blocks(combos: list[tuple[str, ...]]) -> list[Block]:
     if len(combos[0]) == 1:  # the last position: one block of its (distinct) values
         return [(tuple(combo[0] for combo in combos),)]
     by_first: dict[str, list[tuple[str, ...]]] = {}
-    for combo in combos:
-        by_first.setdefault(combo[0], []).append(combo[1:])
+    # Names come grouped (layer 0's, then layer 1's): a run of one first value at a time.
+    for first, run in itertools.groupby(combos, key=_FIRST):
+        by_first.setdefault(first, []).extend(map(_REST, run))
     # Values of the first position whose remaining blocks are identical merge into one block.
     merged: dict[tuple[Block, ...], list[str]] = {}
     # Layers of a model repeat their rests (every MoE layer has the same experts): each
@@ -1866,6 +1870,10 @@ def _product_blocks(combos: list[tuple[str, ...]]) -> list[Block]:
     for rest_blocks, firsts in merged.items():
         blocks.extend((tuple(firsts), *rest) for rest in rest_blocks)
     return blocks
+
+
+_FIRST = operator.itemgetter(0)
+_REST = operator.itemgetter(slice(1, None))
 
 
 def _expand(block: Block) -> list[tuple[str, ...]]:

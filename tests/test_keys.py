@@ -214,6 +214,7 @@ def test_vgg_head_is_covered_by_its_own_index() -> None:
         (["x #.w", "x#1.w", "x#2.w"], ["x #.w", "x#{1,2}.w"]),  # crashed: '#' was the template's
         (["weight", "bias", "w1"], ["{weight,bias}", "w1"]),
         (["b.1", "b.1", "b.2", "fc.w", "fc.w"], ["b.{1,2}", "fc.{w,w}"]),
+        (["x0.y0", "x1.y0", "x0.y1"], ["x0.y{0,1}", "x1.y0"]),  # x0 in two runs
     ],
     ids=[
         "leaves",
@@ -224,6 +225,7 @@ def test_vgg_head_is_covered_by_its_own_index() -> None:
         "hash-sign",
         "no-module",
         "repeated",
+        "split-run",
     ],
 )
 def test_fold_names(names: list[str], expected: list[str]) -> None:
