@@ -1456,7 +1456,8 @@ def _with_renames(
     if fit_before - fit_now:
         return None
     gained = fit_now - fit_before
-    moved = [tuple(filter((gained & names).__contains__, trial.matched)) for names in touched]
+    gained_in_order = list(filter(gained.__contains__, trial.matched))
+    moved = [tuple(filter(names.__contains__, gained_in_order)) for names in touched]
     if not all(moved):
         return None
     return _RenameBase(candidate, renamed, base.ties), trial, moved
