@@ -575,6 +575,7 @@ def write_directory_cases(outdir: str, manifest: dict[str, dict[str, Any]]) -> N
     indexes = {
         "index_deep_json.index.json": (deep_json(20000).decode(), UNREADABLE, "nests too deeply"),
         "index_not_object.index.json": ("[1, 2]", UNREADABLE, "no 'weight_map'"),
+        "index_shard_not_a_string.index.json": (json.dumps({"weight_map": {"a": 7}}), UNREADABLE, "no 'weight_map'"),
         "index_absolute_path.index.json": (json.dumps({"weight_map": {"a": "/etc/passwd"}}), UNREADABLE, "not a plain file name"),
         "index_shard_is_directory.index.json": (json.dumps({"weight_map": {"a": "a_directory.safetensors"}}), UNREADABLE, "is a directory"),
         "index_legacy_bin_shards.index.json": (json.dumps({"weight_map": {"c": "shard-c.bin", "d": "shard-d.bin"}}), OK, ""),

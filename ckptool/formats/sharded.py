@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -31,7 +32,7 @@ def read_index(path: str) -> dict[str, str]:
     with open(path, "rb") as f:
         index = parse_json(f.read(), path=path, what="shard index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    if not isinstance(weight_map, dict) or not set(map(type, weight_map.values())) <= {str}:
         raise CheckpointReadError(f"{path}: shard index has no 'weight_map' of name -> file")
     folder = os.path.dirname(os.path.abspath(path))
     # Hundreds of shards name 100,000 tensors: each shard is checked and joined once,
@@ -96,16 +97,16 @@ def read_sharded_meta(path: str, read_shard: Callable[[str], CheckpointMeta]) ->
                     f"but the index says {_shard_name(weight_map.get(name))}"
                 )
             tensors[name] = tensor
-    absent = [name for name in weight_map if name not in tensors]
+    absent = list(itertools.filterfalse(tensors.__contains__, weight_map))
     if absent:
         raise CheckpointReadError(
             f"{path}: {len(absent)} indexed tensors are in no shard, e.g. {absent[0]!r}"
         )
     # In the index's order, under the shards' own name strings: their tensors hold those
-    # already, and the index's copies (9 MiB at 100,000 tensors) go with it.
-    own = {name: name for name in tensors}
-    ordered = {own[name]: tensors[name] for name in weight_map}
-    del own
+    # already, and the index's copies (9 MiB at 100,000 tensors) go with it. (Built in C.)
+    names = list(map(dict(zip(tensors, tensors, strict=True)).__getitem__, weight_map))
+    ordered = dict(zip(names, map(tensors.__getitem__, names), strict=True))
+    del names
     ordered.update((alias, tensors[alias]) for alias in aliases)
     # Each shard records its own aliases; the checkpoint's are all of them.
     metadata.pop(ALIASES_KEY, None)
