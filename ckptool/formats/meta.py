@@ -55,11 +55,13 @@ MAX_EXACT_SPANS = 65536
 def tied_views(tensors: Mapping[str, TensorMeta]) -> dict[object, list[str]]:
     """Names that are one tensor (the same view of one storage), by that view; names
     alone in their view are left out."""
+    if len(set(map(_STORAGE, tensors.values()))) == len(tensors):
+        return {}  # most checkpoints: no storage holds two names (a set tells, in C)
     storages = list(map(_STORAGE, tensors.values()))
     distinct = set(storages)
     distinct.discard(None)
     if len(distinct) == len(storages) - storages.count(None):
-        return {}  # most checkpoints: no storage holds two names (a set tells, in C)
+        return {}  # a model keys only its tied tensors' storages (the rest are None)
     by_storage: dict[str, list[str]] = {}
     for name, tensor in tensors.items():
         if tensor.storage is not None:
