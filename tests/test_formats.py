@@ -843,6 +843,28 @@ def test_a_second_header_reuses_the_first_ones_natural_keys(
     assert sorted(keyed) == ["a.2", "b.10", "b.100", "b.9", "c", "x.1"]
 
 
+def test_kept_natural_keys_belong_to_one_thread(tmp_path: Path) -> None:
+    """Another thread's reads neither use nor end the keys a diff keeps."""
+    import threading
+
+    from ckptool.formats import natural_keys_kept
+
+    entries = {n: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}
+               for i, n in enumerate(["b.10", "b.9"])}  # fmt: skip
+    path = _raw_safetensors(tmp_path / "a.safetensors", entries, bytes(8))
+    seen: list[object] = []
+    with natural_keys_kept():
+        read_metadata(path)
+        worker = threading.Thread(target=lambda: seen.append(safetensors_header._kept.keys))
+        worker.start()
+        worker.join()
+        assert safetensors_header._kept.keys == {
+            "b.10": safetensors_header.natural_key("b.10"),
+            "b.9": safetensors_header.natural_key("b.9"),
+        }
+    assert seen == [None] and safetensors_header._kept.keys is None
+
+
 def test_a_read_leaves_the_garbage_collector_as_it_found_it(
     tmp_path: Path, write_checkpoint: WriteCheckpoint
 ) -> None:

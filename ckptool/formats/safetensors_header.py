@@ -14,6 +14,7 @@ import operator
 import os
 import re
 import struct
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any, cast
 
@@ -254,8 +255,14 @@ def _naturally_sorted(tensors: dict[str, TensorMeta]) -> dict[str, TensorMeta]:
     return dict(zip(ordered, map(tensors.__getitem__, ordered), strict=True))
 
 
-# Natural keys kept by ``natural_keys_kept`` (name -> key), None outside it.
-_kept_keys: dict[str, str] | None = None
+class _KeptKeys(threading.local):
+    """Natural keys kept by ``natural_keys_kept`` (name -> key), None outside it; per
+    thread, so that two threads' diffs neither share nor end each other's."""
+
+    keys: dict[str, str] | None = None
+
+
+_kept = _KeptKeys()
 
 
 @contextlib.contextmanager
@@ -263,16 +270,16 @@ def natural_keys_kept() -> Iterator[None]:
     """Within it, the natural keys of the names read are kept and reused: diff reads two
     headers that mostly share their names, and the second one's keys then cost a dict
     lookup each, not 1 us (0.1 s at 100,000 names). They go when it ends."""
-    global _kept_keys
-    outer, _kept_keys = _kept_keys, {} if _kept_keys is None else _kept_keys
+    outer = _kept.keys
+    _kept.keys = {} if outer is None else outer
     try:
         yield
     finally:
-        _kept_keys = outer
+        _kept.keys = outer
 
 
 def _natural_keys(names: list[str]) -> list[str]:
-    kept = _kept_keys
+    kept = _kept.keys
     if kept is None:
         return list(map(natural_key, names))
     keys = list(map(kept.get, names))
