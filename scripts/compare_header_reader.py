@@ -17,7 +17,6 @@ reader read and any whose outcome differs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -33,7 +32,7 @@ import torch
 from safetensors.torch import save
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fuzz_readers import mutate, repeat_span
+from fuzz_readers import mutant_arguments, mutate, repeat_span
 
 from ckptool.errors import CheckpointReadError
 from ckptool.formats import safetensors_header
@@ -192,12 +191,7 @@ EDITS = (mutate, edit_json, edit_json, repeat_member, repeat_span)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--mutants", type=int, default=200_000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = mutant_arguments(__doc__, 200_000)
     started = time.perf_counter()
     tally = compare(args.mutants, args.seed)
     seconds = time.perf_counter() - started

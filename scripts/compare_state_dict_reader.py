@@ -15,7 +15,6 @@ one-pass reader read and any that differ.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import io
 import os
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from fuzz_readers import mutate, repeat_span
+from fuzz_readers import mutant_arguments, mutate, repeat_span
 
 from ckptool.formats.restricted_pickle import Unpickled, load_restricted
 from ckptool.formats.state_dict_pickle import read_state_dict_pickle
@@ -140,12 +139,7 @@ def same(fast: Unpickled, slow: Unpickled | Exception) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--mutants", type=int, default=200_000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = mutant_arguments(__doc__, 200_000)
     pickles = seed_pickles()
     for data in pickles:
         fast = read_state_dict_pickle(data, storage_scope=SCOPE)

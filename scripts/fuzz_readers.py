@@ -152,11 +152,18 @@ def fuzz(name: str, data: bytes, count: int, seed: int, folder: str) -> collecti
     return counts
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--mutants", type=int, default=10000, help="per seed file")
+def mutant_arguments(doc: str | None, mutants: int, what: str | None = None) -> argparse.Namespace:
+    """--mutants (``mutants`` by default) and --seed, the options of every mutation script."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--mutants", type=int, default=mutants, help=what)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = mutant_arguments(__doc__, 10000, "per seed file")
     bugs = 0
     with tempfile.TemporaryDirectory() as folder:
         for name, data in seed_files().items():
