@@ -1404,23 +1404,11 @@ def _with_rename(
 
     The trial renames base's names once more and compares again only what the rule
     changed (a fix tries up to a dozen rules on 100,000 names)."""
-    candidate = dataclasses.replace(base.transforms, rename=(*base.transforms.rename, rule))
-    try:
-        renamed, changes = _rename(base.names, *rule)
-        changed = frozenset(itertools.chain(changes, changes.values()))
-        earlier = _Earlier(after, changed, base.ties)
-        renaming = _drop_covered(renamed, candidate.drop)
-        trial = _compare(source, target, renaming, candidate, hooks, earlier)
-    except TransformError:
+    added = _with_renames(source, target, base, after, [rule], hooks)
+    if added is None:
         return None
-    # Only the names compared again can have been lost or gained.
-    fit_before = set(filter(earlier.recheck.__contains__, after.matched))
-    fit_now = set(filter(earlier.recheck.__contains__, trial.matched))
-    gained = fit_now - fit_before
-    if fit_before - fit_now or not gained:
-        return None
-    moved = tuple(filter(gained.__contains__, trial.matched))
-    return _RenameBase(candidate, renamed, base.ties), trial, moved
+    trials, trial, (moved,) = added
+    return trials, trial, moved
 
 
 def _with_renames(
@@ -1451,6 +1439,7 @@ def _with_renames(
                          hooks, earlier)  # fmt: skip
     except TransformError:
         return None
+    # Only the names compared again can have been lost or gained.
     fit_before = set(filter(earlier.recheck.__contains__, after.matched))
     fit_now = set(filter(earlier.recheck.__contains__, trial.matched))
     if fit_before - fit_now:

@@ -668,7 +668,15 @@ def test_tensor_renames_are_capped() -> None:
 
 
 def _one_rename_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(keys_module, "_with_renames", lambda *args: None)
+    """Every batch of renames declined: each rule is tried on its own."""
+    batch = keys_module._with_renames
+
+    def single_rules_only(*args: object) -> object:
+        rules = args[4]
+        assert isinstance(rules, list)
+        return batch(*args) if len(rules) == 1 else None
+
+    monkeypatch.setattr(keys_module, "_with_renames", single_rules_only)
 
 
 @pytest.mark.parametrize("count", [2, MAX_TENSOR_RENAMES, MAX_TENSOR_RENAMES + 3])
