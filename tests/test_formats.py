@@ -96,6 +96,13 @@ def _raw_safetensors(path: Path, header: dict, data: bytes) -> Path:
     return path
 
 
+def _one_float_each(path: Path, names: list[str]) -> Path:
+    """A safetensors file of one float32 under each name, in the header in that order."""
+    entries = {n: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}
+               for i, n in enumerate(names)}  # fmt: skip
+    return _raw_safetensors(path, entries, bytes(4 * len(names)))
+
+
 def test_float4_and_fnuz_float8_safetensors_read_as_safetensors_reads_them(
     run_cli, tmp_path: Path
 ) -> None:
@@ -798,9 +805,7 @@ def test_safetensors_names_come_in_natural_order(tmp_path: Path) -> None:
     """Digit runs compare as numbers, component by component; text after a number."""
     names = ["layer10.0", "layer2.1", "layer2.weight", "a.b", "a1.b", "a.10", "a.9", "ab",
              "a7", "1a", "a", "x007", "x7b", "x10", "layer2.10", "layer2.9.w"]  # fmt: skip
-    offsets = {n: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}
-               for i, n in enumerate(names)}  # fmt: skip
-    path = _raw_safetensors(tmp_path / "n.safetensors", offsets, bytes(64))
+    path = _one_float_each(tmp_path / "n.safetensors", names)
     assert list(read_metadata(path).tensors) == [
         "1a", "a", "a.9", "a.10", "a.b", "a1.b", "a7", "ab", "layer2.1", "layer2.9.w",
         "layer2.10", "layer2.weight", "layer10.0", "x007", "x7b", "x10",
@@ -818,13 +823,8 @@ def test_a_second_header_reuses_the_first_ones_natural_keys(
     from ckptool.compare import diff_checkpoint
     from ckptool.formats import natural_keys_kept
 
-    def write(path: Path, names: list[str]) -> Path:
-        entries = {n: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}
-                   for i, n in enumerate(names)}  # fmt: skip
-        return _raw_safetensors(path, entries, bytes(4 * len(names)))
-
-    first = write(tmp_path / "a.safetensors", ["b.10", "b.9", "a.2", "c"])
-    second = write(tmp_path / "b.safetensors", ["b.9", "x.1", "b.10", "a.2", "b.100"])
+    first = _one_float_each(tmp_path / "a.safetensors", ["b.10", "b.9", "a.2", "c"])
+    second = _one_float_each(tmp_path / "b.safetensors", ["b.9", "x.1", "b.10", "a.2", "b.100"])
     alone = [list(read_metadata(path).tensors) for path in (first, second)]
     keyed: list[str] = []
     natural_key = safetensors_header.natural_key
@@ -849,9 +849,7 @@ def test_kept_natural_keys_belong_to_one_thread(tmp_path: Path) -> None:
 
     from ckptool.formats import natural_keys_kept
 
-    entries = {n: {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}
-               for i, n in enumerate(["b.10", "b.9"])}  # fmt: skip
-    path = _raw_safetensors(tmp_path / "a.safetensors", entries, bytes(8))
+    path = _one_float_each(tmp_path / "a.safetensors", ["b.10", "b.9"])
     seen: list[object] = []
     with natural_keys_kept():
         read_metadata(path)
