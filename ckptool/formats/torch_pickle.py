@@ -563,11 +563,13 @@ def _view_figures(
     shape: tuple[int, ...], stride: tuple[int, ...] | None, offset: int, dtype: str
 ) -> tuple[int, int, int] | None:
     """(bytes the view spans, its last element's index, or -1 if it has none, its
-    item size), or None for a dtype of unknown size; as ``_check_view`` works them out."""
+    item size), or None for a dtype of unknown size: what ``_check_view`` and the bulk
+    pass check against the storage."""
     itemsize = DTYPE_SIZES.get(dtype)
     if itemsize is None:
         return None
     numel = math.prod(shape)
+    # The last element's index: the offset plus (size - 1) * stride in each dimension.
     last = offset + sum(map(operator.mul, map(_ONE_LESS, shape), stride or ()))
     return numel * itemsize, last if numel else -1, itemsize
 
@@ -597,28 +599,25 @@ def _plain_meta(
 
 
 def _check_view(path: str, name: str, tensor: TensorMeta, storages: dict[str, StorageRef]) -> None:
-    itemsize = DTYPE_SIZES.get(tensor.dtype)
-    if tensor.storage is None or itemsize is None:
+    figures = _view_figures(tensor.shape, tensor.stride, tensor.storage_offset, tensor.dtype)
+    if tensor.storage is None or figures is None:
         return
     ref = storages.get(tensor.storage)
     if ref is None:
         raise CheckpointReadError(f"{path}: tensor {name!r} views an unknown storage")
-    # Each figure once, with builtins: this runs for each of 100,000 tensors.
-    numel, storage_bytes = math.prod(tensor.shape), ref.nbytes
-    if numel * itemsize > max(storage_bytes, MAX_EXPANDED_VIEW_BYTES):
+    view_bytes, last_element, itemsize = figures
+    storage_bytes = ref.nbytes
+    if view_bytes > max(storage_bytes, MAX_EXPANDED_VIEW_BYTES):
         raise CheckpointReadError(
-            f"{path}: tensor {name!r} views {numel * itemsize} bytes of a {storage_bytes}-byte "
+            f"{path}: tensor {name!r} views {view_bytes} bytes of a {storage_bytes}-byte "
             f"storage (stride 0 or overlapping), over the expanded-view budget of "
             f"{MAX_EXPANDED_VIEW_BYTES} bytes; re-save it with .contiguous()"
         )
-    # The last element's index: the offset plus (size - 1) * stride in each dimension.
-    steps = map(operator.mul, map(_ONE_LESS, tensor.shape), tensor.stride or ())
-    extent = tensor.storage_offset + sum(steps)
     storage_elements = storage_bytes // itemsize
-    if numel and extent >= storage_elements:
+    if last_element >= storage_elements:
         raise CheckpointReadError(
             f"{path}: tensor {name!r} reads past the end of its storage "
-            f"({extent + 1} > {storage_elements} elements); the file is corrupt"
+            f"({last_element + 1} > {storage_elements} elements); the file is corrupt"
         )
 
 
